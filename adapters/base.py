@@ -1,0 +1,147 @@
+"""The shared shape of every unlearning engine.
+
+An engine takes a *target* (the model as it is now, plus the data it needs) and a `Forget` (what a request
+asks to forget) and returns a `Change`: something the artifact store can persist as a new, reversible
+artifact, plus the method's own before/after measures. Engines never persist anything themselves and never
+touch Kafka or the ledger; that is the daemon's job. This keeps them usable from a notebook, a benchmark or
+another serving stack.
+
+Engines register under the method name a request carries (``"iau"``, ``"salun"``, ``"o3"``, ...), the way
+peft's tuners are chosen by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class EngineError(Exception):
+    """An engine could not apply a request. `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class InvalidForget(EngineError):
+    """The request is well-formed but cannot apply to this model (e.g. unknown sample ids). Never retried."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forget:
+    """What one request asks the model to forget. Exactly one kind of target is set."""
+
+    sample_ids: tuple[int, ...] = ()
+    texts: tuple[str, ...] = ()
+    qa: tuple[tuple[str, str], ...] = ()
+    class_label: int | None = None
+    concept: str | None = None
+    image: str | None = None
+    mask: str | None = None
+
+    @property
+    def kind(self) -> str:
+        for name in ("sample_ids", "texts", "qa"):
+            if getattr(self, name):
+                return name
+        if self.class_label is not None:
+            return "class"
+        if self.concept is not None:
+            return "concept"
+        if self.image is not None:
+            return "image"
+        return "empty"
+
+    def merged(self, other: "Forget") -> "Forget":
+        """Union of two sample-id requests (coalescing: deltas of one step are additive)."""
+        if self.kind != "sample_ids" or other.kind != "sample_ids":
+            raise ValueError("only sample-id requests can be merged")
+        return Forget(sample_ids=tuple(sorted(set(self.sample_ids) | set(other.sample_ids))))
+
+
+class Change(ABC):
+    """A reversible model change produced by an engine, not yet persisted.
+
+    `save(directory)` writes the artifact's files into an empty staging directory; the artifact store makes
+    it durable and atomic (fsync, rename). Formats: safetensors for weights, PEFT's own layout for adapters.
+    """
+
+    #: "version" (a full new set of weights) or "adapter" (a LoRA adapter on top of the base).
+    kind: ClassVar[str]
+
+    def __init__(self, metrics: dict[str, float], *, forgotten_ids: tuple[int, ...] = (), info: dict | None = None):
+        self.metrics = metrics
+        self.forgotten_ids = forgotten_ids
+        self.info = info or {}
+
+    @abstractmethod
+    def save(self, directory: Path) -> None: ...
+
+
+class Engine(ABC):
+    """One unlearning method. Subclasses set `name`, `model_kinds` and a `Config` dataclass."""
+
+    name: ClassVar[str]
+    model_kinds: ClassVar[frozenset[str]]
+    Config: ClassVar[type]
+    #: Whether several requests for one model may be merged into one application (additive deltas).
+    coalescable: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, **overrides: Any):
+        base = config if config is not None else self.Config()
+        self.config = dataclasses.replace(base, **overrides) if overrides else base
+
+    @abstractmethod
+    def apply(self, target: Any, forget: Forget) -> Change:
+        """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights."""
+
+
+_ENGINES: dict[str, type[Engine]] = {}
+
+
+def register(cls: type[Engine]) -> type[Engine]:
+    """Class decorator: make an engine available under its method name."""
+    if cls.name in _ENGINES and _ENGINES[cls.name] is not cls:
+        raise ValueError(f"engine name {cls.name!r} registered twice")
+    _ENGINES[cls.name] = cls
+    return cls
+
+
+def engine_class(method: str) -> type[Engine]:
+    _load_builtin_engines()
+    try:
+        return _ENGINES[method]
+    except KeyError:
+        raise KeyError(f"unknown method {method!r}; known: {sorted(_ENGINES)}") from None
+
+
+def engine_names() -> list[str]:
+    _load_builtin_engines()
+    return sorted(_ENGINES)
+
+
+def config_from_mapping(cls: type[Engine], values: dict[str, Any]) -> Any:
+    """Build an engine's Config dataclass from a config.toml table, naming any unknown key."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ValueError(f"methods.{cls.name}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return cls.Config(**values)
+
+
+def _load_builtin_engines() -> None:
+    # Imported lazily so that `import adapters` stays light; each module registers itself.
+    import importlib
+
+    for module in ("adapters.iau", "adapters.salun", "adapters.o3"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a method not built yet must not break the others
+            if exc.name != module:
+                raise

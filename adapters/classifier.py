@@ -1,0 +1,182 @@
+"""Torch classifiers as unlearning targets: architectures, gradient-restriction training, persistence.
+
+A classifier is described by a small JSON-able *spec* (architecture and sizes) stored in each version's
+meta.json, so any version can be rebuilt from its safetensors file alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters.base import Change, Forget, InvalidForget
+from adapters.datasets import LabeledSet, Split
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class MLP(nn.Module):
+    def __init__(self, input_shape: Iterable[int], hidden: Iterable[int], num_classes: int):
+        super().__init__()
+        dims = [int(torch.tensor(list(input_shape)).prod()), *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(dims[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """LeNet-style, as in IAU's released code (conv 6-16, fc 120-84), sized for 28x28 or 8x8 inputs."""
+
+    def __init__(self, input_shape: Iterable[int], num_classes: int, channels=(6, 16), fc=(120, 84)):
+        super().__init__()
+        c, h, w = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = channels[1] * (h // 4) * (w // 4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, fc[0]), nn.ReLU(), nn.Linear(fc[0], fc[1]), nn.ReLU(),
+                                  nn.Linear(fc[1], num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build(spec: dict) -> nn.Module:
+    """Rebuild an untrained module from its spec, e.g. {"arch": "mlp", "input_shape": [1,28,28], ...}."""
+    torch.manual_seed(int(spec.get("init_seed", 0)))
+    if spec["arch"] == "mlp":
+        return MLP(spec["input_shape"], spec.get("hidden", [256, 128]), spec["num_classes"])
+    if spec["arch"] == "cnn":
+        return SmallCNN(spec["input_shape"], spec["num_classes"])
+    raise ValueError(f"unknown classifier arch {spec['arch']!r} (known: mlp, cnn)")
+
+
+def load_weights(spec: dict, directory: Path) -> nn.Module:
+    module = build(spec)
+    module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return module.eval()
+
+
+def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+class WeightChange(Change):
+    """A full new set of classifier weights: a new model version. Rollback = load the parent's file."""
+
+    kind = "version"
+
+    def __init__(self, state: dict[str, torch.Tensor], metrics: dict[str, float], **kw):
+        super().__init__(metrics, **kw)
+        self.state = state
+
+    def save(self, directory: Path) -> None:
+        save_file(self.state, str(directory / WEIGHTS_FILE))
+
+    def module(self, spec: dict) -> nn.Module:
+        m = build(spec)
+        m.load_state_dict(self.state)
+        return m.eval()
+
+
+@dataclass
+class ClassifierTarget:
+    """A classifier as it is now, with the registered data its engines need."""
+
+    name: str
+    version: str
+    spec: dict
+    model: nn.Module  # active weights; engines copy before changing
+    data: Split
+    forgotten: frozenset[int] = field(default_factory=frozenset)  # ids forgotten along the active lineage
+
+    @property
+    def remaining(self) -> LabeledSet:
+        return self.data.train.without_ids(self.forgotten)
+
+    def copy_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def resolve(self, forget: Forget) -> tuple[LabeledSet, tuple[int, ...]]:
+        """The training rows a request names. Unknown ids reject the request; already-forgotten ids are skipped
+        (a sample is never forgotten twice). Returns (rows to forget now, ids skipped)."""
+        if forget.kind == "class":
+            if not 0 <= forget.class_label < self.data.num_classes:
+                raise InvalidForget(f"class {forget.class_label} outside 0..{self.data.num_classes - 1}")
+            ids = self.remaining.ids[self.remaining.y == forget.class_label].tolist()
+        elif forget.kind == "sample_ids":
+            ids = list(dict.fromkeys(forget.sample_ids))
+            known = set(self.data.train.ids.tolist())
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise InvalidForget(f"{len(unknown)} unknown sample id(s), first {unknown[:5]}; "
+                                    f"registered ids are 0..{len(self.data.train) - 1}")
+        else:
+            raise InvalidForget(f"classifier models take forget.sample_ids or forget.class, not {forget.kind}")
+        skipped = tuple(i for i in ids if i in self.forgotten)
+        fresh = [i for i in ids if i not in self.forgotten]
+        return self.data.train.select_ids(fresh), skipped
+
+
+def train_gr(
+    module: nn.Module,
+    train: LabeledSet,
+    *,
+    epochs: int = 20,
+    alpha: float = 0.005,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Train with IAU's Gradient Restriction: CE + alpha * sum over parameter tensors of ||grad CE||_2.
+
+    The penalty (double backprop) pushes the model into flat regions, where a single gradient step
+    approximates the influence-function removal well. alpha = 0 gives plain training (the retrain baseline).
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    params = [p for p in module.parameters() if p.requires_grad]
+    module.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(train), generator=g)
+        total = 0.0
+        for start in range(0, len(train), batch_size):
+            idx = order[start:start + batch_size]
+            ce = F.cross_entropy(module(train.x[idx]), train.y[idx])
+            loss = ce
+            if alpha > 0:
+                grads = torch.autograd.grad(ce, params, create_graph=True)
+                loss = ce + alpha * sum(gr.norm() for gr in grads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += ce.item() * len(idx)
+        if on_epoch:
+            on_epoch(epoch, total / len(train))
+    return module.eval()
+
+
+def mean_loss_grad(module: nn.Module, rows: LabeledSet, batch_size: int = 2048) -> list[torch.Tensor]:
+    """Gradient of the mean cross-entropy over `rows`, one tensor per parameter (summed over batches)."""
+    params = [p for p in module.parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for start in range(0, len(rows), batch_size):
+        sl = slice(start, start + batch_size)
+        loss = F.cross_entropy(module(rows.x[sl]), rows.y[sl], reduction="sum") / len(rows)
+        for acc, gr in zip(total, torch.autograd.grad(loss, params)):
+            acc += gr
+    return total

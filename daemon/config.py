@@ -1,0 +1,180 @@
+"""unlearnd's configuration: one typed tree, every default written down once (here), loaded from config.toml.
+
+Precedence: built-in defaults < config.toml < environment variables. An environment variable
+``UNLEARND__SECTION__KEY=value`` overrides ``[section] key`` (double underscores separate levels, e.g.
+``UNLEARND__KAFKA__BOOTSTRAP_SERVERS=kafka:9092``); values are parsed as TOML scalars when they can be
+(``true``, ``6000``, ``"x"``), else taken as strings. Secrets (SASL password, HMAC key) are read from the
+environment variable *named* in the config, never stored in the file.
+
+A bad value fails at start-up with the dotted path of the key, e.g. ``kafka.session_timeout_ms: Input should
+be a valid integer``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "UNLEARND__"
+DEFAULT_CONFIG = "config.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Topics(_Section):
+    requests: str = "unlearn.requests"
+    results: str = "unlearn.results"
+    dlq: str = "unlearn.dlq"
+    adapters: str = "unlearn.adapters"  # compacted; key = model/artifact id
+    partitions: int = Field(3, ge=1)  # used only when the daemon creates missing topics
+    replication_factor: int = Field(1, ge=1)
+
+
+class Kafka(_Section):
+    bootstrap_servers: str = "embedded"  # "embedded" starts the bundled Tansu broker on `embedded_port`
+    embedded_port: int = Field(19092, ge=1, le=65535)
+    group_id: str = "unlearnd"
+    client_id: str = "unlearnd"
+    session_timeout_ms: int = Field(6000, ge=1000)  # ~6 s: fast group joins (and fast failover)
+    heartbeat_interval_ms: int = Field(2000, ge=100)
+    max_poll_records: int = Field(256, ge=1)
+    poll_timeout_ms: int = Field(500, ge=10)
+    create_topics: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
+    sasl_plain_username: str | None = None
+    sasl_password_env: str = "UNLEARND_KAFKA_PASSWORD"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    reconnect_backoff_max_s: float = Field(30.0, gt=0)
+    topics: Topics = Topics()
+
+
+class Requests(_Section):
+    max_bytes: int = Field(1_048_576, ge=256)  # larger bodies go to the DLQ as oversize
+    hmac_key_env: str = "UNLEARND_HMAC_KEY"  # when that variable is set, every request must be signed
+    max_attempts: int = Field(3, ge=1)  # engine failures are retried this many times, then `failed`
+    retry_backoff_s: float = Field(1.0, ge=0)
+    coalesce: bool = True  # merge same-model requests of one poll for engines whose deltas add up
+    max_forget_items: int = Field(100_000, ge=1)
+
+
+class State(_Section):
+    dir: Path = Path("var")  # ledger and artifacts live here unless set separately
+    ledger: Path | None = None
+    artifacts: Path | None = None
+    ledger_synchronous: Literal["FULL", "NORMAL"] = "FULL"  # FULL survives power loss, NORMAL only crashes
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger or self.dir / "ledger.sqlite3"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.artifacts or self.dir / "artifacts"
+
+
+class Metrics(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)  # 0 picks a free port (tests)
+
+
+class Serve(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8088, ge=0, le=65535)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class Logging(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False  # one JSON object a line, for log shippers
+
+
+class Bootstrap(_Section):
+    """How to build a model on first start when the store has no version of it yet."""
+
+    recipe: Literal["none", "classifier", "causal_lm"] = "none"
+    dataset: Literal["mnist", "digits"] = "mnist"
+    arch: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = [256, 128]
+    epochs: int = Field(15, ge=1)
+    gr_alpha: float = Field(0.005, ge=0)  # IAU's gradient-restriction weight
+    seed: int = 0
+    source: str | None = None  # causal_lm: a transformers directory, or "smollm2" for the bundled GGUF
+
+
+class Model(_Section):
+    kind: Literal["classifier", "causal_lm"]
+    method: str | None = None  # default method for this model's requests; None = the kind's default
+    bootstrap: Bootstrap = Bootstrap()
+
+
+class Config(_Section):
+    kafka: Kafka = Kafka()
+    requests: Requests = Requests()
+    state: State = State()
+    metrics: Metrics = Metrics()
+    serve: Serve = Serve()
+    logging: Logging = Logging()
+    models: dict[str, Model] = {}
+    methods: dict[str, dict[str, Any]] = {}  # per-method engine settings, e.g. [methods.iau] lr = 1e-3
+
+    def model(self, name: str) -> Model:
+        return self.models[name]
+
+
+DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read config.toml (or `path`, or $UNLEARND_CONFIG), apply environment overrides, validate."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG))
+    data: dict[str, Any] = {}
+    if path.is_file():
+        with open(path, "rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    elif path.name != DEFAULT_CONFIG or "UNLEARND_CONFIG" in env:
+        raise ConfigError(f"config file {path} not found")
+    for key, raw in env.items():
+        if key.startswith(ENV_PREFIX):
+            _set_path(data, key[len(ENV_PREFIX):].lower().split("__"), _parse_scalar(raw))
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({path}): {problems}") from None
+    for name, model in config.models.items():
+        method = model.method or DEFAULT_METHOD[model.kind]
+        model.method = method
+    return config
+
+
+def _set_path(data: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        data = data.setdefault(k, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"environment override {'.'.join(keys)} crosses a non-table value")
+    data[keys[-1]] = value
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

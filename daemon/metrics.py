@@ -1,0 +1,48 @@
+"""Every Prometheus metric unlearnd exports, defined in one place.
+
+Conventions (prometheus-client): `unlearnd_<noun>_total` counters, `_seconds` histograms, labels with bounded
+values only: model names come from config, methods and statuses and DLQ reasons from fixed sets. A request id is
+never a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Request statuses and DLQ reasons are closed sets; dashboards and alerts depend on them.
+STATUSES = ("applied", "rejected", "failed", "duplicate")
+DLQ_REASONS = (
+    "oversize", "invalid_utf8", "invalid_json", "schema", "bad_signature", "missing_signature",
+    "unknown_model", "unknown_method", "invalid_forget", "request_id_conflict", "engine_failed",
+)
+
+REQUESTS = Counter("unlearnd_requests_total", "Deletion requests handled, by outcome.", ["model", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "unlearnd_request_duration_seconds", "Wall time from poll to durable result, per applied request.",
+    ["model", "method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+DLQ = Counter("unlearnd_dlq_total", "Messages sent to the dead-letter topic, by reason.", ["reason"])
+ENGINE_RETRIES = Counter("unlearnd_engine_retries_total", "Engine attempts that failed and were retried.", ["model", "method"])
+CONSUMER_LAG = Gauge("unlearnd_consumer_lag", "Messages behind the end of each assigned partition (from positions).",
+                     ["topic", "partition"])
+MODEL_VERSIONS = Gauge("unlearnd_model_versions", "Model versions recorded in the ledger.", ["model"])
+ACTIVE_ADAPTERS = Gauge("unlearnd_active_adapters", "Unlearning adapters currently active.", ["model"])
+ROLLBACKS = Counter("unlearnd_rollbacks_total", "Rollbacks of versions or adapters.", ["model"])
+BROKER_CONNECTED = Gauge("unlearnd_broker_connected", "1 while the daemon can reach the Kafka cluster, else 0.")
+BROKER_DISCONNECTS = Counter("unlearnd_broker_disconnects_total", "Times the daemon lost the Kafka cluster.")
+LAST_APPLIED = Gauge("unlearnd_last_applied_timestamp_seconds", "Unix time of the last applied request.", ["model"])
+IN_FLIGHT = Gauge("unlearnd_requests_in_flight", "Requests polled but not yet committed.")
+
+# Serving (unlearnd serve): routing decisions and generation.
+ROUTER_SECONDS = Histogram("unlearnd_router_latency_seconds", "Time to route one input (embed, search, score).",
+                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+ROUTER_DECISIONS = Counter("unlearnd_router_decisions_total", "Routed inputs, by whether any adapter was applied.",
+                           ["model", "hit"])
+GENERATION_SECONDS = Histogram("unlearnd_generation_seconds", "Time to generate one completion.", ["model"],
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+def serve(host: str, port: int) -> int:
+    """Expose /metrics; returns the bound port (port 0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_address[1]
