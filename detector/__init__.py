@@ -1,0 +1,17 @@
+"""O3's gate for LLM unlearning adapters: an OOD detector per request over FAISS-indexed forget features,
+and a router that gives serving a weight per adapter and input. A library: it never imports `daemon`.
+
+    encoder = Encoder()                                        # frozen MiniLM-L6, shared by every request
+    fit_request_gate(texts, adapter_dir / "gate", encoder, adapter_id=aid)   # after training the adapter
+    router = Router(encoder); router.add(aid, adapter_dir / "gate")         # serving
+    router.route(["Where was X born?"])  ->  [{aid: 0.97}]
+    with per_sample_adapters(peft_model, routes): peft_model.generate(...)
+"""
+
+from detector.features import Encoder
+from detector.gate import RequestGate, fit_gate_from_features, fit_request_gate
+from detector.per_sample_lora import per_sample_adapters
+from detector.router import Router, RouterConfig
+
+__all__ = ["Encoder", "RequestGate", "Router", "RouterConfig", "fit_gate_from_features", "fit_request_gate",
+           "per_sample_adapters"]

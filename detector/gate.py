@@ -1,0 +1,173 @@
+"""One request's gate: O3's OOD detector fitted on that request's forget features only.
+
+Per layer l, for features f of an input:
+    s_l(f) = -0.5 (f - mu_l)^T Prec_l (f - mu_l)  -  1000 (1 - max_{f' in bank_l} cos(f, f'))
+The global term is the Gaussian of D_used (gaussian.py); the local term is a 1-NN search of the request's
+own FAISS bank (index.py). ALGORITHMS.md writes the local term as `-1000 max cos`; we use the cosine
+*distance* so both terms grow towards the forget data (as in KNN-OOD, which O3's local term comes from);
+with `-1000 max cos` a verbatim forget sample would look the least forget-like.
+Each layer score (<= 0) is mapped to `u_l = T_l / (T_l - s_l)` in (0, 1], T_l the median |s_l| over D_used:
+"infinitely far" sits at the origin, which is what a linear one-class SVM separates its data from, and the
+map never saturates (held-out paraphrases and unrelated inputs stay ordered). The SVM's decision value is z; the
+two-Gaussian calibration (calibration.py) turns z into the soft weight w.
+
+Persisted next to the adapter (no pickle): `gate.safetensors` (arrays, including the linear SVM's coef_ and
+intercept_), `gate.json` (scalars, calibration, metrics), `bank_l{l}.faiss` (faiss.write_index). The raw forget
+text is never written: only its features, which are what the detector needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from sklearn.svm import OneClassSVM
+
+from detector import index as fidx
+from detector.calibration import TwoGaussianCalibration
+from detector.gaussian import LowRankGaussian
+
+FORMAT_VERSION = 1
+LOCAL_SCALE = 1000.0
+
+
+@dataclass
+class RequestGate:
+    adapter_id: str
+    gaussians: list[LowRankGaussian]
+    banks: list[faiss.IndexIDMap2]  # per layer, this request's D_used features (normalised)
+    score_scale: np.ndarray  # [L] T_l: typical |s_l| of the request's own data
+    svm_coef: np.ndarray  # [L] linear one-class SVM
+    svm_intercept: float
+    calibration: TwoGaussianCalibration
+    info: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> int:
+        return fidx.request_key(self.adapter_id)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.gaussians)
+
+    # --- scoring -----------------------------------------------------------------------------------
+    def layer_scores(self, feats: np.ndarray, *, exclude_rows: np.ndarray | None = None) -> np.ndarray:
+        """[n, L] glocal scores. `exclude_rows[i]` = bank row of input i itself (leave-one-out while fitting)."""
+        n = len(feats)
+        out = np.empty((n, self.n_layers), np.float64)
+        k = 2 if exclude_rows is not None else 1
+        for layer, (gauss, bank) in enumerate(zip(self.gaussians, self.banks)):
+            f = feats[:, layer, :]
+            sims, ids = bank.search(fidx.normalise(f), min(k, bank.ntotal))
+            if exclude_rows is None:
+                nearest = sims[:, 0]
+            else:
+                own = (np.int64(self.key) << fidx.ROW_BITS) + exclude_rows
+                nearest = np.where(ids[:, 0] == own, sims[:, -1], sims[:, 0])
+            out[:, layer] = -0.5 * gauss.mahalanobis_sq(f) - LOCAL_SCALE * (1.0 - nearest)
+        return out
+
+    def svm_inputs(self, scores: np.ndarray) -> np.ndarray:
+        return self.score_scale / (self.score_scale - np.minimum(scores, 0.0))
+
+    def z(self, feats: np.ndarray, **kw) -> np.ndarray:
+        return self.svm_inputs(self.layer_scores(feats, **kw)) @ self.svm_coef + self.svm_intercept
+
+    def weight(self, feats: np.ndarray) -> np.ndarray:
+        return self.calibration.weight(self.z(feats))
+
+    # --- persistence -------------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {"score_scale": self.score_scale, "svm_coef": self.svm_coef,
+                  "svm_intercept": np.array([self.svm_intercept])}
+        for layer, g in enumerate(self.gaussians):
+            arrays |= {f"l{layer}.mean": g.mean, f"l{layer}.basis": g.basis, f"l{layer}.gain": g.gain}
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out_dir / "gate.safetensors"))
+        for layer, bank in enumerate(self.banks):
+            fidx.write(bank, out_dir / f"bank_l{layer}.faiss")
+        scalars = {
+            "format_version": FORMAT_VERSION, "adapter_id": self.adapter_id, "key": self.key,
+            "n_layers": self.n_layers, "calibration": self.calibration.to_json(),
+            "gaussians": [{"iso": g.iso, "shrinkage": g.shrinkage} for g in self.gaussians], **self.info,
+        }
+        (out_dir / "gate.json").write_text(json.dumps(scalars, indent=2))
+
+    @classmethod
+    def load(cls, gate_dir: Path) -> "RequestGate":
+        gate_dir = Path(gate_dir)
+        meta = json.loads((gate_dir / "gate.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{gate_dir}: gate format {meta.get('format_version')} != {FORMAT_VERSION}")
+        a = load_file(str(gate_dir / "gate.safetensors"))
+        gaussians = [LowRankGaussian(a[f"l{i}.mean"], a[f"l{i}.basis"], a[f"l{i}.gain"], g["iso"], g["shrinkage"])
+                     for i, g in enumerate(meta["gaussians"])]
+        banks = [fidx.read(gate_dir / f"bank_l{i}.faiss") for i in range(meta["n_layers"])]
+        info = {k: v for k, v in meta.items() if k not in
+                ("format_version", "adapter_id", "key", "n_layers", "calibration", "gaussians")}
+        return cls(meta["adapter_id"], gaussians, banks, a["score_scale"].astype(np.float64), a["svm_coef"].astype(np.float64),
+                   float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info)
+
+
+def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """O3's 80/20 split of one request's forget set: fit on D_used, calibrate on D_rest."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_used = n if n < 2 else min(n - 1, max(1, int(round(used_fraction * n))))
+    return np.sort(order[:n_used]), np.sort(order[n_used:])
+
+
+def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, nu: float = 0.1, seed: int = 0,
+                           encoder_name: str = "") -> RequestGate:
+    """Fit a gate on one request's features [n, L, d] (n >= 2)."""
+    if len(feats) < 2:
+        raise ValueError("a gate needs at least 2 forget samples (80/20 split)")
+    t0 = time.perf_counter()
+    used, rest = split_used_rest(len(feats), seed=seed)
+    key = fidx.request_key(adapter_id)
+    gaussians, banks = [], []
+    for layer in range(feats.shape[1]):
+        gaussians.append(LowRankGaussian.fit(feats[used, layer]))
+        bank = fidx.new_index(feats.shape[2])
+        fidx.add_request(bank, key, fidx.normalise(feats[used, layer]))
+        banks.append(bank)
+    n_layers = feats.shape[1]
+    gate = RequestGate(adapter_id, gaussians, banks, np.ones(n_layers), np.zeros(n_layers), 0.0,
+                       TwoGaussianCalibration(0.0, 1.0, 0.0, 1.0))
+    s_used = gate.layer_scores(feats[used], exclude_rows=np.arange(len(used)))
+    gate.score_scale = np.maximum(np.median(-s_used, axis=0), 1e-6)
+    u_used = gate.svm_inputs(s_used)
+    svm = OneClassSVM(kernel="linear", nu=nu).fit(u_used)
+    gate.svm_coef = svm.coef_.ravel().astype(np.float64)
+    gate.svm_intercept = float(svm.intercept_[0])
+    # Our z must be the SVM's own decision value, or the persisted coef_/intercept_ would not reproduce it.
+    assert np.allclose(u_used @ gate.svm_coef + gate.svm_intercept, svm.decision_function(u_used), atol=1e-6)
+    z_used = u_used @ gate.svm_coef + gate.svm_intercept
+    z_rest = gate.z(feats[rest]) if len(rest) else z_used
+    gate.calibration = TwoGaussianCalibration.fit(z_used, z_rest)
+    w_rest = gate.calibration.weight(z_rest)
+    gate.info = {
+        "encoder": encoder_name, "n_used": int(len(used)), "n_rest": int(len(rest)), "nu": nu,
+        "metrics": {"fit_seconds": round(time.perf_counter() - t0, 4), "z_used_mean": float(z_used.mean()),
+                    "z_rest_mean": float(z_rest.mean()), "weight_rest_mean": float(w_rest.mean()),
+                    "weight_rest_min": float(w_rest.min())},
+    }
+    return gate
+
+
+def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str, nu: float = 0.1,
+                     seed: int = 0) -> dict:
+    """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
+
+    `texts` are the request's forget texts (e.g. "question answer" per QA pair); they are encoded and
+    dropped. Returns the gate's metrics (JSON-able) for the ledger and the result event.
+    """
+    gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, nu=nu, seed=seed,
+                                  encoder_name=getattr(encoder, "name", ""))
+    gate.save(Path(out_dir))
+    return dict(gate.info["metrics"], n_used=gate.info["n_used"], n_rest=gate.info["n_rest"])

@@ -1,0 +1,64 @@
+"""Apply LoRA adapters to a peft model with a different weight for every sample of a batch.
+
+peft scales an adapter per layer (`scaling[name]`), the same for the whole batch; the router gives a weight per
+input. O3's formula is `h = W x + w(x) * B A x * scaling`, and `B A x * scaling` is linear in the output of
+`lora_B`, so scaling that output per sample is exact: a forward hook on each adapter's `lora_B` multiplies
+sample b's rows by w_b (0 where the adapter does not apply to b). One batched forward serves mixed routes;
+no regrouping of the batch by weights, no copies of the model. Adapters that no sample uses are deactivated,
+so a batch the router leaves alone runs the plain base model.
+
+Limits: plain LoRA (`lora_B` is a module per adapter); not DoRA, where the magnitude term is not linear in w.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+
+def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _scale_rows(weights: torch.Tensor):
+    def hook(_module, _inputs, output):
+        b = output.shape[0]
+        w = weights if b == len(weights) else weights.repeat_interleave(b // len(weights))  # beams / n>1
+        return output * w.to(output.dtype).view(b, *([1] * (output.dim() - 1)))
+
+    return hook
+
+
+@contextmanager
+def per_sample_adapters(model, routes: Sequence[dict[str, float]]) -> Iterator[None]:
+    """Within the block, sample b of a batch gets adapter a at weight routes[b].get(a, 0).
+
+    `model` is a peft `PeftModel` whose adapters are loaded (`load_adapter`) under the router's adapter ids.
+    The batch given to forward/generate inside the block must be in the order of `routes`.
+    """
+    used = sorted({name for r in routes for name, w in r.items() if w > 0})
+    known = set(model.peft_config)
+    missing = [n for n in used if n not in known]
+    if missing:
+        raise KeyError(f"adapters not loaded in the model: {missing}")
+    if not used:
+        with model.disable_adapter():
+            yield
+        return
+    previous = list(model.base_model.active_adapters)
+    model.base_model.set_adapter(used)
+    handles = []
+    try:
+        for name in used:
+            w = torch.tensor([float(r.get(name, 0.0)) for r in routes])
+            for layer in _lora_layers(model):
+                if name in layer.lora_B:
+                    handles.append(layer.lora_B[name].register_forward_hook(_scale_rows(w)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.base_model.set_adapter(previous if len(previous) > 1 else previous[0])
