@@ -1,0 +1,334 @@
+"""The daemon: one object owns the loop (poll, process, commit), its errors and its shutdown.
+
+Per message, in the order of DESIGN.md's data flow::
+
+    validate -> dedupe (ledger) -> apply (engine) -> persist (artifact, then ledger) -> announce -> commit
+
+Offsets are committed only after the ledger rows are durable and the producer has flushed the result events:
+at-least-once delivery, exactly-once effect. Every failure goes to `_reject` (bad input: dead-letter +
+`rejected`) or `_fail` (engine failed `max_attempts` times: dead-letter + `failed`); the loop itself keeps
+running. A lost broker is waited for with backoff and all clients are recreated when it comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from adapters.base import EngineError, InvalidForget
+from adapters.store import ArtifactStore
+from daemon import kafka_io, metrics
+from daemon.broker import EmbeddedBroker
+from daemon.config import Config
+from daemon.ledger import TERMINAL, Ledger, RequestRow
+from daemon.models import ModelRegistry, UnknownModel
+from daemon.schema import Rejected, Request, Result, decode
+
+log = logging.getLogger("unlearnd")
+
+
+class BrokerLost(Exception):
+    pass
+
+
+@dataclass
+class Message:
+    """One polled record and where it came from (for the DLQ and the audit trail)."""
+
+    raw: bytes | None
+    key: bytes | None
+    headers: list
+    source: str
+    polled_at: float = field(default_factory=time.perf_counter)
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = ArtifactStore(config.state.artifacts_path)
+        self.ledger = Ledger(config.state.ledger_path, config.state.ledger_synchronous)
+        self.registry = ModelRegistry(config, self.store, self.ledger)
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap_servers = config.kafka.bootstrap_servers
+        self._stop = threading.Event()
+        self._consumer = None
+        self._outbox: kafka_io.Outbox | None = None
+        key_env = config.requests.hmac_key_env
+        self._hmac_key = os.environ[key_env].encode() if os.environ.get(key_env) else None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self, *, progress: bool = True) -> None:
+        """Everything before the loop: broker (if embedded), state, models, metrics endpoint."""
+        if self.config.kafka.bootstrap_servers == "embedded":
+            self.broker = EmbeddedBroker(self.config.kafka.embedded_port).start()
+            self.bootstrap_servers = self.broker.bootstrap_servers
+        cleaned = self.store.clean_staging()
+        if cleaned:
+            log.info("removed %d unfinished artifact write(s) left by a crash", cleaned)
+        for name in self.config.models:
+            head = self.registry.ensure_bootstrapped(name, progress=progress)
+            metrics.MODEL_VERSIONS.labels(name).set(len(self.ledger.list_artifacts(name, "version")))
+            metrics.ACTIVE_ADAPTERS.labels(name).set(
+                sum(a.active for a in self.ledger.list_artifacts(name, "adapter")))
+            log.info("model %s ready at %s", name, head.id)
+        if self.config.metrics.enabled:
+            port = metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, port)
+
+    def stop(self, *_args) -> None:
+        """Signal-safe: finish the message in hand, commit, close."""
+        if not self._stop.is_set():
+            log.info("stopping: finishing the request in hand, then committing")
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        try:
+            self.start()
+            self.loop()
+        finally:
+            self.close()
+        return 0
+
+    def loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self._connect()
+                backoff = 0.5
+                self._consume()
+            except (BrokerLost, KafkaError, OSError) as exc:
+                if self._stop.is_set():
+                    break
+                metrics.BROKER_CONNECTED.set(0)
+                metrics.BROKER_DISCONNECTS.inc()
+                log.warning("broker unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                self._close_clients()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.kafka.reconnect_backoff_max_s)
+
+    def close(self) -> None:
+        self._close_clients()
+        self.ledger.close()
+        if self.broker:
+            self.broker.stop()
+        log.info("stopped")
+
+    # --- connection -----------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._consumer is not None:
+            return
+        if not self._reachable():
+            raise BrokerLost(f"cannot reach {self.bootstrap_servers}")
+        cfg = self.config.kafka
+        if cfg.create_topics:
+            kafka_io.ensure_topics(cfg, self.bootstrap_servers)
+        # A fresh producer each time: an idempotent producer is fenced once a broker has lost its state.
+        self._outbox = kafka_io.Outbox(kafka_io.make_producer(cfg, self.bootstrap_servers), cfg)
+        self._consumer = kafka_io.make_consumer(cfg, self.bootstrap_servers, cfg.topics.requests)
+        metrics.BROKER_CONNECTED.set(1)
+        log.info("connected to %s, consuming %s as group %s", self.bootstrap_servers, cfg.topics.requests,
+                 cfg.group_id)
+
+    def _reachable(self) -> bool:
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _close_clients(self) -> None:
+        for closer in (lambda: self._consumer and self._consumer.close(autocommit=False),
+                       lambda: self._outbox and self._outbox.producer.close(timeout=2)):
+            try:
+                closer()
+            except Exception as exc:  # closing a client of a dead broker may fail; nothing is lost by it
+                log.debug("error while closing a Kafka client: %s", exc)
+        self._consumer, self._outbox = None, None
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            batch = self._consumer.poll(timeout_ms=self.config.kafka.poll_timeout_ms)
+            done: dict[TopicPartition, int] = {}
+            for tp, records in batch.items():
+                for rec in records:
+                    if self._stop.is_set():
+                        break  # not committed: redelivered to whoever owns the partition next
+                    metrics.IN_FLIGHT.set(1)
+                    self.handle(Message(rec.value, rec.key, list(rec.headers or []),
+                                        f"{rec.topic}/{rec.partition}/{rec.offset}"))
+                    done[tp] = rec.offset + 1
+            metrics.IN_FLIGHT.set(0)
+            if done:
+                self._outbox.flush()
+                self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in done.items()})
+            self._report_lag()
+            if time.monotonic() - last_check > 2.0:
+                last_check = time.monotonic()
+                if not self._reachable():
+                    raise BrokerLost(f"lost {self.bootstrap_servers}")
+
+    def _report_lag(self) -> None:
+        for tp, lag in kafka_io.lag_by_partition(self._consumer).items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+
+    def handle(self, msg: Message) -> None:
+        """One message, start to finish. Never raises for bad input or engine failure."""
+        # validate
+        try:
+            request, body_hash = decode(msg.raw, max_bytes=self.config.requests.max_bytes, hmac_key=self._hmac_key)
+            method = self._validate_target(request)
+        except Rejected as rej:
+            self._reject(msg, rej)
+            return
+        # dedupe
+        seen = self.ledger.get_request(request.request_id)
+        if seen is not None and seen.status in TERMINAL:
+            if seen.body_sha256 == body_hash:
+                self._answer_duplicate(seen)
+                return
+            if seen.status != "rejected":  # a rejected id may be resubmitted corrected; an applied one may not
+                self._reject(msg, Rejected("request_id_conflict", f"request_id already {seen.status} with a "
+                                           "different body", None, request.model), record=False)
+                return
+        # apply -> persist -> announce
+        self._apply(msg, request, method, body_hash)
+
+    def _validate_target(self, request: Request) -> str:
+        try:
+            spec = self.registry.spec(request.model)
+        except UnknownModel as exc:
+            raise Rejected("unknown_model", str(exc), request.request_id, request.model) from None
+        method = self.registry.method_for(request.model, request.method)
+        try:
+            engine = self.registry.engine(method)
+        except KeyError as exc:
+            raise Rejected("unknown_method", str(exc.args[0]), request.request_id, request.model) from None
+        if spec.kind not in engine.model_kinds:
+            raise Rejected("unknown_method", f"method {method!r} does not apply to {spec.kind} models",
+                           request.request_id, request.model)
+        if request.forget.size() > self.config.requests.max_forget_items:
+            raise Rejected("schema", f"forget names {request.forget.size()} items > requests.max_forget_items",
+                           request.request_id, request.model)
+        return method
+
+    def _apply(self, msg: Message, request: Request, method: str, body_hash: str) -> None:
+        cfg = self.config.requests
+        forget = request.forget.to_forget()
+        common = dict(model=request.model, method=method, subject=request.subject, body_sha256=body_hash)
+        attempt = self.ledger.begin_attempt(request.request_id, forget_kind=forget.kind,
+                                            forget_count=request.forget.size(), source=msg.source, **common)
+        log.info("request %s: %s on %s, forget %d %s (attempt %d)", request.request_id, method, request.model,
+                 request.forget.size(), forget.kind, attempt)
+        while True:
+            if attempt > cfg.max_attempts:  # e.g. the daemon died in this request again and again
+                self._fail(msg, request, method, body_hash, f"gave up after {cfg.max_attempts} attempts")
+                return
+            try:
+                target = self.registry.target(request.model)
+                change = self.registry.engine(method).apply(target, forget)
+                duration = time.perf_counter() - msg.polled_at
+
+                def finish(artifact_id: str) -> None:
+                    self.ledger.finish(request.request_id, "applied", artifact_id=artifact_id, metrics=change.metrics,
+                                       duration_s=duration, source=msg.source, **common)
+
+                committed = self.registry.commit(request.model, change, target=target,
+                                                 request_ids=[request.request_id], finish=finish)
+                break
+            except InvalidForget as exc:
+                self._reject(msg, Rejected("invalid_forget", str(exc), request.request_id, request.model),
+                             method=method, body_hash=body_hash)
+                return
+            except Exception as exc:
+                if isinstance(exc, EngineError) and not exc.retryable or attempt >= cfg.max_attempts:
+                    self._fail(msg, request, method, body_hash, f"{type(exc).__name__}: {exc}")
+                    return
+                metrics.ENGINE_RETRIES.labels(request.model, method).inc()
+                delay = cfg.retry_backoff_s * 2 ** (attempt - 1)
+                log.warning("request %s attempt %d failed (%s); retrying in %.1fs", request.request_id, attempt,
+                            type(exc).__name__, delay)
+                if self._stop.wait(delay):
+                    raise BrokerLost("stopping during a retry") from None  # uncommitted: redelivered later
+                attempt = self.ledger.begin_attempt(request.request_id, forget_kind=forget.kind,
+                                                    forget_count=request.forget.size(), source=msg.source, **common)
+        # announce
+        is_version = committed.kind == "version"
+        self._outbox.result(Result(request_id=request.request_id, model=request.model, status="applied", method=method,
+                                   version=committed.artifact_id if is_version else None,
+                                   adapter_id=None if is_version else committed.artifact_id, metrics=change.metrics,
+                                   duration_s=duration, subject=request.subject, completed_at=_now()),
+                            request.model)
+        self._outbox.artifact_event(request.model, committed.artifact_id, "published",
+                                    {"kind": committed.kind, "parent": target.version if is_version else None,
+                                     "request_id": request.request_id, "sha256": committed.sha256,
+                                     "path": str(committed.path)})
+        metrics.REQUESTS.labels(request.model, method, "applied").inc()
+        metrics.REQUEST_SECONDS.labels(request.model, method).observe(duration)
+        metrics.LAST_APPLIED.labels(request.model).set(time.time())
+        metrics.MODEL_VERSIONS.labels(request.model).set(len(self.ledger.list_artifacts(request.model, "version")))
+        log.info("request %s applied: %s %s in %.3fs", request.request_id, committed.kind, committed.artifact_id,
+                 duration)
+
+    # --- outcomes other than applied -----------------------------------------------------------------------
+
+    def _reject(self, msg: Message, rej: Rejected, *, method: str | None = None, body_hash: str | None = None,
+                record: bool = True) -> None:
+        log.warning("rejected message %s: %s (request_id=%s)", msg.source, rej.reason, rej.request_id)
+        self._outbox.dead_letter(msg.raw, msg.key, msg.headers, reason=rej.reason, error=rej.detail, source=msg.source)
+        if record and rej.request_id:
+            self.ledger.finish(rej.request_id, "rejected", model=rej.model, method=method, body_sha256=body_hash,
+                               reason=rej.reason, error=rej.detail, source=msg.source)
+        elif not rej.request_id:
+            self.ledger.record_unidentified_rejection(rej.reason, msg.source)
+        self._outbox.result(Result(request_id=rej.request_id, model=rej.model, status="rejected", method=method,
+                                   reason=rej.reason, error=rej.detail, completed_at=_now()),
+                            rej.model or (msg.key.decode("utf-8", "replace") if msg.key else None))
+        metrics.DLQ.labels(rej.reason).inc()
+        metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", method or "", "rejected").inc()
+
+    def _fail(self, msg: Message, request: Request, method: str, body_hash: str, error: str) -> None:
+        log.error("request %s failed: %s", request.request_id, error)
+        self._outbox.dead_letter(msg.raw, msg.key, msg.headers, reason="engine_failed", error=error, source=msg.source)
+        self.ledger.finish(request.request_id, "failed", model=request.model, method=method, subject=request.subject,
+                           body_sha256=body_hash, reason="engine_failed", error=error, source=msg.source)
+        self._outbox.result(Result(request_id=request.request_id, model=request.model, status="failed", method=method,
+                                   reason="engine_failed", error=error, subject=request.subject, completed_at=_now()),
+                            request.model)
+        metrics.DLQ.labels("engine_failed").inc()
+        metrics.REQUESTS.labels(request.model, method, "failed").inc()
+
+    def _answer_duplicate(self, row: RequestRow) -> None:
+        """A redelivered or re-sent request: repeat the recorded answer, change nothing."""
+        kind = self.ledger.get_artifact(row.model, row.artifact_id).kind if row.artifact_id else None
+        self._outbox.result(Result(request_id=row.request_id, model=row.model, status=row.status, method=row.method,
+                                   version=row.artifact_id if kind == "version" else None,
+                                   adapter_id=row.artifact_id if kind == "adapter" else None, metrics=row.metrics,
+                                   duration_s=row.duration_s, reason=row.reason, error=row.error, subject=row.subject,
+                                   completed_at=datetime.fromtimestamp(row.completed_at or time.time(), timezone.utc)),
+                            row.model)
+        metrics.REQUESTS.labels(row.model or "", row.method or "", "duplicate").inc()
+        log.info("request %s already %s; answered from the ledger", row.request_id, row.status)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,318 @@
+"""The ledger: SQLite (WAL) record of every request, every artifact, and what is active.
+
+It is what makes at-least-once delivery an exactly-once effect. A request moves
+``processing -> applied | rejected | failed``; the move to `applied` and the new artifact (or the adapter
+activation) are one transaction, so after a crash either both happened or neither did, and a redelivered
+message is answered from here instead of being applied again.
+
+Raw forget data is never stored: only ids, counts and a hash of the body. Sample ids forgotten by a version
+are stored because they are what keeps a sample from being forgotten twice or trained on again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id   TEXT PRIMARY KEY,
+    model        TEXT,
+    method       TEXT,
+    subject      TEXT,
+    status       TEXT NOT NULL,          -- processing | applied | rejected | failed
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    body_sha256  TEXT,
+    forget_kind  TEXT,
+    forget_count INTEGER,
+    artifact_id  TEXT,                   -- version or adapter the request produced
+    metrics      TEXT,                   -- JSON
+    reason       TEXT,                   -- DLQ reason code when rejected / failed
+    error        TEXT,
+    source       TEXT,                   -- topic/partition/offset it was read from
+    received_at  REAL NOT NULL,
+    completed_at REAL,
+    duration_s   REAL
+);
+CREATE INDEX IF NOT EXISTS requests_by_model ON requests(model, received_at);
+CREATE TABLE IF NOT EXISTS artifacts (
+    model       TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    kind        TEXT NOT NULL,           -- version | adapter
+    parent      TEXT,                    -- version: the version it was derived from; adapter: the base version
+    request_id  TEXT,
+    created_at  REAL NOT NULL,
+    active      INTEGER NOT NULL,        -- adapters: serving applies it; versions: it is the model's head
+    path        TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    metrics     TEXT,
+    info        TEXT,
+    PRIMARY KEY (model, id)
+);
+CREATE TABLE IF NOT EXISTS forgotten (
+    model       TEXT NOT NULL,
+    artifact_id TEXT NOT NULL,
+    sample_id   INTEGER NOT NULL,
+    PRIMARY KEY (model, artifact_id, sample_id)
+);
+CREATE TABLE IF NOT EXISTS events (      -- the audit trail, append-only
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL NOT NULL,
+    kind        TEXT NOT NULL,           -- registered | applied | rejected | failed | rolled_back | restored
+    model       TEXT,
+    artifact_id TEXT,
+    request_id  TEXT,
+    detail      TEXT                     -- JSON
+);
+"""
+
+TERMINAL = ("applied", "rejected", "failed")
+
+
+@dataclass
+class RequestRow:
+    request_id: str
+    model: str | None
+    method: str | None
+    subject: str | None
+    status: str
+    attempts: int
+    body_sha256: str | None
+    forget_kind: str | None
+    forget_count: int | None
+    artifact_id: str | None
+    metrics: dict
+    reason: str | None
+    error: str | None
+    source: str | None
+    received_at: float
+    completed_at: float | None
+    duration_s: float | None
+
+
+@dataclass
+class ArtifactRow:
+    model: str
+    id: str
+    kind: str
+    parent: str | None
+    request_id: str | None
+    created_at: float
+    active: bool
+    path: str
+    sha256: str
+    metrics: dict
+    info: dict
+
+
+class Ledger:
+    def __init__(self, path: str | Path, synchronous: str = "FULL"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable unit of change. Nested use joins the outer transaction."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield self._db
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> RequestRow | None:
+        row = self._db.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        return _request(row) if row else None
+
+    def begin_attempt(self, request_id: str, *, model: str, method: str, subject: str | None, body_sha256: str,
+                      forget_kind: str, forget_count: int, source: str) -> int:
+        """Record that the request is being applied (again); returns the attempt number."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
+                                         forget_kind, forget_count, source, received_at)
+                   VALUES (?, ?, ?, ?, 'processing', 1, ?, ?, ?, ?, ?)
+                   ON CONFLICT(request_id) DO UPDATE SET status = 'processing', attempts = attempts + 1,
+                       model = excluded.model, method = excluded.method, subject = excluded.subject,
+                       body_sha256 = excluded.body_sha256, forget_kind = excluded.forget_kind,
+                       forget_count = excluded.forget_count, source = excluded.source,
+                       reason = NULL, error = NULL""",
+                (request_id, model, method, subject, body_sha256, forget_kind, forget_count, source, now),
+            )
+            return db.execute("SELECT attempts FROM requests WHERE request_id = ?", (request_id,)).fetchone()[0]
+
+    def finish(self, request_id: str, status: str, *, model: str | None = None, method: str | None = None,
+               subject: str | None = None, body_sha256: str | None = None, artifact_id: str | None = None,
+               metrics: dict | None = None, reason: str | None = None, error: str | None = None,
+               source: str | None = None, duration_s: float | None = None) -> None:
+        """Record a terminal status (and its audit event) for a request, creating the row if needed."""
+        assert status in TERMINAL
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
+                                         artifact_id, metrics, reason, error, source, received_at, completed_at,
+                                         duration_s)
+                   VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(request_id) DO UPDATE SET status = excluded.status,
+                       model = COALESCE(excluded.model, model), method = COALESCE(excluded.method, method),
+                       subject = COALESCE(excluded.subject, subject),
+                       body_sha256 = COALESCE(excluded.body_sha256, body_sha256),
+                       artifact_id = excluded.artifact_id, metrics = excluded.metrics, reason = excluded.reason,
+                       error = excluded.error, source = COALESCE(excluded.source, source),
+                       completed_at = excluded.completed_at, duration_s = excluded.duration_s""",
+                (request_id, model, method, subject, status, body_sha256, artifact_id, json.dumps(metrics or {}),
+                 reason, error, source, now, now, duration_s),
+            )
+            self._event(db, status, model, artifact_id, request_id, {"reason": reason} if reason else None)
+
+    def record_unidentified_rejection(self, reason: str, source: str) -> None:
+        """A message too broken to carry a request id still leaves an audit trace."""
+        with self.transaction() as db:
+            self._event(db, "rejected", None, None, None, {"reason": reason, "source": source})
+
+    def list_requests(self, model: str | None = None, status: str | None = None, limit: int = 50) -> list[RequestRow]:
+        sql, args = "SELECT * FROM requests WHERE 1=1", []
+        if model:
+            sql, args = sql + " AND model = ?", args + [model]
+        if status:
+            sql, args = sql + " AND status = ?", args + [status]
+        rows = self._db.execute(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_request(r) for r in rows]
+
+    # --- artifacts ------------------------------------------------------------------------------------------
+
+    def add_artifact(self, model: str, artifact_id: str, kind: str, *, parent: str | None, request_id: str | None,
+                     path: str, sha256: str, metrics: dict | None = None, info: dict | None = None,
+                     forgotten_ids: tuple[int, ...] = ()) -> None:
+        """Record a new artifact and make it active (a version becomes the head; an adapter is switched on)."""
+        with self.transaction() as db:
+            if kind == "version":
+                db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version'", (model,))
+            db.execute(
+                """INSERT INTO artifacts (model, id, kind, parent, request_id, created_at, active, path, sha256,
+                                          metrics, info) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)""",
+                (model, artifact_id, kind, parent, request_id, time.time(), path, sha256, json.dumps(metrics or {}),
+                 json.dumps(info or {})),
+            )
+            db.executemany("INSERT INTO forgotten (model, artifact_id, sample_id) VALUES (?, ?, ?)",
+                           [(model, artifact_id, int(i)) for i in forgotten_ids])
+            self._event(db, "registered" if request_id is None else "published", model, artifact_id, request_id,
+                        {"kind": kind, "parent": parent, "sha256": sha256})
+
+    def get_artifact(self, model: str, artifact_id: str) -> ArtifactRow | None:
+        row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND id = ?", (model, artifact_id)).fetchone()
+        return _artifact(row) if row else None
+
+    def find_artifact(self, artifact_id: str) -> ArtifactRow | None:
+        """An artifact by id alone (ids are unique per model; the first match is returned)."""
+        row = self._db.execute("SELECT * FROM artifacts WHERE id = ? ORDER BY created_at", (artifact_id,)).fetchone()
+        return _artifact(row) if row else None
+
+    def list_artifacts(self, model: str | None = None, kind: str | None = None) -> list[ArtifactRow]:
+        sql, args = "SELECT * FROM artifacts WHERE 1=1", []
+        if model:
+            sql, args = sql + " AND model = ?", args + [model]
+        if kind:
+            sql, args = sql + " AND kind = ?", args + [kind]
+        return [_artifact(r) for r in self._db.execute(sql + " ORDER BY created_at, id", args).fetchall()]
+
+    def head(self, model: str) -> ArtifactRow | None:
+        row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'version' AND active = 1",
+                               (model,)).fetchone()
+        return _artifact(row) if row else None
+
+    def next_id(self, model: str, kind: str) -> str:
+        """Sequential ids (v0001, a0001). Deterministic on retry: the counter moves only when a row commits."""
+        n = self._db.execute("SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?", (model, kind)).fetchone()[0]
+        return f"{'v' if kind == 'version' else 'a'}{n:04d}"
+
+    def lineage(self, model: str, version_id: str) -> list[ArtifactRow]:
+        """The version and its ancestors, newest first."""
+        chain, current = [], self.get_artifact(model, version_id)
+        while current is not None:
+            chain.append(current)
+            current = self.get_artifact(model, current.parent) if current.parent else None
+        return chain
+
+    def forgotten_ids(self, model: str, version_id: str) -> frozenset[int]:
+        """Samples forgotten along a version's lineage: what that version no longer knows."""
+        ids = [a.id for a in self.lineage(model, version_id)]
+        if not ids:
+            return frozenset()
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(f"SELECT sample_id FROM forgotten WHERE model = ? AND artifact_id IN ({marks})",
+                                (model, *ids)).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def set_head(self, model: str, version_id: str, *, reason: str) -> ArtifactRow:
+        """Rollback of a classifier: make an existing version the head again (its tensors are kept as written)."""
+        with self.transaction() as db:
+            target = self.get_artifact(model, version_id)
+            if target is None or target.kind != "version":
+                raise KeyError(f"{model} has no version {version_id}")
+            previous = self.head(model)
+            db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version'", (model,))
+            db.execute("UPDATE artifacts SET active = 1 WHERE model = ? AND id = ?", (model, version_id))
+            self._event(db, "rolled_back", model, version_id, None,
+                        {"from": previous.id if previous else None, "reason": reason})
+        return self.get_artifact(model, version_id)
+
+    def set_adapter_active(self, model: str, adapter_id: str, active: bool, *, reason: str) -> ArtifactRow:
+        with self.transaction() as db:
+            target = self.get_artifact(model, adapter_id)
+            if target is None or target.kind != "adapter":
+                raise KeyError(f"{model} has no adapter {adapter_id}")
+            db.execute("UPDATE artifacts SET active = ? WHERE model = ? AND id = ?", (int(active), model, adapter_id))
+            self._event(db, "restored" if active else "rolled_back", model, adapter_id, None, {"reason": reason})
+        return self.get_artifact(model, adapter_id)
+
+    def events(self, model: str | None = None, limit: int = 100) -> list[dict]:
+        sql, args = "SELECT * FROM events", []
+        if model:
+            sql, args = sql + " WHERE model = ?", [model]
+        rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
+
+    @staticmethod
+    def _event(db, kind, model, artifact_id, request_id, detail) -> None:
+        db.execute("INSERT INTO events (at, kind, model, artifact_id, request_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                   (time.time(), kind, model, artifact_id, request_id, json.dumps(detail) if detail else None))
+
+
+def _request(row: sqlite3.Row) -> RequestRow:
+    d = dict(row)
+    d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
+    return RequestRow(**d)
+
+
+def _artifact(row: sqlite3.Row) -> ArtifactRow:
+    d = dict(row)
+    d["active"] = bool(d["active"])
+    d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
+    d["info"] = json.loads(d["info"]) if d["info"] else {}
+    return ArtifactRow(**d)

@@ -1,0 +1,32 @@
+"""Log setup: readable lines for a terminal, or one JSON object a line for log shippers.
+
+Log messages name requests by id and counts only; forget data (sample contents, texts) is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from daemon.config import Logging
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(cfg: Logging) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.json_format else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.level)
+    # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports the state once itself.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL if cfg.level != "DEBUG" else logging.DEBUG)

@@ -1,0 +1,166 @@
+"""Registered models: how each is bootstrapped, loaded as an engine target, changed and rolled back.
+
+The ledger says which artifact is active; the artifact store holds the files. This module joins the two for
+the daemon and the CLI: `target()` builds what an engine needs, `commit()` makes a change durable (files
+first, then one ledger transaction), `rollback()` restores an earlier state exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters import classifier, datasets
+from adapters.base import Change, Engine, config_from_mapping, engine_class
+from adapters.store import ArtifactStore
+from daemon.config import DEFAULT_METHOD, Config, Model
+from daemon.ledger import ArtifactRow, Ledger
+
+log = logging.getLogger(__name__)
+
+DATASET_ID = "registered"
+
+
+class UnknownModel(KeyError):
+    pass
+
+
+@dataclass
+class Committed:
+    artifact_id: str
+    kind: str
+    path: Path
+    sha256: str
+
+
+class ModelRegistry:
+    def __init__(self, config: Config, store: ArtifactStore, ledger: Ledger):
+        self.config = config
+        self.store = store
+        self.ledger = ledger
+        self._engines: dict[str, Engine] = {}
+        self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
+
+    # --- lookup ---------------------------------------------------------------------------------------------
+
+    def spec(self, name: str) -> Model:
+        try:
+            return self.config.models[name]
+        except KeyError:
+            raise UnknownModel(f"unknown model {name!r}; registered: {sorted(self.config.models)}") from None
+
+    def method_for(self, name: str, requested: str | None) -> str:
+        return requested or self.spec(name).method or DEFAULT_METHOD[self.spec(name).kind]
+
+    def engine(self, method: str) -> Engine:
+        """One engine instance per method for the daemon's lifetime (engines may keep caches)."""
+        if method not in self._engines:
+            cls = engine_class(method)
+            self._engines[method] = cls(config_from_mapping(cls, self.config.methods.get(method, {})))
+        return self._engines[method]
+
+    # --- bootstrap ------------------------------------------------------------------------------------------
+
+    def ensure_bootstrapped(self, name: str, progress: bool = True) -> ArtifactRow:
+        """Build the model's first version if the ledger has none (first start); later starts reuse it."""
+        head = self.ledger.head(name)
+        if head is not None:
+            return head
+        spec = self.spec(name)
+        if spec.bootstrap.recipe == "classifier":
+            return self._bootstrap_classifier(name, spec, progress)
+        raise RuntimeError(f"model {name!r} has no version yet and bootstrap.recipe = {spec.bootstrap.recipe!r} "
+                           "cannot build one")
+
+    def _bootstrap_classifier(self, name: str, spec: Model, progress: bool) -> ArtifactRow:
+        b = spec.bootstrap
+        split = datasets.DATASETS[b.dataset](seed=b.seed)
+        self.store.publish(name, "dataset", DATASET_ID, split.save,
+                           {"dataset": b.dataset, "num_classes": split.num_classes,
+                            "input_shape": list(split.input_shape), "train_rows": len(split.train),
+                            "test_rows": len(split.test)})
+        arch = {"arch": b.arch, "input_shape": list(split.input_shape), "hidden": list(b.hidden),
+                "num_classes": split.num_classes, "init_seed": b.seed}
+        module = classifier.build(arch)
+        log.info("bootstrapping %s: training a %s on %d %s samples (%d epochs, gradient restriction alpha=%g)",
+                 name, b.arch, len(split.train), b.dataset, b.epochs, b.gr_alpha)
+        from tqdm import tqdm
+
+        with tqdm(total=b.epochs, desc=f"training {name}", unit="epoch", disable=not progress, file=sys.stderr) as bar:
+            def on_epoch(epoch: int, loss: float) -> None:
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+
+            classifier.train_gr(module, split.train, epochs=b.epochs, alpha=b.gr_alpha, seed=b.seed, on_epoch=on_epoch)
+        from adapters import measures
+
+        metrics = {"train_acc": measures.accuracy(module, split.train), "test_acc": measures.accuracy(module, split.test)}
+        version = self.ledger.next_id(name, "version")
+        change = classifier.WeightChange(classifier.state_of(module), metrics)
+        art = self.store.publish(name, "versions", version, change.save, {"spec": arch, "parent": None, "metrics": metrics})
+        self.ledger.add_artifact(name, version, "version", parent=None, request_id=None, path=str(art.path),
+                                 sha256=art.sha256, metrics=metrics, info={"spec": arch})
+        log.info("registered %s %s (test accuracy %.3f)", name, version, metrics["test_acc"])
+        return self.ledger.head(name)
+
+    # --- targets --------------------------------------------------------------------------------------------
+
+    def target(self, name: str):
+        """What an engine needs to apply a request to this model as it is now."""
+        spec = self.spec(name)
+        if spec.kind != "classifier":
+            raise NotImplementedError(f"model kind {spec.kind!r} is not served by this daemon build")
+        head = self.ledger.head(name)
+        if head is None:
+            raise RuntimeError(f"model {name!r} has no version; start the daemon once to bootstrap it")
+        cached = self._cache.get(name)
+        if cached and cached[0] == head.id:
+            return cached[1]
+        meta = self.store.meta(name, "dataset", DATASET_ID)
+        data = cached[1].data if cached else datasets.Split.load(
+            self.store.path(name, "dataset", DATASET_ID), meta["num_classes"], tuple(meta["input_shape"]))
+        arch = head.info["spec"]
+        target = classifier.ClassifierTarget(name=name, version=head.id, spec=arch,
+                                             model=classifier.load_weights(arch, Path(head.path)), data=data,
+                                             forgotten=self.ledger.forgotten_ids(name, head.id))
+        self._cache[name] = (head.id, target)
+        return target
+
+    def commit(self, name: str, change: Change, *, target, request_ids: list[str],
+               finish: Callable[[str], None]) -> Committed:
+        """Make a change durable: files first (atomic publish), then ONE ledger transaction that records the
+        artifact, activates it, and runs `finish(artifact_id)` (the caller marks its requests applied there).
+        A crash between the two leaves an orphan directory that a retry overwrites; nothing is applied twice."""
+        parent = getattr(target, "version", None)
+        if change.kind == "version":
+            change.info.setdefault("spec", target.spec)
+        folder = "versions" if change.kind == "version" else "adapters"
+        artifact_id = self.ledger.next_id(name, change.kind)
+        meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
+        art = self.store.publish(name, folder, artifact_id, change.save, meta)
+        with self.ledger.transaction():
+            self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
+                                     path=str(art.path), sha256=art.sha256, metrics=change.metrics,
+                                     info=change.info, forgotten_ids=change.forgotten_ids)
+            finish(artifact_id)
+        if isinstance(change, classifier.WeightChange):  # keep the in-memory target in step: no reload
+            self._cache[name] = (artifact_id, classifier.ClassifierTarget(
+                name=name, version=artifact_id, spec=target.spec, model=change.module(target.spec), data=target.data,
+                forgotten=target.forgotten | frozenset(change.forgotten_ids)))
+        return Committed(artifact_id, change.kind, art.path, art.sha256)
+
+    # --- rollback -------------------------------------------------------------------------------------------
+
+    def rollback(self, name: str, to_version: str, *, reason: str) -> ArtifactRow:
+        """Make an earlier version the head. Its file is the one written at the time, so weights are bit-exact."""
+        if not self.store.verify(name, "versions", to_version):
+            raise RuntimeError(f"{name} {to_version}: files on disk no longer match their recorded sha256")
+        row = self.ledger.set_head(name, to_version, reason=reason)
+        self._cache.pop(name, None)
+        for engine in self._engines.values():
+            if hasattr(engine, "forget_cache"):
+                engine.forget_cache(name)
+        return row
