@@ -37,6 +37,7 @@ class IAUConfig:
     cached_gradient: bool = False
     cache_refresh_every: int = 10
     measure_cap: int = 1000  # rows of retain/test used for the calibration and the result measures
+    criterion: str = "accuracy"  # when the calibrated step has forgotten enough: "accuracy" or "loss"
     adam_eps: float = 1e-8
 
 
@@ -79,7 +80,7 @@ class IAUEngine(Engine):
         theta0 = [p.detach().clone() for p in params]
 
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)
-        held_out_loss = measures.mean_loss(target.model, test_probe)
+        forgotten_enough = self._stop_rule(target, forget, forget_rows, test_probe, before)
         chosen = cfg.lr
         for lr in cfg.lr_grid if cfg.calibrate else (cfg.lr,):
             with torch.no_grad():
@@ -93,7 +94,7 @@ class IAUEngine(Engine):
                         p.copy_(p0 + chosen * d)
                 break
             chosen = lr
-            if measures.mean_loss(model, forget_rows) >= held_out_loss:
+            if forgotten_enough(model):
                 break
         model.eval()
         after = measures.accuracies(model, forget_rows, retain_probe, test_probe)
@@ -107,6 +108,17 @@ class IAUEngine(Engine):
         }
         return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics,
                             forgotten_ids=tuple(forget_rows.ids.tolist()))
+
+    def _stop_rule(self, target, forget, forget_rows, test_probe, before):
+        """When a step has forgotten enough: the forget rows look like rows the model never saw."""
+        if self.config.criterion == "loss":
+            held_out_loss = measures.mean_loss(target.model, test_probe)
+            return lambda model: measures.mean_loss(model, forget_rows) >= held_out_loss
+        if self.config.criterion != "accuracy":
+            raise ValueError(f"methods.iau.criterion must be 'accuracy' or 'loss', not {self.config.criterion!r}")
+        # Never-seen samples of seen classes score like held-out rows; a never-seen class is never predicted.
+        reference = 0.0 if forget.kind == "class" else before["test_acc"]
+        return lambda model: measures.accuracy(model, forget_rows) <= reference
 
     def _remaining_grad(self, target, model, remaining, forget_rows, g_forget):
         if not self.config.cached_gradient:

@@ -1,0 +1,34 @@
+"""Shared fixtures for the classifier engines' tests: sklearn digits and a small model trained on them once."""
+
+import pytest
+import torch
+
+from adapters import classifier, datasets
+from adapters.classifier import ClassifierTarget
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    return datasets.digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_spec(digits_split):
+    return {"arch": "mlp", "input_shape": list(digits_split.input_shape), "num_classes": digits_split.num_classes,
+            "hidden": [64, 32], "init_seed": 0}
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_split, digits_spec):
+    """An MLP trained with IAU's gradient restriction; shared read-only, tests take copies."""
+    torch.set_num_threads(2)
+    return classifier.train_gr(classifier.build(digits_spec), digits_split.train, epochs=15, seed=0)
+
+
+@pytest.fixture
+def digits_target(digits_split, digits_spec, digits_model):
+    return ClassifierTarget("digits-mlp", "v0", digits_spec, digits_model, digits_split)
+
+
+def random_ids(n_train: int, k: int, seed: int = 1) -> tuple[int, ...]:
+    return tuple(torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k].tolist())

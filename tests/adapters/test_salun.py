@@ -1,0 +1,71 @@
+import dataclasses
+
+import pytest
+import torch
+
+from adapters import measures
+from adapters.base import Forget, InvalidForget, engine_class
+from adapters.salun import SalUnEngine, saliency_mask
+from conftest import random_ids
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_registered_under_its_method_name():
+    assert engine_class("salun") is SalUnEngine
+
+
+def test_class_forgetting_drives_forget_accuracy_near_zero_and_keeps_other_classes(digits_target):
+    change = SalUnEngine().apply(digits_target, Forget(class_label=3))
+    model = change.module(digits_target.spec)
+    test = digits_target.data.test
+    assert change.metrics["forget_acc_before"] > 0.9
+    assert change.metrics["forget_acc_after"] <= 0.05
+    others = test.subset(test.y != 3)
+    assert measures.accuracy(model, others) >= measures.accuracy(digits_target.model, others) - 0.05
+
+
+def test_random_forgetting_lowers_forget_accuracy_toward_held_out(digits_target):
+    ids = random_ids(len(digits_target.data.train), 140)
+    forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
+    change = SalUnEngine().apply(digits_target, Forget(sample_ids=ids))
+    model = change.module(digits_target.spec)
+    assert measures.mean_loss(model, forget_rows) > measures.mean_loss(digits_target.model, forget_rows)
+    assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"] - 0.05
+    assert set(change.forgotten_ids) == set(ids)
+
+
+def test_does_not_mutate_the_target_model(digits_target):
+    before = _state(digits_target.model)
+    SalUnEngine().apply(digits_target, Forget(class_label=1))
+    after = digits_target.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_only_masked_weights_change(digits_target):
+    forget_rows, _ = digits_target.resolve(Forget(class_label=5))
+    mask = saliency_mask(digits_target.model, forget_rows, 0.5)
+    kept = sum(m.sum() for m in mask) / sum(m.numel() for m in mask)
+    assert 0.45 <= float(kept) <= 0.55
+    change = SalUnEngine(mask_ratio=0.5).apply(digits_target, Forget(class_label=5))
+    new = dict(zip([k for k, _ in digits_target.model.named_parameters()], [None] * len(mask)))
+    for (name, p0), m in zip(digits_target.model.named_parameters(), mask):
+        moved = change.state[name] != p0.detach()
+        assert not moved[m == 0].any(), f"{name}: a weight outside the saliency mask changed"
+    assert new  # the model has parameters at all
+
+
+def test_unknown_ids_are_rejected(digits_target):
+    with pytest.raises(InvalidForget):
+        SalUnEngine().apply(digits_target, Forget(sample_ids=(0, 10**6)))
+
+
+def test_already_forgotten_ids_are_skipped(digits_target):
+    target = dataclasses.replace(digits_target, forgotten=frozenset({0, 1, 2}))
+    change = SalUnEngine(epochs=1).apply(target, Forget(sample_ids=(0, 1, 2, 3, 4)))
+    assert set(change.forgotten_ids) == {3, 4}
+    assert change.metrics["already_forgotten"] == 3
+    with pytest.raises(InvalidForget):
+        SalUnEngine().apply(target, Forget(sample_ids=(0, 1)))
