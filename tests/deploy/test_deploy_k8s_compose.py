@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import tempfile
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -214,12 +216,10 @@ def container_config(docs: list[dict], pod_spec: dict, container: dict) -> confi
     text = cm["data"][mount["subPath"]]
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e and e["name"].startswith("UNLEARND__")}
     env = {k: v for k, v in env.items() if "$(" not in v}
-    cfg_file = K8S / ".rendered-config.toml"
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "config.toml"
         cfg_file.write_text(text)
         return config_mod.load(cfg_file, env=env)
-    finally:
-        cfg_file.unlink(missing_ok=True)
 
 
 def named_port(container: dict, port) -> int:
