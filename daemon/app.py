@@ -27,7 +27,7 @@ from kafka.structs import OffsetAndMetadata
 
 from adapters.base import EngineError, InvalidForget
 from adapters.store import ArtifactStore
-from daemon import kafka_io, metrics
+from daemon import failpoints, kafka_io, metrics
 from daemon.broker import EmbeddedBroker
 from daemon.config import Config
 from daemon.ledger import TERMINAL, Ledger, RequestRow
@@ -180,6 +180,7 @@ class Daemon:
             metrics.IN_FLIGHT.set(0)
             if done:
                 self._outbox.flush()
+                failpoints.hit("before_offset_commit")
                 self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in done.items()})
             self._report_lag()
             if time.monotonic() - last_check > 2.0:
@@ -208,7 +209,7 @@ class Daemon:
                 return
             if seen.status != "rejected":  # a rejected id may be resubmitted corrected; an applied one may not
                 self._reject(msg, Rejected("request_id_conflict", f"request_id already {seen.status} with a "
-                                           "different body", None, request.model), record=False)
+                                           "different body", request.request_id, request.model), record=False)
                 return
         # apply -> persist -> announce
         self._apply(msg, request, method, body_hash)
@@ -244,6 +245,7 @@ class Daemon:
                 self._fail(msg, request, method, body_hash, f"gave up after {cfg.max_attempts} attempts")
                 return
             try:
+                failpoints.hit("before_engine")
                 target = self.registry.target(request.model)
                 change = self.registry.engine(method).apply(target, forget)
                 duration = time.perf_counter() - msg.polled_at
@@ -254,6 +256,7 @@ class Daemon:
 
                 committed = self.registry.commit(request.model, change, target=target,
                                                  request_ids=[request.request_id], finish=finish)
+                failpoints.hit("after_ledger")
                 break
             except InvalidForget as exc:
                 self._reject(msg, Rejected("invalid_forget", str(exc), request.request_id, request.model),
@@ -298,8 +301,8 @@ class Daemon:
         if record and rej.request_id:
             self.ledger.finish(rej.request_id, "rejected", model=rej.model, method=method, body_sha256=body_hash,
                                reason=rej.reason, error=rej.detail, source=msg.source)
-        elif not rej.request_id:
-            self.ledger.record_unidentified_rejection(rej.reason, msg.source)
+        else:  # no id to file it under, or the id belongs to another request: an audit event only
+            self.ledger.record_rejection(rej.reason, msg.source, request_id=rej.request_id, model=rej.model)
         self._outbox.result(Result(request_id=rej.request_id, model=rej.model, status="rejected", method=method,
                                    reason=rej.reason, error=rej.detail, completed_at=_now()),
                             rej.model or (msg.key.decode("utf-8", "replace") if msg.key else None))

@@ -190,10 +190,11 @@ class Ledger:
             )
             self._event(db, status, model, artifact_id, request_id, {"reason": reason} if reason else None)
 
-    def record_unidentified_rejection(self, reason: str, source: str) -> None:
-        """A message too broken to carry a request id still leaves an audit trace."""
+    def record_rejection(self, reason: str, source: str, *, request_id: str | None = None,
+                         model: str | None = None) -> None:
+        """An audit trace for a rejection that must not touch a request row (no readable id, or an id conflict)."""
         with self.transaction() as db:
-            self._event(db, "rejected", None, None, None, {"reason": reason, "source": source})
+            self._event(db, "rejected", model, None, request_id, {"reason": reason, "source": source})
 
     def list_requests(self, model: str | None = None, status: str | None = None, limit: int = 50) -> list[RequestRow]:
         sql, args = "SELECT * FROM requests WHERE 1=1", []

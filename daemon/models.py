@@ -16,6 +16,7 @@ from pathlib import Path
 from adapters import classifier, datasets
 from adapters.base import Change, Engine, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
+from daemon import failpoints
 from daemon.config import DEFAULT_METHOD, Config, Model
 from daemon.ledger import ArtifactRow, Ledger
 
@@ -141,6 +142,7 @@ class ModelRegistry:
         artifact_id = self.ledger.next_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
         art = self.store.publish(name, folder, artifact_id, change.save, meta)
+        failpoints.hit("after_artifact")
         with self.ledger.transaction():
             self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
                                      path=str(art.path), sha256=art.sha256, metrics=change.metrics,

@@ -1,0 +1,44 @@
+"""Fixtures: one embedded broker per session, the test model trained once, a fresh `Stack` per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.broker import EmbeddedBroker
+from tests.harness import CONFIG_TEMPLATE, TEST_MODEL, Stack
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def bootstrapped_state(tmp_path_factory) -> Path:
+    """A state directory whose ledger and store already hold the test model's first version."""
+    from adapters.store import ArtifactStore
+    from daemon import config as config_mod
+    from daemon.ledger import Ledger
+    from daemon.models import ModelRegistry
+
+    root = tmp_path_factory.mktemp("bootstrapped")
+    cfg_path = root / "config.toml"
+    cfg_path.write_text(CONFIG_TEMPLATE.format(bootstrap="127.0.0.1:1", group="g", prefix="p", state=root / "var",
+                                               metrics_port=0, model=TEST_MODEL))
+    cfg = config_mod.load(cfg_path, env={})
+    ledger = Ledger(cfg.state.ledger_path)
+    ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).ensure_bootstrapped(TEST_MODEL, progress=False)
+    ledger.close()
+    return root / "var"
+
+
+@pytest.fixture
+def stack(tmp_path, broker, bootstrapped_state):
+    s = Stack(tmp_path, broker.bootstrap_servers, bootstrapped_state)
+    yield s
+    s.close()
+
+

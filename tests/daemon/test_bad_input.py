@@ -1,0 +1,76 @@
+"""Bad input never stops the daemon and is never dropped: each kind lands in the DLQ with its reason."""
+
+from __future__ import annotations
+
+import json
+
+from daemon import schema
+from daemon.kafka_io import HEADER_REASON, HEADER_SOURCE
+from tests.harness import TEST_MODEL, request
+
+BAD = [
+    ("oversize", json.dumps(request("big", sample_ids=list(range(2000)))).encode()),
+    ("invalid_utf8", b'{"request_id": "\xff\xfe"}'),
+    ("invalid_json", b'{"request_id": "x", '),
+    ("invalid_json", b'[1, 2, 3]'),
+    ("schema", json.dumps({"request_id": "no-forget", "model": TEST_MODEL}).encode()),
+    ("schema", json.dumps({**request("extra-field"), "colour": "blue"}).encode()),
+    ("schema", json.dumps(request("wrong-type", sample_ids="17,42")).encode()),
+    ("schema", json.dumps({**request("two-kinds"), "forget": {"sample_ids": [1], "class": 2}}).encode()),
+    ("unknown_model", json.dumps({**request("who"), "model": "no-such-model"}).encode()),
+    ("unknown_method", json.dumps({**request("how"), "method": "magic"}).encode()),
+    ("unknown_method", json.dumps({**request("o3-on-classifier"), "method": "o3"}).encode()),
+    ("invalid_forget", json.dumps(request("ghost-ids", sample_ids=[1, 999_999])).encode()),
+    ("invalid_forget", json.dumps(request("texts-for-classifier", texts=["hello"])).encode()),
+]
+
+
+def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
+    stack.start()
+    for i, (_, raw) in enumerate(BAD):
+        stack.publish(raw, headers=[("trace-id", f"t{i}".encode())])
+    stack.publish(request("good-after-bad", sample_ids=[40, 41]))
+
+    dead = stack.read("dlq", len(BAD))
+    assert len(dead) == len(BAD)
+    by_value = {r.value: r for r in dead}
+    for i, (reason, raw) in enumerate(BAD):
+        rec = by_value[raw]  # the original bytes, unchanged
+        headers = dict(rec.headers)
+        assert headers[HEADER_REASON].decode() == reason, (i, headers)
+        assert headers["trace-id"] == f"t{i}".encode()  # original headers kept
+        assert headers[HEADER_SOURCE].startswith(stack.topic("requests").encode())
+        assert rec.key == TEST_MODEL.encode()
+
+    results = stack.results(len(BAD) + 1)
+    rejected = [r for r in results if r["status"] == "rejected"]
+    assert sorted(r["reason"] for r in rejected) == sorted(reason for reason, _ in BAD)
+    [good] = [r for r in results if r.get("request_id") == "good-after-bad"]
+    assert good["status"] == "applied"
+    assert stack.procs[0].poll() is None  # still running
+
+    # The audit trail has every rejection, by id where one could be read; raw forget data appears nowhere.
+    ledger = stack.ledger()
+    assert ledger.get_request("ghost-ids").reason == "invalid_forget"
+    assert ledger.get_request("how").status == "rejected"
+    assert "999999" not in stack.log() and "hello" not in stack.log()
+    stack.wait_metric("unlearnd_dlq_total", 4.0, reason="schema")
+
+
+def test_signatures_are_required_when_a_key_is_configured(stack):
+    key = "s3cret-key"
+    stack.start(UNLEARND_HMAC_KEY=key)
+    unsigned = request("unsigned")
+    forged = {**request("forged"), "signature": "0" * 64}
+    signed = request("signed", sample_ids=[50, 51])
+    signed["signature"] = schema.sign(signed, key.encode())
+    for body in (unsigned, forged, signed):
+        stack.publish(body)
+    by_id = {r["request_id"]: r for r in stack.results(3)}
+    assert by_id["unsigned"]["reason"] == "missing_signature"
+    assert by_id["forged"]["reason"] == "bad_signature"
+    assert by_id["signed"]["status"] == "applied"
+    # The signature covers the canonical body: key order and whitespace do not matter, content does.
+    reordered = dict(reversed(list(signed.items())))
+    assert schema.sign(reordered, key.encode()) == signed["signature"]
+    assert schema.sign({**signed, "model": "other"}, key.encode()) != signed["signature"]

@@ -1,0 +1,77 @@
+"""A crash at any step of a request never loses it and never applies it twice.
+
+The daemon is SIGKILLed at each named step (daemon/failpoints.py), then restarted without the failpoint; the
+request must end applied exactly once: one new version, its samples forgotten once, results agreeing.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.harness import TEST_MODEL, request
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("point", ["before_engine", "after_artifact", "after_ledger", "before_offset_commit"])
+def test_killed_mid_request_then_restarted_applies_exactly_once(stack, point):
+    crashing = stack.start(UNLEARND_FAILPOINT=point)
+    stack.publish(request("crash-1", sample_ids=[20, 21, 22]))
+    assert crashing.wait(60) == -signal.SIGKILL, stack.log()
+
+    stack.start()
+    results = stack.results(1, request_id="crash-1")
+    assert results[0]["status"] == "applied" and results[0]["version"] == "v0001"
+
+    # Nothing applied twice, whatever the step: one new version, one forget record per sample.
+    ledger = stack.ledger()
+    assert [a.id for a in ledger.list_artifacts(TEST_MODEL, "version")] == ["v0000", "v0001"]
+    assert ledger.forgotten_ids(TEST_MODEL, "v0001") == frozenset({20, 21, 22})
+    row = ledger.get_request("crash-1")
+    assert row.status == "applied"
+    # Before the ledger committed, the restart re-ran the engine (attempt 2); after, it answered from the ledger.
+    assert row.attempts == (2 if point in ("before_engine", "after_artifact") else 1)
+    # A later request still builds on the right parent.
+    stack.publish(request("after-crash", sample_ids=[30]))
+    [later] = stack.results(1, request_id="after-crash")
+    assert later["version"] == "v0002" and ledger.get_artifact(TEST_MODEL, "v0002").parent == "v0001"
+
+
+def test_outside_sigkill_while_engine_runs(stack):
+    """The literal case: an operator's (or the OOM killer's) SIGKILL while the request is in the engine."""
+    hanging = stack.start(UNLEARND_FAILPOINT="before_engine:hang")
+    stack.publish(request("oom-1", sample_ids=[60, 61]))
+    _wait_for(lambda: "failpoint before_engine: hanging" in stack.log(), 60, "the request to reach the engine")
+    assert stack.ledger().get_request("oom-1").status == "processing"
+    hanging.kill()
+    hanging.wait(10)
+
+    stack.start()
+    [result] = stack.results(1, request_id="oom-1")
+    assert result["status"] == "applied"
+    assert len(stack.ledger().list_artifacts(TEST_MODEL, "version")) == 2
+
+
+def test_a_request_that_keeps_killing_the_daemon_ends_failed(stack):
+    """Poison pill: after max_attempts (2 in the test config) crashes in the same request it is failed and
+    dead-lettered instead of crash-looping the daemon forever."""
+    first = stack.start(UNLEARND_FAILPOINT="before_engine")
+    stack.publish(request("poison", sample_ids=[70]))
+    assert first.wait(60) == -signal.SIGKILL
+    second = stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_engine")
+    assert second.wait(60) == -signal.SIGKILL
+    stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_engine")  # would crash again if it tried the engine a third time
+    [result] = stack.results(1, request_id="poison")
+    assert result["status"] == "failed" and result["reason"] == "engine_failed"
+    assert len(stack.read("dlq", 1)) == 1
+    assert stack.procs[-1].poll() is None

@@ -1,0 +1,121 @@
+"""End to end through a real broker: a request becomes a new version, once, with its result and its audit."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from adapters import classifier, measures
+from adapters.datasets import LabeledSet
+from tests.harness import TEST_MODEL, request
+
+FORGET_IDS = list(range(100, 160))
+
+
+def _accuracy_on(stack, version: str, ids: list[int]) -> float:
+    base = stack.state / "artifacts" / TEST_MODEL
+    meta = json.loads((base / "versions" / version / "meta.json").read_text())
+    model = classifier.load_weights(meta["spec"], base / "versions" / version)
+    train = LabeledSet.load(base / "dataset" / "registered" / "train.safetensors")
+    return measures.accuracy(model, train.select_ids(ids))
+
+
+def test_request_becomes_a_new_version_that_forgets(stack):
+    stack.start()
+    body = request("gdpr-1", sample_ids=FORGET_IDS)
+    body["subject"] = "user-1"
+    stack.publish(body)
+
+    [result] = stack.results(1, request_id="gdpr-1")
+    assert result["status"] == "applied", result
+    assert result["version"] == "v0001"
+    assert result["metrics"]["forgotten"] == len(FORGET_IDS)
+    assert result["duration_s"] > 0
+
+    # The served weights really changed where it matters: measured independently from the stored files.
+    before, after = _accuracy_on(stack, "v0000", FORGET_IDS), _accuracy_on(stack, "v0001", FORGET_IDS)
+    assert after < before - 0.05, (before, after)
+
+    ledger = stack.ledger()
+    row = ledger.get_request("gdpr-1")
+    assert (row.status, row.artifact_id, row.subject, row.attempts) == ("applied", "v0001", "user-1", 1)
+    assert ledger.head(TEST_MODEL).id == "v0001"
+    assert ledger.forgotten_ids(TEST_MODEL, "v0001") == frozenset(FORGET_IDS)
+    version = ledger.get_artifact(TEST_MODEL, "v0001")
+    assert version.parent == "v0000"
+    from adapters.store import ArtifactStore
+
+    assert ArtifactStore(stack.state / "artifacts").verify(TEST_MODEL, "versions", "v0001")
+
+    [announced] = [json.loads(r.value) for r in stack.read("adapters", 1)]
+    assert (announced["event"], announced["artifact_id"], announced["request_id"]) == ("published", "v0001", "gdpr-1")
+    # The ledger keeps ids and hashes, never the forget data itself.
+    assert row.body_sha256 and len(row.body_sha256) == 64
+
+
+def test_duplicate_request_is_applied_once(stack):
+    stack.start()
+    body = request("dup-1", sample_ids=[5, 6, 7])
+    stack.publish(body)
+    stack.publish(body)
+    results = stack.results(2, request_id="dup-1")
+    assert [r["status"] for r in results] == ["applied", "applied"]
+    assert {r["version"] for r in results} == {"v0001"}
+    ledger = stack.ledger()
+    assert [a.id for a in ledger.list_artifacts(TEST_MODEL, "version")] == ["v0000", "v0001"]
+    assert ledger.get_request("dup-1").attempts == 1
+    stack.wait_metric("unlearnd_requests_total", 1.0, model=TEST_MODEL, method="iau", status="duplicate")
+
+    # Same id, different content: refused, and the applied request is left as it was.
+    stack.publish(request("dup-1", sample_ids=[8]))
+    [conflict] = [r for r in stack.results(3, request_id="dup-1") if r["status"] == "rejected"]
+    assert conflict["reason"] == "request_id_conflict"
+    assert ledger.get_request("dup-1").status == "applied"
+
+
+def test_already_forgotten_samples_are_not_forgotten_twice(stack):
+    stack.start()
+    stack.publish(request("first", sample_ids=[10, 11, 12]))
+    stack.publish(request("again", sample_ids=[10, 11, 12]))
+    stack.publish(request("overlap", sample_ids=[12, 13]))
+    by_id = {r["request_id"]: r for r in stack.results(3)}
+    assert by_id["first"]["status"] == "applied"
+    assert by_id["again"]["status"] == "rejected" and by_id["again"]["reason"] == "invalid_forget"
+    assert by_id["overlap"]["status"] == "applied"
+    assert by_id["overlap"]["metrics"]["forgotten"] == 1 and by_id["overlap"]["metrics"]["already_forgotten"] == 1
+    assert stack.ledger().forgotten_ids(TEST_MODEL, by_id["overlap"]["version"]) == frozenset({10, 11, 12, 13})
+
+
+def test_metrics_move(stack):
+    stack.start()
+    assert stack.metric("unlearnd_requests_total", model=TEST_MODEL, method="iau", status="applied") is None
+    stack.publish(request("m-1"))
+    stack.publish(b"{broken")
+    stack.results(2)
+    stack.wait_metric("unlearnd_requests_total", 1.0, model=TEST_MODEL, method="iau", status="applied")
+    stack.wait_metric("unlearnd_dlq_total", 1.0, reason="invalid_json")
+    assert stack.metric("unlearnd_request_duration_seconds_count", model=TEST_MODEL, method="iau") == 1.0
+    assert stack.metric("unlearnd_model_versions", model=TEST_MODEL) == 2.0
+    assert stack.metric("unlearnd_last_applied_timestamp_seconds", model=TEST_MODEL) > 1.7e9
+    lag = [stack.metric("unlearnd_consumer_lag", topic=stack.topic("requests"), partition=str(p)) for p in (0, 1)]
+    assert lag == [0.0, 0.0]
+
+
+def test_sigterm_stops_cleanly(stack):
+    proc = stack.start()
+    stack.publish(request("t-1"))
+    stack.results(1)
+    proc.terminate()
+    assert proc.wait(30) == 0
+    assert "stopped" in stack.log()
+
+
+def test_engine_settings_come_from_config(stack):
+    """[methods.iau] in config.toml reaches the engine (here: calibration off, the released code's fixed lr)."""
+    with open(stack.config_path, "a") as fh:
+        fh.write("\n[methods.iau]\ncalibrate = false\nlr = 0.004\n")
+    stack.start()
+    stack.publish(request("cfg-1"))
+    [result] = stack.results(1)
+    assert result["metrics"]["step_lr"] == 0.004

@@ -1,0 +1,193 @@
+"""Shared test harness: a real Kafka-protocol broker process, real daemon processes, real SQLite and files.
+
+`Stack` gives each test its own topics, consumer group and state directory on one session-wide broker, and a
+handle to start/kill daemons and read what they wrote. The fixtures that build it are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.broker import EmbeddedBroker, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+UNLEARND = [sys.executable, "-m", "daemon.cli"]
+TEST_MODEL = "digits-mlp"
+
+CONFIG_TEMPLATE = """
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+session_timeout_ms = 6000
+poll_timeout_ms = 200
+[kafka.topics]
+requests = "{prefix}.requests"
+results = "{prefix}.results"
+dlq = "{prefix}.dlq"
+adapters = "{prefix}.adapters"
+partitions = 2
+[requests]
+max_bytes = 4096
+max_attempts = 2
+retry_backoff_s = 0.1
+[state]
+dir = "{state}"
+[metrics]
+port = {metrics_port}
+[models.{model}]
+kind = "classifier"
+method = "iau"
+[models.{model}.bootstrap]
+recipe = "classifier"
+dataset = "digits"
+arch = "mlp"
+hidden = [64]
+epochs = 12
+"""
+
+
+class Stack:
+    """One test's slice of the world: topics, group, state dir, config file, daemon processes."""
+
+    def __init__(self, root: Path, bootstrap: str, state_template: Path):
+        self.root = root
+        self.bootstrap = bootstrap
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.state = root / "var"
+        shutil.copytree(state_template, self.state)
+        self.metrics_port = free_port()
+        self.config_path = root / "config.toml"
+        self.write_config()
+        self.procs: list[subprocess.Popen] = []
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+
+    def write_config(self, **extra_env) -> None:
+        self.config_path.write_text(CONFIG_TEMPLATE.format(
+            bootstrap=self.bootstrap, group=f"{self.prefix}-group", prefix=self.prefix, state=self.state,
+            metrics_port=self.metrics_port, model=TEST_MODEL))
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    # --- processes ------------------------------------------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND")}
+        env.update({"UNLEARND_CONFIG": str(self.config_path), "PYTHONUNBUFFERED": "1"}, **extra)
+        return env
+
+    def start(self, wait_ready: bool = True, **env: str) -> subprocess.Popen:
+        log = open(self.root / f"daemon-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([*UNLEARND, "run"], cwd=REPO, env=self.env(**env), stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        if wait_ready:
+            self.wait_metric("unlearnd_broker_connected", 1.0, timeout=60, proc=proc)
+        return proc
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        out = subprocess.run([*UNLEARND, *args], cwd=REPO, env=self.env(), capture_output=True, text=True,
+                             timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"unlearnd {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def log(self, index: int = -1) -> str:
+        return (self.root / f"daemon-{index % len(self.procs)}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    # --- metrics --------------------------------------------------------------------------------------------
+
+    def scrape(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3).read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one series in a live scrape, or None if the daemon does not export it (yet)."""
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return None
+
+    def wait_metric(self, name: str, value: float, timeout: float = 30, proc=None, **labels) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({proc.returncode}) before {name} = {value}:\n{self.log()}")
+            try:
+                if self.metric(name, **labels) == value:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{name}{labels} never reached {value}")
+
+    # --- Kafka ----------------------------------------------------------------------------------------------
+
+    def publish(self, body: dict | bytes | None, key: str | None = TEST_MODEL, headers=None) -> None:
+        value = json.dumps(body).encode() if isinstance(body, dict) else body
+        self._producer.send(self.topic("requests"), key=key.encode() if key else None, value=value,
+                            headers=headers or []).get(10)
+
+    def read(self, name: str, count: int, timeout: float = 60, where=None) -> list:
+        """The first `count` records of a topic (optionally matching `where(record)`), from the beginning."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        topic = self.topic(name)
+        deadline = time.monotonic() + timeout
+        try:
+            parts = None
+            while not parts and time.monotonic() < deadline:
+                parts = consumer.partitions_for_topic(topic)
+                if not parts:
+                    time.sleep(0.3)
+            tps = [TopicPartition(topic, p) for p in parts or ()]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            found = []
+            while len(found) < count and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=300).values():
+                    found.extend(r for r in records if where is None or where(r))
+            return found
+        finally:
+            consumer.close()
+
+    def results(self, count: int, timeout: float = 60, request_id: str | None = None) -> list[dict]:
+        match = None if request_id is None else (lambda r: json.loads(r.value).get("request_id") == request_id)
+        return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
+
+    def ledger(self):
+        from daemon.ledger import Ledger
+
+        return Ledger(self.state / "ledger.sqlite3")
+
+    def close(self) -> None:
+        self.stop_all()
+        self._producer.close()
+
+
+def request(request_id: str | None = None, **forget) -> dict:
+    """A valid request body for the test model."""
+    return {"request_id": request_id or f"r-{uuid.uuid4().hex[:10]}", "model": TEST_MODEL,
+            "forget": forget or {"sample_ids": [1, 2, 3]}}
