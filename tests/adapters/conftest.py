@@ -30,5 +30,9 @@ def digits_target(digits_split, digits_spec, digits_model):
     return ClassifierTarget("digits-mlp", "v0", digits_spec, digits_model, digits_split)
 
 
-def random_ids(n_train: int, k: int, seed: int = 1) -> tuple[int, ...]:
-    return tuple(torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+@pytest.fixture(scope="session")
+def random_ids():
+    """random_ids(n_train, k, seed) -> k distinct training ids, fixed by the seed."""
+    def pick(n_train: int, k: int, seed: int = 1) -> tuple[int, ...]:
+        return tuple(torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+    return pick

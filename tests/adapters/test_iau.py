@@ -6,14 +6,13 @@ import torch
 from adapters import measures
 from adapters.base import Forget, InvalidForget, engine_class
 from adapters.iau import IAUEngine
-from conftest import random_ids
 
 
 def test_registered_under_its_method_name():
     assert engine_class("iau") is IAUEngine
 
 
-def test_random_forgetting_raises_forget_loss_and_keeps_retain(digits_target):
+def test_random_forgetting_raises_forget_loss_and_keeps_retain(digits_target, random_ids):
     ids = random_ids(len(digits_target.data.train), 140)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
     change = IAUEngine().apply(digits_target, Forget(sample_ids=ids))
@@ -49,7 +48,7 @@ def test_already_forgotten_ids_are_skipped(digits_target):
     assert change.metrics["already_forgotten"] == 2
 
 
-def test_cached_gradient_close_to_uncached(digits_target):
+def test_cached_gradient_close_to_uncached(digits_target, random_ids):
     forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 70, seed=4))
     plain = IAUEngine().apply(digits_target, forget)
     cached = IAUEngine(cached_gradient=True).apply(digits_target, forget)

@@ -6,7 +6,6 @@ import torch
 from adapters import measures
 from adapters.base import Forget, InvalidForget, engine_class
 from adapters.salun import SalUnEngine, saliency_mask
-from conftest import random_ids
 
 
 def _state(model):
@@ -27,7 +26,7 @@ def test_class_forgetting_drives_forget_accuracy_near_zero_and_keeps_other_class
     assert measures.accuracy(model, others) >= measures.accuracy(digits_target.model, others) - 0.05
 
 
-def test_random_forgetting_lowers_forget_accuracy_toward_held_out(digits_target):
+def test_random_forgetting_lowers_forget_accuracy_toward_held_out(digits_target, random_ids):
     ids = random_ids(len(digits_target.data.train), 140)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
     change = SalUnEngine().apply(digits_target, Forget(sample_ids=ids))

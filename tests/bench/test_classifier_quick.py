@@ -1,0 +1,32 @@
+"""Smoke test of the classifier benchmark: --quick produces the JSON summary with sane numbers (not targets)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = ("speedup_vs_retrain_min", "max_avg_gap_points", "max_mia_gap_points", "class_forget_accuracy",
+        "sequence_max_gap_points")
+
+
+def test_quick_benchmark_prints_and_writes_summary(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "classifier.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == printed
+    assert list(printed)[-1] == "summary"
+    summary = printed["summary"]
+    for key in KEYS:
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    assert summary["speedup_vs_retrain_min"] > 0
+    for key in ("max_avg_gap_points", "max_mia_gap_points", "sequence_max_gap_points"):
+        assert 0 <= summary[key] <= 100, key
+    assert 0 <= summary["class_forget_accuracy"] <= 1
+    block = printed["blocks"][0]
+    retrain = block["aggregate"]["class"]["retrain"]
+    assert retrain["forget_acc"]["mean"] == 0.0  # a model never trained on a class never predicts it
+    assert retrain["test_acc"]["mean"] > 0.8  # the reference itself is a working model
