@@ -36,7 +36,7 @@ class Encoder:
 
     def __init__(self, path: str | Path | None = None, *, max_length: int = 128, batch_size: int = 32,
                  model: torch.nn.Module | None = None, tokenizer=None):
-        path = Path(path) if path is not None else minilm_path()
+        path = Path(path) if path is not None else minilm_path()  # a label only when model+tokenizer given
         self.name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.model = model if model is not None else AutoModel.from_pretrained(path)

@@ -28,7 +28,7 @@ from detector.gate import RequestGate
 class RouterConfig:
     routing_layer: int = -1  # layer whose vectors the shared index holds (last = the sentence embedding)
     candidates_k: int = 32  # neighbours retrieved per input by the one shared search
-    candidate_min_cos: float = 0.5  # a neighbour this close makes its request a candidate
+    candidate_min_cos: float = 0.7  # a neighbour this close makes its request a candidate (held-out paraphrases: >= 0.79)
     min_weight: float = 0.25  # below this an adapter is off for the input
 
 
@@ -128,7 +128,7 @@ class Router:
             for name, cos in sorted(cands.items(), key=lambda kv: -kv[1]):
                 gate = self.gates[name]
                 layer_scores = gate.layer_scores(feats)[0]
-                z = float(gate.svm_inputs(layer_scores[None]) @ gate.svm_coef + gate.svm_intercept)
+                z = float((gate.svm_inputs(layer_scores[None]) @ gate.svm_coef)[0] + gate.svm_intercept)
                 w = float(gate.calibration.weight(z))
                 rows.append({"adapter_id": name, "nearest_cos": round(cos, 4), "layer_scores":
                              [round(float(s), 2) for s in layer_scores], "z": round(z, 4),

@@ -1,0 +1,61 @@
+"""A request's gate: fit on real MiniLM features, persisted with safetensors/JSON/FAISS, reloaded identically."""
+
+import json
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from adapters import facts
+from detector.gate import RequestGate, fit_request_gate
+
+
+def prompts(qas):
+    return [q.prompt for q in qas]
+
+
+def test_fit_persist_load_round_trip(tmp_path, encoder, fact_set):
+    fs, split = fact_set
+    person = split.forget[0]
+    texts = prompts(fs.qa(person))
+    metrics = fit_request_gate(texts, tmp_path / "gate", encoder, adapter_id="m/a1")
+    assert metrics["n_used"] + metrics["n_rest"] == len(texts) and metrics["n_rest"] >= 1
+    files = sorted(p.name for p in (tmp_path / "gate").iterdir())
+    assert files == ["bank_l0.faiss", "bank_l1.faiss", "bank_l2.faiss", "bank_l3.faiss", "bank_l4.faiss",
+                     "bank_l5.faiss", "gate.json", "gate.safetensors"]
+    # No raw forget text anywhere on disk: only features and scalars.
+    blob = b"".join((tmp_path / "gate" / f).read_bytes() for f in files)
+    assert person.name.encode() not in blob and b"born" not in blob
+    assert set(load_file(str(tmp_path / "gate" / "gate.safetensors"))) >= {"svm_coef", "svm_intercept", "l0.basis"}
+    assert json.loads((tmp_path / "gate" / "gate.json").read_text())["adapter_id"] == "m/a1"
+
+    gate = RequestGate.load(tmp_path / "gate")
+    probe = encoder.encode(prompts(fs.qa(person, held_out=True)) + prompts(facts.GENERAL[:5]))
+    again = RequestGate.load(tmp_path / "gate")
+    np.testing.assert_allclose(gate.z(probe), again.z(probe), rtol=1e-6)
+    assert gate.banks[0].ntotal == metrics["n_used"]
+
+
+def test_forget_like_inputs_get_high_weight_unrelated_low(encoder, fact_set, tmp_path):
+    fs, split = fact_set
+    person = split.forget[1]
+    fit_request_gate(prompts(fs.qa(person)), tmp_path, encoder, adapter_id="m/a2")
+    gate = RequestGate.load(tmp_path)
+    w_train = gate.weight(encoder.encode(prompts(fs.qa(person))))
+    w_held = gate.weight(encoder.encode(prompts(fs.qa(person, held_out=True))))
+    w_retained = gate.weight(encoder.encode(prompts(fs.qa_of(split.retain[:3], held_out=True))))
+    w_general = gate.weight(encoder.encode(prompts(facts.GENERAL)))
+    assert np.median(w_train) > 0.9
+    assert np.median(w_held) > 0.5  # paraphrases never seen by the gate
+    assert w_general.max() < 0.25 and np.median(w_retained) < 0.25
+
+
+def test_gram_ledoit_wolf_equals_sklearn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    from detector.gaussian import ledoit_wolf_shrinkage_gram
+
+    rng = np.random.default_rng(0)
+    for n, d in [(8, 384), (17, 384), (60, 20)]:
+        x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d)
+        xc = x - x.mean(0)
+        assert abs(ledoit_wolf_shrinkage_gram(xc) - ledoit_wolf_shrinkage(xc, assume_centered=True)) < 1e-9
