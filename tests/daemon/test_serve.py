@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from adapters import facts
 from daemon import kafka_io
 from daemon.config import Config
-from daemon.serve import GATE_SUBDIR, Service, build_app, follow_adapters
+from daemon.serve import GATE_SUBDIR, Service, build_app, follow_adapters, route_text
 from detector import Encoder, Router, fit_request_gate
 from detector.features import minilm_path
 
@@ -88,6 +88,9 @@ def test_serve_follows_adapters_topic(broker, tmp_path, encoder):
         gen = client.post("/v1/generate", json={"prompt": forget_q}).json()
         assert gen["adapters"] == routes[0] and gen["text"] != base_text  # the adapter changed the output
         assert client.post("/v1/generate", json={"prompt": other_q}).json()["adapters"] == {}
+        # `unlearnd route "text"`: a fresh router rebuilt from the topic explains the same decision.
+        explained = route_text(cfg, MODEL, forget_q)
+        assert list(explained["applied"]) == ["a1"] and explained["candidates"][0]["layer_scores"]
 
         send("rolled_back")
         producer.flush()
