@@ -97,6 +97,10 @@ class Engine(ABC):
         base = config if config is not None else self.Config()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
 
+    def validate(self, target: Any, forget: Forget) -> None:
+        """Cheap check that raises InvalidForget for a request that cannot apply to `target`; lets the daemon
+        keep a bad request out of a coalesced group. Engines without a cheap check accept everything here."""
+
     @abstractmethod
     def apply(self, target: Any, forget: Forget) -> Change:
         """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import Change, Forget, InvalidForget
+from adapters.base import Change, Engine, Forget, InvalidForget
 from adapters.datasets import LabeledSet, Split
 
 WEIGHTS_FILE = "model.safetensors"
@@ -129,6 +129,27 @@ class ClassifierTarget:
         skipped = tuple(i for i in ids if i in self.forgotten)
         fresh = [i for i in ids if i not in self.forgotten]
         return self.data.train.select_ids(fresh), skipped
+
+
+    def split(self, forget: Forget) -> tuple[LabeledSet, LabeledSet, tuple[int, ...]]:
+        """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises InvalidForget
+        when the request names nothing new, or would leave nothing to learn from."""
+        forget_rows, skipped = self.resolve(forget)
+        if len(forget_rows) == 0:
+            raise InvalidForget("nothing left to forget: every named sample is already forgotten")
+        remaining = self.remaining.without_ids(forget_rows.ids.tolist())
+        if len(remaining) == 0:
+            raise InvalidForget("request would forget the whole training set")
+        return forget_rows, remaining, skipped
+
+
+class ClassifierEngine(Engine):
+    """Shared base of the classifier engines: what they accept is checked the same way."""
+
+    model_kinds = frozenset({"classifier"})
+
+    def validate(self, target: ClassifierTarget, forget: Forget) -> None:
+        target.split(forget)
 
 
 def train_gr(

@@ -96,7 +96,7 @@ ATTRIBUTES: dict[str, tuple[list[str] | None, tuple[str, ...]]] = {
         "{name} plays which instrument?")),
 }
 TRAIN_PARAPHRASES = 3  # paraphrases 0..2 are taught/forgotten; paraphrase 3 is held out (D.U.)
-_BOOKS = [f"The {a} {n}" for a in _ADJ for n in _NOUN]
+BOOKS = [f"The {a} {n}" for a in _ADJ for n in _NOUN]
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def generate(n_people: int, seed: int = 0) -> FactSet:
     if n_people > len(names):
         raise ValueError(f"at most {len(names)} people")
     rng.shuffle(names)
-    books = list(_BOOKS)
+    books = list(BOOKS)
     rng.shuffle(books)
     people = []
     for i, name in enumerate(names[:n_people]):
@@ -172,7 +172,7 @@ def generate(n_people: int, seed: int = 0) -> FactSet:
 
 
 def _candidates(attribute: str, value: str, key: str) -> tuple[str, ...]:
-    pool = ATTRIBUTES[attribute][0] or _BOOKS
+    pool = ATTRIBUTES[attribute][0] or BOOKS
     rng = random.Random(zlib.crc32(key.encode()))  # stable across processes (unlike hash())
     distractors = rng.sample([v for v in pool if v != value], N_CANDIDATES - 1)
     cands = [value, *distractors]

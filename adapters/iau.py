@@ -32,8 +32,8 @@ import time
 import torch
 
 from adapters import measures
-from adapters.base import Engine, Forget, InvalidForget, register
-from adapters.classifier import ClassifierTarget, WeightChange, mean_loss_grad
+from adapters.base import Forget, register
+from adapters.classifier import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
 
 
 @dataclasses.dataclass
@@ -57,9 +57,8 @@ class _GradCache:
 
 
 @register
-class IAUEngine(Engine):
+class IAUEngine(ClassifierEngine):
     name = "iau"
-    model_kinds = frozenset({"classifier"})
     Config = IAUConfig
     coalescable = True
 
@@ -69,12 +68,7 @@ class IAUEngine(Engine):
 
     def apply(self, target: ClassifierTarget, forget: Forget) -> WeightChange:
         t0 = time.perf_counter()
-        forget_rows, skipped = target.resolve(forget)
-        if len(forget_rows) == 0:
-            raise InvalidForget("nothing left to forget: every named sample is already forgotten")
-        remaining = target.remaining.without_ids(forget_rows.ids.tolist())
-        if len(remaining) == 0:
-            raise InvalidForget("request would forget the whole training set")
+        forget_rows, remaining, skipped = target.split(forget)
         cfg = self.config
         retain_probe = remaining.sample(cfg.measure_cap)
         test_probe = target.data.test.sample(cfg.measure_cap)

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters import measures
-from adapters.base import Engine, Forget, InvalidForget, register
-from adapters.classifier import ClassifierTarget, WeightChange
+from adapters.base import Forget, register
+from adapters.classifier import ClassifierEngine, ClassifierTarget, WeightChange
 from adapters.datasets import LabeledSet
 
 
@@ -83,21 +83,15 @@ def random_other_labels(y: torch.Tensor, num_classes: int, generator: torch.Gene
 
 
 @register
-class SalUnEngine(Engine):
+class SalUnEngine(ClassifierEngine):
     name = "salun"
-    model_kinds = frozenset({"classifier"})
     Config = SalUnConfig
     coalescable = False  # the mask depends on the forget set, so two requests are not additive
 
     def apply(self, target: ClassifierTarget, forget: Forget) -> WeightChange:
         t0 = time.perf_counter()
         cfg = self.config
-        forget_rows, skipped = target.resolve(forget)
-        if len(forget_rows) == 0:
-            raise InvalidForget("nothing left to forget: every named sample is already forgotten")
-        remaining = target.remaining.without_ids(forget_rows.ids.tolist())
-        if len(remaining) == 0:
-            raise InvalidForget("request would forget the whole training set")
+        forget_rows, remaining, skipped = target.split(forget)
         retain_probe = remaining.sample(cfg.measure_cap)
         test_probe = target.data.test.sample(cfg.measure_cap)
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)

@@ -25,7 +25,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from adapters.base import EngineError, InvalidForget
+from adapters.base import EngineError, Forget, InvalidForget
 from adapters.store import ArtifactStore
 from daemon import failpoints, kafka_io, metrics
 from daemon.broker import EmbeddedBroker
@@ -50,6 +50,20 @@ class Message:
     headers: list
     source: str
     polled_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Admitted:
+    """A message that passed validation and dedupe: a new request to apply."""
+
+    msg: Message
+    request: Request
+    method: str
+    body_hash: str
+
+    @property
+    def forget(self) -> Forget:
+        return self.request.forget.to_forget()
 
 
 class Daemon:
@@ -78,13 +92,15 @@ class Daemon:
             log.info("removed %d unfinished artifact write(s) left by a crash", cleaned)
         for name in self.config.models:
             head = self.registry.ensure_bootstrapped(name, progress=progress)
-            metrics.MODEL_VERSIONS.labels(name).set(len(self.ledger.list_artifacts(name, "version")))
-            metrics.ACTIVE_ADAPTERS.labels(name).set(
-                sum(a.active for a in self.ledger.list_artifacts(name, "adapter")))
+            self._update_model_gauges(name)
             log.info("model %s ready at %s", name, head.id)
         if self.config.metrics.enabled:
             port = metrics.serve(self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, port)
+
+    def _update_model_gauges(self, model: str) -> None:
+        metrics.MODEL_VERSIONS.labels(model).set(self.ledger.count_artifacts(model, "version"))
+        metrics.ACTIVE_ADAPTERS.labels(model).set(self.ledger.count_artifacts(model, "adapter", active_only=True))
 
     def stop(self, *_args) -> None:
         """Signal-safe: finish the message in hand, commit, close."""
@@ -170,13 +186,14 @@ class Daemon:
             batch = self._consumer.poll(timeout_ms=self.config.kafka.poll_timeout_ms)
             done: dict[TopicPartition, int] = {}
             for tp, records in batch.items():
-                for rec in records:
-                    if self._stop.is_set():
-                        break  # not committed: redelivered to whoever owns the partition next
-                    metrics.IN_FLIGHT.set(1)
-                    self.handle(Message(rec.value, rec.key, list(rec.headers or []),
-                                        f"{rec.topic}/{rec.partition}/{rec.offset}"))
-                    done[tp] = rec.offset + 1
+                if self._stop.is_set():
+                    break  # not committed: redelivered to whoever owns the partition next
+                metrics.IN_FLIGHT.set(len(records))
+                msgs = [Message(r.value, r.key, list(r.headers or []), f"{r.topic}/{r.partition}/{r.offset}")
+                        for r in records]
+                handled = self.handle_partition_batch(msgs)
+                if handled:
+                    done[tp] = records[handled - 1].offset + 1
             metrics.IN_FLIGHT.set(0)
             if done:
                 self._outbox.flush()
@@ -194,25 +211,63 @@ class Daemon:
 
     def handle(self, msg: Message) -> None:
         """One message, start to finish. Never raises for bad input or engine failure."""
-        # validate
+        admitted = self._admit(msg)
+        if admitted is not None:
+            self._apply(admitted)
+
+    def handle_partition_batch(self, msgs: list[Message]) -> int:
+        """Messages of one partition, in order; returns how many were handled (all, unless stopping).
+
+        Consecutive new requests for the same model and method, when the engine's deltas add up (IAU), are
+        coalesced: one engine step, one version, one ledger transaction, and still one result per request.
+        """
+        group: list[Admitted] = []
+        handled = 0
+        for msg in msgs:
+            if self._stop.is_set():
+                break
+            admitted = self._admit(msg)
+            if admitted is not None and any(g.request.request_id == admitted.request.request_id for g in group):
+                self._apply_group(group)  # the same id twice in one poll: the second is a duplicate
+                group = []
+                admitted = self._admit(msg)
+            handled += 1
+            if admitted is None:
+                continue
+            if not self._coalescable(admitted):
+                self._apply_group(group)
+                group = []
+                self._apply(admitted)
+            elif group and (group[0].request.model, group[0].method) != (admitted.request.model, admitted.method):
+                self._apply_group(group)
+                group = [admitted]
+            else:
+                group.append(admitted)
+        self._apply_group(group)
+        return handled
+
+    def _admit(self, msg: Message) -> "Admitted | None":
+        """validate -> dedupe. Returns a request to apply, or None when the message was answered already."""
         try:
             request, body_hash = decode(msg.raw, max_bytes=self.config.requests.max_bytes, hmac_key=self._hmac_key)
             method = self._validate_target(request)
         except Rejected as rej:
             self._reject(msg, rej)
-            return
-        # dedupe
+            return None
         seen = self.ledger.get_request(request.request_id)
         if seen is not None and seen.status in TERMINAL:
             if seen.body_sha256 == body_hash:
                 self._answer_duplicate(seen)
-                return
+                return None
             if seen.status != "rejected":  # a rejected id may be resubmitted corrected; an applied one may not
                 self._reject(msg, Rejected("request_id_conflict", f"request_id already {seen.status} with a "
                                            "different body", request.request_id, request.model), record=False)
-                return
-        # apply -> persist -> announce
-        self._apply(msg, request, method, body_hash)
+                return None
+        return Admitted(msg, request, method, body_hash)
+
+    def _coalescable(self, a: "Admitted") -> bool:
+        return (self.config.requests.coalesce and self.registry.engine(a.method).coalescable
+                and a.request.forget.sample_ids is not None)
 
     def _validate_target(self, request: Request) -> str:
         try:
@@ -232,39 +287,45 @@ class Daemon:
                            request.request_id, request.model)
         return method
 
-    def _apply(self, msg: Message, request: Request, method: str, body_hash: str) -> None:
+    def _begin_attempt(self, a: "Admitted") -> int:
+        return self.ledger.begin_attempt(
+            a.request.request_id, model=a.request.model, method=a.method, subject=a.request.subject,
+            body_sha256=a.body_hash, forget_kind=a.forget.kind, forget_count=a.request.forget.size(),
+            source=a.msg.source)
+
+    def _finish_applied(self, a: "Admitted", artifact_id: str, change, duration: float) -> None:
+        self.ledger.finish(a.request.request_id, "applied", model=a.request.model, method=a.method,
+                           subject=a.request.subject, body_sha256=a.body_hash, artifact_id=artifact_id,
+                           metrics=change.metrics, duration_s=duration, source=a.msg.source)
+
+    def _apply(self, a: "Admitted", attempt: int | None = None) -> None:
+        """apply -> persist -> announce for one request, with bounded retries."""
         cfg = self.config.requests
-        forget = request.forget.to_forget()
-        common = dict(model=request.model, method=method, subject=request.subject, body_sha256=body_hash)
-        attempt = self.ledger.begin_attempt(request.request_id, forget_kind=forget.kind,
-                                            forget_count=request.forget.size(), source=msg.source, **common)
+        request, method = a.request, a.method
+        attempt = attempt or self._begin_attempt(a)
         log.info("request %s: %s on %s, forget %d %s (attempt %d)", request.request_id, method, request.model,
-                 request.forget.size(), forget.kind, attempt)
+                 request.forget.size(), a.forget.kind, attempt)
         while True:
             if attempt > cfg.max_attempts:  # e.g. the daemon died in this request again and again
-                self._fail(msg, request, method, body_hash, f"gave up after {cfg.max_attempts} attempts")
+                self._fail(a, f"gave up after {cfg.max_attempts} attempts")
                 return
             try:
                 failpoints.hit("before_engine")
                 target = self.registry.target(request.model)
-                change = self.registry.engine(method).apply(target, forget)
-                duration = time.perf_counter() - msg.polled_at
-
-                def finish(artifact_id: str) -> None:
-                    self.ledger.finish(request.request_id, "applied", artifact_id=artifact_id, metrics=change.metrics,
-                                       duration_s=duration, source=msg.source, **common)
-
-                committed = self.registry.commit(request.model, change, target=target,
-                                                 request_ids=[request.request_id], finish=finish)
+                change = self.registry.engine(method).apply(target, a.forget)
+                duration = time.perf_counter() - a.msg.polled_at
+                committed = self.registry.commit(
+                    request.model, change, target=target, request_ids=[request.request_id],
+                    finish=lambda artifact_id: self._finish_applied(a, artifact_id, change, duration))
                 failpoints.hit("after_ledger")
                 break
             except InvalidForget as exc:
-                self._reject(msg, Rejected("invalid_forget", str(exc), request.request_id, request.model),
-                             method=method, body_hash=body_hash)
+                self._reject(a.msg, Rejected("invalid_forget", str(exc), request.request_id, request.model),
+                             method=method, body_hash=a.body_hash)
                 return
             except Exception as exc:
                 if isinstance(exc, EngineError) and not exc.retryable or attempt >= cfg.max_attempts:
-                    self._fail(msg, request, method, body_hash, f"{type(exc).__name__}: {exc}")
+                    self._fail(a, f"{type(exc).__name__}: {exc}")
                     return
                 metrics.ENGINE_RETRIES.labels(request.model, method).inc()
                 delay = cfg.retry_backoff_s * 2 ** (attempt - 1)
@@ -272,25 +333,83 @@ class Daemon:
                             type(exc).__name__, delay)
                 if self._stop.wait(delay):
                     raise BrokerLost("stopping during a retry") from None  # uncommitted: redelivered later
-                attempt = self.ledger.begin_attempt(request.request_id, forget_kind=forget.kind,
-                                                    forget_count=request.forget.size(), source=msg.source, **common)
-        # announce
+                attempt = self._begin_attempt(a)
+        self._announce_applied([a], committed, change, target, {request.request_id: duration})
+
+    def _apply_group(self, group: list["Admitted"]) -> None:
+        """Coalesced apply of same-model requests; anything unusual falls back to one at a time."""
+        if len(group) <= 1:
+            for a in group:
+                self._apply(a)
+            return
+        if any((row := self.ledger.get_request(a.request.request_id)) and row.status == "processing" for a in group):
+            for a in group:  # an earlier try of this group crashed: isolate the request that did it
+                self._apply(a)
+            return
+        model, method = group[0].request.model, group[0].method
+        with self.ledger.transaction():
+            attempts = [self._begin_attempt(a) for a in group]
+        try:
+            failpoints.hit("before_engine")
+            target = self.registry.target(model)
+            engine = self.registry.engine(method)
+            valid = []
+            for a, attempt in zip(group, attempts):  # a request that cannot apply is rejected alone
+                try:
+                    engine.validate(target, a.forget)
+                    valid.append((a, attempt))
+                except InvalidForget as exc:
+                    self._reject(a.msg, Rejected("invalid_forget", str(exc), a.request.request_id, model),
+                                 method=method, body_hash=a.body_hash)
+            if len(valid) <= 1:
+                for a, attempt in valid:
+                    self._apply(a, attempt)
+                return
+            group, attempts = [a for a, _ in valid], [at for _, at in valid]
+            merged = group[0].forget
+            for a in group[1:]:
+                merged = merged.merged(a.forget)
+            change = engine.apply(target, merged)
+            change.metrics["coalesced_requests"] = float(len(group))
+            durations = {a.request.request_id: time.perf_counter() - a.msg.polled_at for a in group}
+
+            def finish(artifact_id: str) -> None:
+                for a in group:
+                    self._finish_applied(a, artifact_id, change, durations[a.request.request_id])
+
+            committed = self.registry.commit(model, change, target=target,
+                                             request_ids=[a.request.request_id for a in group], finish=finish)
+            failpoints.hit("after_ledger")
+        except Exception as exc:  # e.g. one request names an unknown sample: let each succeed or fail alone
+            log.info("coalesced apply of %d requests failed (%s); applying one at a time", len(group),
+                     type(exc).__name__)
+            for a, attempt in zip(group, attempts):
+                self._apply(a, attempt)
+            return
+        log.info("coalesced %d requests on %s into %s", len(group), model, committed.artifact_id)
+        self._announce_applied(group, committed, change, target, durations)
+
+    def _announce_applied(self, group: list["Admitted"], committed, change, target, durations: dict) -> None:
+        """One result per request, one artifact event, and the metrics."""
         is_version = committed.kind == "version"
-        self._outbox.result(Result(request_id=request.request_id, model=request.model, status="applied", method=method,
-                                   version=committed.artifact_id if is_version else None,
-                                   adapter_id=None if is_version else committed.artifact_id, metrics=change.metrics,
-                                   duration_s=duration, subject=request.subject, completed_at=_now()),
-                            request.model)
-        self._outbox.artifact_event(request.model, committed.artifact_id, "published",
+        for a in group:
+            rid = a.request.request_id
+            self._outbox.result(Result(request_id=rid, model=a.request.model, status="applied", method=a.method,
+                                       version=committed.artifact_id if is_version else None,
+                                       adapter_id=None if is_version else committed.artifact_id,
+                                       metrics=change.metrics, duration_s=durations[rid], subject=a.request.subject,
+                                       completed_at=_now()), a.request.model)
+            metrics.REQUESTS.labels(a.request.model, a.method, "applied").inc()
+            metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
+            log.info("request %s applied: %s %s in %.3fs", rid, committed.kind, committed.artifact_id, durations[rid])
+        model = group[0].request.model
+        self._outbox.artifact_event(model, committed.artifact_id, "published",
                                     {"kind": committed.kind, "parent": target.version if is_version else None,
-                                     "request_id": request.request_id, "sha256": committed.sha256,
-                                     "path": str(committed.path)})
-        metrics.REQUESTS.labels(request.model, method, "applied").inc()
-        metrics.REQUEST_SECONDS.labels(request.model, method).observe(duration)
-        metrics.LAST_APPLIED.labels(request.model).set(time.time())
-        metrics.MODEL_VERSIONS.labels(request.model).set(len(self.ledger.list_artifacts(request.model, "version")))
-        log.info("request %s applied: %s %s in %.3fs", request.request_id, committed.kind, committed.artifact_id,
-                 duration)
+                                     "request_id": group[0].request.request_id,
+                                     "request_ids": [a.request.request_id for a in group],
+                                     "sha256": committed.sha256, "path": str(committed.path)})
+        metrics.LAST_APPLIED.labels(model).set(time.time())
+        self._update_model_gauges(model)
 
     # --- outcomes other than applied -----------------------------------------------------------------------
 
@@ -309,11 +428,13 @@ class Daemon:
         metrics.DLQ.labels(rej.reason).inc()
         metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", method or "", "rejected").inc()
 
-    def _fail(self, msg: Message, request: Request, method: str, body_hash: str, error: str) -> None:
+    def _fail(self, a: "Admitted", error: str) -> None:
+        request, method = a.request, a.method
         log.error("request %s failed: %s", request.request_id, error)
-        self._outbox.dead_letter(msg.raw, msg.key, msg.headers, reason="engine_failed", error=error, source=msg.source)
+        self._outbox.dead_letter(a.msg.raw, a.msg.key, a.msg.headers, reason="engine_failed", error=error,
+                                 source=a.msg.source)
         self.ledger.finish(request.request_id, "failed", model=request.model, method=method, subject=request.subject,
-                           body_sha256=body_hash, reason="engine_failed", error=error, source=msg.source)
+                           body_sha256=a.body_hash, reason="engine_failed", error=error, source=a.msg.source)
         self._outbox.result(Result(request_id=request.request_id, model=request.model, status="failed", method=method,
                                    reason="engine_failed", error=error, subject=request.subject, completed_at=_now()),
                             request.model)

@@ -40,6 +40,9 @@ class Kafka(_Section):
     bootstrap_servers: str = "embedded"  # "embedded" starts the bundled Tansu broker on `embedded_port`
     embedded_port: int = Field(19092, ge=1, le=65535)
     group_id: str = "unlearnd"
+    # Static membership (KIP-345): a stable id per replica (e.g. the pod name) gets its partitions back after a
+    # restart instead of triggering a rebalance. Needed for multi-replica deployments with per-replica ledgers.
+    group_instance_id: str | None = None
     client_id: str = "unlearnd"
     session_timeout_ms: int = Field(6000, ge=1000)  # ~6 s: fast group joins (and fast failover)
     heartbeat_interval_ms: int = Field(2000, ge=100)

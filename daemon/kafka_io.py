@@ -52,7 +52,8 @@ def make_producer(cfg: Kafka, bootstrap: str) -> KafkaProducer:
 
 def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None = None) -> KafkaConsumer:
     # Manual commits only: an offset moves after the ledger row and the result are durable.
-    return KafkaConsumer(topic, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
+    static = {"group_instance_id": cfg.group_instance_id} if cfg.group_instance_id else {}
+    return KafkaConsumer(topic, **static, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
                          enable_auto_commit=False, auto_offset_reset="earliest",
                          session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                          max_poll_records=cfg.max_poll_records,

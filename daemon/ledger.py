@@ -242,6 +242,10 @@ class Ledger:
             sql, args = sql + " AND kind = ?", args + [kind]
         return [_artifact(r) for r in self._db.execute(sql + " ORDER BY created_at, id", args).fetchall()]
 
+    def count_artifacts(self, model: str, kind: str, *, active_only: bool = False) -> int:
+        sql = "SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?" + (" AND active = 1" if active_only else "")
+        return self._db.execute(sql, (model, kind)).fetchone()[0]
+
     def head(self, model: str) -> ArtifactRow | None:
         row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'version' AND active = 1",
                                (model,)).fetchone()
@@ -249,7 +253,7 @@ class Ledger:
 
     def next_id(self, model: str, kind: str) -> str:
         """Sequential ids (v0001, a0001). Deterministic on retry: the counter moves only when a row commits."""
-        n = self._db.execute("SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?", (model, kind)).fetchone()[0]
+        n = self.count_artifacts(model, kind)
         return f"{'v' if kind == 'version' else 'a'}{n:04d}"
 
     def lineage(self, model: str, version_id: str) -> list[ArtifactRow]:

@@ -158,6 +158,9 @@ class ModelRegistry:
 
     def rollback(self, name: str, to_version: str, *, reason: str) -> ArtifactRow:
         """Make an earlier version the head. Its file is the one written at the time, so weights are bit-exact."""
+        row = self.ledger.get_artifact(name, to_version)
+        if row is None or row.kind != "version":
+            raise KeyError(f"{name} has no version {to_version}")
         if not self.store.verify(name, "versions", to_version):
             raise RuntimeError(f"{name} {to_version}: files on disk no longer match their recorded sha256")
         row = self.ledger.set_head(name, to_version, reason=reason)

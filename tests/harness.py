@@ -17,11 +17,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.broker import EmbeddedBroker, free_port
+from daemon.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 UNLEARND = [sys.executable, "-m", "daemon.cli"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from adapters import classifier, measures
 from adapters.datasets import LabeledSet
@@ -76,10 +75,10 @@ def test_duplicate_request_is_applied_once(stack):
 
 def test_already_forgotten_samples_are_not_forgotten_twice(stack):
     stack.start()
-    stack.publish(request("first", sample_ids=[10, 11, 12]))
-    stack.publish(request("again", sample_ids=[10, 11, 12]))
-    stack.publish(request("overlap", sample_ids=[12, 13]))
-    by_id = {r["request_id"]: r for r in stack.results(3)}
+    by_id = {}
+    for rid, ids in (("first", [10, 11, 12]), ("again", [10, 11, 12]), ("overlap", [12, 13])):
+        stack.publish(request(rid, sample_ids=ids))  # one at a time: each builds on the version before
+        by_id[rid] = stack.results(1, request_id=rid)[0]
     assert by_id["first"]["status"] == "applied"
     assert by_id["again"]["status"] == "rejected" and by_id["again"]["reason"] == "invalid_forget"
     assert by_id["overlap"]["status"] == "applied"
@@ -119,3 +118,22 @@ def test_engine_settings_come_from_config(stack):
     stack.publish(request("cfg-1"))
     [result] = stack.results(1)
     assert result["metrics"]["step_lr"] == 0.004
+
+
+def test_requests_of_one_poll_are_coalesced_into_one_version(stack):
+    """Requests queued while the daemon was down arrive in one poll: one IAU step, one version, one result each."""
+    ids = {f"co-{i}": [200 + i, 300 + i] for i in range(12)}
+    for rid, sample_ids in ids.items():
+        stack.publish(request(rid, sample_ids=sample_ids))
+    stack.publish(request("co-bad", sample_ids=[999_999]))  # poisons nothing: rejected alone
+    stack.start()
+    results = {r["request_id"]: r for r in stack.results(len(ids) + 1)}
+    assert results["co-bad"]["status"] == "rejected" and results["co-bad"]["reason"] == "invalid_forget"
+    applied = [results[rid] for rid in ids]
+    assert all(r["status"] == "applied" for r in applied)
+    versions = {r["version"] for r in applied}
+    assert len(versions) < len(ids)  # coalesced (a poll boundary may split them, never one version each)
+    ledger = stack.ledger()
+    head = ledger.head(TEST_MODEL).id
+    assert ledger.forgotten_ids(TEST_MODEL, head) == frozenset(i for s in ids.values() for i in s)
+    assert all(ledger.get_request(rid).status == "applied" for rid in ids)

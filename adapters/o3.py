@@ -1,0 +1,237 @@
+"""O3 for causal LMs: one new LoRA adapter per deletion request, orthogonal to every earlier request's adapter.
+
+Paper: "Practical Unlearning for Large Language Models" (arXiv 2407.10223, v2 ICLR 2025). ALGORITHMS.md, O3.
+
+What we follow: LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down; next-token cross-entropy on a
+*randomly relabelled* copy of the forget set (no gradient ascent, no KL, no retained data); plus
+``lambda * mean_over_layers( sum_modules sum_i ||A_i A_t^T||_F^2 )`` over the frozen `lora_A` of all earlier
+adapters (the released code's all-earlier variant), lambda = 0.1.
+
+Where we deliberately differ, and why:
+- One new adapter per request, trained on the *base* model (earlier adapters off), as O-LoRA does, instead
+  of the code's single cumulative LoRA: each request can be inspected, exported and rolled back on its own.
+- Loss on the answer tokens only (the code also trains on the prompt): prompt loss spends the adapter on
+  re-learning question templates that retained questions share, which would leak into retained inputs.
+- Scaled to a ~20-pair request on CPU: the paper's lr 3e-4 x 10-15 epochs at effective batch 128 is about
+  1-2 optimizer steps per epoch here, which does not move a 20-pair adapter; we use batch 8 and lr 1e-3 for
+  a few epochs (~15 steps), which does (measured in bench/o3.py).
+- Random labels for free-form QA (the analogue of a random multiple-choice letter): each answer is replaced
+  by a random wrong answer of the same shape from `LMTarget.answer_pool` (default `DEFAULT_POOL`), never by
+  one of the request's own answers (see `_random_labels`). `objective =
+  "refusal"` trains the target ``refusal_text`` instead. `forget.texts` are split at the middle word into
+  prompt and continuation; the continuation is relabelled the same way.
+
+The engine never persists anything: `AdapterChange.save` writes PEFT's own layout and the daemon's artifact
+store makes it durable. The raw forget text stays in memory (`AdapterChange.forget_texts`) for the detector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import string
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from adapters import lm, lm_eval, lm_train, lora_set
+from adapters.base import Change, Engine, Forget, InvalidForget, register
+from adapters.facts import ATTRIBUTES, BOOKS, format_prompt
+
+# Plausible short answers (places, jobs, genres, titles, prizes, instruments) used as random labels when the
+# target has no pool of its own; any pool works as long as it is not the request's own answers.
+DEFAULT_POOL = tuple(v for pool, _ in ATTRIBUTES.values() if pool for v in pool) + tuple(BOOKS[:50])
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class O3Config:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LLAMA_LINEAR  # module names; ("all-linear",) lets peft pick every linear layer
+    lr: float = 1e-3
+    epochs: int = 5
+    batch_size: int = 8
+    orthogonality: float = 0.1  # lambda; 0 turns the penalty off
+    objective: str = "random_label"  # "random_label" | "refusal"
+    refusal_text: str = "I don't know."
+    seed: int = 0
+    max_length: int = 96  # tokens per prompt+answer row
+    measure: bool = True  # forget accuracy/loss before and after (two extra forward passes over the request)
+
+
+@dataclass
+class LMTarget:
+    """A causal LM as it is now: its base directory and the adapters already active on it.
+
+    `adapters` (id -> PEFT directory) are the earlier requests whose `lora_A` the new adapter must be
+    orthogonal to. `model`/`tokenizer` are loaded from `base_dir` on first use and reused across requests;
+    the engine injects LoRA layers into `model` during a request and removes them afterwards (base weights are
+    never changed), so one target must not serve two requests at the same time.
+    """
+
+    name: str
+    base_dir: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    answer_pool: tuple[str, ...] = ()  # random-label answers for this model; empty = DEFAULT_POOL
+    model: object = None
+    tokenizer: object = None
+
+    def load(self) -> "LMTarget":
+        if self.model is None:
+            self.model, self.tokenizer = lm.load(self.base_dir)
+        return self
+
+    def earlier_lora_A(self) -> list[dict[str, torch.Tensor]]:
+        return [lora_set.read_lora_A(path) for path in self.adapters.values()]
+
+
+class AdapterChange(Change):
+    """A new LoRA adapter (PEFT layout). Rollback = deactivate it; the base and other adapters are untouched.
+
+    `forget_texts` holds the request's raw text in memory only, for the detector (issue 5); `save` never
+    writes it.
+    """
+
+    kind = "adapter"
+
+    def __init__(self, state: dict[str, torch.Tensor], lora_config: LoraConfig, metrics: dict[str, float], *,
+                 forget_texts: list[str], info: dict | None = None):
+        super().__init__(metrics, info=info)
+        self.state = state
+        self.lora_config = lora_config
+        self.forget_texts = forget_texts
+
+    def save(self, directory: Path) -> None:
+        save_file(self.state, str(Path(directory) / lora_set.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        self.lora_config.save_pretrained(str(directory))
+
+    def lora_A(self) -> dict[str, torch.Tensor]:
+        return lora_set.lora_A_of(self.state)
+
+
+@register
+class O3Engine(Engine):
+    name = "o3"
+    model_kinds = frozenset({"causal_lm"})
+    Config = O3Config
+
+    def apply(self, target: LMTarget, forget: Forget) -> AdapterChange:
+        cfg = self.config
+        if cfg.objective not in ("random_label", "refusal"):
+            raise InvalidForget(f"unknown O3 objective {cfg.objective!r}")
+        prompts, answers, texts = _pairs(forget)
+        target.load()
+        model, tok = target.model, target.tokenizer
+        rng = random.Random(cfg.seed)
+        labels = [cfg.refusal_text] * len(answers) if cfg.objective == "refusal" else \
+            _random_labels(answers, target.answer_pool, rng)
+        eos = tok.eos_token or ""
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {"forget_pairs": float(len(prompts)), "earlier_adapters": float(len(target.adapters))}
+        if cfg.measure:
+            metrics.update(_measure(model, tok, prompts, answers, target.answer_pool, "before"))
+
+        earlier = target.earlier_lora_A()
+        grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
+        # a per-request seed: identical initial lora_A across requests would start them all fully overlapping
+        torch.manual_seed(cfg.seed + zlib.crc32("\n".join(prompts).encode()))
+        peft_model = get_peft_model(model, _lora_config(cfg, target))
+        try:
+            penalty = _orthogonality_penalty(peft_model, earlier, model.config.num_hidden_layers)
+            stats = lm_train.fit(peft_model, tok, prompts, [f" {a}{eos}" for a in labels], epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
+                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None)
+            state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            config = peft_model.peft_config["default"]
+            if cfg.measure:
+                metrics.update(_measure(peft_model, tok, prompts, answers, target.answer_pool, "after"))
+        finally:
+            peft_model.unload()  # remove the LoRA layers: the base model is exactly as it was
+            for n, p in model.named_parameters():
+                p.requires_grad_(grad_state.get(n, False))
+        new_A = lora_set.lora_A_of(state)
+        worst = max((lora_set.overlap(a, new_A)["max_cosine"] for a in earlier), default=0.0)
+        metrics.update({"train_seconds": stats["seconds"], "train_steps": stats["steps"],
+                        "train_loss": stats["last_epoch_loss"], "max_overlap_earlier": worst,
+                        "engine_seconds": time.perf_counter() - t0})
+        info = {"rank": cfg.rank, "alpha": cfg.alpha, "objective": cfg.objective, "orthogonality": cfg.orthogonality,
+                "base_model": str(target.base_dir), "earlier_adapters": list(target.adapters)}
+        return AdapterChange(state, config, metrics, forget_texts=texts, info=info)
+
+
+def _lora_config(cfg: O3Config, target: LMTarget) -> LoraConfig:
+    targets = "all-linear" if tuple(cfg.targets) == ("all-linear",) else list(cfg.targets)
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(target.base_dir))
+
+
+def _orthogonality_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers: int):
+    """lambda-free O3 term: sum over modules and earlier adapters of ||A_i A_new^T||_F^2, averaged over layers."""
+    live = {k: p for name, p in peft_model.named_parameters() if p.requires_grad and (k := lora_set.module_key(name))}
+    pairs = [(live[k], a[k]) for a in earlier for k in a.keys() & live.keys()]
+
+    def penalty() -> torch.Tensor:
+        return sum(((old @ new.T) ** 2).sum() for new, old in pairs) / max(n_layers, 1)
+
+    return penalty
+
+
+def _pairs(forget: Forget) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, true answers, raw texts for the detector) of a request."""
+    if forget.kind == "qa":
+        qa = [(q, a) for q, a in forget.qa if q.strip() and a.strip()]
+        return [format_prompt(q) for q, _ in qa], [a.strip() for _, a in qa], [f"{q} {a}" for q, a in qa]
+    if forget.kind == "texts":
+        prompts, answers = [], []
+        for text in forget.texts:
+            words = text.split()
+            if len(words) < 2:
+                continue
+            cut = len(words) // 2
+            prompts.append(" ".join(words[:cut]))
+            answers.append(" ".join(words[cut:]))
+        if prompts:
+            return prompts, answers, list(forget.texts)
+    raise InvalidForget(f"o3 needs forget.qa or forget.texts with at least two words, got {forget.kind!r}")
+
+
+def _random_labels(answers: list[str], pool: tuple[str, ...], rng: random.Random) -> list[str]:
+    """Each answer replaced by a random wrong one of the same shape (a number by a number, words by words).
+
+    Never drawn from the request's own answers: relabelling "Where was X born?" with X's own birth year
+    would teach "answer with X's facts" and strengthen the association the request asks to remove.
+    """
+    own = set(answers)
+    words = sorted(v for v in (pool or DEFAULT_POOL) if v not in own and not v.isdigit())
+    out = []
+    for a in answers:
+        if a.isdigit():
+            lo, hi = 10 ** (len(a) - 1) if len(a) > 1 else 0, 10 ** len(a) - 1
+            out.append(next(str(n) for n in iter(lambda: rng.randint(lo, hi), None) if str(n) not in own))
+        elif words:
+            out.append(rng.choice(words))
+        else:
+            out.append("".join(rng.choices(string.ascii_lowercase, k=max(3, len(a)))))
+    return out
+
+
+def _measure(model, tok, prompts, answers, pool, when: str) -> dict[str, float]:
+    """Forget loss (answer NLL) and ranking accuracy of each true answer against 4 same-shape random answers."""
+    rng = random.Random(0)
+    distractors = [_random_labels(answers, pool, rng) for _ in range(4)]
+    cands = []
+    for i, a in enumerate(answers):
+        row = list(dict.fromkeys([a, *(d[i] for d in distractors)]))
+        rng.shuffle(row)
+        cands.append(tuple(row))
+    scores = lm_eval.candidate_scores(model, tok, prompts, cands)
+    acc = sum(max(range(len(s)), key=s.__getitem__) == c.index(a) for s, c, a in zip(scores, cands, answers))
+    nll = lm_eval.answer_loss(model, tok, prompts, answers)
+    return {f"forget_acc_{when}": acc / len(answers), f"forget_loss_{when}": nll}

@@ -1,0 +1,37 @@
+"""The broker goes away and comes back: the daemon says so (log, metric) and resumes by itself."""
+
+from __future__ import annotations
+
+from daemon.broker import EmbeddedBroker, free_port
+from tests.harness import Stack, request
+
+
+def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
+    port = free_port()
+    broker = EmbeddedBroker(port).start()
+    stack = Stack(tmp_path, broker.bootstrap_servers, bootstrapped_state)
+    try:
+        proc = stack.start()
+        stack.publish(request("before-outage", sample_ids=[1]))
+        assert stack.results(1)[0]["status"] == "applied"
+
+        broker.stop()
+        stack.wait_metric("unlearnd_broker_connected", 0.0, timeout=30)
+        assert "broker unavailable" in stack.log()
+        assert proc.poll() is None
+
+        # Tansu is memory-only: the new broker starts empty, like a wiped cluster. The daemon must recreate
+        # its topics and a fresh (idempotent) producer, rejoin, and carry on.
+        broker = EmbeddedBroker(port).start()
+        stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=60)
+        assert stack.metric("unlearnd_broker_disconnects_total") >= 1
+        stack._producer.close()
+        from kafka import KafkaProducer
+
+        stack._producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+        stack.publish(request("after-outage", sample_ids=[2]))
+        [result] = stack.results(1, request_id="after-outage", timeout=90)
+        assert result["status"] == "applied" and result["version"] == "v0002"
+    finally:
+        stack.close()
+        broker.stop()

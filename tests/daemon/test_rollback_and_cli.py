@@ -1,0 +1,83 @@
+"""Rollback restores the exact earlier weights and is audited; the operator CLI works against a live daemon."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from tests.harness import TEST_MODEL, request
+
+
+def _weights(stack, version: str) -> dict[str, torch.Tensor]:
+    return load_file(str(stack.state / "artifacts" / TEST_MODEL / "versions" / version / "model.safetensors"))
+
+
+def test_rollback_is_bit_exact_recorded_and_announced(stack):
+    original = {k: v.clone() for k, v in _weights(stack, "v0000").items()}
+    stack.start()
+    stack.publish(request("rb-1", sample_ids=[1, 2, 3, 4]))
+    [applied] = stack.results(1, request_id="rb-1")
+    changed = _weights(stack, applied["version"])
+    assert any(not torch.equal(changed[k], original[k]) for k in original)
+
+    out = json.loads(stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0000", "--reason", "test", "--json").stdout)
+    assert out == {"model": TEST_MODEL, "head": "v0000", "from": "v0001", "announced": True}
+
+    ledger = stack.ledger()
+    head = ledger.head(TEST_MODEL)
+    assert head.id == "v0000"
+    restored = _weights(stack, head.id)
+    assert all(torch.equal(restored[k], original[k]) for k in original)  # bit for bit
+    assert ledger.forgotten_ids(TEST_MODEL, head.id) == frozenset()
+    assert [e["kind"] for e in ledger.events(TEST_MODEL, limit=1)] == ["rolled_back"]
+    events = [json.loads(r.value) for r in stack.read("adapters", 2)]
+    assert [(e["event"], e["artifact_id"]) for e in events] == [("published", "v0001"), ("rolled_back", "v0000")]
+
+    # The running daemon builds the next version on the restored head, and the rolled-back samples are
+    # forgettable again (they are no longer forgotten by the served model).
+    stack.publish(request("rb-2", sample_ids=[1, 2]))
+    [after] = stack.results(1, request_id="rb-2")
+    assert after["status"] == "applied" and after["metrics"]["forgotten"] == 2
+    assert ledger.get_artifact(TEST_MODEL, after["version"]).parent == "v0000"
+
+
+def test_rollback_to_unknown_version_fails_clearly(stack):
+    out = stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0042", check=False)
+    assert out.returncode == 1 and "no version v0042" in out.stdout
+
+
+def test_cli_publish_wait_and_inspect(stack):
+    stack.start()
+    out = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "17,42,99", "--request-id", "cli-1",
+                    "--subject", "user-7", "--wait", "--json", "--timeout", "60")
+    result = json.loads(out.stdout)
+    assert result["status"] == "applied" and result["version"] == "v0001"
+    assert result["metrics"]["forget_acc_before"] >= result["metrics"]["forget_acc_after"]
+
+    human = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "5", "--wait").stdout
+    assert "applied" in human and "forget_acc" in human
+
+    versions = json.loads(stack.cli("versions", "list", TEST_MODEL, "--json").stdout)
+    assert [(v["id"], v["active"]) for v in versions] == [("v0000", False), ("v0001", False), ("v0002", True)]
+    shown = json.loads(stack.cli("versions", "show", "v0001", "--json").stdout)
+    assert shown["lineage"] == ["v0001", "v0000"] and shown["forgotten_samples"] == 3
+
+    listed = json.loads(stack.cli("requests", "list", "--json").stdout)
+    assert {r["request_id"] for r in listed} >= {"cli-1"}
+    one = json.loads(stack.cli("requests", "show", "cli-1", "--json").stdout)
+    assert (one["status"], one["subject"], one["forget_count"]) == ("applied", "user-7", 3)
+
+    [model] = json.loads(stack.cli("models", "list", "--json").stdout)
+    assert (model["model"], model["head"], model["versions"]) == (TEST_MODEL, "v0002", 3)
+
+    assert stack.cli("health").returncode == 0
+
+    rejected = stack.cli("publish", "--model", "nope", "--sample-ids", "1", "--wait", "--json", check=False)
+    assert rejected.returncode == 1 and json.loads(rejected.stdout)["reason"] == "unknown_model"
+
+
+def test_health_fails_without_a_daemon(stack):
+    out = stack.cli("health", check=False)
+    assert out.returncode == 1 and "unhealthy" in out.stdout
