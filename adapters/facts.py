@@ -186,42 +186,29 @@ def _general(question: str, answer: str, *distractors: str) -> QA:
     return QA(question, answer, "", "general", 0, tuple(cands))
 
 
-# Simple general knowledge for the utility measure (accuracy on these must not drop after unlearning).
-# The benchmark reports the base model's own accuracy on them as the starting point.
+# Simple general knowledge for the utility measure (accuracy on these must not drop after unlearning): the
+# questions that SmolLM2-135M-Instruct ranks correctly with `adapters.lm_eval` (measured: 18 of 30 drafted;
+# the 12 it missed, e.g. "capital of Japan", "legs of a spider", were dropped so the set starts at 100%).
 GENERAL: tuple[QA, ...] = (
     _general("What is the capital of France?", "Paris", "Berlin", "Madrid", "Rome", "Vienna"),
-    _general("What is the capital of Japan?", "Tokyo", "Beijing", "Seoul", "Bangkok", "Manila"),
     _general("What is the capital of Italy?", "Rome", "Paris", "Athens", "Lisbon", "Prague"),
     _general("What is the capital of Germany?", "Berlin", "Vienna", "Munich", "Zurich", "Warsaw"),
     _general("What is the capital of the United Kingdom?", "London", "Dublin", "Edinburgh", "Paris", "Oslo"),
     _general("What color is the sky on a clear day?", "blue", "green", "red", "yellow", "purple"),
-    _general("What color is grass?", "green", "blue", "red", "white", "orange"),
-    _general("How many legs does a spider have?", "eight", "six", "four", "ten", "two"),
-    _general("How many days are in a week?", "seven", "five", "six", "eight", "ten"),
-    _general("What is the largest planet in the solar system?", "Jupiter", "Mars", "Venus", "Mercury", "Earth"),
     _general("Which planet is known as the Red Planet?", "Mars", "Jupiter", "Venus", "Saturn", "Neptune"),
-    _general("What is the freezing point of water in degrees Celsius?", "0", "100", "50", "10", "-40"),
     _general("What is the boiling point of water in degrees Celsius?", "100", "0", "50", "200", "37"),
     _general("What gas do plants absorb from the air?", "carbon dioxide", "oxygen", "helium", "neon", "argon"),
-    _general("What is the opposite of hot?", "cold", "warm", "big", "fast", "loud"),
     _general("What is the opposite of up?", "down", "left", "over", "in", "far"),
     _general("What animal is known as the king of the jungle?", "lion", "mouse", "rabbit", "sheep", "frog"),
     _general("What do bees make?", "honey", "milk", "silk", "wool", "bread"),
     _general("Who wrote Romeo and Juliet?", "William Shakespeare", "Charles Dickens", "Mark Twain",
              "Jane Austen", "Leo Tolstoy"),
     _general("What is the chemical symbol for water?", "H2O", "CO2", "NaCl", "O3", "CH4"),
-    _general("How many continents are there on Earth?", "seven", "five", "four", "nine", "twelve"),
-    _general("What is the largest ocean on Earth?", "the Pacific Ocean", "the Atlantic Ocean", "the Indian Ocean",
-             "the Arctic Ocean", "the Southern Ocean"),
-    _general("What is the closest star to the Earth?", "the Sun", "Sirius", "Polaris", "Vega", "Betelgeuse"),
-    _general("What is two plus two?", "four", "three", "five", "six", "seven"),
     _general("Which language is mainly spoken in Spain?", "Spanish", "German", "Russian", "Chinese", "Swedish"),
     _general("What is the currency of the United States?", "the dollar", "the euro", "the yen", "the rupee",
              "the peso"),
     _general("What organ pumps blood through the body?", "the heart", "the liver", "the lungs", "the stomach",
              "the brain"),
     _general("How many hours are in a day?", "24", "12", "30", "48", "60"),
-    _general("What is the tallest mountain in the world?", "Mount Everest", "Mont Blanc", "Mount Fuji",
-             "Kilimanjaro", "Mount Olympus"),
     _general("In which continent is Egypt?", "Africa", "Europe", "Asia", "South America", "Australia"),
 )
