@@ -71,6 +71,8 @@ class CausalLMEncoder(Encoder):
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128, batch_size: int = 16):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # The decoder stack without the LM head: features need hidden states, not 49k-way logits per token.
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
         super().__init__(Path("served-lm"), max_length=max_length, batch_size=batch_size,
-                         model=model, tokenizer=tokenizer)
+                         model=backbone, tokenizer=tokenizer)
         self.name = getattr(model.config, "_name_or_path", "served-lm") or "served-lm"

@@ -164,8 +164,11 @@ def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: st
                      seed: int = 0) -> dict:
     """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
 
-    `texts` are the request's forget texts (e.g. "question answer" per QA pair); they are encoded and
-    dropped. Returns the gate's metrics (JSON-able) for the ledger and the result event.
+    `texts` are the request's forget inputs as serving will see them: for `forget.qa` the prompts
+    (`facts.format_prompt(question)`), not question+answer, since the router sees prompts; for `forget.texts`
+    the texts. They are encoded and dropped: only features reach the disk. `out_dir` is the adapter's own
+    `gate/` folder inside the staging directory the store publishes, so the gate is versioned (and hashed)
+    with its adapter. Returns the gate's metrics (JSON-able) for the ledger and the result event.
     """
     gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, nu=nu, seed=seed,
                                   encoder_name=getattr(encoder, "name", ""))
