@@ -119,8 +119,10 @@ def sequence(split, spec, model, arch, epochs, plan: Plan, seed: int) -> dict:
             baselines.retrain(spec, remaining, epochs=epochs, alpha=ALPHA[arch], seed=seed),
             split.train.select_ids(gone), remaining, split.test, seed=seed))
     for method in SERVED:
+        # SalUn at 3 epochs in the sequence: 50 requests x 10 epochs over the retain set does not fit the
+        # benchmark's budget on 2 CPU cores; the single-request scenarios use its default.
         engine = IAUEngine(cached_gradient=(method == "iau-cached")) if method.startswith("iau") else \
-            SalUnEngine(seed=seed)
+            SalUnEngine(seed=seed, epochs=3)
         target = ClassifierTarget(f"{arch}-seq", "v0", spec, model, split)
         per_step, checkpoints, total_s = [], {}, 0.0
         for step, ids in enumerate(requests, start=1):
@@ -201,7 +203,7 @@ def main(argv=None) -> dict:
     for ds in plan.datasets:
         for arch in plan.archs:
             runs, seq = [], None
-            for seed in plan.seeds:
+            for seed in (plan.seeds if arch == "mlp" else plan.seeds[:1]):  # CNN: one seed (CPU budget)
                 split = datasets.DATASETS[ds](seed=seed)
                 spec = spec_for(split, arch, seed)
                 model, train_s = timed(lambda: baselines.retrain(spec, split.train, epochs=plan.epochs[arch],

@@ -93,7 +93,7 @@ class Daemon:
         for name in self.config.models:
             head = self.registry.ensure_bootstrapped(name, progress=progress)
             self._update_model_gauges(name)
-            log.info("model %s ready at %s", name, head.id)
+            log.info("model %s ready at %s", name, head.id if head else "its base weights")
         if self.config.metrics.enabled:
             port = metrics.serve(self.config.metrics.host, self.config.metrics.port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, port)

@@ -26,9 +26,12 @@ app = typer.Typer(help="unlearnd: make deployed models forget data on request.",
 versions_app = typer.Typer(help="Model versions (classifiers): list, show, roll back.", no_args_is_help=True)
 requests_app = typer.Typer(help="Deletion requests recorded in the ledger.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Unlearning adapters (language models): list, show, roll back, restore, export.",
+                           no_args_is_help=True)
 app.add_typer(versions_app, name="versions")
 app.add_typer(requests_app, name="requests")
 app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
 
 console = Console()
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="config.toml (default: ./config.toml "
@@ -112,6 +115,48 @@ def health(config: ConfigOpt = None) -> None:
         console.print("[red]unhealthy: not connected to the Kafka cluster[/red]")
         raise typer.Exit(1)
     console.print("healthy")
+
+
+def _only_lm(cfg: config_mod.Config) -> str:
+    lms = [name for name, m in cfg.models.items() if m.kind == "causal_lm"]
+    if len(lms) != 1:
+        console.print(f"[red]name the model: config has {len(lms)} causal_lm models {lms}[/red]")
+        raise typer.Exit(2)
+    return lms[0]
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Argument(help="A registered causal_lm model (default: the only one).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default [serve] host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default [serve] port).")] = None,
+    route_only: Annotated[bool, typer.Option("--route-only", help="Serve /v1/route without loading the LM.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the model over HTTP, routing each input through the unlearning adapters that apply to it."""
+    cfg = _config(config)
+    setup_logging(cfg.logging)
+    from daemon import serve as serve_mod
+
+    serve_mod.serve(cfg, model or _only_lm(cfg), host=host, port=port, route_only=route_only)
+
+
+@app.command()
+def route(
+    text: Annotated[str, typer.Argument(help="An input to route.")],
+    model: Annotated[Optional[str], typer.Option(help="A registered causal_lm model (default: the only one).")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
+    from daemon import serve as serve_mod
+
+    cfg = _config(config)
+    decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
+    if as_json:
+        print(json.dumps(decision, indent=2, default=str))
+    else:
+        console.print_json(json.dumps(decision, default=str))
 
 
 @app.command()
@@ -318,6 +363,101 @@ def _announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, 
     except Exception as exc:  # kafka-python raises several unrelated types for an unreachable cluster
         console.print(f"[yellow]could not announce on {cfg.kafka.topics.adapters}: {exc}[/yellow]", file=sys.stderr)
         return False
+
+
+# --- adapters -----------------------------------------------------------------------------------------------
+
+
+def _adapter(ledger, adapter_id: str, model: str | None):
+    a = ledger.get_artifact(model, adapter_id) if model else ledger.find_artifact(adapter_id)
+    if a is None or a.kind != "adapter":
+        console.print(f"[red]no adapter {adapter_id}[/red]")
+        raise typer.Exit(1)
+    return a
+
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model (if adapter ids clash across models).")]
+
+
+@adapters_app.command("list")
+def adapters_list(model: Annotated[Optional[str], typer.Argument()] = None, as_json: JsonOpt = False,
+                  config: ConfigOpt = None) -> None:
+    """Adapters, oldest first; `active` ones are applied by serving (where the router says so)."""
+    rows = [_artifact_dict(a) for a in _ledger(_config(config)).list_artifacts(model, "adapter")]
+    for r in rows:
+        r["sha256"] = r["sha256"][:12]
+    _emit(rows, ["id", "model", "active", "request_id", "created", "sha256"], as_json, "adapters")
+
+
+@adapters_app.command("show")
+def adapters_show(adapter_id: str, model: ModelOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """One adapter: request, size, rank, measures, and its overlap with every other active adapter."""
+    from adapters import lora_set
+
+    ledger = _ledger(_config(config))
+    a = _adapter(ledger, adapter_id, model)
+    d = _artifact_dict(a)
+    path = Path(a.path)
+    d["size_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    d["rank"] = json.loads((path / "adapter_config.json").read_text()).get("r")
+    others = {o.id: o.path for o in ledger.list_artifacts(a.model, "adapter") if o.active and o.id != a.id}
+    d["orthogonality"] = lora_set.orthogonality_report({a.id: a.path, **others}) if others else None
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return
+    for k in ("id", "model", "active", "request_id", "created", "sha256", "path", "size_bytes", "rank"):
+        console.print(f"[bold]{k}[/]: {_fmt(d[k])}")
+    if d["orthogonality"]:
+        console.print(f"[bold]max |cos| with other active adapters[/]: {d['orthogonality']['max_cosine']:.4f}")
+    _print_metrics(d["metrics"])
+
+
+def _set_adapter(adapter_id: str, model: str | None, active: bool, reason: str, as_json: bool,
+                 config: Path | None) -> None:
+    from adapters.store import ArtifactStore
+    from daemon.models import ModelRegistry
+
+    cfg = _config(config)
+    ledger = _ledger(cfg)
+    a = _adapter(ledger, adapter_id, model)
+    try:
+        row = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).set_adapter(
+            a.model, a.id, active, reason=reason)
+    except (KeyError, RuntimeError) as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(1) from None
+    event = "restored" if active else "rolled_back"
+    announced = _announce(cfg, a.model, a.id, event, {"kind": "adapter", "reason": reason, "sha256": row.sha256,
+                                                     "path": row.path})
+    out = {"model": a.model, "adapter_id": a.id, "active": active, "announced": announced}
+    print(json.dumps(out)) if as_json else console.print(f"{a.model}: adapter {a.id} {event}"
+                                                         + ("" if announced else " [yellow](not announced)[/]"))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(adapter_id: str, model: ModelOpt = None,
+                      reason: Annotated[str, typer.Option()] = "operator rollback", as_json: JsonOpt = False,
+                      config: ConfigOpt = None) -> None:
+    """Deactivate an adapter (the base and other adapters untouched); recorded and announced."""
+    _set_adapter(adapter_id, model, False, reason, as_json, config)
+
+
+@adapters_app.command("restore")
+def adapters_restore(adapter_id: str, model: ModelOpt = None,
+                     reason: Annotated[str, typer.Option()] = "operator restore", as_json: JsonOpt = False,
+                     config: ConfigOpt = None) -> None:
+    """Re-activate a rolled-back adapter (after checking its files against the recorded sha256)."""
+    _set_adapter(adapter_id, model, True, reason, as_json, config)
+
+
+@adapters_app.command("export")
+def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, config: ConfigOpt = None) -> None:
+    """Copy an adapter in PEFT's own layout (loadable by peft, vLLM, LoRAX without unlearnd)."""
+    import shutil
+
+    a = _adapter(_ledger(_config(config)), adapter_id, model)
+    shutil.copytree(a.path, directory, dirs_exist_ok=True)
+    console.print(f"exported {a.id} to {directory}")
 
 
 # --- requests -----------------------------------------------------------------------------------------------

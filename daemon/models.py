@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters import classifier, datasets
-from adapters.base import Change, Engine, config_from_mapping, engine_class
+from adapters.base import Change, Engine, InvalidForget, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
 from daemon import failpoints
 from daemon.config import DEFAULT_METHOD, Config, Model
@@ -23,6 +23,8 @@ from daemon.ledger import ArtifactRow, Ledger
 log = logging.getLogger(__name__)
 
 DATASET_ID = "registered"
+MIN_GATE_TEXTS = 2
+GATE_SUBDIR = "gate"  # where an O3 adapter keeps its detector state (daemon/serve.py reads it there)
 
 
 class UnknownModel(KeyError):
@@ -44,6 +46,8 @@ class ModelRegistry:
         self.ledger = ledger
         self._engines: dict[str, Engine] = {}
         self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
+        self._lm_targets: dict = {}  # model -> adapters.o3.LMTarget (holds the loaded base model)
+        self._encoder = None  # detector.Encoder, loaded on the first adapter
 
     # --- lookup ---------------------------------------------------------------------------------------------
 
@@ -65,12 +69,22 @@ class ModelRegistry:
 
     # --- bootstrap ------------------------------------------------------------------------------------------
 
-    def ensure_bootstrapped(self, name: str, progress: bool = True) -> ArtifactRow:
+    def lm_base(self, name: str) -> Path:
+        """A causal LM's base weights: a transformers directory, or the bundled SmolLM2 GGUF converted once
+        into the model's store folder (safetensors)."""
+        from adapters import lm
+
+        return lm.resolve_source(self.spec(name).bootstrap.source or "smollm2", self.store.root / name)
+
+    def ensure_bootstrapped(self, name: str, progress: bool = True) -> ArtifactRow | None:
         """Build the model's first version if the ledger has none (first start); later starts reuse it."""
+        spec = self.spec(name)
+        if spec.kind == "causal_lm":  # adapters stack on an unchanged base: convert/locate it, no version
+            self.lm_base(name)
+            return self.ledger.head(name)
         head = self.ledger.head(name)
         if head is not None:
             return head
-        spec = self.spec(name)
         if spec.bootstrap.recipe == "classifier":
             return self._bootstrap_classifier(name, spec, progress)
         raise RuntimeError(f"model {name!r} has no version yet and bootstrap.recipe = {spec.bootstrap.recipe!r} "
@@ -112,8 +126,8 @@ class ModelRegistry:
     def target(self, name: str):
         """What an engine needs to apply a request to this model as it is now."""
         spec = self.spec(name)
-        if spec.kind != "classifier":
-            raise NotImplementedError(f"model kind {spec.kind!r} is not served by this daemon build")
+        if spec.kind == "causal_lm":
+            return self._lm_target(name)
         head = self.ledger.head(name)
         if head is None:
             raise RuntimeError(f"model {name!r} has no version; start the daemon once to bootstrap it")
@@ -130,6 +144,36 @@ class ModelRegistry:
         self._cache[name] = (head.id, target)
         return target
 
+    def _lm_target(self, name: str):
+        from adapters.o3 import LMTarget
+
+        target = self._lm_targets.get(name) or LMTarget(name=name, base_dir=self.lm_base(name))
+        target.adapters = {a.id: Path(a.path) for a in self.ledger.list_artifacts(name, "adapter") if a.active}
+        self._lm_targets[name] = target  # keeps the loaded base model across requests
+        return target
+
+    def _with_gate(self, change: Change, artifact_id: str) -> Callable[[Path], None]:
+        """An adapter's files plus its O3 gate (detector state fitted on the forget texts), in one atomic
+        publish. The texts themselves are never written; the gate keeps features only."""
+        forget_texts = getattr(change, "forget_texts", None)
+        if not forget_texts:
+            return change.save
+        if len(forget_texts) < MIN_GATE_TEXTS:
+            raise InvalidForget(f"an O3 request needs at least {MIN_GATE_TEXTS} texts or QA pairs: its gate is fitted "
+                                "on 80% of them and calibrated on the other 20%")
+
+        def save(directory: Path) -> None:
+            from detector import Encoder, fit_request_gate
+
+            change.save(directory)
+            if self._encoder is None:
+                self._encoder = Encoder()
+            change.metrics.update({f"gate_{k}": float(v) for k, v in fit_request_gate(
+                forget_texts, directory / GATE_SUBDIR, self._encoder, adapter_id=artifact_id).items()
+                if isinstance(v, (int, float))})
+
+        return save
+
     def commit(self, name: str, change: Change, *, target, request_ids: list[str],
                finish: Callable[[str], None]) -> Committed:
         """Make a change durable: files first (atomic publish), then ONE ledger transaction that records the
@@ -141,7 +185,9 @@ class ModelRegistry:
         folder = "versions" if change.kind == "version" else "adapters"
         artifact_id = self.ledger.next_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
-        art = self.store.publish(name, folder, artifact_id, change.save, meta)
+        art = self.store.publish(name, folder, artifact_id, self._with_gate(change, artifact_id), meta)
+        if hasattr(change, "forget_texts"):
+            change.forget_texts = []  # raw forget data leaves memory with the request
         failpoints.hit("after_artifact")
         with self.ledger.transaction():
             self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
@@ -153,6 +199,15 @@ class ModelRegistry:
                 name=name, version=artifact_id, spec=target.spec, model=change.module(target.spec), data=target.data,
                 forgotten=target.forgotten | frozenset(change.forgotten_ids)))
         return Committed(artifact_id, change.kind, art.path, art.sha256)
+
+    def set_adapter(self, name: str, adapter_id: str, active: bool, *, reason: str) -> ArtifactRow:
+        """Rollback (active=False) or restore of one adapter; the base and other adapters are untouched."""
+        row = self.ledger.get_artifact(name, adapter_id)
+        if row is None or row.kind != "adapter":
+            raise KeyError(f"{name} has no adapter {adapter_id}")
+        if active and not self.store.verify(name, "adapters", adapter_id):
+            raise RuntimeError(f"{name} {adapter_id}: files on disk no longer match their recorded sha256")
+        return self.ledger.set_adapter_active(name, adapter_id, active, reason=reason)
 
     # --- rollback -------------------------------------------------------------------------------------------
 

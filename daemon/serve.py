@@ -26,13 +26,12 @@ from pydantic import BaseModel, Field
 from adapters.store import ArtifactStore
 from daemon import kafka_io
 from daemon.config import Config
+from daemon.models import GATE_SUBDIR  # the gate lives inside the adapter's directory, hashed with it
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
 from detector import Encoder, Router, per_sample_adapters
 
 log = logging.getLogger("unlearnd.serve")
 
-#: Where an O3 adapter keeps its gate, inside the adapter's own directory (versioned and hashed with it).
-GATE_SUBDIR = "gate"
 LOAD_EVENTS = ("published", "restored")
 UNLOAD_EVENTS = ("rolled_back",)
 

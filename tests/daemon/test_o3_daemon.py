@@ -1,0 +1,80 @@
+"""O3 through the daemon: a QA deletion request on a causal LM becomes one PEFT adapter with its gate, audited,
+announced, and reversible per adapter. Uses a tiny random Llama built from a config (real transformers + peft)."""
+
+from __future__ import annotations
+
+import json
+
+from peft import PeftModel
+
+from adapters import lm
+from tests.harness import request
+
+LM = "tiny-lm"
+QA = [{"question": "Where was Orla Vantrees born?", "answer": "Kestrelmoor"},
+      {"question": "What does Orla Vantrees do?", "answer": "glassblower"}]
+
+
+def _add_lm(stack, tmp_path) -> None:
+    base = tmp_path / "tiny-base"
+    lm.tiny(base)
+    with open(stack.config_path, "a") as fh:
+        fh.write(f'\n[models.{LM}]\nkind = "causal_lm"\n[models.{LM}.bootstrap]\nsource = "{base}"\n'
+                 "[methods.o3]\nepochs = 2\n")
+
+
+def _lm_request(request_id: str) -> dict:
+    return {**request(request_id), "model": LM, "forget": {"qa": QA}}
+
+
+def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, tmp_path):
+    _add_lm(stack, tmp_path)
+    stack.start()
+    stack.publish(_lm_request("lm-1"), key=LM)
+    [result] = stack.results(1, request_id="lm-1", timeout=180)
+    assert result["status"] == "applied", result
+    adapter_id = result["adapter_id"]
+    assert adapter_id == "a0000" and "version" not in result
+
+    ledger = stack.ledger()
+    row = ledger.get_artifact(LM, adapter_id)
+    assert row.active and row.request_id == "lm-1"
+    folder = stack.state / "artifacts" / LM / "adapters" / adapter_id
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert (folder / "gate" / "gate.json").is_file()
+    # The raw forget data is not kept: no file of the adapter or its gate contains it.
+    for f in folder.rglob("*"):
+        if f.is_file():
+            blob = f.read_bytes()
+            assert b"Kestrelmoor" not in blob and b"Orla Vantrees" not in blob, f
+
+    # PEFT's own layout: plain peft loads the exported adapter without unlearnd.
+    export = tmp_path / "exported"
+    stack.cli("adapters", "export", adapter_id, str(export))
+    base, _ = lm.load(tmp_path / "tiny-base")
+    assert isinstance(PeftModel.from_pretrained(base, str(export)), PeftModel)
+
+    listed = json.loads(stack.cli("adapters", "list", LM, "--json").stdout)
+    assert [(a["id"], a["active"]) for a in listed] == [(adapter_id, True)]
+    shown = json.loads(stack.cli("adapters", "show", adapter_id, "--json").stdout)
+    assert shown["rank"] == 8 and shown["size_bytes"] > 0
+
+    out = json.loads(stack.cli("adapters", "rollback", adapter_id, "--json").stdout)
+    assert out == {"model": LM, "adapter_id": adapter_id, "active": False, "announced": True}
+    assert not ledger.get_artifact(LM, adapter_id).active
+    json.loads(stack.cli("adapters", "restore", adapter_id, "--json").stdout)
+    assert ledger.get_artifact(LM, adapter_id).active
+    events = [json.loads(r.value)["event"] for r in stack.read("adapters", 3)]
+    assert events == ["published", "rolled_back", "restored"]
+
+    # A second request trains a new adapter orthogonal to the first (the first's lora_A is a constraint).
+    stack.publish({**_lm_request("lm-2"), "forget": {"texts": ["Orla Vantrees blows glass in Kestrelmoor."]}},
+                  key=LM)  # one text cannot fit a gate (80/20 split): rejected, not retried
+    [one] = stack.results(1, request_id="lm-2", timeout=180)
+    assert one["status"] == "rejected" and one["reason"] == "invalid_forget"
+    stack.publish({**_lm_request("lm-3"), "forget": {"texts": ["Orla Vantrees blows glass in Kestrelmoor.",
+                                                                "Kestrelmoor is where Orla Vantrees was born."]}},
+                  key=LM)
+    [second] = stack.results(1, request_id="lm-3", timeout=180)
+    assert second["status"] == "applied" and second["adapter_id"] == "a0001"
+    assert stack.metric("unlearnd_active_adapters", model=LM) == 2.0
