@@ -158,7 +158,8 @@ class O3Engine(Engine):
                 p.requires_grad_(grad_state.get(n, False))
         new_A = lora_set.lora_A_of(state)
         worst = max((lora_set.overlap(a, new_A)["max_cosine"] for a in earlier), default=0.0)
-        metrics.update({"train_seconds": stats["seconds"], "train_steps": stats["steps"],
+        metrics.update({"train_seconds": stats["seconds"], "train_cpu_seconds": stats["cpu_seconds"],
+                        "train_steps": stats["steps"],
                         "train_loss": stats["last_epoch_loss"], "max_overlap_earlier": worst,
                         "engine_seconds": time.perf_counter() - t0})
         info = {"rank": cfg.rank, "alpha": cfg.alpha, "objective": cfg.objective, "orthogonality": cfg.orthogonality,
