@@ -6,11 +6,14 @@ in memory (a restart loses all topics), which is why production points the daemo
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +30,16 @@ def tansu_binary() -> Path:
     if not os.access(binary, os.X_OK):
         binary.chmod(binary.stat().st_mode | 0o111)
     return binary
+
+
+def _die_with_parent() -> None:
+    """Runs in the broker's process before exec: on Linux, the kernel stops it when the daemon dies, even by
+    SIGKILL, so a crashed daemon never leaves an orphaned broker holding the port for the next start."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -61,7 +74,7 @@ class EmbeddedBroker:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not port_open(self.port):

@@ -35,3 +35,25 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
     finally:
         stack.close()
         broker.stop()
+
+
+def test_embedded_broker_does_not_outlive_a_killed_daemon():
+    """`make run` after a crash must find the port free: the embedded broker dies with its parent, even on SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from daemon.broker import EmbeddedBroker; import time; b = EmbeddedBroker().start(); "
+            "print(b.process.pid, b.port, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    broker_pid, port = map(int, parent.stdout.readline().split())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    from daemon.broker import port_open
+
+    while time.monotonic() < deadline and (os.path.exists(f"/proc/{broker_pid}") or port_open(port)):
+        time.sleep(0.2)
+    assert not port_open(port), "the broker outlived its daemon and still holds the port"
