@@ -13,6 +13,7 @@ peft's tuners are chosen by name.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -117,17 +118,22 @@ def register(cls: type[Engine]) -> type[Engine]:
     return cls
 
 
+#: Built-in engines by method name; each module is imported only when its method is first asked for, so a
+#: classifier-only deployment never pays for importing transformers and peft.
+BUILTIN_ENGINES = {"iau": "adapters.iau", "salun": "adapters.salun", "o3": "adapters.o3"}
+
+
 def engine_class(method: str) -> type[Engine]:
-    _load_builtin_engines()
+    if method not in _ENGINES and method in BUILTIN_ENGINES:
+        importlib.import_module(BUILTIN_ENGINES[method])  # the module registers itself
     try:
         return _ENGINES[method]
     except KeyError:
-        raise KeyError(f"unknown method {method!r}; known: {sorted(_ENGINES)}") from None
+        raise KeyError(f"unknown method {method!r}; known: {engine_names()}") from None
 
 
 def engine_names() -> list[str]:
-    _load_builtin_engines()
-    return sorted(_ENGINES)
+    return sorted(set(_ENGINES) | set(BUILTIN_ENGINES))
 
 
 def config_from_mapping(cls: type[Engine], values: dict[str, Any]) -> Any:
@@ -137,15 +143,3 @@ def config_from_mapping(cls: type[Engine], values: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"methods.{cls.name}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
     return cls.Config(**values)
-
-
-def _load_builtin_engines() -> None:
-    # Imported lazily so that `import adapters` stays light; each module registers itself.
-    import importlib
-
-    for module in ("adapters.iau", "adapters.salun", "adapters.o3"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a method not built yet must not break the others
-            if exc.name != module:
-                raise

@@ -124,7 +124,7 @@ class SalUnEngine(ClassifierEngine):
             "masked_share": float(sum(m.sum() for m in mask) / sum(m.numel() for m in mask)),
             "engine_seconds": time.perf_counter() - t0,
         }
-        return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics,
+        return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, model=model,
                             forgotten_ids=tuple(forget_rows.ids.tolist()))
 
     def _masked_pass(self, model, opt, rows: LabeledSet, mask, theta0, generator) -> None:

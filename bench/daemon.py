@@ -50,7 +50,7 @@ class NoopEngine(Engine):
     def apply(self, target, forget: Forget):
         t0 = time.perf_counter()
         state = classifier.state_of(target.model)
-        return classifier.WeightChange(state, {"engine_seconds": time.perf_counter() - t0})
+        return classifier.WeightChange(state, {"engine_seconds": time.perf_counter() - t0}, model=target.model)
 
 
 def _config(state: Path, bootstrap: str, model: str, recipe: dict, method: str,

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     info        TEXT,
     PRIMARY KEY (model, id)
 );
+CREATE INDEX IF NOT EXISTS artifacts_by_state ON artifacts(model, kind, active);
 CREATE TABLE IF NOT EXISTS forgotten (
     model       TEXT NOT NULL,
     artifact_id TEXT NOT NULL,
@@ -119,6 +120,7 @@ class Ledger:
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._synchronous = synchronous
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
@@ -141,6 +143,18 @@ class Ledger:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _relaxed_sync(self) -> Iterator[None]:
+        with self._lock:
+            if self._db.in_transaction or self._synchronous == "NORMAL":  # joins an outer durable transaction
+                yield
+                return
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield
+            finally:
+                self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+
     # --- requests -------------------------------------------------------------------------------------------
 
     def get_request(self, request_id: str) -> RequestRow | None:
@@ -149,9 +163,13 @@ class Ledger:
 
     def begin_attempt(self, request_id: str, *, model: str, method: str, subject: str | None, body_sha256: str,
                       forget_kind: str, forget_count: int, source: str) -> int:
-        """Record that the request is being applied (again); returns the attempt number."""
+        """Record that the request is being applied (again); returns the attempt number.
+
+        This marker only has to survive a process crash (it counts attempts, to stop a request that keeps killing
+        the daemon), not a power loss: losing it costs one extra try. So its commit skips the fsync; the next
+        durable commit (the request's outcome) syncs the WAL, this row included."""
         now = time.time()
-        with self.transaction() as db:
+        with self._relaxed_sync(), self.transaction() as db:
             db.execute(
                 """INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
                                          forget_kind, forget_count, source, received_at)
@@ -212,8 +230,9 @@ class Ledger:
                      forgotten_ids: tuple[int, ...] = ()) -> None:
         """Record a new artifact and make it active (a version becomes the head; an adapter is switched on)."""
         with self.transaction() as db:
-            if kind == "version":
-                db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version'", (model,))
+            if kind == "version":  # the previous head steps down (only it: history stays untouched)
+                db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version' AND active = 1",
+                           (model,))
             db.execute(
                 """INSERT INTO artifacts (model, id, kind, parent, request_id, created_at, active, path, sha256,
                                           metrics, info) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)""",
@@ -281,7 +300,7 @@ class Ledger:
             if target is None or target.kind != "version":
                 raise KeyError(f"{model} has no version {version_id}")
             previous = self.head(model)
-            db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version'", (model,))
+            db.execute("UPDATE artifacts SET active = 0 WHERE model = ? AND kind = 'version' AND active = 1", (model,))
             db.execute("UPDATE artifacts SET active = 1 WHERE model = ? AND id = ?", (model, version_id))
             self._event(db, "rolled_back", model, version_id, None,
                         {"from": previous.id if previous else None, "reason": reason})
