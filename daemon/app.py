@@ -209,12 +209,6 @@ class Daemon:
         for tp, lag in kafka_io.lag_by_partition(self._consumer).items():
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
 
-    def handle(self, msg: Message) -> None:
-        """One message, start to finish. Never raises for bad input or engine failure."""
-        admitted = self._admit(msg)
-        if admitted is not None:
-            self._apply(admitted)
-
     def handle_partition_batch(self, msgs: list[Message]) -> int:
         """Messages of one partition, in order; returns how many were handled (all, unless stopping).
 

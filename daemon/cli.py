@@ -1,13 +1,12 @@
-"""The `unlearnd` command: run the daemon, publish requests, inspect and roll back what it did.
+"""The `unlearnd` command: run the daemon, serve, publish requests, and inspect what it did.
 
-Every listing prints a table, or JSON with `--json` for scripts. Commands that only read (versions, requests,
-models) open the ledger directly and work whether or not the daemon is running.
+Every listing prints a table, or JSON with `--json` for scripts. Commands that only read open the ledger
+directly and work whether or not the daemon is running. `versions` and `adapters` live in cli_artifacts.py.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -15,73 +14,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from daemon import config as config_mod
+from daemon.cli_artifacts import adapters_app, versions_app
+from daemon.cli_common import (ConfigOpt, JsonOpt, bootstrap_servers, console, emit, fmt, load_config, open_ledger,
+                               print_metrics, print_result, when)
 from daemon.logs import setup_logging
 
 app = typer.Typer(help="unlearnd: make deployed models forget data on request.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-versions_app = typer.Typer(help="Model versions (classifiers): list, show, roll back.", no_args_is_help=True)
 requests_app = typer.Typer(help="Deletion requests recorded in the ledger.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
-adapters_app = typer.Typer(help="Unlearning adapters (language models): list, show, roll back, restore, export.",
-                           no_args_is_help=True)
 app.add_typer(versions_app, name="versions")
 app.add_typer(requests_app, name="requests")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
-
-console = Console()
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="config.toml (default: ./config.toml "
-                                                   "or $UNLEARND_CONFIG)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-
-
-def _config(path: Path | None) -> config_mod.Config:
-    try:
-        return config_mod.load(path)
-    except config_mod.ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-
-
-def _bootstrap(cfg: config_mod.Config) -> str:
-    k = cfg.kafka
-    return f"127.0.0.1:{k.embedded_port}" if k.bootstrap_servers == "embedded" else k.bootstrap_servers
-
-
-def _ledger(cfg: config_mod.Config):
-    from daemon.ledger import Ledger
-
-    return Ledger(cfg.state.ledger_path, cfg.state.ledger_synchronous)
-
-
-def _emit(rows: list[dict], columns: list[str], as_json: bool, title: str | None = None) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[_fmt(row.get(c)) for c in columns])
-    console.print(table)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _when(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else None
 
 
 # --- the daemon ---------------------------------------------------------------------------------------------
@@ -90,7 +37,7 @@ def _when(ts: float | None) -> str | None:
 @app.command()
 def run(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
-    cfg = _config(config)
+    cfg = load_config(config)
     setup_logging(cfg.logging)
     from daemon.app import Daemon
 
@@ -102,7 +49,7 @@ def health(config: ConfigOpt = None) -> None:
     """Exit 0 if the daemon's metrics endpoint answers and it is connected to the broker (for probes)."""
     import urllib.request
 
-    cfg = _config(config)
+    cfg = load_config(config)
     host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "::") else cfg.metrics.host
     try:
         body = urllib.request.urlopen(f"http://{host}:{cfg.metrics.port}/metrics", timeout=3).read().decode()
@@ -134,7 +81,7 @@ def serve(
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model over HTTP, routing each input through the unlearning adapters that apply to it."""
-    cfg = _config(config)
+    cfg = load_config(config)
     setup_logging(cfg.logging)
     from daemon import serve as serve_mod
 
@@ -151,7 +98,7 @@ def route(
     """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
     from daemon import serve as serve_mod
 
-    cfg = _config(config)
+    cfg = load_config(config)
     decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
     if as_json:
         print(json.dumps(decision, indent=2, default=str))
@@ -181,7 +128,7 @@ def publish(
 
     from daemon import kafka_io, schema
 
-    cfg = _config(config)
+    cfg = load_config(config)
     forget: dict = {}
     if sample_ids:
         forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
@@ -203,7 +150,7 @@ def publish(
     key = os.environ.get(cfg.requests.hmac_key_env)
     if key:
         body["signature"] = schema.sign(body, key.encode())
-    bootstrap = _bootstrap(cfg)
+    bootstrap = bootstrap_servers(cfg)
     waiter = _ResultWaiter(cfg, bootstrap) if wait else None  # subscribe before publishing: no race
     producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap), acks="all")
     producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(30)
@@ -216,7 +163,7 @@ def publish(
     if result is None:
         console.print(f"[red]no result for {body['request_id']} within {timeout:.0f}s[/red]")
         raise typer.Exit(1)
-    _print_result(result, as_json)
+    print_result(result, as_json)
     raise typer.Exit(0 if result["status"] == "applied" else 1)
 
 
@@ -254,211 +201,6 @@ class _ResultWaiter:
         return None
 
 
-def _print_result(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
-    console.print(f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
-                  + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
-                  + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else ""))
-    if result.get("reason"):
-        console.print(f"reason: {result['reason']}: {result.get('error')}")
-    _print_metrics(result.get("metrics") or {})
-
-
-def _print_metrics(m: dict) -> None:
-    pairs = sorted({k[: -len("_before")] for k in m if k.endswith("_before")})
-    if pairs:
-        table = Table("measure", "before", "after")
-        for name in pairs:
-            table.add_row(name, _fmt(m.get(f"{name}_before")), _fmt(m.get(f"{name}_after")))
-        console.print(table)
-    rest = {k: v for k, v in m.items() if not k.endswith(("_before", "_after"))}
-    if rest:
-        console.print("  ".join(f"{k}={_fmt(v)}" for k, v in sorted(rest.items())))
-
-
-# --- versions -----------------------------------------------------------------------------------------------
-
-
-def _artifact_dict(a) -> dict:
-    return {"id": a.id, "model": a.model, "kind": a.kind, "parent": a.parent, "request_id": a.request_id,
-            "created": _when(a.created_at), "active": a.active, "sha256": a.sha256, "path": a.path,
-            "metrics": a.metrics}
-
-
-@versions_app.command("list")
-def versions_list(model: str, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """The model's versions, oldest first; `active` marks the head that serves."""
-    ledger = _ledger(_config(config))
-    rows = [_artifact_dict(a) for a in ledger.list_artifacts(model, "version")]
-    for r in rows:
-        r["sha256"] = r["sha256"][:12]
-    _emit(rows, ["id", "parent", "active", "request_id", "created", "sha256"], as_json, f"versions of {model}")
-
-
-@versions_app.command("show")
-def versions_show(version_id: str, model: Annotated[Optional[str], typer.Option(help="Model (if ids clash).")] = None,
-                  as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """One version: lineage, request, hash, measures, forgotten sample count."""
-    ledger = _ledger(_config(config))
-    a = ledger.get_artifact(model, version_id) if model else ledger.find_artifact(version_id)
-    if a is None or a.kind != "version":
-        console.print(f"[red]no version {version_id}[/red]")
-        raise typer.Exit(1)
-    d = _artifact_dict(a)
-    d["lineage"] = [x.id for x in ledger.lineage(a.model, a.id)]
-    d["forgotten_samples"] = len(ledger.forgotten_ids(a.model, a.id))
-    if as_json:
-        print(json.dumps(d, indent=2, default=str))
-        return
-    for k in ("id", "model", "active", "parent", "lineage", "request_id", "created", "sha256", "path",
-              "forgotten_samples"):
-        console.print(f"[bold]{k}[/]: {_fmt(d[k]) if not isinstance(d[k], list) else ' <- '.join(d[k])}")
-    _print_metrics(d["metrics"])
-
-
-@versions_app.command("rollback")
-def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="Version id to restore.")],
-                      reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "operator rollback",
-                      as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Make an earlier version the head again (bit-exact weights); recorded in the ledger and announced.
-
-    Samples forgotten by the versions after it are no longer forgotten by the served model: the ledger keeps
-    them, and `requests list` shows which requests they came from, so they can be re-issued."""
-    from adapters.store import ArtifactStore
-    from daemon.models import ModelRegistry
-
-    cfg = _config(config)
-    ledger = _ledger(cfg)
-    previous = ledger.head(model)
-    registry = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger)
-    try:
-        row = registry.rollback(model, to, reason=reason)
-    except (KeyError, RuntimeError) as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(1) from None
-    announced = _announce(cfg, model, row.id, "rolled_back", {"kind": "version", "from": previous.id if previous
-                                                              else None, "reason": reason, "sha256": row.sha256})
-    out = {"model": model, "head": row.id, "from": previous.id if previous else None, "announced": announced}
-    print(json.dumps(out)) if as_json else console.print(
-        f"{model}: head {out['from']} -> [bold]{row.id}[/]" + ("" if announced else
-                                                            " [yellow](recorded; announcement failed: broker down)[/]"))
-
-
-def _announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, payload: dict) -> bool:
-    """Publish an adapters-topic event; the ledger is already updated, so failure is reported, not fatal."""
-    from kafka import KafkaProducer
-
-    from daemon import kafka_io
-
-    try:
-        producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, _bootstrap(cfg)), acks="all",
-                                 max_block_ms=10_000)
-        kafka_io.Outbox(producer, cfg.kafka).artifact_event(model, artifact_id, event, payload)
-        producer.flush(10)
-        producer.close()
-        return True
-    except Exception as exc:  # kafka-python raises several unrelated types for an unreachable cluster
-        console.print(f"[yellow]could not announce on {cfg.kafka.topics.adapters}: {exc}[/yellow]", file=sys.stderr)
-        return False
-
-
-# --- adapters -----------------------------------------------------------------------------------------------
-
-
-def _adapter(ledger, adapter_id: str, model: str | None):
-    a = ledger.get_artifact(model, adapter_id) if model else ledger.find_artifact(adapter_id)
-    if a is None or a.kind != "adapter":
-        console.print(f"[red]no adapter {adapter_id}[/red]")
-        raise typer.Exit(1)
-    return a
-
-
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model (if adapter ids clash across models).")]
-
-
-@adapters_app.command("list")
-def adapters_list(model: Annotated[Optional[str], typer.Argument()] = None, as_json: JsonOpt = False,
-                  config: ConfigOpt = None) -> None:
-    """Adapters, oldest first; `active` ones are applied by serving (where the router says so)."""
-    rows = [_artifact_dict(a) for a in _ledger(_config(config)).list_artifacts(model, "adapter")]
-    for r in rows:
-        r["sha256"] = r["sha256"][:12]
-    _emit(rows, ["id", "model", "active", "request_id", "created", "sha256"], as_json, "adapters")
-
-
-@adapters_app.command("show")
-def adapters_show(adapter_id: str, model: ModelOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """One adapter: request, size, rank, measures, and its overlap with every other active adapter."""
-    from adapters import lora_set
-
-    ledger = _ledger(_config(config))
-    a = _adapter(ledger, adapter_id, model)
-    d = _artifact_dict(a)
-    path = Path(a.path)
-    d["size_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    d["rank"] = json.loads((path / "adapter_config.json").read_text()).get("r")
-    others = {o.id: o.path for o in ledger.list_artifacts(a.model, "adapter") if o.active and o.id != a.id}
-    d["orthogonality"] = lora_set.orthogonality_report({a.id: a.path, **others}) if others else None
-    if as_json:
-        print(json.dumps(d, indent=2, default=str))
-        return
-    for k in ("id", "model", "active", "request_id", "created", "sha256", "path", "size_bytes", "rank"):
-        console.print(f"[bold]{k}[/]: {_fmt(d[k])}")
-    if d["orthogonality"]:
-        console.print(f"[bold]max |cos| with other active adapters[/]: {d['orthogonality']['max_cosine']:.4f}")
-    _print_metrics(d["metrics"])
-
-
-def _set_adapter(adapter_id: str, model: str | None, active: bool, reason: str, as_json: bool,
-                 config: Path | None) -> None:
-    from adapters.store import ArtifactStore
-    from daemon.models import ModelRegistry
-
-    cfg = _config(config)
-    ledger = _ledger(cfg)
-    a = _adapter(ledger, adapter_id, model)
-    try:
-        row = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).set_adapter(
-            a.model, a.id, active, reason=reason)
-    except (KeyError, RuntimeError) as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(1) from None
-    event = "restored" if active else "rolled_back"
-    announced = _announce(cfg, a.model, a.id, event, {"kind": "adapter", "reason": reason, "sha256": row.sha256,
-                                                     "path": row.path})
-    out = {"model": a.model, "adapter_id": a.id, "active": active, "announced": announced}
-    print(json.dumps(out)) if as_json else console.print(f"{a.model}: adapter {a.id} {event}"
-                                                         + ("" if announced else " [yellow](not announced)[/]"))
-
-
-@adapters_app.command("rollback")
-def adapters_rollback(adapter_id: str, model: ModelOpt = None,
-                      reason: Annotated[str, typer.Option()] = "operator rollback", as_json: JsonOpt = False,
-                      config: ConfigOpt = None) -> None:
-    """Deactivate an adapter (the base and other adapters untouched); recorded and announced."""
-    _set_adapter(adapter_id, model, False, reason, as_json, config)
-
-
-@adapters_app.command("restore")
-def adapters_restore(adapter_id: str, model: ModelOpt = None,
-                     reason: Annotated[str, typer.Option()] = "operator restore", as_json: JsonOpt = False,
-                     config: ConfigOpt = None) -> None:
-    """Re-activate a rolled-back adapter (after checking its files against the recorded sha256)."""
-    _set_adapter(adapter_id, model, True, reason, as_json, config)
-
-
-@adapters_app.command("export")
-def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, config: ConfigOpt = None) -> None:
-    """Copy an adapter in PEFT's own layout (loadable by peft, vLLM, LoRAX without unlearnd)."""
-    import shutil
-
-    a = _adapter(_ledger(_config(config)), adapter_id, model)
-    shutil.copytree(a.path, directory, dirs_exist_ok=True)
-    console.print(f"exported {a.id} to {directory}")
-
 
 # --- requests -----------------------------------------------------------------------------------------------
 
@@ -467,7 +209,7 @@ def _request_dict(r) -> dict:
     return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": r.status,
             "attempts": r.attempts, "artifact_id": r.artifact_id, "forget_kind": r.forget_kind,
             "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason, "error": r.error,
-            "received": _when(r.received_at), "completed": _when(r.completed_at), "duration_s": r.duration_s,
+            "received": when(r.received_at), "completed": when(r.completed_at), "duration_s": r.duration_s,
             "body_sha256": r.body_sha256, "source": r.source, "metrics": r.metrics}
 
 
@@ -477,15 +219,15 @@ def requests_list(model: Annotated[Optional[str], typer.Option()] = None,
                   limit: Annotated[int, typer.Option()] = 50, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Recent requests, newest first."""
-    rows = [_request_dict(r) for r in _ledger(_config(config)).list_requests(model, status, limit)]
-    _emit(rows, ["request_id", "model", "method", "status", "artifact_id", "forget_count", "reason", "received",
+    rows = [_request_dict(r) for r in open_ledger(load_config(config)).list_requests(model, status, limit)]
+    emit(rows, ["request_id", "model", "method", "status", "artifact_id", "forget_count", "reason", "received",
                  "duration_s"], as_json, "requests")
 
 
 @requests_app.command("show")
 def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One request with its measures (no raw forget data is ever stored)."""
-    r = _ledger(_config(config)).get_request(request_id)
+    r = open_ledger(load_config(config)).get_request(request_id)
     if r is None:
         console.print(f"[red]no request {request_id}[/red]")
         raise typer.Exit(1)
@@ -495,8 +237,8 @@ def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt =
         return
     for k, v in d.items():
         if k != "metrics":
-            console.print(f"[bold]{k}[/]: {_fmt(v)}")
-    _print_metrics(d["metrics"])
+            console.print(f"[bold]{k}[/]: {fmt(v)}")
+    print_metrics(d["metrics"])
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -505,8 +247,8 @@ def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt =
 @models_app.command("list")
 def models_list(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Models in config.toml with their head version and counts from the ledger."""
-    cfg = _config(config)
-    ledger = _ledger(cfg)
+    cfg = load_config(config)
+    ledger = open_ledger(cfg)
     rows = []
     for name, spec in cfg.models.items():
         head = ledger.head(name)
@@ -515,7 +257,7 @@ def models_list(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
                      "versions": sum(a.kind == "version" for a in arts),
                      "active_adapters": sum(a.kind == "adapter" and a.active for a in arts),
                      "requests": len(ledger.list_requests(name, limit=1_000_000))})
-    _emit(rows, ["model", "kind", "method", "head", "versions", "active_adapters", "requests"], as_json, "models")
+    emit(rows, ["model", "kind", "method", "head", "versions", "active_adapters", "requests"], as_json, "models")
 
 
 if __name__ == "__main__":

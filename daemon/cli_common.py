@@ -1,0 +1,110 @@
+"""What every `unlearnd` command shares: config and ledger access, announcements, and output (tables or JSON)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from daemon import config as config_mod
+
+console = Console()
+err_console = Console(stderr=True)  # warnings that must not mix into --json output on stdout
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="config.toml (default: ./config.toml "
+                                                   "or $UNLEARND_CONFIG)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def load_config(path: Path | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def bootstrap_servers(cfg: config_mod.Config) -> str:
+    k = cfg.kafka
+    return f"127.0.0.1:{k.embedded_port}" if k.bootstrap_servers == "embedded" else k.bootstrap_servers
+
+
+def open_ledger(cfg: config_mod.Config):
+    from daemon.ledger import Ledger
+
+    return Ledger(cfg.state.ledger_path, cfg.state.ledger_synchronous)
+
+
+def emit(rows: list[dict], columns: list[str], as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[fmt(row.get(c)) for c in columns])
+    console.print(table)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def when(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else None
+
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
+    console.print(f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
+                  + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
+                  + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else ""))
+    if result.get("reason"):
+        console.print(f"reason: {result['reason']}: {result.get('error')}")
+    print_metrics(result.get("metrics") or {})
+
+
+def print_metrics(m: dict) -> None:
+    pairs = sorted({k[: -len("_before")] for k in m if k.endswith("_before")})
+    if pairs:
+        table = Table("measure", "before", "after")
+        for name in pairs:
+            table.add_row(name, fmt(m.get(f"{name}_before")), fmt(m.get(f"{name}_after")))
+        console.print(table)
+    rest = {k: v for k, v in m.items() if not k.endswith(("_before", "_after"))}
+    if rest:
+        console.print("  ".join(f"{k}={fmt(v)}" for k, v in sorted(rest.items())))
+
+
+
+def announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, payload: dict) -> bool:
+    """Publish an adapters-topic event; the ledger is already updated, so failure is reported, not fatal."""
+    from kafka import KafkaProducer
+
+    from daemon import kafka_io
+
+    try:
+        producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap_servers(cfg)), acks="all",
+                                 max_block_ms=10_000)
+        kafka_io.Outbox(producer, cfg.kafka).artifact_event(model, artifact_id, event, payload)
+        producer.flush(10)
+        producer.close()
+        return True
+    except Exception as exc:  # kafka-python raises several unrelated types for an unreachable cluster
+        err_console.print(f"[yellow]could not announce on {cfg.kafka.topics.adapters}: {exc}[/yellow]")
+        return False
