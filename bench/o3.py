@@ -50,14 +50,14 @@ def main(argv=None) -> dict:
     p = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    cache = args.cache / ("quick" if args.quick else "smollm2")
+    paths = run_paths(args.cache, args.quick, args.seed, p)
+    cache = paths["cache"]
 
     fs = facts.generate(p["forget"] + p["retain"], seed=args.seed)
     split = fs.split(p["forget"])
     base_dir = _tiny_base(cache) if args.quick else lm.cached_smollm2(args.cache)
-    key = f"s{args.seed}-f{p['forget']}-r{p['retain']}-e{p['teach_epochs']}-lr{p['teach_lr']:g}"
-    reference_dir = _taught(cache / f"reference-{key}", base_dir, fs.qa_of(split.retain), p)
-    taught_dir = _taught(cache / f"taught-{key}", base_dir, fs.qa_of(fs.people), p)
+    reference_dir = _taught(paths["reference"], base_dir, fs.qa_of(split.retain), p)
+    taught_dir = _taught(paths["taught"], base_dir, fs.qa_of(fs.people), p)
 
     # Measured subsets, sized for 2 CPU cores: S.U. = the first training paraphrase of each forgotten fact
     # (7 of the 21 pairs a request trains on), D.U. = the held-out paraphrase (7), R.D. = first paraphrase of
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     _log("taught", models["taught"], t_start)
     base = models["taught"]
 
-    run_dir = cache / f"run-{key}"
+    run_dir = paths["run"]
     shutil.rmtree(run_dir, ignore_errors=True)
     engine = O3Engine(epochs=p["o3_epochs"], lr=p["o3_lr"], measure=False, seed=args.seed)
     target = LMTarget("bench", taught_dir).load()
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     for i, person in enumerate(split.forget):
         forget = Forget(qa=tuple((q.question, q.answer) for q in request_qa[person.name]))
         change = engine.apply(target, forget)
-        out = run_dir / "adapters" / f"r{i:02d}"
+        out = paths["adapters"][i]
         out.mkdir(parents=True)
         change.save(out)
         metrics = change.metrics
@@ -156,6 +156,16 @@ def main(argv=None) -> dict:
         args.out.write_text(text)
     print(text)
     return result
+
+
+def run_paths(cache_root: Path, quick: bool, seed: int, p: dict) -> dict:
+    """Where a run keeps its taught/reference models and its adapters (one per request, in request order);
+    bench/router.py reads the same paths to measure routing end to end on this run's adapters."""
+    cache = cache_root / ("quick" if quick else "smollm2")
+    key = f"s{seed}-f{p['forget']}-r{p['retain']}-e{p['teach_epochs']}-lr{p['teach_lr']:g}"
+    run = cache / f"run-{key}"
+    return {"cache": cache, "reference": cache / f"reference-{key}", "taught": cache / f"taught-{key}", "run": run,
+            "adapters": [run / "adapters" / f"r{i:02d}" for i in range(p["forget"])]}
 
 
 def _tiny_base(cache: Path) -> Path:

@@ -7,16 +7,23 @@ inside the gate); positives = that person's training questions + 7 held-out para
 people's questions (training + held-out) and general questions. AUROC on the gate's z per request; false
 activation = share of retained/general inputs the router gives any adapter.
 Encoders and CEL: AUROC and cost of frozen MiniLM vs a CEL-trained MiniLM vs SmolLM2's own hidden states.
+Layers: a gate over the encoder's last layer (default) vs all six, at 10 and 100 requests (look-alike false
+activation adds up over requests: the reason for the default).
 Cost: routing time per input as a share of generating 32 new tokens with SmolLM2-135M, measured side by side;
 routing time at 10, 100, 1,000 requests (real gates + synthetic requests from real embeddings).
-End to end (S.U./D.U./R.D. with routing vs always-on vs oracle) needs issue 4's fine-tuned model and adapters:
-emitted as null with a note until that lands.
-`--quick`: 3 requests, a tiny random Llama for the generation share, 10 vs 100 requests; a smoke test.
+End to end: bench/o3.py's run (a model taught 15 people, one O3 adapter per forgotten person; made here first
+if its cache is missing) served through the Router: one gate per request fitted on that request's prompts as the
+daemon does, every input routed, the adapters applied per input with `per_sample_adapters` (mixed routes in one
+batch, as `unlearnd serve` does). S.U./D.U./R.D./general accuracy with routing vs "always on" (every adapter
+for every input) vs "oracle" (a forgotten person's questions get exactly that request's adapter) vs the base.
+`--quick`: 3 requests, a tiny random Llama for the generation share and the end-to-end path, 10 vs 100 requests;
+a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -125,6 +132,39 @@ def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, 
     return summary
 
 
+def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weights=(0.4, 0.5, 0.7)) -> dict:
+    """Which encoder layers a gate scores: all six (O3's aggregation) vs the last one (our default).
+
+    Per number of requests: router-level false activation on look-alikes (every paraphrase of retained people:
+    the forgotten people's question templates about somebody else), the held-out paraphrase hit rate, and the
+    per-request AUROC of held-out paraphrases vs look-alikes. Separate people (`seed + 1`) from the rest of the
+    bench, so the choice is not tuned on the sets it is reported on."""
+    fs = facts.generate(max(sizes) + retained, seed=seed + 1)
+    split = fs.split(max(sizes))
+    look = encoder.encode(prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)))
+    train = [encoder.encode(prompts(fs.qa(p))) for p in split.forget]
+    held = [encoder.encode(prompts(fs.qa(p, held_out=True))) for p in split.forget]
+    out: dict = {"look_alike_questions": len(look), "held_out_per_request": len(held[0])}
+    for name, layers in (("last_layer", (-1,)), ("all_layers", None)):
+        gates = [fit_gate_from_features(t, f"req{i:03d}", layers=layers) for i, t in enumerate(train)]
+        aucs = [auroc(g.z(h), g.z(look)) for g, h in zip(gates, held)]
+        rows = {}
+        for n in sizes:
+            router = Router(encoder)
+            for g in gates[:n]:
+                router.add_gate(g.adapter_id, g)
+            for mw in min_weights:
+                router.config.min_weight = mw
+                rows[f"{n}_requests_min_weight_{mw}"] = {
+                    "false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
+                    "held_out_hit": float(np.mean([g.adapter_id in r for g, h in zip(gates[:n], held[:n])
+                                                   for r in router.route_features(h)])),
+                }
+        out[name] = {"auroc_held_out_vs_look_alike_min": min(aucs),
+                     "auroc_held_out_vs_look_alike_mean": float(np.mean(aucs)), "routing": rows}
+    return out
+
+
 def load_generator(quick: bool):
     if quick:  # smoke test: a tiny random Llama stands in for SmolLM2
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -215,6 +255,90 @@ def scaling(encoder, fs, split, sizes: list[int], work: Path, probes: list[str],
     return out
 
 
+def o3_run(quick: bool, seed: int, cache: Path) -> dict:
+    """bench/o3.py's taught model and adapters, made by running that bench if they are not cached."""
+    from bench import o3 as o3_bench
+
+    p = dict(o3_bench.QUICK if quick else o3_bench.FULL)
+    paths = o3_bench.run_paths(cache, quick, seed, p)
+    if not all((d / "adapter_model.safetensors").is_file() for d in paths["adapters"]):
+        print("end to end: no cached O3 run, running bench/o3.py first", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries this bench's JSON only
+            o3_bench.main((["--quick"] if quick else []) + ["--cache", str(cache), "--seed", str(seed)])
+    return {**paths, "forget": p["forget"], "retain": p["retain"]}
+
+
+def routed_correct(model, tok, qas, routes, batch_size: int = 16) -> list[bool]:
+    """lm_eval.correct with adapters applied per input: batch b of questions runs with routes b (mixed)."""
+    from adapters import lm_eval
+    from detector.per_sample_lora import per_sample_adapters
+
+    out: list[bool] = []
+    for i in range(0, len(qas), batch_size):
+        with per_sample_adapters(model, routes[i:i + batch_size]):
+            out += lm_eval.correct(model, tok, qas[i:i + batch_size], batch_size=batch_size)
+    return out
+
+
+def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path) -> dict:
+    """S.U./D.U./R.D./general with the router in the loop, side by side with base, oracle and always-on."""
+    from adapters import lm, lora_set
+
+    run = o3_run(quick, seed, cache)
+    fs = facts.generate(run["forget"] + run["retain"], seed=seed)
+    split = fs.split(run["forget"])
+    ids = [d.name for d in run["adapters"]]  # r00, r01, ...: request i forgot split.forget[i]
+    router = Router(encoder)
+    for aid, person in zip(ids, split.forget):
+        fit_request_gate(prompts(fs.qa(person)), work / "e2e" / aid, encoder, adapter_id=aid)
+        router.add(aid, work / "e2e" / aid)
+    model, tok = lm.load(run["taught"])
+    served = lora_set.attach(model, dict(zip(ids, run["adapters"])))
+    # The sets of bench/o3.py (S.U. = first training paraphrase, D.U. = held-out paraphrase), except that R.D.
+    # takes every paraphrase of the retained people: templated look-alikes are where false activations happen.
+    own = {q.person: aid for aid, person in zip(ids, split.forget) for q in fs.qa(person)}
+    sets = {
+        "su": [q for p in split.forget for q in fs.qa(p) if q.paraphrase == 0],
+        "du": fs.qa_of(split.forget, held_out=True),
+        "rd": fs.qa_of(split.retain) + fs.qa_of(split.retain, held_out=True),
+        "general": list(facts.GENERAL[: 8 if quick else len(facts.GENERAL)]),
+    }
+    t0 = time.perf_counter()
+    routed = {name: router.route(prompts(qas)) for name, qas in sets.items()}
+    route_s = time.perf_counter() - t0
+    conditions = {
+        "base": lambda name, qas: [{} for _ in qas],
+        "oracle": lambda name, qas: [({own[q.person]: 1.0} if q.person in own else {}) for q in qas],
+        "always_on": lambda name, qas: [dict.fromkeys(ids, 1.0) for _ in qas],
+        "routed": lambda name, qas: routed[name],
+    }
+    acc = {}
+    for cond, routes_of in conditions.items():
+        acc[cond] = {name: float(np.mean(routed_correct(served, tok, qas, routes_of(name, qas))))
+                     for name, qas in sets.items()}
+        print(f"end to end, {cond}: {json.dumps(acc[cond])}", file=sys.stderr, flush=True)
+    decisions = {}
+    for name, qas in sets.items():
+        r = routed[name]
+        decisions[name] = {
+            "inputs": len(qas),
+            "any_adapter": float(np.mean([bool(x) for x in r])),
+            "own_adapter": float(np.mean([own.get(q.person) in x for q, x in zip(qas, r)])) if name in ("su", "du") else None,
+            "another_request_adapter": int(sum(any(k != own.get(q.person) for k in x) for q, x in zip(qas, r))),
+            "weight_mean_when_applied": float(np.mean([w for x in r for w in x.values()])) if any(r) else None,
+        }
+    base = acc["base"]
+    return {
+        "model": str(run["taught"].name), "requests": len(ids), "retained_people": len(split.retain),
+        "accuracy": acc, "routing": decisions, "route_seconds_all_sets": route_s,
+        "su_routed": acc["routed"]["su"], "du_routed": acc["routed"]["du"],
+        "rd_drop_points_routed": 100 * (base["rd"] - acc["routed"]["rd"]),
+        "general_drop_points_routed": 100 * (base["general"] - acc["routed"]["general"]),
+        "rd_drop_points_always_on": 100 * (base["rd"] - acc["always_on"]["rd"]),
+        "general_drop_points_always_on": 100 * (base["general"] - acc["always_on"]["general"]),
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--quick", action="store_true", help="smoke test: small sizes, tiny generator")
@@ -222,6 +346,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--people", type=int, default=40)
     ap.add_argument("--requests", type=int, default=10, help="forget people = deletion requests")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--o3-cache", type=Path, default=Path("var/bench/o3"), help="bench/o3.py's --cache")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -229,7 +354,7 @@ def main(argv=None) -> dict:
     fs = facts.generate(n_people, seed=args.seed)
     split = fs.split(n_forget=n_req)
     encoder = Encoder()
-    result: dict = {"bench": "router", "quick": args.quick, "encoder": encoder.name, "layers": encoder.n_layers,
+    result: dict = {"bench": "router", "quick": args.quick, "encoder": encoder.name, "encoder_layers": encoder.n_layers,
                     "people": n_people, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -240,25 +365,28 @@ def main(argv=None) -> dict:
         result["generation"] = {"model": gen_name, **generation_share(router, model, tok, probes[:4] if args.quick
                                                                       else probes, 8 if args.quick else 32)}
         lm_encoder = None if args.quick else CausalLMEncoder(model, tok)
+        result["gate_layers"] = layer_choice(encoder, args.seed, [5, 10] if args.quick else [10, 100],
+                                             5 if args.quick else 50)
         result["encoders"] = encoder_comparison(fs, split, encoder, lm_encoder, 1 if args.quick else 2,
                                                 0 if args.quick else 20)
         sizes = [10, 100] if args.quick else [10, 100, 1000]
         result["scaling"] = scaling(encoder, fs, split, sizes, work, probes, 1 if args.quick else 3)
-    result["end_to_end"] = {"su_routed": None, "du_routed": None, "rd_drop_points_routed": None,
-                            "note": "needs issue 4's fine-tuned SmolLM2 and O3 adapters (adapters/o3.py not "
-                                    "committed when this bench was written); routing applies them with "
-                                    "detector.per_sample_lora.per_sample_adapters"}
+        result["end_to_end"] = e2e = end_to_end(encoder, args.quick, args.seed, args.o3_cache, work)
     result["seconds"] = time.perf_counter() - t_start
     sc = result["scaling"]
     result["summary"] = {
         "auroc_min": det["auroc_min"], "auroc_mean": det["auroc_mean"],
         "false_activation_rate": det["false_activation_rate"], "hit_rate_held_out": det["hit_rate_held_out"],
-        "su_routed": None, "du_routed": None, "rd_drop_points_routed": None,
+        "su_routed": e2e["su_routed"], "du_routed": e2e["du_routed"], "rd_drop_points_routed": e2e["rd_drop_points_routed"],
+        "general_drop_points_routed": e2e["general_drop_points_routed"],
+        "su_oracle": e2e["accuracy"]["oracle"]["su"], "du_oracle": e2e["accuracy"]["oracle"]["du"],
+        "su_always_on": e2e["accuracy"]["always_on"]["su"], "rd_drop_points_always_on": e2e["rd_drop_points_always_on"],
         "routing_share_of_generation": result["generation"]["routing_share_of_generation"],
         "routing_cost_ratio_1000_vs_10": sc["ratio_largest_vs_smallest"] if not args.quick else None,
         "routing_cost_ratio_largest_vs_10": sc["ratio_largest_vs_smallest"],
         "largest_request_count": max(sizes),
         "default_encoder": "minilm_frozen",
+        "default_gate_layers": "last",
     }
     text = json.dumps(result, indent=2)
     if args.out:

@@ -94,6 +94,9 @@ class Serve(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8088, ge=0, le=65535)
     max_new_tokens: int = Field(64, ge=1)
+    # The router's cut: an adapter whose gate weight is below this stays off for the input. Higher = fewer
+    # false activations on look-alike inputs, fewer held-out paraphrases caught (bench/router.py, "gate_layers").
+    min_weight: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class Logging(_Section):

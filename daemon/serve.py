@@ -28,7 +28,7 @@ from daemon import kafka_io
 from daemon.config import Config
 from daemon.models import GATE_SUBDIR  # the gate lives inside the adapter's directory, hashed with it
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
-from detector import Encoder, Router, per_sample_adapters
+from detector import Encoder, Router, RouterConfig, per_sample_adapters
 
 log = logging.getLogger("unlearnd.serve")
 
@@ -216,6 +216,10 @@ def build_app(service: Service):
     return app
 
 
+def new_router(cfg: Config) -> Router:
+    return Router(Encoder(), RouterConfig(min_weight=cfg.serve.min_weight))
+
+
 def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route_only: bool = False) -> Service:
     """The service for one registered causal_lm model; base weights from `base_dir` or the model's bootstrap."""
     lm = tok = None
@@ -227,7 +231,7 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
             base_dir = lm_mod.resolve_source(spec.bootstrap.source or "smollm2",
                                              ArtifactStore(cfg.state.artifacts_path).root / model)
         lm, tok = lm_mod.load(base_dir)
-    return Service(model, Router(Encoder()), lm=lm, tokenizer=tok, max_new_tokens=cfg.serve.max_new_tokens)
+    return Service(model, new_router(cfg), lm=lm, tokenizer=tok, max_new_tokens=cfg.serve.max_new_tokens)
 
 
 def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None = None,
@@ -246,7 +250,7 @@ def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None 
 
 def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -> dict:
     """`unlearnd route "text"`: the router's decision with per-adapter scores, from the adapters topic's state."""
-    service = Service(model, Router(Encoder()))
+    service = Service(model, new_router(cfg))
     follower = follow_adapters(service, cfg)
     try:
         _wait_caught_up(follower, timeout_s)

@@ -1,15 +1,23 @@
 """One request's gate: O3's OOD detector fitted on that request's forget features only.
 
-Per layer l, for features f of an input:
+Per gate layer l (see GATE_LAYERS), for features f of an input:
     s_l(f) = -0.5 (f - mu_l)^T Prec_l (f - mu_l)  -  1000 (1 - max_{f' in bank_l} cos(f, f'))
 The global term is the Gaussian of D_used (gaussian.py); the local term is a 1-NN search of the request's
-own FAISS bank (index.py). ALGORITHMS.md writes the local term as `-1000 max cos`; we use the cosine
+own FAISS bank (index.py): D_used while the gate is fitted and calibrated, then D_used + D_rest. ALGORITHMS.md writes the local term as `-1000 max cos`; we use the cosine
 *distance* so both terms grow towards the forget data (as in KNN-OOD, which O3's local term comes from);
 with `-1000 max cos` a verbatim forget sample would look the least forget-like.
 Each layer score (<= 0) is mapped to `u_l = T_l / (T_l - s_l)` in (0, 1], T_l the median |s_l| over D_used:
 "infinitely far" sits at the origin, which is what a linear one-class SVM separates its data from, and the
 map never saturates (held-out paraphrases and unrelated inputs stay ordered). The SVM's decision value is z; the
 two-Gaussian calibration (calibration.py) turns z into the soft weight w.
+
+Which layers: O3 aggregates every layer; by default we score only the encoder's last layer (MiniLM's sentence
+embedding). Measured on the fictitious-facts set (bench/router.py, `layers`): the last layer ranks held-out
+paraphrases of the forgotten person above look-alike questions about other people at AUROC 1.000 vs 0.994 for all
+six layers, and because every request's gate errs on its own, the all-layer gate's false activations add up with
+the number of requests (retained-person questions routed to some adapter: 14 % at 10 requests, 48 % at 100;
+last layer: 0.2 % and 3.5 %). The lower layers are lexical: they see the shared question template more than
+the person. `layers` is a fit parameter and is persisted, so a gate is always scored on the layers it was fit on.
 
 Persisted next to the adapter (no pickle): `gate.safetensors` (arrays, including the linear SVM's coef_ and
 intercept_), `gate.json` (scalars, calibration, metrics), `bank_l{l}.faiss` (faiss.write_index). The raw forget
@@ -32,8 +40,9 @@ from detector import index as fidx
 from detector.calibration import TwoGaussianCalibration
 from detector.gaussian import LowRankGaussian
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `layers` (format 1 gates used every layer, and still load)
 LOCAL_SCALE = 1000.0
+GATE_LAYERS: tuple[int, ...] = (-1,)  # encoder layers a gate scores by default; negative = from the top
 
 
 @dataclass
@@ -46,6 +55,13 @@ class RequestGate:
     svm_intercept: float
     calibration: TwoGaussianCalibration
     info: dict = field(default_factory=dict)
+    layers: tuple[int, ...] = ()  # the encoder layers (absolute indices) of gaussians/banks, in order
+
+    def __post_init__(self):
+        if not self.layers:
+            self.layers = tuple(range(len(self.gaussians)))
+        if len(self.layers) != len(self.gaussians):
+            raise ValueError(f"{len(self.layers)} layers for {len(self.gaussians)} gaussians")
 
     @property
     def key(self) -> int:
@@ -55,14 +71,22 @@ class RequestGate:
     def n_layers(self) -> int:
         return len(self.gaussians)
 
+    def bank_of_layer(self, layer: int, n_encoder_layers: int) -> faiss.IndexIDMap2:
+        """This request's vectors of encoder layer `layer` (negative = from the top): what the router indexes."""
+        absolute = layer % n_encoder_layers
+        if absolute not in self.layers:
+            raise ValueError(f"gate {self.adapter_id!r} was fit on layers {list(self.layers)}, not {absolute}")
+        return self.banks[self.layers.index(absolute)]
+
     # --- scoring -----------------------------------------------------------------------------------
     def layer_scores(self, feats: np.ndarray, *, exclude_rows: np.ndarray | None = None) -> np.ndarray:
-        """[n, L] glocal scores. `exclude_rows[i]` = bank row of input i itself (leave-one-out while fitting)."""
+        """[n, L] glocal scores of encoder features [n, all layers, d] on the gate's L layers.
+        `exclude_rows[i]` = bank row of input i itself (leave-one-out while fitting)."""
         n = len(feats)
         out = np.empty((n, self.n_layers), np.float64)
         k = 2 if exclude_rows is not None else 1
-        for layer, (gauss, bank) in enumerate(zip(self.gaussians, self.banks)):
-            f = feats[:, layer, :]
+        for layer, (gauss, bank, f_layer) in enumerate(zip(self.gaussians, self.banks, self.layers)):
+            f = feats[:, f_layer, :]
             sims, ids = bank.search(fidx.normalise(f), min(k, bank.ntotal))
             if exclude_rows is None:
                 nearest = sims[:, 0]
@@ -90,11 +114,11 @@ class RequestGate:
         for layer, g in enumerate(self.gaussians):
             arrays |= {f"l{layer}.mean": g.mean, f"l{layer}.basis": g.basis, f"l{layer}.gain": g.gain}
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out_dir / "gate.safetensors"))
-        for layer, bank in enumerate(self.banks):
+        for layer, bank in zip(self.layers, self.banks):  # named by encoder layer
             fidx.write(bank, out_dir / f"bank_l{layer}.faiss")
         scalars = {
             "format_version": FORMAT_VERSION, "adapter_id": self.adapter_id, "key": self.key,
-            "n_layers": self.n_layers, "calibration": self.calibration.to_json(),
+            "n_layers": self.n_layers, "layers": list(self.layers), "calibration": self.calibration.to_json(),
             "gaussians": [{"iso": g.iso, "shrinkage": g.shrinkage} for g in self.gaussians], **self.info,
         }
         (out_dir / "gate.json").write_text(json.dumps(scalars, indent=2))
@@ -103,16 +127,17 @@ class RequestGate:
     def load(cls, gate_dir: Path) -> "RequestGate":
         gate_dir = Path(gate_dir)
         meta = json.loads((gate_dir / "gate.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(f"{gate_dir}: gate format {meta.get('format_version')} != {FORMAT_VERSION}")
         a = load_file(str(gate_dir / "gate.safetensors"))
         gaussians = [LowRankGaussian(a[f"l{i}.mean"], a[f"l{i}.basis"], a[f"l{i}.gain"], g["iso"], g["shrinkage"])
                      for i, g in enumerate(meta["gaussians"])]
-        banks = [fidx.read(gate_dir / f"bank_l{i}.faiss") for i in range(meta["n_layers"])]
+        layers = tuple(meta.get("layers", range(meta["n_layers"])))
+        banks = [fidx.read(gate_dir / f"bank_l{i}.faiss") for i in layers]
         info = {k: v for k, v in meta.items() if k not in
-                ("format_version", "adapter_id", "key", "n_layers", "calibration", "gaussians")}
+                ("format_version", "adapter_id", "key", "n_layers", "layers", "calibration", "gaussians")}
         return cls(meta["adapter_id"], gaussians, banks, a["score_scale"].astype(np.float64), a["svm_coef"].astype(np.float64),
-                   float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info)
+                   float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info, layers)
 
 
 def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -122,23 +147,24 @@ def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tup
     return np.sort(order[:n_used]), np.sort(order[n_used:])
 
 
-def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, nu: float = 0.1, seed: int = 0,
-                           encoder_name: str = "") -> RequestGate:
-    """Fit a gate on one request's features [n, L, d] (n >= 2)."""
+def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[int, ...] | None = GATE_LAYERS,
+                           nu: float = 0.1, seed: int = 0, encoder_name: str = "") -> RequestGate:
+    """Fit a gate on one request's encoder features [n, all layers, d] (n >= 2), scoring `layers` (None: all)."""
     if len(feats) < 2:
         raise ValueError("a gate needs at least 2 forget samples (80/20 split)")
     t0 = time.perf_counter()
+    n_enc = feats.shape[1]
+    layers = tuple(range(n_enc)) if layers is None else tuple(sorted({int(x) % n_enc for x in layers}))
     used, rest = split_used_rest(len(feats), seed=seed)
     key = fidx.request_key(adapter_id)
     gaussians, banks = [], []
-    for layer in range(feats.shape[1]):
+    for layer in layers:
         gaussians.append(LowRankGaussian.fit(feats[used, layer]))
         bank = fidx.new_index(feats.shape[2])
         fidx.add_request(bank, key, fidx.normalise(feats[used, layer]))
         banks.append(bank)
-    n_layers = feats.shape[1]
-    gate = RequestGate(adapter_id, gaussians, banks, np.ones(n_layers), np.zeros(n_layers), 0.0,
-                       TwoGaussianCalibration(0.0, 1.0, 0.0, 1.0))
+    gate = RequestGate(adapter_id, gaussians, banks, np.ones(len(layers)), np.zeros(len(layers)), 0.0,
+                       TwoGaussianCalibration(0.0, 1.0, 0.0, 1.0), layers=layers)
     s_used = gate.layer_scores(feats[used], exclude_rows=np.arange(len(used)))
     gate.score_scale = np.maximum(np.median(-s_used, axis=0), 1e-6)
     u_used = gate.svm_inputs(s_used)
@@ -151,6 +177,10 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, nu: float = 0.
     z_rest = gate.z(feats[rest]) if len(rest) else z_used
     gate.calibration = TwoGaussianCalibration.fit(z_used, z_rest)
     w_rest = gate.calibration.weight(z_rest)
+    # Calibrated: now D_rest joins the local banks (not the Gaussians), so every text the request named is its
+    # own nearest neighbour and always routes; held out, ~1 in 10 of them fell below min_weight (bench/router.py).
+    for bank, layer in zip(gate.banks, layers):
+        fidx.add_request(bank, key, fidx.normalise(feats[rest, layer]), first_row=len(used))
     gate.info = {
         "encoder": encoder_name, "n_used": int(len(used)), "n_rest": int(len(rest)), "nu": nu,
         "metrics": {"fit_seconds": round(time.perf_counter() - t0, 4), "z_used_mean": float(z_used.mean()),
@@ -160,8 +190,8 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, nu: float = 0.
     return gate
 
 
-def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str, nu: float = 0.1,
-                     seed: int = 0) -> dict:
+def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str,
+                     layers: tuple[int, ...] | None = GATE_LAYERS, nu: float = 0.1, seed: int = 0) -> dict:
     """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
 
     `texts` are the request's forget inputs as serving will see them: for `forget.qa` the prompts
@@ -170,7 +200,7 @@ def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: st
     `gate/` folder inside the staging directory the store publishes, so the gate is versioned (and hashed)
     with its adapter. Returns the gate's metrics (JSON-able) for the ledger and the result event.
     """
-    gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, nu=nu, seed=seed,
+    gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, layers=layers, nu=nu, seed=seed,
                                   encoder_name=getattr(encoder, "name", ""))
     gate.save(Path(out_dir))
     return dict(gate.info["metrics"], n_used=gate.info["n_used"], n_rest=gate.info["n_rest"])

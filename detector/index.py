@@ -42,11 +42,11 @@ def new_index(dim: int) -> faiss.IndexIDMap2:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def add_request(index: faiss.IndexIDMap2, key: int, vectors: np.ndarray) -> None:
-    """Add one request's vectors (already normalised) under ids key<<20 | row."""
-    if len(vectors) >= 1 << ROW_BITS:
+def add_request(index: faiss.IndexIDMap2, key: int, vectors: np.ndarray, first_row: int = 0) -> None:
+    """Add one request's vectors (already normalised) under ids key<<20 | row, rows from `first_row` on."""
+    if first_row + len(vectors) >= 1 << ROW_BITS:
         raise ValueError(f"at most {1 << ROW_BITS} vectors per request")
-    ids = (np.int64(key) << ROW_BITS) + np.arange(len(vectors), dtype=np.int64)
+    ids = (np.int64(key) << ROW_BITS) + np.arange(first_row, first_row + len(vectors), dtype=np.int64)
     index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
 
 

@@ -29,8 +29,9 @@ class RouterConfig:
     routing_layer: int = -1  # layer whose vectors the shared index holds (last = the sentence embedding)
     candidates_k: int = 32  # neighbours retrieved per input by the one shared search
     candidate_min_cos: float = 0.7  # a neighbour this close makes its request a candidate (held-out paraphrases: >= 0.79)
-    # Below this an adapter is off for the input. Measured on the facts set (10 requests, 30 retained people):
-    # 0.25 -> retained-question false activation 34%, held-out hit 100%; 0.5 -> 11% / 86%; 0.7 -> 6% / 70%.
+    # Below this an adapter is off for the input. Measured (bench/router.py "gate_layers", last-layer gates):
+    # look-alike false activation / held-out paraphrase hit at 10 requests: 0.4 -> 1.2% / 96%, 0.5 -> 0.3% / 87%,
+    # 0.7 -> 0% / 79%; at 100 requests: 18% / 92%, 7.9% / 87%, 2.1% / 79%. Config: [serve] min_weight.
     min_weight: float = 0.5
 
 
@@ -58,7 +59,7 @@ class Router:
                 raise ValueError(f"id-key collision between adapters {other!r} and {adapter_id!r}")
             if adapter_id in self.gates:
                 self.remove(adapter_id)
-            vecs, ids = fidx.vectors_and_ids(gate.banks[self.config.routing_layer])
+            vecs, ids = fidx.vectors_and_ids(gate.bank_of_layer(self.config.routing_layer, self.encoder.n_layers))
             self._index.add_with_ids(vecs, ids)
             self.gates[adapter_id] = gate
             self._by_key[key] = adapter_id

@@ -20,8 +20,8 @@ def test_fit_persist_load_round_trip(tmp_path, encoder, fact_set):
     metrics = fit_request_gate(texts, tmp_path / "gate", encoder, adapter_id="m/a1")
     assert metrics["n_used"] + metrics["n_rest"] == len(texts) and metrics["n_rest"] >= 1
     files = sorted(p.name for p in (tmp_path / "gate").iterdir())
-    assert files == ["bank_l0.faiss", "bank_l1.faiss", "bank_l2.faiss", "bank_l3.faiss", "bank_l4.faiss",
-                     "bank_l5.faiss", "gate.json", "gate.safetensors"]
+    # The default gate scores the encoder's last layer only (GATE_LAYERS; the measurement is in gate.py).
+    assert files == [f"bank_l{encoder.n_layers - 1}.faiss", "gate.json", "gate.safetensors"]
     # No raw forget text anywhere on disk: only features and scalars.
     blob = b"".join((tmp_path / "gate" / f).read_bytes() for f in files)
     assert person.name.encode() not in blob and b"born" not in blob
@@ -32,7 +32,26 @@ def test_fit_persist_load_round_trip(tmp_path, encoder, fact_set):
     probe = encoder.encode(prompts(fs.qa(person, held_out=True)) + prompts(facts.GENERAL[:5]))
     again = RequestGate.load(tmp_path / "gate")
     np.testing.assert_allclose(gate.z(probe), again.z(probe), rtol=1e-6)
-    assert gate.banks[0].ntotal == metrics["n_used"]
+    assert gate.banks[0].ntotal == metrics["n_used"] + metrics["n_rest"]  # D_rest joins the bank after calibration
+
+
+def test_all_layer_gate_round_trip_and_format_1_still_loads(tmp_path, encoder, fact_set):
+    fs, split = fact_set
+    person = split.forget[0]
+    fit_request_gate(prompts(fs.qa(person)), tmp_path / "gate", encoder, adapter_id="m/all", layers=None)
+    gate = RequestGate.load(tmp_path / "gate")
+    assert gate.layers == tuple(range(encoder.n_layers))
+    assert sorted(p.name for p in (tmp_path / "gate").glob("bank_l*.faiss")) == [
+        f"bank_l{i}.faiss" for i in range(encoder.n_layers)]
+    probe = encoder.encode(prompts(fs.qa(person, held_out=True)))
+    # A gate written before `layers` existed (format 1) scored every layer: it must load as exactly that.
+    meta = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    meta.pop("layers")
+    meta["format_version"] = 1
+    (tmp_path / "gate" / "gate.json").write_text(json.dumps(meta))
+    old = RequestGate.load(tmp_path / "gate")
+    assert old.layers == gate.layers
+    np.testing.assert_allclose(old.z(probe), gate.z(probe), rtol=1e-6)
 
 
 def test_forget_like_inputs_get_high_weight_unrelated_low(encoder, fact_set, tmp_path):
