@@ -56,7 +56,9 @@ class O3Config:
     dropout: float = 0.05
     targets: tuple[str, ...] = LLAMA_LINEAR  # module names; ("all-linear",) lets peft pick every linear layer
     lr: float = 1e-3
-    epochs: int = 5
+    # 10 (O3's code: 10-15): on SmolLM2 with 21 QA pairs, 5 epochs left S.U. at 0.41 against a reference of 0.21,
+    # 10 reach it, at 26 s instead of 17 s per request on 2 cores (bench/o3.py).
+    epochs: int = 10
     batch_size: int = 8
     orthogonality: float = 0.1  # lambda; 0 turns the penalty off
     objective: str = "random_label"  # "random_label" | "refusal"

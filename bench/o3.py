@@ -31,7 +31,7 @@ from adapters import facts, facts_tuning, lm, lm_eval, lora_set  # noqa: E402
 from adapters.base import Forget  # noqa: E402
 from adapters.o3 import LMTarget, O3Engine  # noqa: E402
 
-FULL = dict(forget=10, retain=5, teach_epochs=3, teach_lr=2e-4, o3_epochs=5, o3_lr=1e-3, no_penalty_requests=2,
+FULL = dict(forget=10, retain=5, teach_epochs=3, teach_lr=2e-4, o3_epochs=10, o3_lr=1e-3, no_penalty_requests=2,
             general=len(facts.GENERAL))
 QUICK = dict(forget=2, retain=1, teach_epochs=12, teach_lr=3e-3, o3_epochs=6, o3_lr=3e-2, no_penalty_requests=2,
              general=8)
@@ -163,7 +163,7 @@ def run_paths(cache_root: Path, quick: bool, seed: int, p: dict) -> dict:
     bench/router.py reads the same paths to measure routing end to end on this run's adapters."""
     cache = cache_root / ("quick" if quick else "smollm2")
     key = f"s{seed}-f{p['forget']}-r{p['retain']}-e{p['teach_epochs']}-lr{p['teach_lr']:g}"
-    run = cache / f"run-{key}"
+    run = cache / f"run-{key}-o3e{p['o3_epochs']}-lr{p['o3_lr']:g}"
     return {"cache": cache, "reference": cache / f"reference-{key}", "taught": cache / f"taught-{key}", "run": run,
             "adapters": [run / "adapters" / f"r{i:02d}" for i in range(p["forget"])]}
 

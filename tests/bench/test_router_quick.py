@@ -22,4 +22,10 @@ def test_router_bench_quick(tmp_path):
     assert 0.5 < summary["auroc_min"] <= 1.0
     assert 0.0 <= summary["false_activation_rate"] <= 1.0
     assert summary["routing_share_of_generation"] > 0
+    # End to end on bench/o3.py's tiny run: measured, not left out, and routing spares the retained people
+    # that "always on" damages.
+    for key in ("su_routed", "du_routed"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["rd_drop_points_routed"] < summary["rd_drop_points_always_on"]
+    assert result["end_to_end"]["routing"]["su"]["own_adapter"] == 1.0  # every named text reaches its adapter
     assert result["scaling"]["100"]["requests"] == 100
