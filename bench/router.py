@@ -132,7 +132,7 @@ def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, 
     return summary
 
 
-def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weights=(0.4, 0.5, 0.7)) -> dict:
+def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weights=(0.3, 0.4, 0.5)) -> dict:
     """Which encoder layers a gate scores: all six (O3's aggregation) vs the last one (our default).
 
     Per number of requests: router-level false activation on look-alikes (every paraphrase of retained people:
@@ -153,9 +153,9 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
             router = Router(encoder)
             for g in gates[:n]:
                 router.add_gate(g.adapter_id, g)
-            for mw in min_weights:
-                router.config.min_weight = mw
-                rows[f"{n}_requests_min_weight_{mw}"] = {
+            for mw, margin in [(mw, RouterConfig.margin) for mw in min_weights] + [(RouterConfig.min_weight, 0.0)]:
+                router.config.min_weight, router.config.margin = mw, margin
+                rows[f"{n}_requests_min_weight_{mw}" + ("_no_margin" if margin == 0 else "")] = {
                     "false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
                     "held_out_hit": float(np.mean([g.adapter_id in r for g, h in zip(gates[:n], held[:n])
                                                    for r in router.route_features(h)])),

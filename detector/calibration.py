@@ -1,8 +1,9 @@
 """Two-Gaussian calibration of a gate's score z into O3's soft weight.
 
-Fit N(mu_used, sd_used) to z over D_used and N(mu_rest, sd_rest) to z over D_rest (both are forget data: the
-mixture describes what in-distribution scores look like), x0 = midpoint of the means, F = CDF of the mixture:
-`c(z) = 1 - |F(z) - F(2 x0 - z)|`, `w = sigmoid(10 c - 2)`.
+Fit N(mu_used, sd_used) to z over D_used and N(mu_rest, sd_rest) to z of held-out forget samples (both are
+forget data: the mixture describes what in-distribution scores look like). O3 takes D_rest alone for the second;
+gate.py adds leave-one-out scores of D_used, because D_rest is 2-4 samples for a typical request.
+x0 = midpoint of the means, F = CDF of the mixture: `c(z) = 1 - |F(z) - F(2 x0 - z)|`, `w = sigmoid(10 c - 2)`.
 
 One deviation from the formula as written: c is symmetric around x0, so an input scoring *above* the
 in-distribution centre (e.g. a verbatim forget sample, more typical than any held-out one) would get a low c.

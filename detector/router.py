@@ -10,6 +10,16 @@ For millions of vectors swap the flat index for HNSW/IVF (same ids, same remove_
 Weights: several requests apply to one input -> each adapter gets its own w; adapters below `min_weight`
 are switched off (the calibration's sigmoid never goes below 0.12, so without a floor every adapter would
 leak 12% into every input; O3's eval script uses a hard cut for the same reason).
+
+Exact texts: an input that is one of the texts a request named (cosine >= EXACT_COS to one of its vectors) gets
+that request's adapter at weight 1, whatever its gate and the margin say: verbatim forget data always routes.
+
+Margin: each gate is calibrated on its own request's texts only, so each errs on its own, and with many similar
+requests (the same form filled in for different people) some gate accepts almost any look-alike input. The one
+shared search already tells which requests' texts an input is near; a gate that fires applies only if the input is
+at least `margin` (cosine) nearer to its request's texts than to those of every near request whose gate stays
+off. A true match is near its own request only; a look-alike is about as near to many. Requests about the same
+subject all fire together, so they never block each other. Measured (bench/router.py "gate_layers"): see margin.
 """
 
 from __future__ import annotations
@@ -23,16 +33,24 @@ import numpy as np
 from detector import index as fidx
 from detector.gate import RequestGate
 
+EXACT_COS = 0.999  # distinct questions stay below: at most 0.993 apart among 8,400 of the facts set
+
 
 @dataclass
 class RouterConfig:
     routing_layer: int = -1  # layer whose vectors the shared index holds (last = the sentence embedding)
-    candidates_k: int = 32  # neighbours retrieved per input by the one shared search
+    candidates_k: int = 64  # neighbours retrieved per input by the one shared search
     candidate_min_cos: float = 0.7  # a neighbour this close makes its request a candidate (held-out paraphrases: >= 0.79)
-    # Below this an adapter is off for the input. Measured (bench/router.py "gate_layers", last-layer gates):
-    # look-alike false activation / held-out paraphrase hit at 10 requests: 0.4 -> 1.2% / 96%, 0.5 -> 0.3% / 87%,
-    # 0.7 -> 0% / 79%; at 100 requests: 18% / 92%, 7.9% / 87%, 2.1% / 79%. Config: [serve] min_weight.
-    min_weight: float = 0.5
+    # Below this an adapter is off for the input. Measured (bench/router.py "gate_layers", the sweep with the
+    # default gate and margin): 0.4 keeps 86-89% of held-out paraphrases at < 0.5% look-alike false activation
+    # up to 100 requests; 0.5 trades ~5 points of that recall for ~0.1%. Config: [serve] min_weight.
+    min_weight: float = 0.4
+    # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
+    # stays off (module docstring). Measured on 2 seeds, look-alike false activation without -> with 0.06:
+    # 100 requests 3.5% -> 0.6% and 7.8% -> 1.2%, 300 requests 8.0% -> 1.0%; held-out paraphrase hit unchanged
+    # (0.06 is the largest margin that cost none on either seed; 0.08: 0.2-0.4% but 1-2 points of hit). With
+    # the leave-one-out calibration (gate.py): 100 requests 5.2% -> 0.4%, hit 86% either way.
+    margin: float = 0.06
 
 
 class Router:
@@ -82,8 +100,8 @@ class Router:
         return int(self._index.ntotal)
 
     # --- routing -----------------------------------------------------------------------------------
-    def candidates(self, feats: np.ndarray) -> list[dict[str, float]]:
-        """Per input: candidate adapter -> best cosine of the shared search (one FAISS search for the batch)."""
+    def neighbours(self, feats: np.ndarray) -> list[dict[str, float]]:
+        """Per input: adapter -> best cosine among the shared search's top `candidates_k` (one FAISS search)."""
         with self._lock:
             if self._index.ntotal == 0 or len(feats) == 0:
                 return [{} for _ in range(len(feats))]
@@ -93,30 +111,45 @@ class Router:
             for row_sims, row_ids in zip(sims, ids):
                 found: dict[str, float] = {}
                 for s, key in zip(row_sims, fidx.key_of(row_ids)):
-                    if s < self.config.candidate_min_cos:
-                        break  # results are sorted by similarity
                     name = self._by_key.get(int(key))
-                    if name is not None and name not in found:
+                    if name is not None and name not in found:  # results are sorted: the first is the best
                         found[name] = float(s)
                 out.append(found)
             return out
 
-    def route_features(self, feats: np.ndarray) -> list[dict[str, float]]:
-        cands = self.candidates(feats)
+    def candidates(self, feats: np.ndarray) -> list[dict[str, float]]:
+        """Per input: the neighbours near enough (`candidate_min_cos`) for their gate to be scored."""
+        return [{n: c for n, c in near.items() if c >= self.config.candidate_min_cos} for near in self.neighbours(feats)]
+
+    def _gate_weights(self, feats: np.ndarray, near: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Per input: every candidate's gate weight (one scoring call per adapter for the whole batch)."""
         weights: list[dict[str, float]] = [{} for _ in range(len(feats))]
         by_adapter: dict[str, list[int]] = {}
-        for i, c in enumerate(cands):
-            for name in c:
-                by_adapter.setdefault(name, []).append(i)
+        for i, c in enumerate(near):
+            for name, cos in c.items():
+                if cos >= self.config.candidate_min_cos:
+                    by_adapter.setdefault(name, []).append(i)
         with self._lock:
             for name, rows in by_adapter.items():
                 gate = self.gates.get(name)
                 if gate is None:  # removed between the search and now
                     continue
                 for i, w in zip(rows, gate.weight(feats[rows])):
-                    if w >= self.config.min_weight:
-                        weights[i][name] = float(w)
+                    weights[i][name] = float(w)
         return weights
+
+    def _applied(self, near: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+        """One input's decision: the requests that named this very text, at weight 1; and gates at or above
+        `min_weight` whose request is `margin` nearer than every near request whose gate stays off."""
+        exact = {n for n, c in near.items() if c >= EXACT_COS}
+        firing = {n: w for n, w in weights.items() if w >= self.config.min_weight or n in exact}
+        silent = max((c for n, c in near.items() if n not in firing), default=-np.inf)
+        applied = {n: w for n, w in firing.items() if near[n] >= silent + self.config.margin}
+        return applied | dict.fromkeys(exact, 1.0)
+
+    def route_features(self, feats: np.ndarray) -> list[dict[str, float]]:
+        near = self.neighbours(feats)
+        return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near))]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
         """Per input: {adapter_id: weight} of the adapters to apply (empty: the base model as it was)."""
@@ -125,7 +158,9 @@ class Router:
     def explain(self, text: str) -> dict:
         """Every candidate's scores for one input: what `unlearnd route "text"` prints."""
         feats = self.encoder.encode([text])
-        cands = self.candidates(feats)[0]
+        near = self.neighbours(feats)
+        applied = self._applied(near[0], self._gate_weights(feats, near)[0])
+        cands = {n: c for n, c in near[0].items() if c >= self.config.candidate_min_cos}
         rows = []
         with self._lock:
             for name, cos in sorted(cands.items(), key=lambda kv: -kv[1]):
@@ -136,6 +171,6 @@ class Router:
                 rows.append({"adapter_id": name, "nearest_cos": round(cos, 4), "layer_scores":
                              [round(float(s), 2) for s in layer_scores], "z": round(z, 4),
                              "confidence": round(float(gate.calibration.confidence(z)), 4), "weight": round(w, 4),
-                             "applied": w >= self.config.min_weight})
+                             "applied": name in applied})
         return {"text_chars": len(text), "adapters_known": len(self.gates), "candidates": rows,
                 "applied": {r["adapter_id"]: r["weight"] for r in rows if r["applied"]}}
