@@ -217,7 +217,7 @@ def build_app(service: Service):
 
 
 def new_router(cfg: Config) -> Router:
-    return Router(Encoder(), RouterConfig(min_weight=cfg.serve.min_weight))
+    return Router(Encoder(), RouterConfig(min_weight=cfg.serve.min_weight, margin=cfg.serve.margin))
 
 
 def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route_only: bool = False) -> Service:

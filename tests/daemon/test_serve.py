@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,19 @@ def test_serve_follows_adapters_topic(broker, tmp_path, encoder):
         assert client.post("/v1/route", json={"texts": []}).status_code == 422
     finally:
         follower.stop()
+
+
+def test_router_settings_come_from_config_and_env(tmp_path):
+    """config.toml ships the measured defaults; UNLEARND__SERVE__* overrides reach the router serving builds,
+    and a value outside [0, 1] stops start-up with the key's path."""
+    from daemon import config as config_mod
+    from daemon.serve import new_router
+
+    repo_config = Path(__file__).resolve().parents[2] / "config.toml"
+    shipped = new_router(config_mod.load(repo_config, env={})).config
+    assert (shipped.min_weight, shipped.margin) == (0.4, 0.06)
+    tuned = new_router(config_mod.load(repo_config, env={"UNLEARND__SERVE__MIN_WEIGHT": "0.7",
+                                                         "UNLEARND__SERVE__MARGIN": "0"})).config
+    assert (tuned.min_weight, tuned.margin) == (0.7, 0.0)
+    with pytest.raises(config_mod.ConfigError, match="serve.margin"):
+        config_mod.load(repo_config, env={"UNLEARND__SERVE__MARGIN": "2"})
