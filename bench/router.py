@@ -8,7 +8,8 @@ people's questions (training + held-out) and general questions. AUROC on the gat
 activation = share of retained/general inputs the router gives any adapter.
 Encoders and CEL: AUROC and cost of frozen MiniLM vs a CEL-trained MiniLM vs SmolLM2's own hidden states.
 Layers: a gate over the encoder's last layer (default) vs all six, at 10 and 100 requests (look-alike false
-activation adds up over requests: the reason for the default).
+activation adds up over requests: the reason for the default), with and without the router's margin.
+Small requests (9 texts each): gates calibrated on D_rest alone (O3) vs with leave-one-out scores (default).
 Cost: routing time per input as a share of generating 32 new tokens with SmolLM2-135M, measured side by side;
 routing time at 10, 100, 1,000 requests (real gates + synthetic requests from real embeddings).
 End to end: bench/o3.py's run (a model taught 15 people, one O3 adapter per forgotten person; made here first
@@ -162,6 +163,34 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
                 }
         out[name] = {"auroc_held_out_vs_look_alike_min": min(aucs),
                      "auroc_held_out_vs_look_alike_mean": float(np.mean(aucs)), "routing": rows}
+    return out
+
+
+def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weights=(0.4, 0.5)) -> dict:
+    """Requests that name only 3 facts each (9 texts: D_rest is 2): look-alike false activation and held-out
+    hit, calibrating each gate on D_rest alone (O3) vs D_rest plus leave-one-out scores of D_used (default).
+    Half the requests name a person's first three facts, half the last three; other people (`seed + 2`)."""
+    fs = facts.generate(n_requests + retained, seed=seed + 2)
+    split = fs.split(n_requests)
+    look = encoder.encode(prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)))
+    train, held = [], []
+    for i, person in enumerate(split.forget):
+        attrs = [a for a, _ in person.facts]
+        named = set(attrs[:3] if i % 2 == 0 else attrs[-3:])
+        train.append(encoder.encode(prompts([q for q in fs.qa(person) if q.attribute in named])))
+        held.append(encoder.encode(prompts([q for q in fs.qa(person, held_out=True) if q.attribute in named])))
+    out: dict = {"requests": n_requests, "texts_per_request": len(train[0]), "look_alike_questions": len(look)}
+    for name, loo in (("d_rest_only", False), ("with_leave_one_out", True)):
+        router = Router(encoder)
+        for i, t in enumerate(train):
+            router.add_gate(f"req{i:03d}", fit_gate_from_features(t, f"req{i:03d}", leave_one_out=loo))
+        for mw in min_weights:
+            router.config.min_weight = mw
+            out[f"{name}_min_weight_{mw}"] = {
+                "false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
+                "held_out_hit": float(np.mean([f"req{i:03d}" in r for i, h in enumerate(held)
+                                               for r in router.route_features(h)])),
+            }
     return out
 
 
@@ -367,6 +396,7 @@ def main(argv=None) -> dict:
         lm_encoder = None if args.quick else CausalLMEncoder(model, tok)
         result["gate_layers"] = layer_choice(encoder, args.seed, [5, 10] if args.quick else [10, 100],
                                              5 if args.quick else 50)
+        result["small_requests"] = small_requests(encoder, args.seed, 10 if args.quick else 60, 5 if args.quick else 20)
         result["encoders"] = encoder_comparison(fs, split, encoder, lm_encoder, 1 if args.quick else 2,
                                                 0 if args.quick else 20)
         sizes = [10, 100] if args.quick else [10, 100, 1000]

@@ -17,10 +17,10 @@ Which layers: O3 aggregates every layer; by default we score only the encoder's 
 embedding). Measured on the fictitious-facts set (bench/router.py, "gate_layers"): the last layer ranks held-out
 paraphrases of a forgotten person above look-alike questions about other people at AUROC >= 0.993 vs 0.977 for
 all six layers, and because every request's gate errs on its own, false activations add up with the number of
-requests (look-alike questions routed to some adapter, router margin on: all layers 10 % at 10 requests, 11 %
-at 100; last layer 0.4 % and 0.4 %, with the same 86-89 % of held-out paraphrases routed). The lower layers are
-lexical: they see the shared question template more than the person. `layers` is a fit parameter and is
-persisted, so a gate is always scored on the layers it was fit on.
+requests (look-alike questions routed to some adapter, router margin on, min_weight 0.5: all layers 6.3 % at
+10 requests, 5.9 % at 100; last layer 0.07 % and 0.14 %, at 83 / 81 % of held-out paraphrases routed vs 86 / 85 %
+for all layers). The lower layers are lexical: they see the shared question template more than the person.
+`layers` is a fit parameter and is persisted, so a gate is always scored on the layers it was fit on.
 
 Persisted next to the adapter (no pickle): `gate.safetensors` (arrays, including the linear SVM's coef_ and
 intercept_), `gate.json` (scalars, calibration, metrics), `bank_l{l}.faiss` (faiss.write_index). The raw forget
@@ -152,8 +152,10 @@ def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tup
 
 
 def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[int, ...] | None = GATE_LAYERS,
-                           nu: float = 0.1, seed: int = 0, encoder_name: str = "") -> RequestGate:
-    """Fit a gate on one request's encoder features [n, all layers, d] (n >= 2), scoring `layers` (None: all)."""
+                           nu: float = 0.1, seed: int = 0, encoder_name: str = "",
+                           leave_one_out: bool = True) -> RequestGate:
+    """Fit a gate on one request's encoder features [n, all layers, d] (n >= 2), scoring `layers` (None: all).
+    `leave_one_out=False` calibrates on D_rest alone, as O3 does (kept for the benchmark's comparison)."""
     if len(feats) < 2:
         raise ValueError("a gate needs at least 2 forget samples (80/20 split)")
     t0 = time.perf_counter()
@@ -184,7 +186,7 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
         fidx.add_request(bank, key, fidx.normalise(feats[rest, layer]), first_row=len(used))
     z_used = gate.z(feats[used], exclude_rows=np.arange(len(used)))
     z_rest = gate.z(feats[rest], exclude_rows=len(used) + np.arange(len(rest))) if len(rest) else z_used
-    z_held = np.r_[z_rest, _leave_one_out_z(gate, feats, used, seed)]
+    z_held = np.r_[z_rest, _leave_one_out_z(gate, feats, used, seed)] if leave_one_out else z_rest
     gate.calibration = TwoGaussianCalibration.fit(z_used, z_held)
     w_rest = gate.calibration.weight(z_rest)
     gate.info = {
@@ -200,9 +202,9 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
 def _leave_one_out_z(gate: RequestGate, feats: np.ndarray, used: np.ndarray, seed: int) -> np.ndarray:
     """z of D_used samples as if each had been held out: the Gaussians refit without it, its own bank row
     skipped. The calibration's held-out side then rests on D_rest plus these (up to LOO_SAMPLES), not on D_rest
-    alone, which is 2 samples for a 9-text request. Measured on 60 requests naming 3 facts each (half of them
-    other facts than the rest), look-alike false activation / held-out hit: min_weight 0.4: 39 % / 90 % -> 16 % /
-    98 %; 0.5: 36 % / 87 % -> 3 % / 88 %. bench/router.py has the full-request figures."""
+    alone, which is 2 samples for a 9-text request. Measured (bench/router.py "small_requests": 60 requests naming
+    3 facts each), look-alike false activation / held-out hit: min_weight 0.4: 47 % / 92 % -> 27 % / 98 %;
+    0.5: 37 % / 88 % -> 3.6 % / 88 %."""
     rows = np.arange(len(used))
     if len(rows) > LOO_SAMPLES:
         rows = np.sort(np.random.default_rng(seed).choice(rows, LOO_SAMPLES, replace=False))

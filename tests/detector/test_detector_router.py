@@ -124,7 +124,7 @@ def test_look_alike_questions_about_other_people_stay_on_the_base_model(encoder,
     fa_all, hit_all = rates(None)
     assert fa_last <= 0.02, fa_last
     assert hit_last >= 0.7, hit_last
-    assert fa_all > 3 * max(fa_last, 0.01), (fa_all, fa_last)
+    assert fa_all >= 0.02 and fa_last <= fa_all / 3, (fa_all, fa_last)
 
 
 def test_margin_keeps_look_alikes_off_with_many_requests_and_named_texts_always_route(encoder):
@@ -136,7 +136,7 @@ def test_margin_keeps_look_alikes_off_with_many_requests_and_named_texts_always_
     train = [encoder.encode(prompts(fs.qa(p))) for p in split.forget]
     held = [encoder.encode(prompts(fs.qa(p, held_out=True))) for p in split.forget]
     look_alikes = encoder.encode(prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)))
-    router = Router(encoder)
+    router = Router(encoder, RouterConfig(min_weight=0.4))  # the lower cut of the sweep: most for the margin to do
     for i, t in enumerate(train):
         router.add_gate(f"a{i}", fit_gate_from_features(t, f"a{i}"))
 
@@ -155,16 +155,26 @@ def test_margin_keeps_look_alikes_off_with_many_requests_and_named_texts_always_
     assert named_on == 1.0
 
 
-def test_requests_about_the_same_person_do_not_block_each_other(encoder, tmp_path):
-    """Two requests naming different facts of one person both fire on questions about that person: neither
-    is a 'silent' neighbour of the other, so the margin lets both through."""
+def test_requests_about_the_same_person_do_not_block_each_other(encoder):
+    """Two requests naming different facts of one person: each question about that person is near both, so
+    the margin must not let one request's silence block the other's adapter. Paraphrases route to the request
+    that named their fact as often with the margin as without it."""
     fs = facts.generate(12, seed=0)
-    person = fs.people[0]
-    attrs = [a for a, _ in person.facts]
     router = Router(encoder)
-    for name, part in (("first", attrs[:4]), ("second", attrs[4:])):
-        texts = prompts([q for q in fs.qa(person) if q.attribute in part])
-        router.add_gate(name, fit_gate_from_features(encoder.encode(texts), name))
-    routes = router.route(prompts(fs.qa(person, held_out=True)))
-    assert np.mean([bool(r) for r in routes]) >= 0.7, routes
-    assert sum(len(r) == 2 for r in routes) >= 1, routes  # some questions get both adapters
+    owner = {}
+    for k, person in enumerate(fs.people[:3]):
+        attrs = [a for a, _ in person.facts]
+        for part, name in ((attrs[:4], f"p{k}-first"), (attrs[4:], f"p{k}-second")):
+            texts = prompts([q for q in fs.qa(person) if q.attribute in part])
+            router.add_gate(name, fit_gate_from_features(encoder.encode(texts), name))
+            owner |= {(person.name, a): name for a in part}
+    held = [q for p in fs.people[:3] for q in fs.qa(p, held_out=True)]
+    feats = encoder.encode(prompts(held))
+
+    def hit(margin):
+        router.config.margin = margin
+        return np.mean([owner[(q.person, q.attribute)] in r for q, r in zip(held, router.route_features(feats))])
+
+    with_margin, without = hit(RouterConfig().margin), hit(0.0)
+    assert with_margin >= 0.6, with_margin
+    assert with_margin == without
