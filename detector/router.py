@@ -18,8 +18,9 @@ Margin: each gate is calibrated on its own request's texts only, so each errs on
 requests (the same form filled in for different people) some gate accepts almost any look-alike input. The one
 shared search already tells which requests' texts an input is near; a gate that fires applies only if the input is
 at least `margin` (cosine) nearer to its request's texts than to those of every near request whose gate stays
-off. A true match is near its own request only; a look-alike is about as near to many. Requests about the same
-subject all fire together, so they never block each other. Measured (bench/router.py "gate_layers"): see margin.
+off. A true match is near its own request only; a look-alike is about as near to many. A request about the same
+subject blocks only if its gate stays off and the input is within `margin` as near to it as to the firing
+request (tested: two requests per person, recall unchanged). Measured (bench/router.py "gate_layers"): see margin.
 """
 
 from __future__ import annotations
