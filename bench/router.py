@@ -133,6 +133,12 @@ def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, 
     return summary
 
 
+def routed_rates(router: Router, look: np.ndarray, held: list[tuple[str, np.ndarray]]) -> dict:
+    """Router-level: share of look-alike inputs given any adapter, share of held-out inputs given their own."""
+    return {"false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
+            "held_out_hit": float(np.mean([aid in r for aid, h in held for r in router.route_features(h)]))}
+
+
 def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weights=(0.3, 0.4, 0.5)) -> dict:
     """Which encoder layers a gate scores: all six (O3's aggregation) vs the last one (our default).
 
@@ -156,11 +162,8 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
                 router.add_gate(g.adapter_id, g)
             for mw, margin in [(mw, RouterConfig.margin) for mw in min_weights] + [(RouterConfig.min_weight, 0.0)]:
                 router.config.min_weight, router.config.margin = mw, margin
-                rows[f"{n}_requests_min_weight_{mw}" + ("_no_margin" if margin == 0 else "")] = {
-                    "false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
-                    "held_out_hit": float(np.mean([g.adapter_id in r for g, h in zip(gates[:n], held[:n])
-                                                   for r in router.route_features(h)])),
-                }
+                rows[f"{n}_requests_min_weight_{mw}" + ("_no_margin" if margin == 0 else "")] = routed_rates(
+                    router, look, [(g.adapter_id, h) for g, h in zip(gates[:n], held[:n])])
         out[name] = {"auroc_held_out_vs_look_alike_min": min(aucs),
                      "auroc_held_out_vs_look_alike_mean": float(np.mean(aucs)), "routing": rows}
     return out
@@ -186,11 +189,7 @@ def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weigh
             router.add_gate(f"req{i:03d}", fit_gate_from_features(t, f"req{i:03d}", leave_one_out=loo))
         for mw in min_weights:
             router.config.min_weight = mw
-            out[f"{name}_min_weight_{mw}"] = {
-                "false_activation": float(np.mean([bool(r) for r in router.route_features(look)])),
-                "held_out_hit": float(np.mean([f"req{i:03d}" in r for i, h in enumerate(held)
-                                               for r in router.route_features(h)])),
-            }
+            out[f"{name}_min_weight_{mw}"] = routed_rates(router, look, [(f"req{i:03d}", h) for i, h in enumerate(held)])
     return out
 
 

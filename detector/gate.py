@@ -83,13 +83,15 @@ class RequestGate:
         return self.banks[self.layers.index(absolute)]
 
     # --- scoring -----------------------------------------------------------------------------------
-    def layer_scores(self, feats: np.ndarray, *, exclude_rows: np.ndarray | None = None) -> np.ndarray:
+    def layer_scores(self, feats: np.ndarray, *, exclude_rows: np.ndarray | None = None,
+                     gaussians: list[LowRankGaussian] | None = None) -> np.ndarray:
         """[n, L] glocal scores of encoder features [n, all layers, d] on the gate's L layers.
-        `exclude_rows[i]` = bank row of input i itself (leave-one-out while fitting)."""
+        `exclude_rows[i]` = bank row of input i itself, `gaussians` = refits without it (leave-one-out while
+        fitting)."""
         n = len(feats)
         out = np.empty((n, self.n_layers), np.float64)
         k = 2 if exclude_rows is not None else 1
-        for layer, (gauss, bank, f_layer) in enumerate(zip(self.gaussians, self.banks, self.layers)):
+        for layer, (gauss, bank, f_layer) in enumerate(zip(gaussians or self.gaussians, self.banks, self.layers)):
             f = feats[:, f_layer, :]
             sims, ids = bank.search(fidx.normalise(f), min(k, bank.ntotal))
             if exclude_rows is None:
@@ -103,8 +105,12 @@ class RequestGate:
     def svm_inputs(self, scores: np.ndarray) -> np.ndarray:
         return self.score_scale / (self.score_scale - np.minimum(scores, 0.0))
 
+    def z_of_scores(self, scores: np.ndarray) -> np.ndarray:
+        """The one-class SVM's decision value for [n, L] layer scores."""
+        return self.svm_inputs(scores) @ self.svm_coef + self.svm_intercept
+
     def z(self, feats: np.ndarray, **kw) -> np.ndarray:
-        return self.svm_inputs(self.layer_scores(feats, **kw)) @ self.svm_coef + self.svm_intercept
+        return self.z_of_scores(self.layer_scores(feats, **kw))
 
     def weight(self, feats: np.ndarray) -> np.ndarray:
         return self.calibration.weight(self.z(feats))
@@ -208,17 +214,12 @@ def _leave_one_out_z(gate: RequestGate, feats: np.ndarray, used: np.ndarray, see
     rows = np.arange(len(used))
     if len(rows) > LOO_SAMPLES:
         rows = np.sort(np.random.default_rng(seed).choice(rows, LOO_SAMPLES, replace=False))
-    scores = np.empty((len(rows), gate.n_layers))
+    z = np.empty(len(rows))
     for i, j in enumerate(rows):
         keep = np.delete(used, j)
-        own = (np.int64(gate.key) << fidx.ROW_BITS) + j
-        for li, (layer, bank) in enumerate(zip(gate.layers, gate.banks)):
-            f = feats[used[j]:used[j] + 1, layer]
-            sims, ids = bank.search(fidx.normalise(f), min(2, bank.ntotal))
-            nearest = sims[0, -1] if ids[0, 0] == own else sims[0, 0]
-            scores[i, li] = (-0.5 * LowRankGaussian.fit(feats[keep, layer]).mahalanobis_sq(f)[0]
-                             - LOCAL_SCALE * (1.0 - nearest))
-    return gate.svm_inputs(scores) @ gate.svm_coef + gate.svm_intercept
+        refit = [LowRankGaussian.fit(feats[keep, layer]) for layer in gate.layers]
+        z[i] = gate.z(feats[used[j]:used[j] + 1], exclude_rows=np.array([j]), gaussians=refit)[0]
+    return z
 
 
 def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str,

@@ -122,16 +122,18 @@ class Router:
 
     def candidates(self, feats: np.ndarray) -> list[dict[str, float]]:
         """Per input: the neighbours near enough (`candidate_min_cos`) for their gate to be scored."""
-        return [{n: c for n, c in near.items() if c >= self.config.candidate_min_cos} for near in self.neighbours(feats)]
+        return [self._near_enough(near) for near in self.neighbours(feats)]
+
+    def _near_enough(self, near: dict[str, float]) -> dict[str, float]:
+        return {n: c for n, c in near.items() if c >= self.config.candidate_min_cos}
 
     def _gate_weights(self, feats: np.ndarray, near: list[dict[str, float]]) -> list[dict[str, float]]:
         """Per input: every candidate's gate weight (one scoring call per adapter for the whole batch)."""
         weights: list[dict[str, float]] = [{} for _ in range(len(feats))]
         by_adapter: dict[str, list[int]] = {}
         for i, c in enumerate(near):
-            for name, cos in c.items():
-                if cos >= self.config.candidate_min_cos:
-                    by_adapter.setdefault(name, []).append(i)
+            for name in self._near_enough(c):
+                by_adapter.setdefault(name, []).append(i)
         with self._lock:
             for name, rows in by_adapter.items():
                 gate = self.gates.get(name)
@@ -163,13 +165,13 @@ class Router:
         feats = self.encoder.encode([text])
         near = self.neighbours(feats)
         applied = self._applied(near[0], self._gate_weights(feats, near)[0])
-        cands = {n: c for n, c in near[0].items() if c >= self.config.candidate_min_cos}
+        cands = self._near_enough(near[0])
         rows = []
         with self._lock:
             for name, cos in sorted(cands.items(), key=lambda kv: -kv[1]):
                 gate = self.gates[name]
                 layer_scores = gate.layer_scores(feats)[0]
-                z = float((gate.svm_inputs(layer_scores[None]) @ gate.svm_coef)[0] + gate.svm_intercept)
+                z = float(gate.z_of_scores(layer_scores[None])[0])
                 w = float(gate.calibration.weight(z))
                 rows.append({"adapter_id": name, "nearest_cos": round(cos, 4), "layer_scores":
                              [round(float(s), 2) for s in layer_scores], "z": round(z, 4),
