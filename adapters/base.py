@@ -34,6 +34,15 @@ class InvalidForget(EngineError):
         super().__init__(message, retryable=False)
 
 
+class NothingToForget(EngineError):
+    """Everything the request names is already forgotten by the target: the request is satisfied as it stands,
+    and there is no change to make. Not an error for the requester; the daemon answers it `applied`."""
+
+    def __init__(self, already_forgotten: int):
+        super().__init__(f"every named sample ({already_forgotten}) is already forgotten", retryable=False)
+        self.already_forgotten = already_forgotten
+
+
 @dataclasses.dataclass(frozen=True)
 class Forget:
     """What one request asks the model to forget. Exactly one kind of target is set."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import Change, Engine, Forget, InvalidForget
+from adapters.base import Change, Engine, Forget, InvalidForget, NothingToForget
 from adapters.datasets import LabeledSet, Split
 
 WEIGHTS_FILE = "model.safetensors"
@@ -131,7 +131,7 @@ class ClassifierTarget:
         if forget.kind == "class":
             if not 0 <= forget.class_label < self.data.num_classes:
                 raise InvalidForget(f"class {forget.class_label} outside 0..{self.data.num_classes - 1}")
-            ids = self.remaining.ids[self.remaining.y == forget.class_label].tolist()
+            ids = self.data.train.ids[self.data.train.y == forget.class_label].tolist()
         elif forget.kind == "sample_ids":
             ids = list(dict.fromkeys(forget.sample_ids))
             known = set(self.data.train.ids.tolist())
@@ -147,11 +147,11 @@ class ClassifierTarget:
 
 
     def split(self, forget: Forget) -> tuple[LabeledSet, LabeledSet, tuple[int, ...]]:
-        """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises InvalidForget
-        when the request names nothing new, or would leave nothing to learn from."""
+        """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises NothingToForget
+        when every named sample is already forgotten, InvalidForget when it would leave nothing to learn from."""
         forget_rows, skipped = self.resolve(forget)
         if len(forget_rows) == 0:
-            raise InvalidForget("nothing left to forget: every named sample is already forgotten")
+            raise NothingToForget(len(skipped))
         remaining = self.remaining.without_ids(forget_rows.ids.tolist())
         if len(remaining) == 0:
             raise InvalidForget("request would forget the whole training set")

@@ -40,8 +40,14 @@ def run(config: ConfigOpt = None) -> None:
     cfg = load_config(config)
     setup_logging(cfg.logging)
     from daemon.app import Daemon
+    from daemon.state_lock import StateLocked
 
-    raise typer.Exit(Daemon(cfg).run())
+    try:
+        daemon = Daemon(cfg)
+    except StateLocked as exc:  # one state directory, one daemon
+        console.print(f"[red]unlearnd: {exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(daemon.run())
 
 
 @app.command()
@@ -239,6 +245,28 @@ def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt =
         if k != "metrics":
             console.print(f"[bold]{k}[/]: {fmt(v)}")
     print_metrics(d["metrics"])
+
+
+@requests_app.command("retry")
+def requests_retry(request_id: str,
+                   reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "operator retry",
+                   as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Re-admit a failed request after fixing its cause: re-published from its dead-letter copy, applied once."""
+    from daemon import retry
+
+    cfg = load_config(config)
+    try:
+        out = retry.readmit(cfg, open_ledger(cfg), bootstrap_servers(cfg), request_id, reason)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(out))
+    elif out["republished"]:
+        console.print(f"re-admitted {request_id} and re-published it from {cfg.kafka.topics.dlq}")
+    else:
+        console.print(f"re-admitted {request_id}; no dead-letter copy on {cfg.kafka.topics.dlq} (retention? a "
+                      "restarted embedded broker?): publish the original request again with the same request_id")
 
 
 # --- models -------------------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ class Kafka(_Section):
     heartbeat_interval_ms: int = Field(2000, ge=100)
     max_poll_records: int = Field(256, ge=1)
     poll_timeout_ms: int = Field(500, ge=10)
+    # Sent to the group coordinator as the rebalance timeout too: how long a rebalance waits for a member that
+    # does not rejoin (a daemon that died mid-join). Long engine work never hits it: the daemon keeps polling
+    # (its partitions paused) while an engine runs.
+    max_poll_interval_ms: int = Field(20_000, ge=5_000)
+    # How often the daemon asks the cluster a real question (with a timeout) to tell a live broker from a dead or
+    # frozen one; two failed probes in a row mark it lost (unlearnd_broker_connected = 0) and it reconnects.
+    liveness_interval_s: float = Field(2.0, gt=0)
+    liveness_timeout_s: float = Field(5.0, gt=0)
     create_topics: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
@@ -61,10 +69,21 @@ class Kafka(_Section):
 
 
 class Requests(_Section):
-    max_bytes: int = Field(1_048_576, ge=256)  # larger bodies go to the DLQ as oversize
+    # A request record (key, value and headers together) larger than this goes to the DLQ as `oversize`.
+    max_bytes: int = Field(1_048_576, ge=256)
     hmac_key_env: str = "UNLEARND_HMAC_KEY"  # when that variable is set, every request must be signed
-    max_attempts: int = Field(3, ge=1)  # engine failures are retried this many times, then `failed`
-    retry_backoff_s: float = Field(1.0, ge=0)
+    # Times the engine may fail on one request (raise, or die in its isolated process) before it is `failed`.
+    # Kills of the daemon, restarts, a lost broker or a full disk never count.
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)  # first retry delay; doubles each time
+    # A full disk or a busy ledger pauses the pipeline and retries with backoff doubling up to this.
+    transient_backoff_max_s: float = Field(30.0, gt=0)
+    # A request that was in hand when the daemon died is applied next in a child process, so that a request which
+    # itself kills the engine (segfault, OOM kill) is counted and failed, while a kill of the daemon is not.
+    isolate_suspects: bool = True
+    # Requests not keyed by their model are re-published keyed by it and applied by the model's partition owner,
+    # so two replicas never apply one request. Off only if every producer keys by model.
+    rekey_unkeyed: bool = True
     coalesce: bool = True  # merge same-model requests of one poll for engines whose deltas add up
     max_forget_items: int = Field(100_000, ge=1)
 

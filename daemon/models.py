@@ -152,7 +152,7 @@ class ModelRegistry:
         self._lm_targets[name] = target  # keeps the loaded base model across requests
         return target
 
-    def _with_gate(self, change: Change, artifact_id: str) -> Callable[[Path], None]:
+    def artifact_writer(self, change: Change, artifact_id: str) -> Callable[[Path], None]:
         """An adapter's files plus its O3 gate (detector state fitted on the forget texts), in one atomic
         publish. The texts themselves are never written; the gate keeps features only."""
         forget_texts = getattr(change, "forget_texts", None)
@@ -185,7 +185,7 @@ class ModelRegistry:
         folder = "versions" if change.kind == "version" else "adapters"
         artifact_id = self.ledger.next_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
-        art = self.store.publish(name, folder, artifact_id, self._with_gate(change, artifact_id), meta)
+        art = self.store.publish(name, folder, artifact_id, self.artifact_writer(change, artifact_id), meta)
         if hasattr(change, "forget_texts"):
             change.forget_texts = []  # raw forget data leaves memory with the request
         failpoints.hit("after_artifact")

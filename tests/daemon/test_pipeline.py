@@ -74,14 +74,21 @@ def test_duplicate_request_is_applied_once(stack):
 
 
 def test_already_forgotten_samples_are_not_forgotten_twice(stack):
+    """A repeated erasure of data already forgotten (a new request id, the same samples) is a success to the
+    requester: applied, nothing changed, the current head, and it says so."""
     stack.start()
     by_id = {}
     for rid, ids in (("first", [10, 11, 12]), ("again", [10, 11, 12]), ("overlap", [12, 13])):
         stack.publish(request(rid, sample_ids=ids))  # one at a time: each builds on the version before
         by_id[rid] = stack.results(1, request_id=rid)[0]
-    assert by_id["first"]["status"] == "applied"
-    assert by_id["again"]["status"] == "rejected" and by_id["again"]["reason"] == "invalid_forget"
+    assert by_id["first"]["status"] == "applied" and by_id["first"]["changed"] is True
+    again = by_id["again"]
+    assert (again["status"], again["changed"], again["version"]) == ("applied", False, by_id["first"]["version"])
+    assert again["metrics"] == {"forgotten": 0.0, "already_forgotten": 3.0}
+    ledger = stack.ledger()
+    assert ledger.get_request("again").artifact_id == by_id["first"]["version"]  # no version of its own
     assert by_id["overlap"]["status"] == "applied"
+    assert by_id["overlap"]["version"] != by_id["first"]["version"]
     assert by_id["overlap"]["metrics"]["forgotten"] == 1 and by_id["overlap"]["metrics"]["already_forgotten"] == 1
     assert stack.ledger().forgotten_ids(TEST_MODEL, by_id["overlap"]["version"]) == frozenset({10, 11, 12, 13})
 
