@@ -13,7 +13,8 @@ at-least-once delivery, exactly-once effect. How each kind of trouble is met:
   child process (daemon/isolation.py), which tells a request that kills the engine from a deploy that killed us;
 - a full disk or a busy ledger (daemon/transient.py): the pipeline pauses and retries the message with backoff;
 - a lost, frozen or wiped broker (daemon/liveness.py): all clients are recreated when it answers again;
-- a record kafka-python cannot decode: dead-lettered by offset (`undecodable_record`); its partition moves on.
+- a record kafka-python cannot decode (daemon/record_decoding.py): dead-lettered as `undecodable_record` with
+  what can be recovered of it and its offset; its partition moves on.
 
 The engine runs in a worker thread while the main thread keeps polling with the partitions paused, so that long
 engine work never gets the consumer evicted from its group.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from kafka import TopicPartition
-from kafka.errors import CorruptRecordError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from adapters.base import EngineError, Forget, InvalidForget, NothingToForget
@@ -254,16 +255,7 @@ class Daemon:
     def _consume(self) -> None:
         while not self._stop.is_set():
             self._check_broker()
-            try:
-                batch = self._consumer.poll(timeout_ms=self.config.kafka.poll_timeout_ms)
-            except CorruptRecordError as exc:
-                try:
-                    self._skip_undecodable(exc)
-                except Exception as err:
-                    if transient.kind_of(err) is None:
-                        raise
-                    self._pause_for(Transient(transient.kind_of(err), str(err)))
-                continue
+            batch = self._consumer.poll(timeout_ms=self.config.kafka.poll_timeout_ms)
             done: dict[TopicPartition, int] = {}
             for tp, records in batch.items():
                 if self._stop.is_set() or self._transient is not None:
@@ -355,45 +347,6 @@ class Daemon:
             metrics.PAUSED.labels(exc.kind).set(0)
         self._transient_backoff = min(delay * 2 or 0.1, self.config.requests.transient_backoff_max_s)
 
-    def _skip_undecodable(self, exc: CorruptRecordError) -> None:
-        """poll() raised for a record kafka-python cannot decode (not even with tolerant header keys). Find its
-        partition (the error comes again when that partition is polled alone from its position), dead-letter a
-        placeholder naming the offset, and move the partition past it."""
-        consumer = self._consumer
-        assigned = list(consumer.assignment())
-        positions = {tp: consumer.position(tp) for tp in assigned}
-        culprit = None
-        try:
-            for tp in assigned:
-                consumer.pause(*assigned)
-                consumer.resume(tp)
-                consumer.seek(tp, positions[tp])
-                try:
-                    consumer.poll(timeout_ms=2000)
-                except CorruptRecordError:
-                    culprit = tp
-                    break
-        finally:
-            consumer.resume(*assigned)
-            for tp in assigned:
-                consumer.seek(tp, positions[tp])
-        if culprit is None:
-            log.warning("a record could not be decoded (%s), but polling each partition alone did not repeat it", exc)
-            return
-        offset = positions[culprit]
-        source = f"{culprit.topic}/{culprit.partition}/{offset}"
-        detail = f"kafka-python cannot decode the record at {source}: {exc}"[:MAX_DETAIL_CHARS]
-        log.warning("skipping undecodable record %s", source)
-        self.ledger.record_rejection("undecodable_record", source)
-        self._outbox.dead_letter(None, None, [], reason="undecodable_record", error=detail, source=source)
-        self._outbox.result(Result(request_id=None, model=None, status="rejected", reason="undecodable_record",
-                                   error=detail, completed_at=_now()), None)
-        metrics.DLQ.labels("undecodable_record").inc()
-        metrics.REQUESTS.labels("", "", "rejected").inc()
-        self._outbox.flush()
-        consumer.commit({culprit: OffsetAndMetadata(offset + 1, "", -1)}, timeout_ms=30_000)
-        consumer.seek(culprit, offset + 1)
-
     def _report_lag(self) -> None:
         for tp, lag in kafka_io.lag_by_partition(self._consumer).items():
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
@@ -477,8 +430,12 @@ class Daemon:
     def _decode(self, msg: Message) -> tuple[Request, str]:
         """The message's request, or Rejected: for its record (size, header keys), then its body."""
         max_bytes = self.config.requests.max_bytes
-        if any(k.startswith(record_decoding.UNDECODABLE_KEY_PREFIX) for k, _ in msg.headers):
-            raise Rejected("undecodable_record", "a header key is not UTF-8 (the dead letter spells its bytes in hex)")
+        for k, v in msg.headers:  # what daemon/record_decoding.py made of a record kafka-python could not read
+            if k == record_decoding.UNDECODABLE_RECORD_HEADER:
+                raise Rejected("undecodable_record", f"{msg.source}: {(v or b'').decode('utf-8', 'replace')}")
+            if k.startswith(record_decoding.UNDECODABLE_KEY_PREFIX):
+                raise Rejected("undecodable_record", f"{msg.source}: a header key is not UTF-8 (the dead letter "
+                                                     "spells its bytes in hex)")
         if msg.size > max_bytes:
             raise Rejected("oversize", f"record of {msg.size} bytes (key, value and headers) > requests.max_bytes "
                                        f"= {max_bytes}")

@@ -59,6 +59,8 @@ def build(value: bytes | None, key: bytes | None, headers: Headers, *, reason: s
             truncated.append("headers")
     if truncated:
         extra.append((HEADER_TRUNCATED, ",".join(truncated).encode()))
+    if key is None and value is None:  # a record of neither (a keyless tombstone, an undecodable record):
+        value = b""  # kafka-python sends nothing without one of the two
     return key, value, kept + extra
 
 

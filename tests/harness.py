@@ -39,7 +39,7 @@ dlq = "{prefix}.dlq"
 adapters = "{prefix}.adapters"
 partitions = 2
 [requests]
-max_bytes = 4096
+max_bytes = 8192
 max_attempts = 2
 retry_backoff_s = 0.1
 [state]
