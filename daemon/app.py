@@ -123,6 +123,7 @@ class Daemon:
         self._unmarked: list[Message] = []  # answered, answers not yet flushed and marked in the ledger
         self._not_suspect: set[str] = set()  # ids this process interrupted cleanly (a pause, a stop): no crash
         self._transient: Transient | None = None
+        self._paused_by: str | None = None
         self._transient_backoff = config.requests.retry_backoff_s
         key_env = config.requests.hmac_key_env
         self._hmac_key = os.environ[key_env].encode() if os.environ.get(key_env) else None
@@ -273,7 +274,10 @@ class Daemon:
             if self._transient is not None:
                 self._pause_for(self._transient)
                 self._transient = None
-            else:
+            elif self._paused_by is not None:  # the condition cleared: the retried messages went through
+                log.info("resumed: %s cleared", self._paused_by)
+                metrics.PAUSED.labels(self._paused_by).set(0)
+                self._paused_by = None
                 self._transient_backoff = self.config.requests.retry_backoff_s
 
     def _commit(self, done: dict[TopicPartition, int]) -> None:
@@ -329,7 +333,11 @@ class Daemon:
                 self._consumer.resume(*paused)
 
     def _pause_for(self, exc: Transient) -> None:
-        """A transient condition: keep the consumer alive, wait with backoff, then retry the same message."""
+        """A transient condition: keep the consumer alive, wait with backoff, then retry the same message. The
+        paused gauge stays up until a retry goes through."""
+        if self._paused_by is not None and self._paused_by != exc.kind:
+            metrics.PAUSED.labels(self._paused_by).set(0)
+        self._paused_by = exc.kind
         metrics.PAUSED.labels(exc.kind).set(1)
         metrics.TRANSIENT_ERRORS.labels(exc.kind).inc()
         delay = self._transient_backoff
@@ -344,7 +352,6 @@ class Daemon:
                     self._consumer.seek(tp, records[0].offset)
         finally:
             self._consumer.resume(*assigned)
-            metrics.PAUSED.labels(exc.kind).set(0)
         self._transient_backoff = min(delay * 2 or 0.1, self.config.requests.transient_backoff_max_s)
 
     def _report_lag(self) -> None:

@@ -109,3 +109,34 @@ def test_a_request_that_kills_the_engine_ends_failed_and_can_be_retried(stack):
     assert stack.ledger().forgotten_ids(TEST_MODEL, "v0001") == frozenset({71})
     again = stack.cli("requests", "retry", "poison", check=False)
     assert again.returncode == 1 and "applied, not failed" in again.stdout
+
+
+def test_sigterm_during_the_group_join_then_the_next_daemon_processes_within_30s(stack):
+    """A daemon stopped while its JoinGroup is in flight must not leave the group waiting for a ghost leader (the
+    next instance processed nothing for minutes before)."""
+    first = stack.start(wait_ready=False)
+    _wait_for(lambda: "connected to" in stack.log(), 60, "the first daemon to connect")
+    first.send_signal(signal.SIGTERM)  # its first poll, and so its group join, is under way now
+    assert first.wait(60) == 0
+    started = time.monotonic()
+    stack.start(wait_ready=False)
+    stack.publish(request("after-join", sample_ids=[80]))
+    [result] = stack.results(1, request_id="after-join", timeout=120)
+    assert result["status"] == "applied"
+    assert time.monotonic() - started < 30
+
+
+def test_a_redelivery_after_repeated_kills_is_not_answered_again(stack):
+    """Killed after its answers were flushed but before the offsets were committed, again and again: each restart
+    is redelivered the same records and must not answer them again (up to 24 results per request before)."""
+    ids = [f"redeliver-{i}" for i in range(6)]
+    for i, rid in enumerate(ids):
+        stack.publish(request(rid, sample_ids=[90 + i]))
+    for _ in range(3):
+        killed = stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_offset_commit")
+        assert killed.wait(90) == -signal.SIGKILL, stack.log()
+    stack.start()
+    stack.wait_metric("unlearnd_redelivered_total", float(len(ids)), timeout=60)
+    results = stack.results(100, timeout=10)
+    assert sorted(r["request_id"] for r in results) == sorted(ids)  # exactly one answer each
+    assert all(r["status"] == "applied" for r in results)
