@@ -227,7 +227,7 @@ class Daemon:
             if consumer is not None:
                 if graceful:
                     self._settle_group(consumer)
-                consumer.close(autocommit=False, timeout_ms=5000 if graceful else 1000)
+                kafka_io.close_consumer(consumer, timeout_ms=5000 if graceful else 1000)
         except Exception as exc:  # closing a client of a dead broker may fail; nothing is lost by it
             log.debug("error while closing the consumer: %s", exc)
         try:
@@ -237,8 +237,8 @@ class Daemon:
             log.debug("error while closing the producer: %s", exc)
 
     def _settle_group(self, consumer) -> None:
-        """Before leaving the group, let a join in flight complete. A member that leaves while its JoinGroup is
-        pending can stay the group's leader on some brokers (Tansu), and the next daemon then waits for it."""
+        """Before leaving the group, let a join in flight complete, so the stop is a clean leave (the next daemon
+        gets the partitions at once) rather than an expiry after session_timeout_ms (kafka_io.close_consumer)."""
         deadline = time.monotonic() + self.config.kafka.session_timeout_ms / 1000 + 5
         try:
             while consumer.group_metadata().state == MemberState.REBALANCING and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 POINTS = ("before_engine", "in_engine", "after_artifact", "after_ledger", "before_offset_commit")
@@ -26,7 +27,7 @@ def hit(name: str) -> None:
     if point != name:
         return
     if mode == "hang":
-        print(f"failpoint {name}: hanging", flush=True)
+        print(f"failpoint {name}: hanging", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError, UnsupportedVersionError
+from kafka.structs import MemberState
 
 from daemon import dead_letter
 from daemon.config import Kafka
@@ -58,10 +60,23 @@ def make_producer(cfg: Kafka, bootstrap: str, max_record_bytes: int) -> KafkaPro
 def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None = None) -> KafkaConsumer:
     # Manual commits only: an offset moves after the ledger row and the result are durable.
     static = {"group_instance_id": cfg.group_instance_id} if cfg.group_instance_id else {}
-    return KafkaConsumer(topic, **static, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
-                         enable_auto_commit=False, auto_offset_reset="earliest", allow_auto_create_topics=False,
-                         session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-                         max_poll_records=cfg.max_poll_records, max_poll_interval_ms=cfg.max_poll_interval_ms)
+    consumer = KafkaConsumer(**static, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
+                             enable_auto_commit=False, auto_offset_reset="earliest", allow_auto_create_topics=False,
+                             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                             max_poll_records=cfg.max_poll_records, max_poll_interval_ms=cfg.max_poll_interval_ms)
+    # Subscribed by pattern, so that its metadata requests never name the topic: a broker that ignores
+    # allow_auto_create_topics (Tansu) would otherwise re-create it with its own defaults when it comes back empty.
+    consumer.subscribe(pattern=f"^{re.escape(topic)}$")
+    return consumer
+
+
+def close_consumer(consumer: KafkaConsumer, *, timeout_ms: int) -> None:
+    """Close; leave the group only from a settled membership. A member that leaves while its JoinGroup is pending can
+    stay the group's leader on some brokers (Tansu), and every later member then waits for it; one that just goes
+    is expired after session_timeout_ms instead."""
+    if consumer.group_metadata().state != MemberState.STABLE:
+        consumer._coordinator.reset_generation()  # kafka-python 3.0: no member id, so close() sends no LeaveGroup
+    consumer.close(autocommit=False, timeout_ms=timeout_ms)
 
 
 def ensure_topics(cfg: Kafka, bootstrap: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
@@ -101,7 +116,10 @@ def _create_missing(admin: KafkaAdminClient, wanted: list[NewTopic], partitions:
         log.info("created topics %s", [nt.name for nt in missing])
     for name in (wanted[0].name, wanted[1].name):  # requests and results: their partitions are the parallelism
         have = existing.get(name)
-        if have is not None and have < partitions:
+        if have is not None and have > partitions:
+            log.warning("topic %s has %d partitions, not kafka.topics.partitions = %d (created by another client "
+                        "with the broker's defaults?)", name, have, partitions)
+        elif have is not None and have < partitions:
             try:
                 admin.create_partitions({name: NewPartitions(partitions)})
                 log.warning("topic %s had %d partitions; grew it to kafka.topics.partitions = %d", name, have,
