@@ -62,7 +62,8 @@ def summarize(*, state: Path, model: str, valid: dict[str, dict], hostile: dict[
         repeats = [rid for rid, v in valid.items() if v.get("repeat_of")]
         unchanged_ok = sum(1 for rid in repeats if rows[rid] and rows[rid].status == "applied"
                            and rows[rid].metrics.get("forgotten") == 0.0)
-        answers_per_request = [len(rs) for rs in results_by_id.values()]
+        answers_per_request = {rid: len(rs) for rid, rs in results_by_id.items()}
+        most = max(answers_per_request, key=answers_per_request.get, default=None)
     finally:
         ledger.close()
     dead_by_source = defaultdict(list)
@@ -83,7 +84,8 @@ def summarize(*, state: Path, model: str, valid: dict[str, dict], hostile: dict[
         "valid_failed_ids": valid_failed[:20],
         "repeats_of_forgotten_data": len(repeats),
         "repeats_answered_applied_unchanged": unchanged_ok,
-        "results_per_valid_request_max": max(answers_per_request, default=0),
+        "results_per_valid_request_max": answers_per_request.get(most, 0),
+        "results_per_valid_request_max_id": most,
         "crashes_from_input": len(unexpected_exits),
         "hostile_messages": len(hostile),
         "hostile_dead_lettered_with_their_reason": matched,

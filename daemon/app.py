@@ -303,6 +303,12 @@ class Daemon:
             except Exception as exc:  # losing the marks costs at most one repeated answer after a crash
                 log.debug("could not record answered records: %s", exc)
 
+    def _flush_answers_before_engine(self) -> None:
+        """Engine work can take long (and a suspect runs in a child process): answers given before it are made
+        durable and marked first, so a kill meanwhile does not have them repeated on redelivery."""
+        if self._unmarked:
+            self._flush_answers()
+
     def _answered(self, msg: Message) -> None:
         if msg.offset >= 0:
             self._unmarked.append(msg)
@@ -396,7 +402,7 @@ class Daemon:
             kind = transient.kind_of(exc)
             if kind is None:
                 raise
-            self._transient = exc if isinstance(exc, Transient) else Transient(kind, f"{type(exc).__name__}: {exc}")
+            self._transient = transient.as_transient(exc, kind)
             self._not_suspect.update(g.request.request_id for g in group)
             return min([g.index for g in group] + [i])
 
@@ -515,6 +521,7 @@ class Daemon:
         cfg = self.config.requests
         request, method = a.request, a.method
         rid = request.request_id
+        self._flush_answers_before_engine()
         attempt = attempt or self._begin_attempt(a)
         log.info("request %s: %s on %s, forget %d %s (attempt %d%s)", rid, method, request.model,
                  request.forget.size(), a.forget.kind, attempt, ", isolated: it was in hand at a crash"
@@ -544,7 +551,7 @@ class Daemon:
                 kind = transient.kind_of(exc)
                 if kind is not None:
                     self._not_suspect.add(rid)
-                    raise Transient(kind, f"{type(exc).__name__}: {exc}") from exc
+                    raise transient.as_transient(exc, kind) from exc
                 error = f"{type(exc).__name__}: {exc}"[:MAX_DETAIL_CHARS]
                 failures = self.ledger.record_engine_failure(rid, error)
                 if isinstance(exc, EngineError) and not exc.retryable or failures >= cfg.max_attempts:
@@ -568,6 +575,7 @@ class Daemon:
             return
         isolated = any(a.suspect for a in group)  # one child for the group; if it dies, one child each
         model, method = group[0].request.model, group[0].method
+        self._flush_answers_before_engine()
         with self.ledger.transaction():
             attempts = [self._begin_attempt(a) for a in group]
         try:
@@ -600,7 +608,7 @@ class Daemon:
         except Exception as exc:  # e.g. one request names an unknown sample: let each succeed or fail alone
             kind = transient.kind_of(exc)
             if kind is not None:
-                raise Transient(kind, f"{type(exc).__name__}: {exc}") from exc
+                raise transient.as_transient(exc, kind) from exc
             log.info("coalesced apply of %d requests failed (%s); applying one at a time", len(group),
                      type(exc).__name__)
             for a, attempt in zip(group, attempts):

@@ -8,6 +8,7 @@ when the condition clears. `kind_of` names the condition of an exception, or Non
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 
 KINDS = ("disk_full", "ledger_busy", "io_error")
@@ -25,6 +26,11 @@ class Transient(Exception):
         self.detail = detail
 
 
+# How libraries that are not Python's own report a full disk in their messages: the C library's text ("No space
+# left on device") and Rust's io::Error ("... (os error 28)"), e.g. safetensors' SafetensorError.
+_DISK_FULL_TEXT = tuple(t for e in _DISK_FULL for t in (os.strerror(e), f"(os error {e})"))
+
+
 def kind_of(exc: BaseException) -> str | None:
     """The transient condition behind `exc` (or anything in its cause chain), else None."""
     seen = set()
@@ -32,7 +38,7 @@ def kind_of(exc: BaseException) -> str | None:
         seen.add(id(exc))
         if isinstance(exc, Transient):
             return exc.kind
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL or any(t in str(exc) for t in _DISK_FULL_TEXT):
             return "disk_full"
         if isinstance(exc, OSError) and exc.errno in _IO:
             return "io_error"
@@ -46,3 +52,7 @@ def kind_of(exc: BaseException) -> str | None:
                 return "io_error"
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def as_transient(exc: BaseException, kind: str) -> Transient:
+    return exc if isinstance(exc, Transient) else Transient(kind, f"{type(exc).__name__}: {exc}")
