@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.chaos_checks import RECOVERY_TARGET_S, Seen, dead_letter_entry, dump, summarize  # noqa: E402
 from daemon.broker import EmbeddedBroker, free_port  # noqa: E402
-from tests.harness import CONFIG_TEMPLATE, TEST_MODEL, UNLEARND  # noqa: E402
+from tests.harness import CONFIG_TEMPLATE, TEST_MODEL, UNLEARND, fill_filesystem  # noqa: E402
 from tests.hostile import RawProducer, corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,13 +423,7 @@ class Chaos:
             self.episodes["full_disk"] = {"ran": False, "why": self.small_disk_unavailable}
             return
         filler = self.state / "filler"
-        written = 0
-        with open(filler, "wb", buffering=0) as fh:
-            try:
-                while True:
-                    written += fh.write(b"\0" * (1 << 20))
-            except OSError as exc:
-                errno_name = os.strerror(exc.errno)
+        written = fill_filesystem(filler)
         filled, paused_seen = time.monotonic(), None  # hold until the daemon has paused, then a while longer
         while time.monotonic() - filled < 60 and paused_seen is None:
             if self._metric("unlearnd_paused", reason="disk_full") == 1.0:
@@ -441,7 +435,7 @@ class Chaos:
         filler.unlink()
         freed = time.time()
         self.episodes["full_disk"] = {"ran": True, "filesystem": f"tmpfs, {DISK_MB} MiB", "filled_bytes": written,
-                                      "write_error": errno_name, "paused_after_s": paused_seen,
+                                      "write_error": "ENOSPC", "paused_after_s": paused_seen,
                                       "answering_after_freed": self._wait_answer(freed, 120)}
 
     # --- the run --------------------------------------------------------------------------------------------

@@ -204,6 +204,21 @@ class Stack:
         self._producer.close()
 
 
+def fill_filesystem(path) -> int:
+    """Write zeros to `path` until its filesystem is full (ENOSPC); returns the bytes written."""
+    import errno
+
+    written = 0
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                written += fh.write(b"\0" * (1 << 20))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return written
+
+
 def request(request_id: str | None = None, **forget) -> dict:
     """A valid request body for the test model."""
     return {"request_id": request_id or f"r-{uuid.uuid4().hex[:10]}", "model": TEST_MODEL,

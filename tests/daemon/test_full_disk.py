@@ -6,14 +6,13 @@ that filesystem through /proc/<pid>/root until writes fail with ENOSPC, then fre
 
 from __future__ import annotations
 
-import errno
 import shutil
 import subprocess
 import time
 
 import pytest
 
-from tests.harness import request
+from tests.harness import fill_filesystem, request
 
 SMALL_DISK = ('mount -t tmpfs -o size=16m tmpfs "$1" && cp -a "$2"/. "$1"/ && shift 2 && exec "$@"')
 
@@ -30,18 +29,6 @@ def _namespaces_work(mount_point) -> bool:
     return probe.returncode == 0
 
 
-def fill(path) -> int:
-    """Write to `path` until the filesystem is full; returns the bytes written."""
-    written = 0
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                written += fh.write(b"\0" * (1 << 20))
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return written
-
-
 def test_a_full_disk_pauses_the_daemon_and_fails_nothing(stack, tmp_path):
     if shutil.which("unshare") is None or not _namespaces_work(tmp_path / "probe"):
         pytest.skip("needs unshare with user and mount namespaces (util-linux) to mount a small tmpfs")
@@ -52,7 +39,7 @@ def test_a_full_disk_pauses_the_daemon_and_fails_nothing(stack, tmp_path):
     assert stack.results(1, request_id="before-full")[0]["status"] == "applied"
 
     filler = f"/proc/{proc.pid}/root{stack.state}/filler"
-    assert fill(filler) > 0
+    assert fill_filesystem(filler) > 0
     stack.publish(request("while-full-1", sample_ids=[2]))
     stack.publish(request("while-full-2", sample_ids=[3]))
     stack.wait_metric("unlearnd_paused", 1.0, timeout=60, proc=proc, reason="disk_full")
