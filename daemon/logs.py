@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 
 from daemon.config import Logging
 
@@ -30,3 +31,10 @@ def setup_logging(cfg: Logging) -> None:
     root.setLevel(cfg.level)
     # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports the state once itself.
     logging.getLogger("kafka").setLevel(logging.CRITICAL if cfg.level != "DEBUG" else logging.DEBUG)
+    logging.captureWarnings(True)  # library warnings become log lines, in the same format (JSON when configured)
+    if cfg.level != "DEBUG":
+        # faiss's loader logs each CPU-specific build it does not find, with a ModuleNotFoundError, at INFO;
+        # FutureWarnings are libraries telling developers about their own coming API changes. Neither is
+        # something an operator can act on; both read like errors. DEBUG shows them again.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
