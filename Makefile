@@ -41,12 +41,12 @@ bench-quick: install
 	$(BIN)/python bench/daemon.py --quick
 	$(BIN)/python bench/classifier.py --quick
 
+# The README's benchmark figures come from bench/results/*.json (committed): a rerun updates them.
 bench: install
-	mkdir -p bench/out
-	$(BIN)/python bench/daemon.py --out bench/out/daemon.json
-	$(BIN)/python bench/classifier.py --out bench/out/classifier.json
-	$(BIN)/python bench/o3.py --out bench/out/o3.json
-	$(BIN)/python bench/router.py --out bench/out/router.json
+	$(BIN)/python bench/daemon.py --out bench/results/daemon.json
+	$(BIN)/python bench/classifier.py --out bench/results/classifier.json
+	$(BIN)/python bench/o3.py --out bench/results/o3.json
+	$(BIN)/python bench/router.py --out bench/results/router.json
 
 clean:
-	rm -rf $(VENV) var bench/out .pytest_cache
+	rm -rf $(VENV) var .pytest_cache
