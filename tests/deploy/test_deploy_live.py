@@ -59,6 +59,15 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
         time.sleep(0.5)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def unlearnd_cli() -> str:
     cli = Path(sys.executable).parent / "unlearnd"
     assert cli.is_file(), f"the `unlearnd` console script is not installed next to {sys.executable} (pip install -e .)"
@@ -112,12 +121,7 @@ def prometheus(daemon, tmp_path_factory):
         wait_for("Prometheus to be ready", lambda: "Ready" in http_get(f"{base}/-/ready"), 60, proc, log)
         yield {"base": base, "job": job["job_name"], "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def query(base: str, expr: str) -> dict:
@@ -244,12 +248,7 @@ def router(daemon, tmp_path_factory):
                  180, proc, log)
         yield {"ports": ports, "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_processes_open_the_ports_the_deploy_files_use(daemon, router):
