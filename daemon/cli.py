@@ -147,8 +147,10 @@ def route(
     from daemon import serve as serve_mod
 
     from kafka.errors import KafkaError
+    from transformers.utils import logging as hf_logging
 
     cfg = load_config(config)
+    hf_logging.disable_progress_bar()  # the encoder's loading bar is noise around one answer
     try:
         decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
     except KafkaError as exc:

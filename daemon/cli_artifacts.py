@@ -189,7 +189,8 @@ def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, as
     out = {"adapter_id": a.id, "model": a.model, "request_id": a.request_id, "directory": str(directory.absolute()),
            "base_model_name_or_path": str(base), "files": sorted(str(f.relative_to(directory))
                                                                  for f in directory.rglob("*") if f.is_file())}
-    print_json(out) if as_json else console.print(f"exported {a.id} to {out['directory']} (base model {base})")
+    print_json(out) if as_json else console.print(f"exported {a.id} to {out['directory']} (base model {base})",
+                                                  soft_wrap=True)
 
 
 def model_card(a, base: Path) -> str:

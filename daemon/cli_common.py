@@ -107,8 +107,8 @@ def print_table(table: Table) -> None:
 
 
 def fmt(value) -> str:
-    if value is None:
-        return "-"
+    if value is None or isinstance(value, float) and not math.isfinite(value):
+        return "-"  # as in --json, where a measure that is not a number is null
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, bool):
