@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -34,7 +35,10 @@ def setup_logging(cfg: Logging) -> None:
     logging.captureWarnings(True)  # library warnings become log lines, in the same format (JSON when configured)
     if cfg.level != "DEBUG":
         # faiss's loader logs each CPU-specific build it does not find, with a ModuleNotFoundError, at INFO;
-        # FutureWarnings are libraries telling developers about their own coming API changes. Neither is
-        # something an operator can act on; both read like errors. DEBUG shows them again.
+        # FutureWarnings and deprecation notices are libraries telling developers about their own coming API
+        # changes. None is something an operator can act on; all read like errors. DEBUG shows them again.
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # transformers logs its deprecation notices through a handler of its own ("[transformers] ..."); read
+        # when transformers is first imported, which is after this
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
