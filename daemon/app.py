@@ -45,6 +45,13 @@ class StartupError(Exception):
     """The daemon cannot start (a port taken, a model that cannot be built): one line for the operator."""
 
 
+class StopDuringStartup(BaseException):
+    """Raised by the signal handler to abandon start-up (a first-start bootstrap trains for minutes). A
+    BaseException, so no `except Exception` on the way swallows it; not KeyboardInterrupt itself, because CPython
+    3.11 can remember a KeyboardInterrupt raised inside C-evaluated code (an import, say) and end the process by
+    SIGINT at exit even after it was caught."""
+
+
 @dataclass
 class Message:
     """One polled record and where it came from (for the DLQ and the audit trail)."""
@@ -127,7 +134,7 @@ class Daemon:
         if self._starting:
             self._starting = False  # raise once; cleanup code that runs next must not be interrupted again
             self._stop.set()
-            raise KeyboardInterrupt
+            raise StopDuringStartup
         if not self._stop.is_set():
             log.info("stopping: finishing the request in hand, then committing")
         self._stop.set()
@@ -140,7 +147,7 @@ class Daemon:
             self._starting = True
             try:
                 self.start()
-            except KeyboardInterrupt:
+            except StopDuringStartup:
                 log.info("stopped during start-up; nothing half-written is kept, the next start resumes")
                 return 0
             finally:
