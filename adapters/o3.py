@@ -32,6 +32,7 @@ import random
 import string
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +124,9 @@ class O3Engine(Engine):
     name = "o3"
     model_kinds = frozenset({"causal_lm"})
     Config = O3Config
+    reports_progress = True
 
-    def apply(self, target: LMTarget, forget: Forget) -> AdapterChange:
+    def apply(self, target: LMTarget, forget: Forget, progress: Callable[[dict], None] | None = None) -> AdapterChange:
         cfg = self.config
         if cfg.objective not in ("random_label", "refusal"):
             raise InvalidForget(f"unknown O3 objective {cfg.objective!r}")
@@ -149,7 +151,8 @@ class O3Engine(Engine):
             penalty = _orthogonality_penalty(peft_model, earlier, model.config.num_hidden_layers)
             stats = lm_train.fit(peft_model, tok, prompts, [f" {a}{eos}" for a in labels], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
-                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None)
+                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
+                                 on_epoch=progress)
             state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
             if cfg.measure:

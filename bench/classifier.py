@@ -197,8 +197,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, MLP, 1 seed, 5%% and class, 3 sequence steps")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     args = parser.parse_args(argv)
+    # One thread for smoke tests: on a busy 2-core machine two OpenMP threads keep waiting on each other for a
+    # core, and a quick run slowed from 20 s to over 4 min at load 6 (tests/bench run it on such machines).
+    args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()

@@ -8,6 +8,10 @@ environment variable *named* in the config, never stored in the file.
 
 A bad value fails at start-up with the dotted path of the key, e.g. ``kafka.session_timeout_ms: Input should
 be a valid integer``.
+
+Relative state paths (``state.dir``, ``state.ledger``, ``state.artifacts``) are relative to the config file's
+directory, so the daemon and the CLI find the same ledger from any working directory; every path recorded in
+the ledger and on the adapters topic is absolute.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
@@ -86,6 +90,10 @@ class Requests(_Section):
     rekey_unkeyed: bool = True
     coalesce: bool = True  # merge same-model requests of one poll for engines whose deltas add up
     max_forget_items: int = Field(100_000, ge=1)
+    # Progress events of long requests (O3 training epochs) on the results topic, marked by the header
+    # unlearnd.event=progress and without a `status`; the one result per request still follows. `publish --wait`
+    # shows them. Turn off for consumers that cannot skip them.
+    progress_events: bool = True
 
 
 class State(_Section):
@@ -154,9 +162,14 @@ class Config(_Section):
     logging: Logging = Logging()
     models: dict[str, Model] = {}
     methods: dict[str, dict[str, Any]] = {}  # per-method engine settings, e.g. [methods.iau] lr = 1e-3
+    _source: Path | None = PrivateAttr(None)  # the file it was read from (None: defaults and environment only)
 
     def model(self, name: str) -> Model:
         return self.models[name]
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
 
 DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
@@ -166,10 +179,16 @@ class ConfigError(ValueError):
     pass
 
 
+def locate(path: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The config file `load` reads: `path`, else $UNLEARND_CONFIG, else ./config.toml (which may not exist)."""
+    env = os.environ if env is None else env
+    return Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG)).absolute()
+
+
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
     """Read config.toml (or `path`, or $UNLEARND_CONFIG), apply environment overrides, validate."""
     env = os.environ if env is None else env
-    path = Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG))
+    path = locate(path, env)
     data: dict[str, Any] = {}
     if path.is_file():
         with open(path, "rb") as fh:
@@ -190,6 +209,13 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
     for name, model in config.models.items():
         method = model.method or DEFAULT_METHOD[model.kind]
         model.method = method
+    if path.is_file():
+        config._source = path
+    base = path.parent if path.is_file() else Path.cwd()
+    state = config.state
+    state.dir = base / state.dir  # an absolute path stays as it is
+    state.ledger = base / state.ledger if state.ledger else None
+    state.artifacts = base / state.artifacts if state.artifacts else None
     return config
 
 

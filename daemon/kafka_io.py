@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -27,6 +28,8 @@ from daemon.schema import Result
 log = logging.getLogger(__name__)
 
 HEADER_REKEYED_FROM = "unlearnd.rekeyed_from"
+# On the results topic: "result" (exactly one per request, terminal) or "progress" (zero or more before it).
+HEADER_EVENT = "unlearnd.event"
 # What a produced record may add to a request-sized one: the dead letter's own headers, the batch framing.
 PRODUCE_HEADROOM_BYTES = 256 * 1024
 DEFAULT_MAX_RECORD_BYTES = 1_048_576  # requests.max_bytes' default, for callers without a Config
@@ -139,7 +142,16 @@ class Outbox:
         self.max_record_bytes = max_record_bytes
 
     def result(self, result: Result, key: str | None) -> None:
-        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes())
+        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes(),
+                           headers=[(HEADER_EVENT, b"result")])
+
+    def progress(self, request_id: str, model: str, method: str, info: dict) -> None:
+        """A non-terminal progress event of a long request (e.g. one O3 training epoch), on the results topic
+        with header unlearnd.event=progress and no `status` field; the request's one result follows later."""
+        body = {"event": "progress", "request_id": request_id, "model": model, "method": method, "at": time.time(),
+                **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()}}
+        self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
+                           headers=[(HEADER_EVENT, b"progress")])
 
     def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list, *, reason: str, error: str,
                     source: str) -> None:
@@ -163,6 +175,11 @@ class Outbox:
 
     def flush(self, timeout: float = 30.0) -> None:
         self.producer.flush(timeout)
+
+
+def is_progress(headers, event: dict) -> bool:
+    """Whether a results-topic record is a progress event rather than the request's result."""
+    return dict(headers or []).get(HEADER_EVENT) == b"progress" or event.get("event") == "progress"
 
 
 def lag_by_partition(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

@@ -28,7 +28,8 @@ GATE_SUBDIR = "gate"  # where an O3 adapter keeps its detector state (daemon/ser
 
 
 class UnknownModel(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError's own str() quotes its message, which already quotes the name
+        return str(self.args[0])
 
 
 @dataclass

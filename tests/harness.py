@@ -191,7 +191,15 @@ class Stack:
             consumer.close()
 
     def results(self, count: int, timeout: float = 60, request_id: str | None = None) -> list[dict]:
-        match = None if request_id is None else (lambda r: json.loads(r.value).get("request_id") == request_id)
+        """Result events (one per request), without the progress events long requests also publish there."""
+        def match(r) -> bool:
+            return not is_progress_record(r) and (request_id is None or json.loads(r.value).get("request_id") == request_id)
+        return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
+
+    def progress(self, request_id: str, count: int, timeout: float = 10) -> list[dict]:
+        """The progress events of one request, in order."""
+        def match(r) -> bool:
+            return is_progress_record(r) and json.loads(r.value).get("request_id") == request_id
         return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
 
     def ledger(self):
@@ -217,6 +225,12 @@ def fill_filesystem(path) -> int:
             if exc.errno != errno.ENOSPC:
                 raise
     return written
+
+
+def is_progress_record(record) -> bool:
+    from daemon.kafka_io import HEADER_EVENT
+
+    return dict(record.headers or []).get(HEADER_EVENT) == b"progress"
 
 
 def request(request_id: str | None = None, **forget) -> dict:
