@@ -293,6 +293,7 @@ class Daemon:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def _consume(self) -> None:
+        last_check = time.monotonic()
         while not self._stop.is_set():
             self._check_broker()
             batch = self._consumer.poll(timeout_ms=self.config.kafka.poll_timeout_ms)

@@ -93,8 +93,9 @@ def test_expected_errors_are_one_line_on_stderr(stack):
 
 def test_second_daemon_on_a_taken_port_says_so_in_one_line(stack):
     stack.start()
-    second = subprocess.run([*UNLEARND, "run"], cwd=REPO, env=stack.env(), capture_output=True, text=True,
-                            timeout=120)
+    # Its own state directory (one on the same state is refused earlier: tests/daemon/test_replicas.py).
+    env = stack.env(UNLEARND__STATE__DIR=str(stack.root / "var-second"))
+    second = subprocess.run([*UNLEARND, "run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1
     assert "Traceback" not in second.stderr, second.stderr
     errors = [line for line in second.stderr.splitlines() if line.startswith("unlearnd:")]
