@@ -52,6 +52,7 @@ from daemon.transient import Transient
 log = logging.getLogger("unlearnd")
 
 KEEPALIVE_S = 1.0  # while the engine works, the main thread polls (partitions paused) this often
+UNMARKED_MAX_S = 0.5  # answers older than this are flushed and marked before the next engine step
 
 
 class BrokerLost(Exception):
@@ -134,9 +135,11 @@ class Daemon:
         self._watch: liveness.BrokerWatch | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unlearnd-engine")
         self._unmarked: list[Message] = []  # answered, answers not yet flushed and marked in the ledger
+        self._unmarked_since = 0.0
         self._not_suspect: set[str] = set()  # ids this process interrupted cleanly (a pause, a stop): no crash
         self._transient: Transient | None = None
         self._paused_by: str | None = None
+        self._marks: dict[int, str] = {}  # offset -> fingerprint of the batch's records answered before a crash
         self._transient_backoff = config.requests.retry_backoff_s
         key_env = config.requests.hmac_key_env
         self._hmac_key = os.environ[key_env].encode() if os.environ.get(key_env) else None
@@ -346,14 +349,17 @@ class Daemon:
             except Exception as exc:  # losing the marks costs at most one repeated answer after a crash
                 log.debug("could not record answered records: %s", exc)
 
-    def _flush_answers_before_engine(self) -> None:
-        """Engine work can take long (and a suspect runs in a child process): answers given before it are made
-        durable and marked first, so a kill meanwhile does not have them repeated on redelivery."""
-        if self._unmarked:
+    def _flush_answers_before_engine(self, long: bool) -> None:
+        """Before engine work that can take long (a suspect in its child process, an engine that reports progress),
+        or when answers have waited a while, make the answers given so far durable and mark them, so that a kill
+        meanwhile does not have them repeated on redelivery. Short engine steps share the flush at the commit."""
+        if self._unmarked and (long or time.monotonic() - self._unmarked_since > UNMARKED_MAX_S):
             self._flush_answers()
 
     def _answered(self, msg: Message) -> None:
         if msg.offset >= 0:
+            if not self._unmarked:
+                self._unmarked_since = time.monotonic()
             self._unmarked.append(msg)
 
     def _while_polling(self, fn, *args):
@@ -426,6 +432,9 @@ class Daemon:
         group: list[Admitted] = []
         i = 0
         try:
+            first = msgs[0] if msgs else None
+            self._marks = self.ledger.answered_between(first.topic, first.partition, first.offset,
+                                                       msgs[-1].offset) if first and first.offset >= 0 else {}
             for i, msg in enumerate(msgs):
                 if self._stop.is_set():
                     self._apply_group(group)
@@ -460,7 +469,7 @@ class Daemon:
 
     def _admit(self, msg: Message, index: int = 0) -> "Admitted | None":
         """validate -> re-key -> dedupe. Returns a request to apply, or None when the message was answered."""
-        if msg.offset >= 0 and self.ledger.was_answered(msg.topic, msg.partition, msg.offset, msg.fingerprint):
+        if msg.offset in self._marks and self._marks[msg.offset] == msg.fingerprint:
             metrics.REDELIVERED.inc()  # answered and flushed before a crash: answering again would repeat it
             return None
         try:
@@ -578,7 +587,7 @@ class Daemon:
         cfg = self.config.requests
         request, method = a.request, a.method
         rid = request.request_id
-        self._flush_answers_before_engine()
+        self._flush_answers_before_engine(a.suspect or self.registry.engine(method).reports_progress)
         attempt = attempt or self._begin_attempt(a)
         log.info("request %s: %s on %s, forget %d %s (attempt %d%s)", rid, method, request.model,
                  request.forget.size(), a.forget.kind, attempt, ", isolated: it was in hand at a crash"
@@ -651,7 +660,7 @@ class Daemon:
             return
         isolated = any(a.suspect for a in group)  # one child for the group; if it dies, one child each
         model, method = group[0].request.model, group[0].method
-        self._flush_answers_before_engine()
+        self._flush_answers_before_engine(isolated)
         with self.ledger.transaction():
             attempts = [self._begin_attempt(a) for a in group]
         try:
@@ -717,7 +726,6 @@ class Daemon:
         self._update_model_gauges(model)
         for a in group:
             self._answered(a.msg)
-        self._flush_answers()  # a crash from here on re-answers nothing that was already delivered
 
     def _finish_unchanged(self, a: "Admitted", target, exc: NothingToForget) -> None:
         """Everything the request names is already forgotten: it is satisfied as it stands. Answered `applied`

@@ -258,10 +258,11 @@ class Ledger:
             db.executemany("INSERT OR REPLACE INTO answered (topic, partition_, offset_, fingerprint, at) "
                            "VALUES (?, ?, ?, ?, ?)", [(*r, now) for r in records])
 
-    def was_answered(self, topic: str, partition: int, offset: int, fingerprint: str) -> bool:
-        row = self._db.execute("SELECT fingerprint FROM answered WHERE topic = ? AND partition_ = ? AND offset_ = ?",
-                               (topic, partition, offset)).fetchone()
-        return row is not None and row[0] == fingerprint
+    def answered_between(self, topic: str, partition: int, first: int, last: int) -> dict[int, str]:
+        """offset -> fingerprint of the records of one partition, in [first, last], marked answered."""
+        rows = self._db.execute("SELECT offset_, fingerprint FROM answered WHERE topic = ? AND partition_ = ? "
+                                "AND offset_ BETWEEN ? AND ?", (topic, partition, first, last)).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def forget_answered(self, committed: dict[tuple[str, int], int]) -> None:
         """Offsets below a committed offset are never redelivered: their marks are no longer needed."""
