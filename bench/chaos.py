@@ -489,6 +489,8 @@ class Chaos:
                "stops": [{"how": s["how"], "failpoint": s["failpoint"]} for s in self.starts],
                "unexpected_exits": self.unexpected_exits, "events": kills[-60:], "summary": summary}
         if summary["targets_met"] and os.environ.get("UNLEARND_CHAOS_KEEP") != "1":
+            if self.small_disk_unavailable is None:
+                subprocess.run(["umount", str(self.state)], check=False)
             shutil.rmtree(self.root, ignore_errors=True)
         else:
             out["kept_for_inspection"] = str(self.root)
