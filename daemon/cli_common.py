@@ -128,6 +128,7 @@ def print_result(result: dict, as_json: bool) -> None:
     colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
     console.print(f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
                   + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
+                  + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
                   + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else ""))
     if result.get("reason"):
         console.print(f"reason: {result['reason']}: {result.get('error')}")

@@ -49,8 +49,12 @@ ISOLATED_RUNS = Counter("unlearnd_isolated_runs_total", "Requests that were in h
                         "process, by outcome (engine_died counts against the request).", ["outcome"])
 REDELIVERED = Counter("unlearnd_redelivered_total", "Redelivered records already answered before a crash, "
                       "skipped (not answered twice).")
-for _reason in PAUSE_REASONS:  # exported at 0 from the start, so alerts and dashboards see the series
+# Exported at 0 from the start, so alerts and dashboards see the series (and increase() sees the first one).
+for _reason in PAUSE_REASONS:
     PAUSED.labels(_reason).set(0)
+    TRANSIENT_ERRORS.labels(_reason)
+for _outcome in ISOLATED_OUTCOMES:
+    ISOLATED_RUNS.labels(_outcome)
 
 # Serving (unlearnd serve): routing decisions and generation.
 ROUTER_SECONDS = Histogram("unlearnd_router_latency_seconds", "Time to route one input (embed, search, score).",
