@@ -84,6 +84,7 @@ class Daemon:
 
     def start(self, *, progress: bool = True) -> None:
         """Everything before the loop: broker (if embedded), state, models, metrics endpoint."""
+        self.registry.check_methods()
         if self.config.kafka.bootstrap_servers == "embedded":
             self.broker = EmbeddedBroker(self.config.kafka.embedded_port).start()
             self.bootstrap_servers = self.broker.bootstrap_servers
@@ -268,7 +269,7 @@ class Daemon:
             spec = self.registry.spec(request.model)
         except UnknownModel as exc:
             raise Rejected("unknown_model", str(exc), request.request_id, request.model) from None
-        method = self.registry.method_for(request.model, request.method)
+        method = self.registry.method_for(request.model, request.method, request.forget.to_forget().kind)
         try:
             engine = self.registry.engine(method)
         except KeyError as exc:

@@ -41,7 +41,12 @@ def run(config: ConfigOpt = None) -> None:
     setup_logging(cfg.logging)
     from daemon.app import Daemon
 
-    raise typer.Exit(Daemon(cfg).run())
+    try:
+        code = Daemon(cfg).run()
+    except config_mod.ConfigError as exc:  # a model's default method does not apply to its kind (start-up check)
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()
