@@ -218,6 +218,8 @@ def main(argv=None) -> dict:
                         "threads of a 2-thread pool spin and count as CPU time)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # bench/out/ is not in a fresh clone
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     blocks, seqs = [], []
