@@ -6,6 +6,7 @@ Usage: python -m bench.evaluation.compact bench/out/classifier.json bench/result
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def compact(report: dict) -> dict:
 def main(argv=None) -> None:
     src, dst = (argv or sys.argv[1:])[:2]
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_text(json.dumps(compact(json.loads(Path(src).read_text())), indent=1) + "\n")
+    text = json.dumps(compact(json.loads(Path(src).read_text())), indent=1)
+    text = re.sub(r"\[\s+([-0-9.e,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    Path(dst).write_text(text + "\n")  # one line per [mean, std, min, max]
 
 
 if __name__ == "__main__":
