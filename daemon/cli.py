@@ -79,6 +79,8 @@ def run(config: ConfigOpt = None) -> None:
         code = Daemon(cfg).run()
     except StartupError as exc:
         fail(str(exc))
+    except config_mod.ConfigError as exc:  # a model's default method does not apply to its kind
+        fail(str(exc), 2)
     raise typer.Exit(code)
 
 
