@@ -149,6 +149,7 @@ class Daemon:
     def start(self, *, progress: bool = True) -> None:
         """Everything before the loop: metrics endpoint (so probes see `unlearnd_bootstrapping`), broker (if
         embedded), state, models. Raises StartupError for what an operator must fix."""
+        self.registry.check_methods()
         if self.config.metrics.enabled:
             host, port = self.config.metrics.host, self.config.metrics.port
             try:
@@ -524,7 +525,7 @@ class Daemon:
             spec = self.registry.spec(request.model)
         except UnknownModel as exc:
             raise Rejected("unknown_model", str(exc), request.request_id, request.model) from None
-        method = self.registry.method_for(request.model, request.method)
+        method = self.registry.method_for(request.model, request.method, request.forget.to_forget().kind)
         try:
             engine = self.registry.engine(method)
         except KeyError as exc:

@@ -80,6 +80,8 @@ def run(config: ConfigOpt = None) -> None:
         code = Daemon(cfg).run()
     except (StartupError, StateLocked) as exc:  # StateLocked: one state directory, one daemon
         fail(str(exc))
+    except config_mod.ConfigError as exc:  # a model's default method does not apply to its kind
+        fail(str(exc), 2)
     raise typer.Exit(code)
 
 

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from adapters.base import engine_names
+
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
 
@@ -150,7 +152,14 @@ class Bootstrap(_Section):
 class Model(_Section):
     kind: Literal["classifier", "causal_lm"]
     method: str | None = None  # default method for this model's requests; None = the kind's default
+    # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
+    # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
+    method_by_forget: dict[str, str] = {}
     bootstrap: Bootstrap = Bootstrap()
+
+    def default_method(self, forget_kind: str | None = None) -> str:
+        """The method for a request of `forget_kind` that names none."""
+        return self.method_by_forget.get(forget_kind or "") or self.method or DEFAULT_METHOD[self.kind]
 
 
 class Config(_Section):
@@ -173,6 +182,11 @@ class Config(_Section):
 
 
 DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
+#: Per model kind, the forget kinds whose default is not the model's `method`: a whole class goes to SalUn, which
+#: erases it (bench/classifier.py, "class" scenario); IAU's single step is for samples.
+DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}}
+#: The forget kinds each model kind accepts (the keys `method_by_forget` may use).
+FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa")}
 
 
 class ConfigError(ValueError):
@@ -207,8 +221,9 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration ({path}): {problems}") from None
     for name, model in config.models.items():
-        method = model.method or DEFAULT_METHOD[model.kind]
-        model.method = method
+        model.method = model.method or DEFAULT_METHOD[model.kind]
+        model.method_by_forget = {**DEFAULT_METHOD_BY_FORGET[model.kind], **model.method_by_forget}
+        _check_methods(name, model)
     if path.is_file():
         config._source = path
     base = path.parent if path.is_file() else Path.cwd()
@@ -217,6 +232,19 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
     state.ledger = base / state.ledger if state.ledger else None
     state.artifacts = base / state.artifacts if state.artifacts else None
     return config
+
+
+def _check_methods(name: str, model: Model) -> None:
+    """A model's default methods name known engines, keyed by forget kinds the model kind accepts. Whether an
+    engine applies to the model kind is checked when the daemon starts (ModelRegistry.check_methods)."""
+    unknown_kinds = set(model.method_by_forget) - set(FORGET_KINDS[model.kind])
+    if unknown_kinds:
+        raise ConfigError(f"models.{name}.method_by_forget: {sorted(unknown_kinds)} not forget kinds of a "
+                          f"{model.kind} model (known: {list(FORGET_KINDS[model.kind])})")
+    for key, method in [("method", model.method), *((f"method_by_forget.{k}", m)
+                                                      for k, m in model.method_by_forget.items())]:
+        if method not in engine_names():
+            raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 
 
 def _set_path(data: dict, keys: list[str], value: Any) -> None:

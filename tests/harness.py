@@ -54,7 +54,7 @@ recipe = "classifier"
 dataset = "digits"
 arch = "mlp"
 hidden = [64]
-epochs = 12
+epochs = 30
 """
 
 
