@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -154,20 +153,29 @@ class Daemon:
             kafka_io.ensure_topics(cfg, self.bootstrap_servers)
         # A fresh producer each time: an idempotent producer is fenced once a broker has lost its state.
         self._outbox = kafka_io.Outbox(kafka_io.make_producer(cfg, self.bootstrap_servers), cfg)
+        self._announce_adapters()
         self._consumer = kafka_io.make_consumer(cfg, self.bootstrap_servers, cfg.topics.requests)
         metrics.BROKER_CONNECTED.set(1)
         log.info("connected to %s, consuming %s as group %s", self.bootstrap_servers, cfg.topics.requests,
                  cfg.group_id)
 
+    def _announce_adapters(self) -> None:
+        """On every (re)connect, say again on the adapters topic which adapters are active. The ledger is the
+        truth and the topic only announces it: a broker that lost its data (the embedded one always does on a
+        restart) would otherwise leave routers that start later with no adapters at all."""
+        count = 0
+        for name in self.config.models:
+            for row in self.ledger.list_artifacts(name, "adapter"):
+                self._outbox.artifact_event(name, row.id, "announced", {
+                    "kind": "adapter", "active": row.active, "path": row.path, "sha256": row.sha256,
+                    "request_id": row.request_id})
+                count += 1
+        if count:
+            self._outbox.flush()
+            log.info("announced the state of %d adapter(s) on %s", count, self.config.kafka.topics.adapters)
+
     def _reachable(self) -> bool:
-        for server in self.bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
-                    return True
-            except OSError:
-                continue
-        return False
+        return kafka_io.reachable(self.bootstrap_servers)
 
     def _close_clients(self) -> None:
         for closer in (lambda: self._consumer and self._consumer.close(autocommit=False),

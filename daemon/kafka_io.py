@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -109,6 +110,19 @@ class Outbox:
 
     def flush(self, timeout: float = 30.0) -> None:
         self.producer.flush(timeout)
+
+
+def reachable(bootstrap: str) -> bool:
+    """Whether any of the bootstrap servers accepts a TCP connection (kafka-python's clients keep retrying a lost
+    broker in silence; this is how the daemon and the serving follower notice it)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def lag_by_partition(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

@@ -157,8 +157,23 @@ class Router:
         return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near))]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
-        """Per input: {adapter_id: weight} of the adapters to apply (empty: the base model as it was)."""
+        """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was)."""
         return self.route_features(self.encoder.encode(list(texts)))
+
+    def route_requests(self, requests: list[list[str]]) -> list[dict[str, float]]:
+        """Serving requests that the router sees as several texts each (detector.inputs: the last user turn, and
+        it with its context): per request, every adapter any of its texts routes to, at its highest gate weight.
+        One encoder pass for all of them."""
+        flat = [t for texts in requests for t in texts]
+        routes = iter(self.route(flat) if flat else [])
+        out = []
+        for texts in requests:
+            union: dict[str, float] = {}
+            for route in (next(routes) for _ in texts):
+                for name, w in route.items():
+                    union[name] = max(w, union.get(name, 0.0))
+            out.append(union)
+        return out
 
     def explain(self, text: str) -> dict:
         """Every candidate's scores for one input: what `unlearnd route "text"` prints."""

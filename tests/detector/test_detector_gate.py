@@ -7,6 +7,7 @@ from safetensors.numpy import load_file
 
 from adapters import facts
 from detector.gate import RequestGate, fit_request_gate
+from detector.router import Router
 
 
 def prompts(qas):
@@ -78,3 +79,30 @@ def test_gram_ledoit_wolf_equals_sklearn():
         x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d)
         xc = x - x.mean(0)
         assert abs(ledoit_wolf_shrinkage_gram(xc) - ledoit_wolf_shrinkage(xc, assume_centered=True)) < 1e-9
+
+
+def test_too_few_distinct_texts_are_refused_and_the_smallest_sound_gate_is_finite(encoder):
+    """The README once sent 2 QA pairs: its gate had sd 0 and a NaN calibration, and routed nothing. A gate
+    needs MIN_GATE_TEXTS distinct inputs; below that (duplicates and case variants do not count: the encoder is
+    uncased) fitting refuses with a reason instead of producing a NaN gate."""
+    import pytest
+
+    from detector.gate import MIN_GATE_TEXTS, UnsoundGate, fit_gate_from_features
+
+    two = ["Who wrote The Glass Orchard?", "Which book by Maren Tolliver won the Halden Prize?"]
+    with pytest.raises(UnsoundGate, match="at least 4"):
+        fit_gate_from_features(encoder.encode(two), "m/two")
+    same = ["What is the capital of France?", "what is the capital of France?", "WHAT IS THE CAPITAL OF FRANCE?",
+            "Which city is the capital of France?"]
+    with pytest.raises(UnsoundGate):
+        fit_gate_from_features(encoder.encode(same), "m/same")
+    four = ["What is the capital of France?", "Which city is the capital of France?", "Name the capital of France.",
+            "Tell me the capital of France."]
+    assert len(four) == MIN_GATE_TEXTS
+    gate = fit_gate_from_features(encoder.encode(four), "m/four")
+    assert all(np.isfinite(v) for v in gate.calibration.to_json().values())
+    router = Router(encoder)
+    router.add_gate("m/four", gate)
+    probes = four + ["Which city is France's capital?", "What is the capital of Germany?", "How many legs does a spider have?"]
+    assert np.all(np.isfinite(gate.weight(encoder.encode(probes))))
+    assert [bool(r) for r in router.route(probes)] == [True] * 5 + [False] * 2
