@@ -294,11 +294,9 @@ class RoutedModel:
 
         out: list[list[float]] = []
         with self.lock:
-            for i in range(0, len(prompts), 8):
-                routes = [r.applied for r in routings[i:i + 8]]
-                with self._adapters_context(routes):
-                    out += lm_eval.candidate_scores(self.model, self.tokenizer, prompts[i:i + 8],
-                                                    candidates[i:i + 8], batch_size=8, sep=sep)
+            for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
+                with self._adapters_context([routing.applied]):
+                    out += lm_eval.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out
 
 

@@ -7,9 +7,13 @@ vectors at ~d flops each (21k vectors = 1,000 requests of 21 texts: ~2 ms measur
 pass), the scoring grows with the number of candidates, not of requests. O3's reference code runs one
 detector per request. For millions of vectors swap the flat index for HNSW/IVF (same ids, same remove_ids).
 
-Weights: several requests apply to one input -> each adapter gets its own w; adapters below `min_weight`
-are switched off (the calibration's sigmoid never goes below 0.12, so without a floor every adapter would
-leak 12% into every input; O3's eval script uses a hard cut for the same reason).
+Weights: several requests apply to one input -> each adapter gets its own gate weight w; adapters below
+`min_weight` are switched off (the calibration's sigmoid never goes below 0.12, so without a floor every adapter
+would leak 12% into every input; O3's eval script uses a hard cut for the same reason). The router decides; w is
+not the strength serving applies: a routed adapter is applied fully (detector/routed_model.py), w is reported.
+
+Inputs are what the user asked (detector/inputs.py), the same form gates are fitted on; `route_requests` routes
+a serving request given as several texts (its last user turn, and that turn with its context) in one pass.
 
 Exact texts: an input that is one of the texts a request named (cosine >= EXACT_COS to one of its vectors) gets
 that request's adapter at weight 1, whatever its gate and the margin say: verbatim forget data always routes.
