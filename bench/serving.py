@@ -43,7 +43,7 @@ from daemon.broker import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "lm"
 FULL = dict(max_tokens=24, lookalikes_per_family=10, general=len(known_facts.GENERAL), families=6, o3_epochs=10,
-            o3_lr=1e-3, timeout=1800)
+            o3_lr=1e-3, timeout=7200)
 QUICK = dict(max_tokens=6, lookalikes_per_family=4, general=6, families=2, o3_epochs=2, o3_lr=3e-2, timeout=300)
 
 
@@ -237,6 +237,8 @@ def run(stack: Stack, questions: list[Question], requests: dict, p: dict, args, 
     _log(f"asked {len(questions)} questions before forgetting", t_start)
 
     results = publish_and_wait(stack, requests, p["timeout"])
+    if len(results) < len(requests):
+        raise TimeoutError(f"{len(requests) - len(results)} request(s) without a result in {p['timeout']} s")
     ids = {rid: r["adapter_id"] for rid, r in results.items() if r.get("status") == "applied"}
     _wait(lambda: stack.served_adapters() == set(ids.values()), 120, "serve loading every adapter")
     _log(f"{len(ids)} of {len(requests)} requests applied and served", t_start)
