@@ -263,7 +263,9 @@ def run(stack: Stack, questions: list[Question], requests: dict, p: dict, args, 
                            "status": results.get(rid, {}).get("status"), "duration_s": results.get(rid, {}).get("duration_s"),
                            "metrics": results.get(rid, {}).get("metrics", {})} for rid, req in requests.items()},
         "per_kind": per_kind, "restarts": restarts, "separation": separation,
-        "examples": examples(questions, before, after),
+        "answers": [{"kind": q.kind, "request": q.request, "question": q.text, "before": b[0], "after": a[0],
+                     "adapters": a[1], "correct_before": graded(b[0], q.answers), "correct_after": graded(a[0], q.answers)}
+                    for q, b, a in zip(questions, before, after)],
         "summary": {
             "requests_applied": len(ids),
             "sent_still_correct_share": per_kind["sent"]["still_correct_share"],
@@ -427,14 +429,6 @@ def separate(state: Path, questions: list[Question], ids: dict) -> dict:
         "gate_z": {"auroc": float(roc_auc_score(y, z))},
         "candidate_min_cos": router.config.candidate_min_cos,
     }
-
-
-def examples(questions, before, after, per_kind: int = 3) -> list[dict]:
-    out = []
-    for kind in ("sent", "held_out", "lookalike", "general"):
-        rows = [(q, b, a) for q, b, a in zip(questions, before, after) if q.kind == kind][:per_kind]
-        out += [{"kind": kind, "question": q.text, "before": b[0], "after": a[0], "adapters": a[1]} for q, b, a in rows]
-    return out
 
 
 def _base_model(cache: Path, quick: bool) -> Path:
