@@ -180,7 +180,7 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
     return out
 
 
-def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weights=(0.4, 0.5)) -> dict:
+def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weights=(0.4, 0.45, 0.5)) -> dict:
     """Requests that name only 3 facts each (9 texts: D_rest is 2): look-alike false activation and held-out
     hit, calibrating each gate on D_rest alone (O3) vs D_rest plus leave-one-out scores of D_used (default).
     Half the requests name a person's first three facts, half the last three; other people (`seed + 2`)."""

@@ -96,7 +96,7 @@ class Serve(_Section):
     max_new_tokens: int = Field(64, ge=1)
     # The router's cut: an adapter whose gate weight is below this stays off for the input. Higher = fewer
     # false activations on look-alike inputs, fewer held-out paraphrases caught (bench/router.py, "gate_layers").
-    min_weight: float = Field(0.5, ge=0.0, le=1.0)
+    min_weight: float = Field(0.45, ge=0.0, le=1.0)
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
     # stays off; what keeps many similar requests from adding up their false activations (detector/router.py).
     margin: float = Field(0.06, ge=0.0, le=1.0)

@@ -167,7 +167,7 @@ def test_router_settings_come_from_config_and_env(tmp_path, encoder):
 
     repo_config = Path(__file__).resolve().parents[2] / "config.toml"
     shipped = new_router(config_mod.load(repo_config, env={}), encoder).config
-    assert (shipped.min_weight, shipped.margin) == (0.5, 0.06)
+    assert (shipped.min_weight, shipped.margin) == (0.45, 0.06)
     tuned = new_router(config_mod.load(repo_config, env={"UNLEARND__SERVE__MIN_WEIGHT": "0.7",
                                                          "UNLEARND__SERVE__MARGIN": "0"}), encoder).config
     assert (tuned.min_weight, tuned.margin) == (0.7, 0.0)
