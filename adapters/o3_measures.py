@@ -61,7 +61,7 @@ def served_measures(routed, adapter_id: str, items: ForgetItems, *, max_items: i
     detector.RoutedModel holding the new adapter and the gates of the active ones)."""
     from detector.routed_model import Routing
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     prompts, answers = items.prompts[:max_items], items.answers[:max_items]
     qa = items.kind == "qa"
     templated = qa and routed.has_chat_template
@@ -100,6 +100,7 @@ def served_measures(routed, adapter_id: str, items: ForgetItems, *, max_items: i
             out[f"forget_truth_ratio_{when}"] = _mean([min(r, 1.0 / r) for r in ratios]) if ratios else float("nan")
     out.update(_general(routed, general, max_new_tokens))
     out["measure_seconds"] = time.perf_counter() - t0
+    out["measure_cpu_seconds"] = time.process_time() - cpu0  # / threads = the wall time on dedicated cores
     return {k: v for k, v in out.items() if v == v}  # no NaN in a result event: a measure without data is left out
 
 
