@@ -22,6 +22,6 @@ def test_serving_bench_quick(tmp_path):
     assert s["general_false_activation"] == 0.0 and s["general_accuracy_drop_points"] == 0.0
     assert s["unrouted_outputs_identical"] is True  # the base model, token for token, wherever nothing routed
     assert s["restart_adapters_restored"] is True, result["restarts"]
-    assert all(result["restarts"].values()) and len(result["restarts"]) == 7
+    assert all(result["restarts"].values()) and len(result["restarts"]) == 8
     for request in result["requests"].values():  # result events report forgetting through the router
         assert request["status"] == "applied" and request["metrics"]["forget_routed_share"] == 1.0
