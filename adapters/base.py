@@ -93,6 +93,9 @@ class Engine(ABC):
     Config: ClassVar[type]
     #: Whether several requests for one model may be merged into one application (additive deltas).
     coalescable: ClassVar[bool] = False
+    #: Whether `apply` takes a `progress` callback (keyword) and calls it with a dict per step of a long run
+    #: (e.g. {"epoch", "epochs", "loss", "elapsed_s", "eta_s"}), for the daemon's log and progress events.
+    reports_progress: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()

@@ -176,15 +176,26 @@ def train_gr(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    schedule: str = "cosine",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train with IAU's Gradient Restriction: CE + alpha * sum over parameter tensors of ||grad CE||_2.
 
     The penalty (double backprop) pushes the model into flat regions, where a single gradient step
-    approximates the influence-function removal well. alpha = 0 gives plain training (the retrain baseline).
+    approximates the influence-function removal well. alpha = 0 gives plain training.
+
+    `schedule = "cosine"` anneals Adam's lr to 0 over the run, so training ends settled instead of at the last
+    noisy constant-lr step: two models trained on almost the same rows then differ by what the rows taught them,
+    not by where the last batches left them, which is what a comparison with retraining needs. "constant"
+    keeps lr throughout (IAU's code, which instead early-stops on validation accuracy over up to 200 epochs).
     """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) \
+        if schedule == "cosine" else None
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()
     for epoch in range(epochs):
@@ -200,6 +211,8 @@ def train_gr(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += ce.item() * len(idx)
         if on_epoch:
             on_epoch(epoch, total / len(train))

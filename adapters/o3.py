@@ -39,6 +39,7 @@ import random
 import string
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,7 @@ class O3Engine(Engine):
     name = "o3"
     model_kinds = frozenset({"causal_lm"})
     Config = O3Config
+    reports_progress = True
 
     def validate(self, target: LMTarget, forget: Forget) -> None:
         if self.config.objective not in ("random_label", "refusal"):
@@ -147,7 +149,7 @@ class O3Engine(Engine):
                 f" (got {distinct}): serving decides from their phrasings which inputs the adapter applies to; send"
                 " several phrasings of what must be forgotten")
 
-    def apply(self, target: LMTarget, forget: Forget) -> AdapterChange:
+    def apply(self, target: LMTarget, forget: Forget, progress: Callable[[dict], None] | None = None) -> AdapterChange:
         cfg = self.config
         self.validate(target, forget)
         prompts, answers = _pairs(forget)
@@ -170,7 +172,8 @@ class O3Engine(Engine):
             penalty = _orthogonality_penalty(peft_model, earlier, model.config.num_hidden_layers)
             stats = lm_train.fit(peft_model, tok, [p for p, _ in rows], [t for _, t in rows], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
-                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None)
+                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
+                                 on_epoch=progress)
             state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
         finally:

@@ -37,7 +37,7 @@ class Artifact:
 
 class ArtifactStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # recorded paths (ledger, events, exports) work from any directory
         self.root.mkdir(parents=True, exist_ok=True)
         self._staging = self.root / ".staging"
         self._staging.mkdir(exist_ok=True)

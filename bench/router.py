@@ -386,8 +386,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=10, help="forget people = deletion requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--o3-cache", type=Path, default=Path("var/bench/o3"), help="bench/o3.py's --cache")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    # One thread for smoke tests: on a busy 2-core machine two OpenMP threads keep waiting on each other for a
+    # core, and the quick run slowed from 20 s to over 4 min at load 6 (tests/bench run it on such machines).
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     t_start = time.perf_counter()
     n_people, n_req = (12, 3) if args.quick else (args.people, args.requests)
     fs = facts.generate(n_people, seed=args.seed)

@@ -40,6 +40,17 @@ class BrokerLost(Exception):
     pass
 
 
+class StartupError(Exception):
+    """The daemon cannot start (a port taken, a model that cannot be built): one line for the operator."""
+
+
+class StopDuringStartup(BaseException):
+    """Raised by the signal handler to abandon start-up (a first-start bootstrap trains for minutes). A
+    BaseException, so no `except Exception` on the way swallows it; not KeyboardInterrupt itself, because CPython
+    3.11 can remember a KeyboardInterrupt raised inside C-evaluated code (an import, say) and end the process by
+    SIGINT at exit even after it was caught."""
+
+
 @dataclass
 class Message:
     """One polled record and where it came from (for the DLQ and the audit trail)."""
@@ -74,6 +85,8 @@ class Daemon:
         self.broker: EmbeddedBroker | None = None
         self.bootstrap_servers = config.kafka.bootstrap_servers
         self._stop = threading.Event()
+        self._starting = False  # during start(): a stop signal interrupts at once (bootstrap can take minutes)
+        self._rollback_seq = 0  # last audit event counted into unlearnd_rollbacks_total
         self._consumer = None
         self._outbox: kafka_io.Outbox | None = None
         key_env = config.requests.hmac_key_env
@@ -82,9 +95,23 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self, *, progress: bool = True) -> None:
-        """Everything before the loop: broker (if embedded), state, models, metrics endpoint."""
+        """Everything before the loop: metrics endpoint (so probes see `unlearnd_bootstrapping`), broker (if
+        embedded), state, models. Raises StartupError for what an operator must fix."""
+        self.registry.check_methods()
+        if self.config.metrics.enabled:
+            host, port = self.config.metrics.host, self.config.metrics.port
+            try:
+                port = metrics.serve(host, port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {host}:{port} ({exc.strerror}): is another unlearnd "
+                                   "running? Stop it or set metrics.port") from None
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        metrics.BOOTSTRAPPING.set(1)
         if self.config.kafka.bootstrap_servers == "embedded":
-            self.broker = EmbeddedBroker(self.config.kafka.embedded_port).start()
+            try:
+                self.broker = EmbeddedBroker(self.config.kafka.embedded_port).start()
+            except RuntimeError as exc:
+                raise StartupError(f"embedded broker: {exc}") from None
             self.bootstrap_servers = self.broker.bootstrap_servers
         cleaned = self.store.clean_staging()
         if cleaned:
@@ -93,25 +120,38 @@ class Daemon:
             head = self.registry.ensure_bootstrapped(name, progress=progress)
             self._update_model_gauges(name)
             log.info("model %s ready at %s", name, head.id if head else "its base weights")
-        if self.config.metrics.enabled:
-            port = metrics.serve(self.config.metrics.host, self.config.metrics.port)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, port)
+        self._count_rollbacks()
+        metrics.BOOTSTRAPPING.set(0)
 
     def _update_model_gauges(self, model: str) -> None:
         metrics.MODEL_VERSIONS.labels(model).set(self.ledger.count_artifacts(model, "version"))
         metrics.ACTIVE_ADAPTERS.labels(model).set(self.ledger.count_artifacts(model, "adapter", active_only=True))
 
     def stop(self, *_args) -> None:
-        """Signal-safe: finish the message in hand, commit, close."""
+        """Signal-safe: finish the message in hand, commit, close. During start-up, stop at once: a first-start
+        bootstrap trains for minutes, and what it writes is atomic (staging + rename, one ledger transaction),
+        so an interrupted one leaves nothing half-written and the next start begins it again."""
+        if self._starting:
+            self._starting = False  # raise once; cleanup code that runs next must not be interrupted again
+            self._stop.set()
+            raise StopDuringStartup
         if not self._stop.is_set():
             log.info("stopping: finishing the request in hand, then committing")
         self._stop.set()
 
     def run(self) -> int:
+        """Start and serve until stopped; the signal handlers are in place before start-up, bootstrap included."""
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         try:
-            self.start()
+            self._starting = True
+            try:
+                self.start()
+            except StopDuringStartup:
+                log.info("stopped during start-up; nothing half-written is kept, the next start resumes")
+                return 0
+            finally:
+                self._starting = False
             self.loop()
         finally:
             self.close()
@@ -210,8 +250,18 @@ class Daemon:
             self._report_lag()
             if time.monotonic() - last_check > 2.0:
                 last_check = time.monotonic()
+                self._count_rollbacks()
                 if not self._reachable():
                     raise BrokerLost(f"lost {self.bootstrap_servers}")
+
+    def _count_rollbacks(self) -> None:
+        """unlearnd_rollbacks_total from the ledger's audit trail: the CLI rolls back and restores in its own
+        process, so this daemon's metric (the one Prometheus scrapes) counts what the ledger recorded. The first
+        call counts the whole history: the counter equals the ledger's totals, and a restart is a plain reset."""
+        for event in self.ledger.events_after(self._rollback_seq, ("rolled_back", "restored")):
+            metrics.ROLLBACKS.labels(event["model"], event["kind"]).inc()
+            self._rollback_seq = event["seq"]
+            self._update_model_gauges(event["model"])
 
     def _report_lag(self) -> None:
         for tp, lag in kafka_io.lag_by_partition(self._consumer).items():
@@ -276,7 +326,7 @@ class Daemon:
             spec = self.registry.spec(request.model)
         except UnknownModel as exc:
             raise Rejected("unknown_model", str(exc), request.request_id, request.model) from None
-        method = self.registry.method_for(request.model, request.method)
+        method = self.registry.method_for(request.model, request.method, request.forget.to_forget().kind)
         try:
             engine = self.registry.engine(method)
         except KeyError as exc:
@@ -314,7 +364,12 @@ class Daemon:
             try:
                 failpoints.hit("before_engine")
                 target = self.registry.target(request.model)
-                change = self.registry.engine(method).apply(target, a.forget)
+                engine = self.registry.engine(method)
+                if engine.reports_progress:
+                    self._progress(a, {"stage": "started", "attempt": attempt})
+                    change = engine.apply(target, a.forget, progress=lambda info: self._progress(a, info))
+                else:
+                    change = engine.apply(target, a.forget)
                 duration = time.perf_counter() - a.msg.polled_at
                 committed = self.registry.commit(
                     request.model, change, target=target, request_ids=[request.request_id],
@@ -337,6 +392,22 @@ class Daemon:
                     raise BrokerLost("stopping during a retry") from None  # uncommitted: redelivered later
                 attempt = self._begin_attempt(a)
         self._announce_applied([a], committed, change, target, {request.request_id: duration})
+
+    def _progress(self, a: "Admitted", info: dict) -> None:
+        """A long request's progress: a log line and, unless turned off, a progress event on the results topic."""
+        rid = a.request.request_id
+        if info.get("stage") == "started":
+            log.info("request %s: %s started (attempt %s)", rid, a.method, info.get("attempt"))
+        else:
+            log.info("request %s: %s epoch %s/%s, loss %.3f, %.0fs elapsed, about %.0fs left", rid, a.method,
+                     info.get("epoch"), info.get("epochs"), info.get("loss", float("nan")), info.get("elapsed_s", 0),
+                     info.get("eta_s", 0))
+        if self.config.requests.progress_events:
+            try:
+                self._outbox.progress(rid, a.request.model, a.method, info)
+                self._outbox.producer.flush(5)  # a waiting client should see it now, not with the result
+            except Exception as exc:  # progress is best effort: it must never fail the request it reports on
+                log.debug("progress event of %s not sent: %s", rid, exc)
 
     def _apply_group(self, group: list["Admitted"]) -> None:
         """Coalesced apply of same-model requests; anything unusual falls back to one at a time."""

@@ -8,6 +8,10 @@ environment variable *named* in the config, never stored in the file.
 
 A bad value fails at start-up with the dotted path of the key, e.g. ``kafka.session_timeout_ms: Input should
 be a valid integer``.
+
+Relative state paths (``state.dir``, ``state.ledger``, ``state.artifacts``) are relative to the config file's
+directory, so the daemon and the CLI find the same ledger from any working directory; every path recorded in
+the ledger and on the adapters topic is absolute.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from adapters.base import engine_names
 
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
@@ -67,6 +73,10 @@ class Requests(_Section):
     retry_backoff_s: float = Field(1.0, ge=0)
     coalesce: bool = True  # merge same-model requests of one poll for engines whose deltas add up
     max_forget_items: int = Field(100_000, ge=1)
+    # Progress events of long requests (O3 training epochs) on the results topic, marked by the header
+    # unlearnd.event=progress and without a `status`; the one result per request still follows. `publish --wait`
+    # shows them. Turn off for consumers that cannot skip them.
+    progress_events: bool = True
 
 
 class State(_Section):
@@ -129,7 +139,14 @@ class Bootstrap(_Section):
 class Model(_Section):
     kind: Literal["classifier", "causal_lm"]
     method: str | None = None  # default method for this model's requests; None = the kind's default
+    # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
+    # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
+    method_by_forget: dict[str, str] = {}
     bootstrap: Bootstrap = Bootstrap()
+
+    def default_method(self, forget_kind: str | None = None) -> str:
+        """The method for a request of `forget_kind` that names none."""
+        return self.method_by_forget.get(forget_kind or "") or self.method or DEFAULT_METHOD[self.kind]
 
 
 class Config(_Section):
@@ -141,22 +158,38 @@ class Config(_Section):
     logging: Logging = Logging()
     models: dict[str, Model] = {}
     methods: dict[str, dict[str, Any]] = {}  # per-method engine settings, e.g. [methods.iau] lr = 1e-3
+    _source: Path | None = PrivateAttr(None)  # the file it was read from (None: defaults and environment only)
 
     def model(self, name: str) -> Model:
         return self.models[name]
 
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
 
 DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
+#: Per model kind, the forget kinds whose default is not the model's `method`: a whole class goes to SalUn, which
+#: erases it (bench/classifier.py, "class" scenario); IAU's single step is for samples.
+DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}}
+#: The forget kinds each model kind accepts (the keys `method_by_forget` may use).
+FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa")}
 
 
 class ConfigError(ValueError):
     pass
 
 
+def locate(path: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The config file `load` reads: `path`, else $UNLEARND_CONFIG, else ./config.toml (which may not exist)."""
+    env = os.environ if env is None else env
+    return Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG)).absolute()
+
+
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
     """Read config.toml (or `path`, or $UNLEARND_CONFIG), apply environment overrides, validate."""
     env = os.environ if env is None else env
-    path = Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG))
+    path = locate(path, env)
     data: dict[str, Any] = {}
     if path.is_file():
         with open(path, "rb") as fh:
@@ -175,9 +208,30 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration ({path}): {problems}") from None
     for name, model in config.models.items():
-        method = model.method or DEFAULT_METHOD[model.kind]
-        model.method = method
+        model.method = model.method or DEFAULT_METHOD[model.kind]
+        model.method_by_forget = {**DEFAULT_METHOD_BY_FORGET[model.kind], **model.method_by_forget}
+        _check_methods(name, model)
+    if path.is_file():
+        config._source = path
+    base = path.parent if path.is_file() else Path.cwd()
+    state = config.state
+    state.dir = base / state.dir  # an absolute path stays as it is
+    state.ledger = base / state.ledger if state.ledger else None
+    state.artifacts = base / state.artifacts if state.artifacts else None
     return config
+
+
+def _check_methods(name: str, model: Model) -> None:
+    """A model's default methods name known engines, keyed by forget kinds the model kind accepts. Whether an
+    engine applies to the model kind is checked when the daemon starts (ModelRegistry.check_methods)."""
+    unknown_kinds = set(model.method_by_forget) - set(FORGET_KINDS[model.kind])
+    if unknown_kinds:
+        raise ConfigError(f"models.{name}.method_by_forget: {sorted(unknown_kinds)} not forget kinds of a "
+                          f"{model.kind} model (known: {list(FORGET_KINDS[model.kind])})")
+    for key, method in [("method", model.method), *((f"method_by_forget.{k}", m)
+                                                      for k, m in model.method_by_forget.items())]:
+        if method not in engine_names():
+            raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 
 
 def _set_path(data: dict, keys: list[str], value: Any) -> None:

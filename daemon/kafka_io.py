@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -27,6 +28,8 @@ HEADER_REASON = "unlearnd.reason"
 HEADER_ERROR = "unlearnd.error"
 HEADER_SOURCE = "unlearnd.source"
 HEADER_FAILED_AT = "unlearnd.failed_at"
+# On the results topic: "result" (exactly one per request, terminal) or "progress" (zero or more before it).
+HEADER_EVENT = "unlearnd.event"
 
 
 def connection_settings(cfg: Kafka, bootstrap: str) -> dict[str, Any]:
@@ -93,7 +96,16 @@ class Outbox:
         self.topics = cfg.topics
 
     def result(self, result: Result, key: str | None) -> None:
-        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes())
+        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes(),
+                           headers=[(HEADER_EVENT, b"result")])
+
+    def progress(self, request_id: str, model: str, method: str, info: dict) -> None:
+        """A non-terminal progress event of a long request (e.g. one O3 training epoch), on the results topic
+        with header unlearnd.event=progress and no `status` field; the request's one result follows later."""
+        body = {"event": "progress", "request_id": request_id, "model": model, "method": method, "at": time.time(),
+                **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()}}
+        self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
+                           headers=[(HEADER_EVENT, b"progress")])
 
     def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]], *, reason: str,
                     error: str, source: str) -> None:
@@ -123,6 +135,11 @@ def reachable(bootstrap: str) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def is_progress(headers, event: dict) -> bool:
+    """Whether a results-topic record is a progress event rather than the request's result."""
+    return dict(headers or []).get(HEADER_EVENT) == b"progress" or event.get("event") == "progress"
 
 
 def lag_by_partition(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

@@ -322,6 +322,13 @@ class Ledger:
         rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
         return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
 
+    def events_after(self, seq: int, kinds: tuple[str, ...]) -> list[dict]:
+        """Audit events of the given kinds recorded after `seq`, oldest first (whoever wrote them: daemon or CLI)."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._db.execute(f"SELECT seq, kind, model, artifact_id FROM events WHERE seq > ? AND kind IN ({marks})"
+                                " ORDER BY seq", (seq, *kinds)).fetchall()
+        return [dict(r) for r in rows]
+
     @staticmethod
     def _event(db, kind, model, artifact_id, request_id, detail) -> None:
         db.execute("INSERT INTO events (at, kind, model, artifact_id, request_id, detail) VALUES (?, ?, ?, ?, ?, ?)",

@@ -27,7 +27,11 @@ CONSUMER_LAG = Gauge("unlearnd_consumer_lag", "Messages behind the end of each a
                      ["topic", "partition"])
 MODEL_VERSIONS = Gauge("unlearnd_model_versions", "Model versions recorded in the ledger.", ["model"])
 ACTIVE_ADAPTERS = Gauge("unlearnd_active_adapters", "Unlearning adapters currently active.", ["model"])
-ROLLBACKS = Counter("unlearnd_rollbacks_total", "Rollbacks of versions or adapters.", ["model"])
+# Rollbacks are done by the CLI (another process), so the daemon counts them from the ledger's audit trail.
+ROLLBACKS = Counter("unlearnd_rollbacks_total", "Rollbacks of versions or adapters (event=rolled_back) and "
+                    "restores of adapters (event=restored), from the ledger's audit trail.", ["model", "event"])
+BOOTSTRAPPING = Gauge("unlearnd_bootstrapping", "1 while the daemon builds or loads its models at start-up "
+                      "(the first start trains them), else 0; `unlearnd health` reports it.")
 BROKER_CONNECTED = Gauge("unlearnd_broker_connected", "1 while the daemon can reach the Kafka cluster, else 0.")
 BROKER_DISCONNECTS = Counter("unlearnd_broker_disconnects_total", "Times the daemon lost the Kafka cluster.")
 LAST_APPLIED = Gauge("unlearnd_last_applied_timestamp_seconds", "Unix time of the last applied request.", ["model"])

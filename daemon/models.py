@@ -17,7 +17,7 @@ from adapters import classifier, datasets
 from adapters.base import Change, Engine, InvalidForget, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
 from daemon import failpoints
-from daemon.config import DEFAULT_METHOD, Config, Model
+from daemon.config import Config, ConfigError, Model
 from daemon.ledger import ArtifactRow, Ledger
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ GATE_SUBDIR = "gate"  # where an O3 adapter keeps its detector state (= detector
 
 
 class UnknownModel(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError's own str() quotes its message, which already quotes the name
+        return str(self.args[0])
 
 
 @dataclass
@@ -56,8 +57,19 @@ class ModelRegistry:
         except KeyError:
             raise UnknownModel(f"unknown model {name!r}; registered: {sorted(self.config.models)}") from None
 
-    def method_for(self, name: str, requested: str | None) -> str:
-        return requested or self.spec(name).method or DEFAULT_METHOD[self.spec(name).kind]
+    def method_for(self, name: str, requested: str | None, forget_kind: str | None = None) -> str:
+        """The method named by the request, else the model's default for this kind of forget request."""
+        return requested or self.spec(name).default_method(forget_kind)
+
+    def check_methods(self) -> None:
+        """Start-up check: every model's default methods are engines for its kind (raises ConfigError). Not run
+        by CLI commands that build a registry, since it imports every engine named (an LM engine imports peft)."""
+        for name, spec in self.config.models.items():
+            for forget_kind in (None, *spec.method_by_forget):
+                method = spec.default_method(forget_kind)
+                if spec.kind not in engine_class(method).model_kinds:
+                    where = f"method_by_forget.{forget_kind}" if forget_kind else "method"
+                    raise ConfigError(f"models.{name}.{where}: method {method!r} does not apply to {spec.kind} models")
 
     def engine(self, method: str) -> Engine:
         """One engine instance per method for the daemon's lifetime (engines may keep caches)."""

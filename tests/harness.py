@@ -54,7 +54,7 @@ recipe = "classifier"
 dataset = "digits"
 arch = "mlp"
 hidden = [64]
-epochs = 12
+epochs = 30
 """
 
 
@@ -173,7 +173,15 @@ class Stack:
             consumer.close()
 
     def results(self, count: int, timeout: float = 60, request_id: str | None = None) -> list[dict]:
-        match = None if request_id is None else (lambda r: json.loads(r.value).get("request_id") == request_id)
+        """Result events (one per request), without the progress events long requests also publish there."""
+        def match(r) -> bool:
+            return not is_progress_record(r) and (request_id is None or json.loads(r.value).get("request_id") == request_id)
+        return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
+
+    def progress(self, request_id: str, count: int, timeout: float = 10) -> list[dict]:
+        """The progress events of one request, in order."""
+        def match(r) -> bool:
+            return is_progress_record(r) and json.loads(r.value).get("request_id") == request_id
         return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
 
     def ledger(self):
@@ -184,6 +192,12 @@ class Stack:
     def close(self) -> None:
         self.stop_all()
         self._producer.close()
+
+
+def is_progress_record(record) -> bool:
+    from daemon.kafka_io import HEADER_EVENT
+
+    return dict(record.headers or []).get(HEADER_EVENT) == b"progress"
 
 
 def request(request_id: str | None = None, **forget) -> dict:
