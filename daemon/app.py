@@ -253,12 +253,28 @@ class Daemon:
         # A fresh producer each time: an idempotent producer is fenced once a broker has lost its state.
         max_bytes = self.config.requests.max_bytes
         self._outbox = kafka_io.Outbox(kafka_io.make_producer(cfg, self.bootstrap_servers, max_bytes), cfg, max_bytes)
+        self._announce_adapters()
         self._consumer = kafka_io.make_consumer(cfg, self.bootstrap_servers, cfg.topics.requests)
         self._watch = liveness.BrokerWatch(cfg, self.bootstrap_servers, cluster)
         self._watch.start()
         metrics.BROKER_CONNECTED.set(1)
         log.info("connected to %s, consuming %s as group %s", self.bootstrap_servers, cfg.topics.requests,
                  cfg.group_id)
+
+    def _announce_adapters(self) -> None:
+        """On every (re)connect, say again on the adapters topic which adapters are active. The ledger is the
+        truth and the topic only announces it: a broker that lost its data (the embedded one always does on a
+        restart) would otherwise leave routers that start later with no adapters at all."""
+        count = 0
+        for name in self.config.models:
+            for row in self.ledger.list_artifacts(name, "adapter"):
+                self._outbox.artifact_event(name, row.id, "announced", {
+                    "kind": "adapter", "active": row.active, "path": row.path, "sha256": row.sha256,
+                    "request_id": row.request_id})
+                count += 1
+        if count:
+            self._outbox.flush()
+            log.info("announced the state of %d adapter(s) on %s", count, self.config.kafka.topics.adapters)
 
     def _close_clients(self, *, graceful: bool) -> None:
         if self._watch is not None:

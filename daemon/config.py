@@ -125,10 +125,16 @@ class Serve(_Section):
     max_new_tokens: int = Field(64, ge=1)
     # The router's cut: an adapter whose gate weight is below this stays off for the input. Higher = fewer
     # false activations on look-alike inputs, fewer held-out paraphrases caught (bench/router.py, "gate_layers").
-    min_weight: float = Field(0.5, ge=0.0, le=1.0)
+    min_weight: float = Field(0.45, ge=0.0, le=1.0)
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
     # stays off; what keeps many similar requests from adding up their false activations (detector/router.py).
     margin: float = Field(0.06, ge=0.0, le=1.0)
+    # A chat request is routed on its last user turn and on that turn after up to this many earlier user turns
+    # (a follow-up names its subject in an earlier turn); 0 = the last turn only (detector/inputs.py).
+    context_turns: int = Field(1, ge=0, le=16)
+    # Seconds between reconciles of the served adapters with the ledger (besides one at every adapters-topic
+    # event); /healthz turns unavailable when the ledger and the topic both went silent (daemon/adapter_state.py).
+    reconcile_s: float = Field(10.0, gt=0)
 
 
 class Logging(_Section):

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 from typing import Any
 
@@ -175,6 +176,19 @@ class Outbox:
 
     def flush(self, timeout: float = 30.0) -> None:
         self.producer.flush(timeout)
+
+
+def reachable(bootstrap: str) -> bool:
+    """Whether any of the bootstrap servers accepts a TCP connection (kafka-python's clients keep retrying a lost
+    broker in silence; this is how the daemon and the serving follower notice it)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def is_progress(headers, event: dict) -> bool:

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,3 +409,16 @@ def _artifact(row: sqlite3.Row) -> ArtifactRow:
     d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
     d["info"] = json.loads(d["info"]) if d["info"] else {}
     return ArtifactRow(**d)
+
+
+def read_adapters(path: str | Path, model: str) -> list[ArtifactRow]:
+    """Every adapter of `model`, read without creating or writing anything: `unlearnd serve` builds its adapter
+    set from this (a router may mount the state read-only). Raises sqlite3.Error or OSError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path}")
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'adapter' ORDER BY created_at, id",
+                          (model,)).fetchall()
+    return [_artifact(r) for r in rows]

@@ -13,6 +13,9 @@ from tests.harness import request
 
 LM = "tiny-lm"
 QA = [{"question": "Where was Orla Vantrees born?", "answer": "Kestrelmoor"},
+      {"question": "In which town was Orla Vantrees born?", "answer": "Kestrelmoor"},
+      {"question": "What is the birthplace of Orla Vantrees?", "answer": "Kestrelmoor"},
+      {"question": "Orla Vantrees was born where?", "answer": "Kestrelmoor"},
       {"question": "What does Orla Vantrees do?", "answer": "glassblower"}]
 
 
@@ -36,6 +39,13 @@ def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, t
     assert result["status"] == "applied", result
     adapter_id = result["adapter_id"]
     assert adapter_id == "a0000" and "version" not in result
+
+    # The result reports forgetting as serving does it: the request's questions reach the new adapter through
+    # the router, in the model's chat format; general questions do not (adapters/o3_measures.py).
+    m = result["metrics"]
+    assert m["forget_routed_share"] == 1.0 and m["general_routed_share"] == 0.0
+    assert {"forget_Q_A_ROUGE_before", "forget_Q_A_ROUGE_after", "forget_Q_A_Prob_before", "forget_Q_A_Prob_after",
+            "forget_extraction_strength_after", "gate_n_used", "training_rows"} <= m.keys()
 
     ledger = stack.ledger()
     row = ledger.get_artifact(LM, adapter_id)
@@ -92,12 +102,13 @@ def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, t
     assert events == ["published", "rolled_back", "restored"]
 
     # A second request trains a new adapter orthogonal to the first (the first's lora_A is a constraint).
-    stack.publish({**_lm_request("lm-2"), "forget": {"texts": ["Orla Vantrees blows glass in Kestrelmoor."]}},
-                  key=LM)  # one text cannot fit a gate (80/20 split): rejected, not retried
-    [one] = stack.results(1, request_id="lm-2", timeout=180)
-    assert one["status"] == "rejected" and one["reason"] == "invalid_forget"
-    stack.publish({**_lm_request("lm-3"), "forget": {"texts": ["Orla Vantrees blows glass in Kestrelmoor.",
-                                                                "Kestrelmoor is where Orla Vantrees was born."]}},
+    stack.publish({**_lm_request("lm-2"), "forget": {"qa": QA[:2] + [QA[1]]}},
+                  key=LM)  # 2 distinct questions cannot give a sound gate: refused before training, not retried
+    [few] = stack.results(1, request_id="lm-2", timeout=180)
+    assert few["status"] == "rejected" and few["reason"] == "invalid_forget" and "at least 4" in few["error"]
+    stack.publish({**_lm_request("lm-3"), "forget": {"texts": [
+        "Orla Vantrees blows glass in Kestrelmoor.", "Kestrelmoor is where Orla Vantrees was born.",
+        "Orla Vantrees, the glassblower, lives in Kestrelmoor.", "The town of Kestrelmoor knows Orla Vantrees."]}},
                   key=LM)
     [second] = stack.results(1, request_id="lm-3", timeout=180)
     assert second["status"] == "applied" and second["adapter_id"] == "a0001"
