@@ -310,6 +310,8 @@ def publish_and_wait(stack: Stack, requests: dict, timeout: float) -> dict[str, 
     """Publish one forget.qa request per fact (key = model), then read their result events."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    from daemon.kafka_io import is_progress
+
     bootstrap = f"127.0.0.1:{stack.ports['broker']}"
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     tag = uuid.uuid4().hex[:6]
@@ -334,7 +336,7 @@ def publish_and_wait(stack: Stack, requests: dict, timeout: float) -> dict[str, 
         for records in consumer.poll(timeout_ms=500).values():
             for rec in records:
                 event = json.loads(rec.value)
-                if event.get("request_id") in rids:
+                if event.get("request_id") in rids and not is_progress(rec.headers, event):  # the outcome only
                     found[rids[event["request_id"]]] = event
     consumer.close()
     return found
