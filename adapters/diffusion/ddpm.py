@@ -216,6 +216,8 @@ def sample(model: UNet2DModel, spec: DDPMSpec, labels: Sequence[int] | torch.Ten
                 e = uncond + guidance * (cond - uncond)
             else:
                 e = eps(model, x, tt, y)
-            x = scheduler.step(e, t, x).prev_sample
+            # use_clipped_model_output: re-derive eps from the clipped x0 prediction. Without it, DDIM mixes a
+            # clipped x0 with the raw eps, which a small guided model turns into scribbles as steps increase.
+            x = scheduler.step(e, t, x, use_clipped_model_output=True).prev_sample
         out.append(to_pixels(x).cpu())
     return torch.cat(out) if out else torch.empty(0, spec.in_channels, spec.resolution, spec.resolution)
