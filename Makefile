@@ -25,11 +25,13 @@ test: install
 bench-quick: install
 	$(BIN)/python bench/daemon.py --quick
 	$(BIN)/python bench/classifier.py --quick
+	$(BIN)/python bench/diffusion.py --quick
 
 bench: install
 	mkdir -p bench/out
 	$(BIN)/python bench/daemon.py --out bench/out/daemon.json
 	$(BIN)/python bench/classifier.py --out bench/out/classifier.json
+	$(BIN)/python bench/diffusion.py --out bench/out/diffusion.json --grids bench/out/diffusion-grids
 	$(BIN)/python bench/o3.py --out bench/out/o3.json
 	$(BIN)/python bench/router.py --out bench/out/router.json
 

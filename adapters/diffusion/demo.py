@@ -73,7 +73,7 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
     if spec.num_classes != data.num_classes:
         spec = dataclasses.replace(spec, num_classes=data.num_classes)
     report = on_progress or (lambda stage, done, total: None)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     model = ddpm.build(spec)
     losses: list[float] = []
@@ -84,7 +84,7 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
 
     training.train(model, spec, ddpm.to_model_space(data.train.x, spec), data.train.y,
                    dataclasses.replace(recipe.train, seed=recipe.seed), on_step=on_step, stop=stop)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
     if stop is not None and stop.is_set():
         raise training.TrainingStopped("stopped before training the judge")
@@ -99,6 +99,7 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
     metrics = {
         "train_loss": sum(tail) / len(tail),
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "judge_test_acc": accuracy(judge_model, judge.as_judge_input(data.test, spec)),
         "recognition_mean": sum(recognition.rates) / len(recognition.rates),
         "recognition_min": min(recognition.rates),
