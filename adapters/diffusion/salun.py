@@ -44,7 +44,7 @@ from adapters.diffusion.target import MODEL_KIND, DDPMWeightChange, DiffusionTar
 
 @dataclasses.dataclass
 class DiffusionSalUnConfig:
-    lr: float = 1e-3
+    lr: float = 3e-4  # calibrated on mnist-ddpm (module docstring)
     steps: int = 100
     alpha: float = 1.0  # weight of the retained-data diffusion loss (mean scale; see the module docstring)
     batch_size: int = 32  # forget images and retained images per step (each)
