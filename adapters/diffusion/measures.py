@@ -79,10 +79,11 @@ def recognition(model: UNet2DModel, spec: ddpm.DDPMSpec, judge: nn.Module, setti
 
 def forgetting_measures(rates: Sequence[float], forget_class: int, forgotten_before: Iterable[int]) -> dict[str, float]:
     """UA and recognition of the forgotten class, accuracy on the retained classes (neither this class nor any
-    forgotten earlier), and the lowest UA among classes forgotten by earlier requests (nan when none)."""
+    forgotten earlier) and, when earlier requests forgot classes, the lowest UA among them (still forgotten?)."""
     earlier = sorted(set(forgotten_before) - {forget_class})
     retained = [c for c in range(len(rates)) if c != forget_class and c not in earlier]
     out = {"forget_acc": rates[forget_class], "UA": 1.0 - rates[forget_class],
-           "retain_acc": sum(rates[c] for c in retained) / len(retained) if retained else float("nan"),
-           "earlier_forgotten_UA_min": min((1.0 - rates[c] for c in earlier), default=float("nan"))}
+           "retain_acc": sum(rates[c] for c in retained) / len(retained)}
+    if earlier:
+        out["earlier_forgotten_UA_min"] = min(1.0 - rates[c] for c in earlier)
     return out

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ def test_forgetting_measures_separate_the_forgotten_retained_and_earlier_classes
     assert m["forget_acc"] == 0.05 and m["UA"] == pytest.approx(0.95)
     assert m["retain_acc"] == pytest.approx(sum(rates[c] for c in (0, 1, 3, 4, 5, 6, 8, 9)) / 8)
     assert m["earlier_forgotten_UA_min"] == pytest.approx(0.98)
-    assert math.isnan(measures.forgetting_measures(rates, 2, ())["earlier_forgotten_UA_min"])
+    assert "earlier_forgotten_UA_min" not in measures.forgetting_measures(rates, 2, ())  # no NaN in result events
 
 
 def test_recognition_rates_are_the_judges_per_class_accuracy(tiny_data, tiny_judge):
