@@ -54,6 +54,7 @@ class Plan:
     engine: dict = dataclasses.field(default_factory=dict)  # engine overrides (quick mode only)
     sample_steps: int = measures.SampleSettings.steps
     guidance: float = measures.SampleSettings.guidance
+    grid_steps: int = 25  # DDIM steps of the picture grids (the `unlearnd sample` default)
 
 
 FULL = Plan(demo.DemoRecipe(), classes=(3, 7, 1), sequence=(3, 7, 1), forget_samples=500, retained_samples=100,
@@ -62,7 +63,8 @@ _TINY = ddpm.DDPMSpec(resolution=8, channels=(8, 16), attention_levels=(1,), att
 QUICK = Plan(demo.DemoRecipe(spec=_TINY, train=training.TrainConfig(steps=60, batch_size=32, warmup_steps=5),
                              judge_epochs=2, measure=measures.SampleSettings(per_class=2, steps=2)),
              classes=(3,), sequence=(3, 7), forget_samples=16, retained_samples=8, eval_epochs=2,
-             engine={"steps": 10, "batch_size": 8, "measure_per_class": 2, "measure_steps": 2}, sample_steps=2)
+             engine={"steps": 10, "batch_size": 8, "measure_per_class": 2, "measure_steps": 2}, sample_steps=2,
+             grid_steps=2)
 EVAL_SEED = 1000  # sampling seeds of the evaluation (class c uses EVAL_SEED + c); the served measures use others
 
 
@@ -154,11 +156,11 @@ def sequence(plan, evaluator, original, before_bank, engine, first_change=None) 
     return {"classes": list(plan.sequence), "steps": steps, "final_target": target}
 
 
-def write_grids(directory: Path, before, after_first, after_sequence, spec: ddpm.DDPMSpec) -> None:
+def write_grids(directory: Path, before, after_first, after_sequence, spec: ddpm.DDPMSpec, steps: int) -> None:
     """Sample grids (one row per class, fixed seed) of the original, after the first request, after the sequence."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, model in (("before", before), ("after_first", after_first), ("after_sequence", after_sequence)):
-        (directory / f"grid_{name}.png").write_bytes(grid.sample_grid(model, spec, n=8, seed=0, steps=25))
+        (directory / f"grid_{name}.png").write_bytes(grid.sample_grid(model, spec, n=8, seed=0, steps=steps))
 
 
 def summarize(plan, eval_acc, before_eval, scenarios, seq, train) -> dict:
@@ -237,9 +239,10 @@ def main(argv=None) -> dict:
     seq = sequence(plan, evaluator, original, before_bank, engine, first_change)
     final = seq.pop("final_target")
     report["sequence"] = seq
+    checkpoint("sequence")
     if args.grids:
         after_first = first_change.module(spec) if first_change is not None else original.model
-        write_grids(args.grids, original.model, after_first, final.model, spec)
+        write_grids(args.grids, original.model, after_first, final.model, spec, plan.grid_steps)
     report["wall_seconds"] = time.perf_counter() - started
     report["load_average_end"] = os.getloadavg()
     report["summary"] = summarize(plan, eval_acc, before_eval, scenarios, seq, train)
