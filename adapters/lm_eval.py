@@ -19,12 +19,15 @@ from adapters.lm import encode_pairs, token_logprobs
 
 
 @torch.no_grad()
-def answer_scores(model, tokenizer, prompts: list[str], answers: list[str], *, batch_size: int = 32) -> list[float]:
-    """Mean log-prob per token of each answer after its prompt (one row per pair, no cache sharing)."""
+def answer_scores(model, tokenizer, prompts: list[str], answers: list[str], *, batch_size: int = 32,
+                  sep: str = " ") -> list[float]:
+    """Mean log-prob per token of each answer after its prompt (one row per pair, no cache sharing). `sep` goes
+    between prompt and answer: a space after `Question: ...\nAnswer:`, nothing after a chat template's
+    assistant header."""
     model.eval()
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask, labels = encode_pairs(tokenizer, prompts[i:i + batch_size], [" " + a for a in answers[i:i + batch_size]])
+        ids, mask, labels = encode_pairs(tokenizer, prompts[i:i + batch_size], [sep + a for a in answers[i:i + batch_size]])
         total, count = token_logprobs(model, ids, mask, labels)
         out += (total / count.clamp(min=1)).tolist()
     return out
@@ -32,7 +35,7 @@ def answer_scores(model, tokenizer, prompts: list[str], answers: list[str], *, b
 
 @torch.no_grad()
 def candidate_scores(model, tokenizer, prompts: list[str], candidates: list[tuple[str, ...]], *,
-                     batch_size: int = 16) -> list[list[float]]:
+                     batch_size: int = 16, sep: str = " ") -> list[list[float]]:
     """Per question, the mean log-prob per token of each candidate; the prompt's KV cache is shared."""
     model.eval()
     out: list[list[float]] = []
@@ -41,13 +44,13 @@ def candidate_scores(model, tokenizer, prompts: list[str], candidates: list[tupl
         n = len(chunk_c[0])
         if any(len(c) != n for c in chunk_c):  # unequal candidate counts: score row by row
             for p, c in zip(chunk_p, chunk_c):
-                out.append(answer_scores(model, tokenizer, [p] * len(c), list(c)))
+                out.append(answer_scores(model, tokenizer, [p] * len(c), list(c), sep=sep))
             continue
-        out += _shared_prompt_scores(model, tokenizer, chunk_p, chunk_c, n)
+        out += _shared_prompt_scores(model, tokenizer, chunk_p, chunk_c, n, sep)
     return out
 
 
-def _shared_prompt_scores(model, tokenizer, prompts, candidates, n):
+def _shared_prompt_scores(model, tokenizer, prompts, candidates, n, sep):
     pad = tokenizer.pad_token_id
     p_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     width = max(map(len, p_ids))
@@ -60,7 +63,7 @@ def _shared_prompt_scores(model, tokenizer, prompts, candidates, n):
     first = model(input_ids=P, attention_mask=Mp, position_ids=pos, use_cache=True)
     cache = first.past_key_values
     cache.batch_repeat_interleave(n)
-    a_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for c in candidates for a in c]
+    a_ids = [tokenizer(sep + a, add_special_tokens=False)["input_ids"] for c in candidates for a in c]
     la = max(map(len, a_ids))
     A = torch.full((len(a_ids), la), pad, dtype=torch.long)
     Ma = torch.zeros_like(A)

@@ -17,8 +17,12 @@ from adapters.lm import encode_pairs, token_logprobs
 
 def fit(model, tokenizer, prompts: list[str], targets: list[str], *, epochs: int, batch_size: int, lr: float,
         seed: int = 0, weight_decay: float = 0.0, max_length: int = 96,
-        extra_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """AdamW over the trainable parameters; returns steps, wall and CPU seconds, the last epoch's mean target loss."""
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """AdamW over the trainable parameters; returns steps, wall and CPU seconds, the last epoch's mean target loss.
+
+    `on_epoch`, if given, gets {"epoch", "epochs", "loss", "elapsed_s", "eta_s"} after each epoch (the ETA
+    assumes the remaining epochs take as long as the mean of those done)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -27,7 +31,7 @@ def fit(model, tokenizer, prompts: list[str], targets: list[str], *, epochs: int
     rng = random.Random(seed)
     model.train()
     t0, cpu0, steps, epoch_loss = time.perf_counter(), time.process_time(), 0, float("nan")
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         rng.shuffle(order)
         losses = []
         for i in range(0, len(order), batch_size):
@@ -44,6 +48,10 @@ def fit(model, tokenizer, prompts: list[str], targets: list[str], *, epochs: int
             opt.step()
             steps += 1
         epoch_loss = sum(losses) / len(losses)
+        if on_epoch is not None:
+            elapsed = time.perf_counter() - t0
+            on_epoch({"epoch": epoch, "epochs": epochs, "loss": epoch_loss, "elapsed_s": elapsed,
+                      "eta_s": elapsed / epoch * (epochs - epoch)})
     model.eval()
     # cpu_seconds / threads = the wall time on dedicated cores; shared machines inflate `seconds`
     return {"steps": float(steps), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,

@@ -20,6 +20,13 @@ Where we deliberately differ, and why:
   one of the request's own answers (see `_random_labels`). `objective =
   "refusal"` trains the target ``refusal_text`` instead. `forget.texts` are split at the middle word into
   prompt and continuation; the continuation is relabelled the same way.
+- Questions are trained in the layouts users ask them in: the model's chat template (what
+  `/v1/chat/completions` renders) and the plain `Question: ...\nAnswer:` completion layout (adapters.facts), one
+  relabelled answer per question in both. An adapter trained on one layout only did not carry over to the other.
+
+What the detector is fitted on is `gate_texts(forget)`: the request's questions (or texts) as users send them,
+the same forms `detector.inputs` extracts from serving requests. Requests with fewer than
+`detector.gate.MIN_GATE_TEXTS` distinct ones are refused before training (`validate`): no sound gate comes from them.
 
 The engine never persists anything: `AdapterChange.save` writes PEFT's own layout and the daemon's artifact
 store makes it durable. The raw forget text stays in memory (`AdapterChange.forget_texts`) for the detector.
@@ -32,6 +39,7 @@ import random
 import string
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +47,11 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from adapters import lm, lm_eval, lm_train, lora_set
+from adapters import lm, lm_train, lora_set
 from adapters.base import Change, Engine, Forget, InvalidForget, register
-from adapters.facts import ATTRIBUTES, BOOKS, format_prompt
+from adapters.facts import ATTRIBUTES, BOOKS
+from adapters.o3_measures import ForgetItems
+from detector.gate import MIN_GATE_TEXTS
 
 # Plausible short answers (places, jobs, genres, titles, prizes, instruments) used as random labels when the
 # target has no pool of its own; any pool works as long as it is not the request's own answers.
@@ -64,8 +74,9 @@ class O3Config:
     objective: str = "random_label"  # "random_label" | "refusal"
     refusal_text: str = "I don't know."
     seed: int = 0
-    max_length: int = 96  # tokens per prompt+answer row
-    measure: bool = True  # forget accuracy/loss before and after (two extra forward passes over the request)
+    max_length: int = 128  # tokens per prompt+answer row (a chat template's system turn included)
+    # Result-event measures through the router, as serving answers (adapters/o3_measures.py): a few seconds.
+    measure: bool = True
 
 
 @dataclass
@@ -97,18 +108,20 @@ class LMTarget:
 class AdapterChange(Change):
     """A new LoRA adapter (PEFT layout). Rollback = deactivate it; the base and other adapters are untouched.
 
-    `forget_texts` holds the request's raw text in memory only, for the detector (issue 5); `save` never
-    writes it.
+    `forget_texts` (what the gate is fitted on, `gate_texts`) and `measure_items` (what the result measures
+    ask) hold the request's raw text in memory only; `save` never writes them, and the daemon drops them once
+    the adapter is committed.
     """
 
     kind = "adapter"
 
     def __init__(self, state: dict[str, torch.Tensor], lora_config: LoraConfig, metrics: dict[str, float], *,
-                 forget_texts: list[str], info: dict | None = None):
+                 forget_texts: list[str], measure_items: ForgetItems | None = None, info: dict | None = None):
         super().__init__(metrics, info=info)
         self.state = state
         self.lora_config = lora_config
         self.forget_texts = forget_texts
+        self.measure_items = measure_items
 
     def save(self, directory: Path) -> None:
         save_file(self.state, str(Path(directory) / lora_set.ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -123,22 +136,32 @@ class O3Engine(Engine):
     name = "o3"
     model_kinds = frozenset({"causal_lm"})
     Config = O3Config
+    reports_progress = True
 
-    def apply(self, target: LMTarget, forget: Forget) -> AdapterChange:
+    def validate(self, target: LMTarget, forget: Forget) -> None:
+        if self.config.objective not in ("random_label", "refusal"):
+            raise InvalidForget(f"unknown O3 objective {self.config.objective!r}")
+        _pairs(forget)
+        distinct = len(gate_texts(forget))
+        if distinct < MIN_GATE_TEXTS:
+            raise InvalidForget(
+                f"an O3 request needs at least {MIN_GATE_TEXTS} distinct {'questions' if forget.kind == 'qa' else 'texts'}"
+                f" (got {distinct}): serving decides from their phrasings which inputs the adapter applies to; send"
+                " several phrasings of what must be forgotten")
+
+    def apply(self, target: LMTarget, forget: Forget, progress: Callable[[dict], None] | None = None) -> AdapterChange:
         cfg = self.config
-        if cfg.objective not in ("random_label", "refusal"):
-            raise InvalidForget(f"unknown O3 objective {cfg.objective!r}")
-        prompts, answers, texts = _pairs(forget)
+        self.validate(target, forget)
+        prompts, answers = _pairs(forget)
         target.load()
         model, tok = target.model, target.tokenizer
         rng = random.Random(cfg.seed)
         labels = [cfg.refusal_text] * len(answers) if cfg.objective == "refusal" else \
             _random_labels(answers, target.answer_pool, rng)
-        eos = tok.eos_token or ""
+        rows = _training_rows(forget.kind, tok, prompts, labels)
         t0 = time.perf_counter()
-        metrics: dict[str, float] = {"forget_pairs": float(len(prompts)), "earlier_adapters": float(len(target.adapters))}
-        if cfg.measure:
-            metrics.update(_measure(model, tok, prompts, answers, target.answer_pool, "before"))
+        metrics: dict[str, float] = {"forget_pairs": float(len(prompts)), "training_rows": float(len(rows)),
+                                     "earlier_adapters": float(len(target.adapters))}
 
         earlier = target.earlier_lora_A()
         grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -147,13 +170,12 @@ class O3Engine(Engine):
         peft_model = get_peft_model(model, _lora_config(cfg, target))
         try:
             penalty = _orthogonality_penalty(peft_model, earlier, model.config.num_hidden_layers)
-            stats = lm_train.fit(peft_model, tok, prompts, [f" {a}{eos}" for a in labels], epochs=cfg.epochs,
+            stats = lm_train.fit(peft_model, tok, [p for p, _ in rows], [t for _, t in rows], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
-                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None)
+                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
+                                 on_epoch=progress)
             state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
-            if cfg.measure:
-                metrics.update(_measure(peft_model, tok, prompts, answers, target.answer_pool, "after"))
         finally:
             peft_model.unload()  # remove the LoRA layers: the base model is exactly as it was
             for n, p in model.named_parameters():
@@ -166,7 +188,8 @@ class O3Engine(Engine):
                         "engine_seconds": time.perf_counter() - t0})
         info = {"rank": cfg.rank, "alpha": cfg.alpha, "objective": cfg.objective, "orthogonality": cfg.orthogonality,
                 "base_model": str(target.base_dir), "earlier_adapters": list(target.adapters)}
-        return AdapterChange(state, config, metrics, forget_texts=texts, info=info)
+        items = ForgetItems(forget.kind, prompts, answers) if cfg.measure else None
+        return AdapterChange(state, config, metrics, forget_texts=gate_texts(forget), measure_items=items, info=info)
 
 
 def _lora_config(cfg: O3Config, target: LMTarget) -> LoraConfig:
@@ -186,11 +209,40 @@ def _orthogonality_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n
     return penalty
 
 
-def _pairs(forget: Forget) -> tuple[list[str], list[str], list[str]]:
-    """(prompts, true answers, raw texts for the detector) of a request."""
+def gate_texts(forget: Forget) -> list[str]:
+    """What a request's gate is fitted on: its questions (forget.qa) or its texts (forget.texts), stripped, each
+    once (case and spacing aside: the encoder is uncased). The benchmarks and tests fit gates with this too."""
+    items = [q for q, _ in _qa(forget)] if forget.kind == "qa" else list(forget.texts) if forget.kind == "texts" else []
+    seen: set[str] = set()
+    out = []
+    for text in items:
+        key = " ".join(text.lower().split())
+        if key and key not in seen:
+            seen.add(key)
+            out.append(text.strip())
+    return out
+
+
+def _qa(forget: Forget) -> list[tuple[str, str]]:
+    return [(q.strip(), a.strip()) for q, a in forget.qa if q.strip() and a.strip()]
+
+
+def _training_rows(kind: str, tok, prompts: list[str], labels: list[str]) -> list[tuple[str, str]]:
+    """(prompt, target) rows: a question in each layout users ask it in (`lm.question_layouts`), a text's first
+    half as a raw prompt; the target is the relabelled answer and the end of the turn."""
+    eos = tok.eos_token or ""
+    if kind != "qa":
+        return [(p, f" {label}{eos}") for p, label in zip(prompts, labels)]
+    return [(prompt, f"{sep}{label}{eos}") for q, label in zip(prompts, labels)
+            for prompt, sep in lm.question_layouts(tok, q)]
+
+
+def _pairs(forget: Forget) -> tuple[list[str], list[str]]:
+    """(questions or text beginnings, true answers or text endings) of a request."""
     if forget.kind == "qa":
-        qa = [(q, a) for q, a in forget.qa if q.strip() and a.strip()]
-        return [format_prompt(q) for q, _ in qa], [a.strip() for _, a in qa], [f"{q} {a}" for q, a in qa]
+        qa = _qa(forget)
+        if qa:
+            return [q for q, _ in qa], [a for _, a in qa]
     if forget.kind == "texts":
         prompts, answers = [], []
         for text in forget.texts:
@@ -201,7 +253,7 @@ def _pairs(forget: Forget) -> tuple[list[str], list[str], list[str]]:
             prompts.append(" ".join(words[:cut]))
             answers.append(" ".join(words[cut:]))
         if prompts:
-            return prompts, answers, list(forget.texts)
+            return prompts, answers
     raise InvalidForget(f"o3 needs forget.qa or forget.texts with at least two words, got {forget.kind!r}")
 
 
@@ -223,18 +275,3 @@ def _random_labels(answers: list[str], pool: tuple[str, ...], rng: random.Random
         else:
             out.append("".join(rng.choices(string.ascii_lowercase, k=max(3, len(a)))))
     return out
-
-
-def _measure(model, tok, prompts, answers, pool, when: str) -> dict[str, float]:
-    """Forget loss (answer NLL) and ranking accuracy of each true answer against 4 same-shape random answers."""
-    rng = random.Random(0)
-    distractors = [_random_labels(answers, pool, rng) for _ in range(4)]
-    cands = []
-    for i, a in enumerate(answers):
-        row = list(dict.fromkeys([a, *(d[i] for d in distractors)]))
-        rng.shuffle(row)
-        cands.append(tuple(row))
-    scores = lm_eval.candidate_scores(model, tok, prompts, cands)
-    acc = sum(max(range(len(s)), key=s.__getitem__) == c.index(a) for s, c, a in zip(scores, cands, answers))
-    nll = lm_eval.answer_loss(model, tok, prompts, answers)
-    return {f"forget_acc_{when}": acc / len(answers), f"forget_loss_{when}": nll}

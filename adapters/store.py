@@ -37,7 +37,7 @@ class Artifact:
 
 class ArtifactStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # recorded paths (ledger, events, exports) work from any directory
         self.root.mkdir(parents=True, exist_ok=True)
         self._staging = self.root / ".staging"
         self._staging.mkdir(exist_ok=True)
@@ -69,6 +69,13 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return Artifact(model, kind, artifact_id, final, digest)
+
+    def scratch_dir(self, label: str) -> Path:
+        """A new empty directory on the store's filesystem, removed by `clean_staging` if a crash leaves it (e.g.
+        where another process writes an artifact's files before they are published)."""
+        path = self._staging / f"{label}.{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
 
     def meta(self, model: str, kind: str, artifact_id: str) -> dict:
         return json.loads((self.path(model, kind, artifact_id) / META_FILE).read_text())

@@ -175,7 +175,7 @@ def main() -> None:
         args.requests, args.iau_requests, args.iau_epochs = 200, 2, 2
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if args.quick else 2)  # quick: a smoke test on a busy machine (bench/router.py)
     with EmbeddedBroker() as broker:
         single = overhead(broker.bootstrap_servers, args.requests, coalesce=False)
         coalesced = overhead(broker.bootstrap_servers, args.requests, coalesce=True)

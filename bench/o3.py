@@ -43,11 +43,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     ap.add_argument("--cache", type=Path, default=Path("var/bench/o3"), help="converted and fine-tuned models")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v} ({QUICK[k]} quick)")
     args = ap.parse_args(argv)
     p = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
+    # One thread for smoke tests: on a busy 2-core machine two OpenMP threads keep waiting on each other for a
+    # core, and a quick run slowed from 20 s to over 4 min at load 6 (tests/bench run it on such machines).
+    args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     paths = run_paths(args.cache, args.quick, args.seed, p)

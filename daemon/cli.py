@@ -1,12 +1,18 @@
 """The `unlearnd` command: run the daemon, serve, publish requests, and inspect what it did.
 
-Every listing prints a table, or JSON with `--json` for scripts. Commands that only read open the ledger
-directly and work whether or not the daemon is running. `versions` and `adapters` live in cli_artifacts.py.
+Every command that prints a result prints a table or text, or strict JSON with `--json` for scripts. Commands
+that only read open the ledger directly and work whether or not the daemon is running. `versions` and `adapters`
+live in cli_artifacts.py.
+
+Exit codes: 0 success; 1 the command's answer is negative (unhealthy, rejected, nothing found, cluster
+unreachable); 2 bad usage or configuration; 3 `publish --wait` saw no result in time (the request stays queued).
+Expected failures print one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -17,9 +23,11 @@ import typer
 
 from daemon import config as config_mod
 from daemon.cli_artifacts import adapters_app, versions_app
-from daemon.cli_common import (ConfigOpt, JsonOpt, bootstrap_servers, console, emit, fmt, load_config, open_ledger,
-                               print_metrics, print_result, when)
+from daemon.cli_common import (CLIError, ConfigOpt, JsonOpt, bootstrap_servers, console, dumps, emit, err_console, fail,
+                               fmt, load_config, open_ledger, print_json, print_metrics, print_result, when)
 from daemon.logs import setup_logging
+
+NO_RESULT_EXIT = 3
 
 app = typer.Typer(help="unlearnd: make deployed models forget data on request.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -31,44 +39,87 @@ app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"unlearnd {version('unlearnd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None) -> None:
+    """unlearnd: make deployed models forget data on request."""
+
+
+def main() -> None:
+    """The `unlearnd` entry point: expected failures become one line on stderr and an exit code."""
+    try:
+        app()
+    except CLIError as exc:
+        err_console.print(f"[red]unlearnd: {exc}[/red]", highlight=False, soft_wrap=True)
+        sys.exit(exc.code)
+
+
 # --- the daemon ---------------------------------------------------------------------------------------------
 
 
 @app.command()
 def run(config: ConfigOpt = None) -> None:
-    """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it cleanly)."""
+    """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it cleanly, also during first-start training)."""
+    import logging
+
     cfg = load_config(config)
     setup_logging(cfg.logging)
-    from daemon.app import Daemon
+    from daemon.app import Daemon, StartupError
+    from daemon.state_lock import StateLocked
 
-    raise typer.Exit(Daemon(cfg).run())
+    logging.getLogger("unlearnd").info("config %s; state in %s", cfg.source, cfg.state.dir)
+    try:
+        code = Daemon(cfg).run()
+    except (StartupError, StateLocked) as exc:  # StateLocked: one state directory, one daemon
+        fail(str(exc))
+    except config_mod.ConfigError as exc:  # a model's default method does not apply to its kind
+        fail(str(exc), 2)
+    raise typer.Exit(code)
 
 
 @app.command()
-def health(config: ConfigOpt = None) -> None:
-    """Exit 0 if the daemon's metrics endpoint answers and it is connected to the broker (for probes)."""
+def health(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Exit 0 if the daemon's metrics endpoint answers, it has finished start-up and is connected to the broker
+    (for probes); otherwise say why (not answering, bootstrapping, broker unreachable) and exit 1."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     cfg = load_config(config)
     host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "::") else cfg.metrics.host
+    url = f"http://{host}:{cfg.metrics.port}/metrics"
     try:
-        body = urllib.request.urlopen(f"http://{host}:{cfg.metrics.port}/metrics", timeout=3).read().decode()
+        body = urllib.request.urlopen(url, timeout=3).read().decode()
     except OSError as exc:
-        console.print(f"[red]unhealthy: metrics endpoint not answering ({exc})[/red]")
-        raise typer.Exit(1) from None
-    connected = any(line.startswith("unlearnd_broker_connected ") and float(line.split()[1]) == 1.0
-                    for line in body.splitlines())
-    if not connected:
-        console.print("[red]unhealthy: not connected to the Kafka cluster[/red]")
-        raise typer.Exit(1)
-    console.print("healthy")
+        status, detail = "unhealthy", f"metrics endpoint {url} not answering ({exc})"
+    else:
+        values = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if not s.labels}
+        if values.get("unlearnd_bootstrapping") == 1.0:
+            status, detail = "bootstrapping", "building or loading its models (the first start trains them)"
+        elif values.get("unlearnd_broker_connected") != 1.0:
+            status, detail = "unhealthy", "not connected to the Kafka cluster"
+        else:
+            status, detail = "healthy", "consuming requests"
+    if as_json:
+        print_json({"status": status, "detail": detail, "metrics_url": url})
+    else:
+        colour = {"healthy": "green", "bootstrapping": "yellow"}.get(status, "red")
+        console.print(f"[{colour}]{status}[/{colour}]: {detail}", highlight=False)
+    raise typer.Exit(0 if status == "healthy" else 1)
 
 
 def _only_lm(cfg: config_mod.Config) -> str:
     lms = [name for name, m in cfg.models.items() if m.kind == "causal_lm"]
     if len(lms) != 1:
-        console.print(f"[red]name the model: config has {len(lms)} causal_lm models {lms}[/red]")
-        raise typer.Exit(2)
+        fail(f"name the model: {cfg.source} has {len(lms)} causal_lm models {lms}", 2)
     return lms[0]
 
 
@@ -98,12 +149,19 @@ def route(
     """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
     from daemon import serve as serve_mod
 
+    from kafka.errors import KafkaError
+    from transformers.utils import logging as hf_logging
+
     cfg = load_config(config)
-    decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
+    hf_logging.disable_progress_bar()  # the encoder's loading bar is noise around one answer
+    try:
+        decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
+    except KafkaError as exc:
+        fail(f"cannot read {cfg.kafka.topics.adapters} from {bootstrap_servers(cfg)} ({type(exc).__name__}: {exc})")
     if as_json:
-        print(json.dumps(decision, indent=2, default=str))
+        print_json(decision)
     else:
-        console.print_json(json.dumps(decision, default=str))
+        console.print_json(dumps(decision))
 
 
 @app.command()
@@ -116,33 +174,28 @@ def publish(
     method: Annotated[Optional[str], typer.Option(help="Override the model's default method.")] = None,
     subject: Annotated[Optional[str], typer.Option(help="Data-subject id, for the audit trail.")] = None,
     request_id: Annotated[Optional[str], typer.Option(help="Idempotency key (generated when absent).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result event and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the request to its result and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds for the whole command with --wait, a daemon still "
+                                           "starting up included.")] = 300.0,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Publish a deletion request to the requests topic (signed if an HMAC key is configured)."""
+    """Publish a deletion request to the requests topic (signed if an HMAC key is configured).
+
+    With --wait, progress of long requests (O3 training) goes to stderr and the result to stdout; exit 0 applied,
+    1 rejected or failed, 3 no result within --timeout (the request stays queued and is applied later)."""
     import os
 
     from kafka import KafkaProducer
+    from kafka.errors import KafkaError
 
     from daemon import kafka_io, schema
 
     cfg = load_config(config)
-    forget: dict = {}
-    if sample_ids:
-        forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
-    if forget_class is not None:
-        forget["class"] = forget_class
-    if text:
-        forget["texts"] = list(text)
-    if qa:
-        forget["qa"] = json.loads(qa.read_text())
-    if len(forget) != 1:
-        console.print("[red]give exactly one of --sample-ids, --class, --text, --qa[/red]")
-        raise typer.Exit(2)
-    body = {"request_id": request_id or f"req-{uuid.uuid4().hex[:12]}", "model": model, "forget": forget,
-            "issued_at": datetime.now(timezone.utc).isoformat()}
+    if cfg.models and model not in cfg.models:
+        fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
+    body = {"request_id": request_id or f"req-{uuid.uuid4().hex[:12]}", "model": model,
+            "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(timezone.utc).isoformat()}
     if method:
         body["method"] = method
     if subject:
@@ -150,56 +203,134 @@ def publish(
     key = os.environ.get(cfg.requests.hmac_key_env)
     if key:
         body["signature"] = schema.sign(body, key.encode())
+    deadline = time.monotonic() + timeout  # one budget for everything below
     bootstrap = bootstrap_servers(cfg)
-    waiter = _ResultWaiter(cfg, bootstrap) if wait else None  # subscribe before publishing: no race
-    producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap), acks="all")
-    producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(30)
-    producer.close()
+    try:
+        if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
+            kafka_io.ensure_topics(cfg.kafka, bootstrap)
+        waiter = _ResultWaiter(cfg, bootstrap, body["request_id"], deadline) if wait else None  # before publishing
+        producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap), acks="all",
+                                 max_block_ms=int(1000 * max(1.0, deadline - time.monotonic())))
+        producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(
+            max(1.0, deadline - time.monotonic()))
+        producer.close()
+    except KafkaError as exc:
+        hint = (": is the daemon running? `unlearnd run` starts it with its embedded broker"
+                if cfg.kafka.bootstrap_servers == "embedded" else "")
+        fail(f"cannot publish to the Kafka cluster at {bootstrap} ({type(exc).__name__}: {exc}){hint}")
     if not wait:
-        print(json.dumps({"request_id": body["request_id"], "published": True}) if as_json
+        print(dumps({"request_id": body["request_id"], "published": True}) if as_json
               else f"published {body['request_id']}")
         return
-    result = waiter.wait(body["request_id"], timeout)
+    with _ProgressView(body["request_id"]) as view:
+        result = waiter.wait(view.update)
     if result is None:
-        console.print(f"[red]no result for {body['request_id']} within {timeout:.0f}s[/red]")
-        raise typer.Exit(1)
+        fail(f"no result for {body['request_id']} within {timeout:.0f}s; it stays queued on "
+             f"{cfg.kafka.topics.requests} and is applied when the daemon gets to it "
+             f"(`unlearnd requests show {body['request_id']}`)", NO_RESULT_EXIT)
     print_result(result, as_json)
     raise typer.Exit(0 if result["status"] == "applied" else 1)
 
 
+def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None, qa: Path | None) -> dict:
+    forget: dict = {}
+    if sample_ids:
+        try:
+            forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
+        except ValueError:
+            fail(f"--sample-ids takes comma-separated integers, got {sample_ids!r}", 2)
+    if forget_class is not None:
+        forget["class"] = forget_class
+    if text:
+        forget["texts"] = list(text)
+    if qa:
+        try:
+            forget["qa"] = json.loads(qa.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"--qa {qa}: {exc}", 2)
+    if len(forget) != 1:
+        fail("give exactly one of --sample-ids, --class, --text, --qa", 2)
+    return forget
+
+
 class _ResultWaiter:
-    def __init__(self, cfg: config_mod.Config, bootstrap: str):
+    """Reads the results topic from its current end for one request's result, showing its progress events."""
+
+    def __init__(self, cfg: config_mod.Config, bootstrap: str, request_id: str, deadline: float):
         from kafka import KafkaConsumer, TopicPartition
 
         from daemon import kafka_io
 
+        self.request_id, self.deadline = request_id, deadline
         topic = cfg.kafka.topics.results
         self.consumer = KafkaConsumer(**kafka_io.connection_settings(cfg.kafka, bootstrap), enable_auto_commit=False)
-        parts = self.consumer.partitions_for_topic(topic) or set()
-        if not parts:  # the daemon creates topics on start; give it a moment
-            deadline = time.monotonic() + 30
-            while not parts and time.monotonic() < deadline:
-                time.sleep(0.5)
-                parts = self.consumer.partitions_for_topic(topic) or set()
+        parts = self.consumer.partitions_for_topic(topic)
+        found_by = max(deadline, time.monotonic() + 10)  # a topic created a moment ago may not be in metadata yet
+        while not parts and time.monotonic() < found_by:
+            time.sleep(0.2)
+            parts = self.consumer.partitions_for_topic(topic)
+        if not parts:
+            self.consumer.close()
+            fail(f"the results topic {topic} does not exist on {bootstrap}")
         tps = [TopicPartition(topic, p) for p in parts]
         self.consumer.assign(tps)
-        for tp in tps:  # start at the current end; position() forces the lookup now
+        for tp in tps:  # start at the current end; position() forces the lookup now, before we publish
             self.consumer.seek_to_end(tp)
             self.consumer.position(tp)
 
-    def wait(self, request_id: str, timeout: float) -> dict | None:
-        deadline = time.monotonic() + timeout
+    def wait(self, on_progress) -> dict | None:
+        from daemon import kafka_io
+
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < self.deadline:
                 for records in self.consumer.poll(timeout_ms=500).values():
                     for rec in records:
-                        event = json.loads(rec.value)
-                        if event.get("request_id") == request_id:
+                        try:
+                            event = json.loads(rec.value)
+                        except (TypeError, ValueError):
+                            continue
+                        if not isinstance(event, dict) or event.get("request_id") != self.request_id:
+                            continue
+                        if kafka_io.is_progress(rec.headers, event):
+                            on_progress(event)
+                        else:
                             return event
         finally:
             self.consumer.close()
         return None
 
+
+class _ProgressView:
+    """Progress of the awaited request on stderr: a live status line on a terminal, one line per event otherwise."""
+
+    def __init__(self, request_id: str):
+        self.live = err_console.is_terminal
+        self.status = err_console.status(f"waiting for the daemon to take {request_id}") if self.live else None
+
+    def __enter__(self) -> "_ProgressView":
+        if self.status:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.status:
+            self.status.stop()
+
+    def update(self, event: dict) -> None:
+        text = describe_progress(event)
+        if self.status:
+            self.status.update(text)
+        else:
+            err_console.print(text, highlight=False)
+
+
+def describe_progress(event: dict) -> str:
+    where = f"{event.get('request_id')}: {event.get('method')} on {event.get('model')}"
+    if event.get("stage") == "started":
+        return f"{where}: started (attempt {event.get('attempt')})"
+    eta = event.get("eta_s")
+    return (f"{where}: epoch {event.get('epoch')}/{event.get('epochs')}, loss {fmt(event.get('loss'))}"
+            + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) else ""))
 
 
 # --- requests -----------------------------------------------------------------------------------------------
@@ -229,16 +360,36 @@ def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt =
     """One request with its measures (no raw forget data is ever stored)."""
     r = open_ledger(load_config(config)).get_request(request_id)
     if r is None:
-        console.print(f"[red]no request {request_id}[/red]")
-        raise typer.Exit(1)
+        fail(f"no request {request_id}")
     d = _request_dict(r)
     if as_json:
-        print(json.dumps(d, indent=2))
+        print_json(d)
         return
     for k, v in d.items():
         if k != "metrics":
             console.print(f"[bold]{k}[/]: {fmt(v)}")
     print_metrics(d["metrics"])
+
+
+@requests_app.command("retry")
+def requests_retry(request_id: str,
+                   reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "operator retry",
+                   as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Re-admit a failed request after fixing its cause: re-published from its dead-letter copy, applied once."""
+    from daemon import retry
+
+    cfg = load_config(config)
+    try:
+        out = retry.readmit(cfg, open_ledger(cfg), bootstrap_servers(cfg), request_id, reason)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(out)
+    elif out["republished"]:
+        console.print(f"re-admitted {request_id} and re-published it from {cfg.kafka.topics.dlq}")
+    else:
+        console.print(f"re-admitted {request_id}; no dead-letter copy on {cfg.kafka.topics.dlq} (retention? a "
+                      "restarted embedded broker?): publish the original request again with the same request_id")
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -261,4 +412,4 @@ def models_list(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from daemon.cli_common import (ConfigOpt, JsonOpt, announce, console, emit, fmt, load_config, open_ledger,
-                               print_metrics, when)
+from daemon.cli_common import (ConfigOpt, JsonOpt, announce, console, dumps, emit, fail, fmt, load_config, open_ledger,
+                               print_json, print_metrics, when)
 
 versions_app = typer.Typer(help="Model versions (classifiers): list, show, roll back.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Unlearning adapters (language models): list, show, roll back, restore, export.",
@@ -44,13 +44,12 @@ def versions_show(version_id: str, model: Annotated[Optional[str], typer.Option(
     ledger = open_ledger(load_config(config))
     a = ledger.get_artifact(model, version_id) if model else ledger.find_artifact(version_id)
     if a is None or a.kind != "version":
-        console.print(f"[red]no version {version_id}[/red]")
-        raise typer.Exit(1)
+        fail(f"no version {version_id}")
     d = _artifact_dict(a)
     d["lineage"] = [x.id for x in ledger.lineage(a.model, a.id)]
     d["forgotten_samples"] = len(ledger.forgotten_ids(a.model, a.id))
     if as_json:
-        print(json.dumps(d, indent=2, default=str))
+        print_json(d)
         return
     for k in ("id", "model", "active", "parent", "lineage", "request_id", "created", "sha256", "path",
               "forgotten_samples"):
@@ -76,12 +75,11 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
     try:
         row = registry.rollback(model, to, reason=reason)
     except (KeyError, RuntimeError) as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(1) from None
+        fail(exc.args[0])
     announced = announce(cfg, model, row.id, "rolled_back", {"kind": "version", "from": previous.id if previous
                                                               else None, "reason": reason, "sha256": row.sha256})
     out = {"model": model, "head": row.id, "from": previous.id if previous else None, "announced": announced}
-    print(json.dumps(out)) if as_json else console.print(
+    print(dumps(out)) if as_json else console.print(
         f"{model}: head {out['from']} -> [bold]{row.id}[/]" + ("" if announced else
                                                             " [yellow](recorded; announcement failed: broker down)[/]"))
 
@@ -93,8 +91,7 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
 def _adapter(ledger, adapter_id: str, model: str | None):
     a = ledger.get_artifact(model, adapter_id) if model else ledger.find_artifact(adapter_id)
     if a is None or a.kind != "adapter":
-        console.print(f"[red]no adapter {adapter_id}[/red]")
-        raise typer.Exit(1)
+        fail(f"no adapter {adapter_id}")
     return a
 
 
@@ -125,7 +122,7 @@ def adapters_show(adapter_id: str, model: ModelOpt = None, as_json: JsonOpt = Fa
     others = {o.id: o.path for o in ledger.list_artifacts(a.model, "adapter") if o.active and o.id != a.id}
     d["orthogonality"] = lora_set.orthogonality_report({a.id: a.path, **others}) if others else None
     if as_json:
-        print(json.dumps(d, indent=2, default=str))
+        print_json(d)
         return
     for k in ("id", "model", "active", "request_id", "created", "sha256", "path", "size_bytes", "rank"):
         console.print(f"[bold]{k}[/]: {fmt(d[k])}")
@@ -146,13 +143,12 @@ def _set_adapter(adapter_id: str, model: str | None, active: bool, reason: str, 
         row = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).set_adapter(
             a.model, a.id, active, reason=reason)
     except (KeyError, RuntimeError) as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
-        raise typer.Exit(1) from None
+        fail(exc.args[0])
     event = "restored" if active else "rolled_back"
     announced = announce(cfg, a.model, a.id, event, {"kind": "adapter", "reason": reason, "sha256": row.sha256,
                                                      "path": row.path})
     out = {"model": a.model, "adapter_id": a.id, "active": active, "announced": announced}
-    print(json.dumps(out)) if as_json else console.print(f"{a.model}: adapter {a.id} {event}"
+    print(dumps(out)) if as_json else console.print(f"{a.model}: adapter {a.id} {event}"
                                                          + ("" if announced else " [yellow](not announced)[/]"))
 
 
@@ -173,12 +169,60 @@ def adapters_restore(adapter_id: str, model: ModelOpt = None,
 
 
 @adapters_app.command("export")
-def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, config: ConfigOpt = None) -> None:
-    """Copy an adapter in PEFT's own layout (loadable by peft, vLLM, LoRAX without unlearnd)."""
+def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, as_json: JsonOpt = False,
+                    config: ConfigOpt = None) -> None:
+    """Copy an adapter in PEFT's own layout (loadable by peft, vLLM, LoRAX without unlearnd), with an absolute
+    base model path and a model card (README.md) that says how it must be served: routed, never always on."""
     import shutil
 
-    a = _adapter(open_ledger(load_config(config)), adapter_id, model)
+    cfg = load_config(config)
+    a = _adapter(open_ledger(cfg), adapter_id, model)
     shutil.copytree(a.path, directory, dirs_exist_ok=True)
-    console.print(f"exported {a.id} to {directory}")
+    adapter_config = directory / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    base = Path(settings.get("base_model_name_or_path") or "")
+    if not base.is_absolute():  # written before paths were absolute: relative to the config's directory
+        base = (cfg.source.parent if cfg.source else Path.cwd()) / base
+        settings["base_model_name_or_path"] = str(base)
+        adapter_config.write_text(json.dumps(settings, indent=2))
+    (directory / "README.md").write_text(model_card(a, base))
+    out = {"adapter_id": a.id, "model": a.model, "request_id": a.request_id, "directory": str(directory.absolute()),
+           "base_model_name_or_path": str(base), "files": sorted(str(f.relative_to(directory))
+                                                                 for f in directory.rglob("*") if f.is_file())}
+    print_json(out) if as_json else console.print(f"exported {a.id} to {out['directory']} (base model {base})",
+                                                  soft_wrap=True)
 
 
+def model_card(a, base: Path) -> str:
+    """The export's README.md (a Hugging Face model card): what the adapter is and how to serve it safely."""
+    return f"""---
+library_name: peft
+base_model: {base}
+tags: [unlearnd, unlearning, o3, lora]
+---
+
+# unlearnd adapter {a.id} for {a.model}
+
+A LoRA adapter made by unlearnd for deletion request `{a.request_id}` with O3 ("Practical
+Unlearning for Large Language Models"): it was trained so that the model no longer answers from the data that
+request named. The request's data itself is not in here.
+
+## Route it: never apply it to every input
+
+The adapter is meant for the inputs that touch the forgotten data, and only those. Applied to every input it
+damages unrelated answers too: an adapter like this one, always on in plain peft, answered "What is the capital
+of France?" with "bonjour". `gate/` holds the request's out-of-distribution detector (encoder features, no text), which decides
+per input whether the adapter applies and with what weight:
+
+- `unlearnd serve` and `unlearnd route` apply it that way (per input, mixed routes in one batch);
+- other servers (vLLM, LoRAX, peft) must do the same: select the adapter per request only when the gate says so.
+
+## Load (for inspection or a routed server)
+
+```python
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained("<this directory>")   # base: {base}
+```
+
+sha256 of the adapter files (as recorded in the unlearnd ledger): `{a.sha256}`
+"""

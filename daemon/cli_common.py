@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -20,12 +22,31 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="confi
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 
+class CLIError(Exception):
+    """An expected failure (bad input, nothing to act on, cluster unreachable): one line on stderr and an exit
+    code, no traceback. `daemon.cli.main` prints it."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    raise CLIError(message, code)
+
+
 def load_config(path: Path | None) -> config_mod.Config:
+    """The configuration every command uses; refuses to run on bare defaults when no config file is found
+    (a daemon or CLI started in the wrong directory would otherwise work on an empty ./var of its own)."""
+    source = config_mod.locate(path)
+    if not source.is_file():
+        default = not path and "UNLEARND_CONFIG" not in os.environ
+        fail(f"no config file {source}" + ("; run from the directory that holds config.toml, pass --config FILE "
+                                           "or set UNLEARND_CONFIG" if default else ""), 2)
     try:
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
 
 
 def bootstrap_servers(cfg: config_mod.Config) -> str:
@@ -34,26 +55,60 @@ def bootstrap_servers(cfg: config_mod.Config) -> str:
 
 
 def open_ledger(cfg: config_mod.Config):
+    """The daemon's ledger; an error (never a new empty ledger) when the daemon has not run with this config."""
     from daemon.ledger import Ledger
 
-    return Ledger(cfg.state.ledger_path, cfg.state.ledger_synchronous)
+    path = cfg.state.ledger_path
+    if not path.is_file():
+        fail(f"no ledger at {path}: the daemon has not run with {cfg.source} yet (`unlearnd run` creates it)")
+    return Ledger(path, cfg.state.ledger_synchronous)
+
+
+def dumps(value, **kwargs) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null, which every parser accepts."""
+    return json.dumps(_finite(value), allow_nan=False, default=str, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(value) -> None:
+    print(dumps(value, indent=2))
 
 
 def emit(rows: list[dict], columns: list[str], as_json: bool, title: str | None = None) -> None:
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print_json(rows)
         return
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for row in rows:
         table.add_row(*[fmt(row.get(c)) for c in columns])
-    console.print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """A table at its natural width: cells (ids above all) are never cut to fit a narrow terminal or a pipe."""
+    natural = Console(width=100_000).measure(table).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def fmt(value) -> str:
-    if value is None:
-        return "-"
+    if value is None or isinstance(value, float) and not math.isfinite(value):
+        return "-"  # as in --json, where a measure that is not a number is null
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, bool):
@@ -68,11 +123,12 @@ def when(ts: float | None) -> str | None:
 
 def print_result(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
     console.print(f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
                   + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
+                  + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
                   + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else ""))
     if result.get("reason"):
         console.print(f"reason: {result['reason']}: {result.get('error')}")
@@ -85,7 +141,7 @@ def print_metrics(m: dict) -> None:
         table = Table("measure", "before", "after")
         for name in pairs:
             table.add_row(name, fmt(m.get(f"{name}_before")), fmt(m.get(f"{name}_after")))
-        console.print(table)
+        print_table(table)
     rest = {k: v for k, v in m.items() if not k.endswith(("_before", "_after"))}
     if rest:
         console.print("  ".join(f"{k}={fmt(v)}" for k, v in sorted(rest.items())))

@@ -8,6 +8,10 @@ environment variable *named* in the config, never stored in the file.
 
 A bad value fails at start-up with the dotted path of the key, e.g. ``kafka.session_timeout_ms: Input should
 be a valid integer``.
+
+Relative state paths (``state.dir``, ``state.ledger``, ``state.artifacts``) are relative to the config file's
+directory, so the daemon and the CLI find the same ledger from any working directory; every path recorded in
+the ledger and on the adapters topic is absolute.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from adapters.base import engine_names
 
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
@@ -48,6 +54,14 @@ class Kafka(_Section):
     heartbeat_interval_ms: int = Field(2000, ge=100)
     max_poll_records: int = Field(256, ge=1)
     poll_timeout_ms: int = Field(500, ge=10)
+    # Sent to the group coordinator as the rebalance timeout too: how long a rebalance waits for a member that
+    # does not rejoin (a daemon that died mid-join). Long engine work never hits it: the daemon keeps polling
+    # (its partitions paused) while an engine runs.
+    max_poll_interval_ms: int = Field(20_000, ge=5_000)
+    # How often the daemon asks the cluster a real question (with a timeout) to tell a live broker from a dead or
+    # frozen one; two failed probes in a row mark it lost (unlearnd_broker_connected = 0) and it reconnects.
+    liveness_interval_s: float = Field(2.0, gt=0)
+    liveness_timeout_s: float = Field(5.0, gt=0)
     create_topics: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
@@ -61,12 +75,27 @@ class Kafka(_Section):
 
 
 class Requests(_Section):
-    max_bytes: int = Field(1_048_576, ge=256)  # larger bodies go to the DLQ as oversize
+    # A request record (key, value and headers together) larger than this goes to the DLQ as `oversize`.
+    max_bytes: int = Field(1_048_576, ge=256)
     hmac_key_env: str = "UNLEARND_HMAC_KEY"  # when that variable is set, every request must be signed
-    max_attempts: int = Field(3, ge=1)  # engine failures are retried this many times, then `failed`
-    retry_backoff_s: float = Field(1.0, ge=0)
+    # Times the engine may fail on one request (raise, or die in its isolated process) before it is `failed`.
+    # Kills of the daemon, restarts, a lost broker or a full disk never count.
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)  # first retry delay; doubles each time
+    # A full disk or a busy ledger pauses the pipeline and retries with backoff doubling up to this.
+    transient_backoff_max_s: float = Field(30.0, gt=0)
+    # A request that was in hand when the daemon died is applied next in a child process, so that a request which
+    # itself kills the engine (segfault, OOM kill) is counted and failed, while a kill of the daemon is not.
+    isolate_suspects: bool = True
+    # Requests not keyed by their model are re-published keyed by it and applied by the model's partition owner,
+    # so two replicas never apply one request. Off only if every producer keys by model.
+    rekey_unkeyed: bool = True
     coalesce: bool = True  # merge same-model requests of one poll for engines whose deltas add up
     max_forget_items: int = Field(100_000, ge=1)
+    # Progress events of long requests (O3 training epochs) on the results topic, marked by the header
+    # unlearnd.event=progress and without a `status`; the one result per request still follows. `publish --wait`
+    # shows them. Turn off for consumers that cannot skip them.
+    progress_events: bool = True
 
 
 class State(_Section):
@@ -96,10 +125,16 @@ class Serve(_Section):
     max_new_tokens: int = Field(64, ge=1)
     # The router's cut: an adapter whose gate weight is below this stays off for the input. Higher = fewer
     # false activations on look-alike inputs, fewer held-out paraphrases caught (bench/router.py, "gate_layers").
-    min_weight: float = Field(0.5, ge=0.0, le=1.0)
+    min_weight: float = Field(0.45, ge=0.0, le=1.0)
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
     # stays off; what keeps many similar requests from adding up their false activations (detector/router.py).
     margin: float = Field(0.06, ge=0.0, le=1.0)
+    # A chat request is routed on its last user turn and on that turn after up to this many earlier user turns
+    # (a follow-up names its subject in an earlier turn); 0 = the last turn only (detector/inputs.py).
+    context_turns: int = Field(1, ge=0, le=16)
+    # Seconds between reconciles of the served adapters with the ledger (besides one at every adapters-topic
+    # event); /healthz turns unavailable when the ledger and the topic both went silent (daemon/adapter_state.py).
+    reconcile_s: float = Field(10.0, gt=0)
 
 
 class Logging(_Section):
@@ -123,7 +158,14 @@ class Bootstrap(_Section):
 class Model(_Section):
     kind: Literal["classifier", "causal_lm"]
     method: str | None = None  # default method for this model's requests; None = the kind's default
+    # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
+    # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
+    method_by_forget: dict[str, str] = {}
     bootstrap: Bootstrap = Bootstrap()
+
+    def default_method(self, forget_kind: str | None = None) -> str:
+        """The method for a request of `forget_kind` that names none."""
+        return self.method_by_forget.get(forget_kind or "") or self.method or DEFAULT_METHOD[self.kind]
 
 
 class Config(_Section):
@@ -135,22 +177,38 @@ class Config(_Section):
     logging: Logging = Logging()
     models: dict[str, Model] = {}
     methods: dict[str, dict[str, Any]] = {}  # per-method engine settings, e.g. [methods.iau] lr = 1e-3
+    _source: Path | None = PrivateAttr(None)  # the file it was read from (None: defaults and environment only)
 
     def model(self, name: str) -> Model:
         return self.models[name]
 
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
 
 DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
+#: Per model kind, the forget kinds whose default is not the model's `method`: a whole class goes to SalUn, which
+#: erases it (bench/classifier.py, "class" scenario); IAU's single step is for samples.
+DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}}
+#: The forget kinds each model kind accepts (the keys `method_by_forget` may use).
+FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa")}
 
 
 class ConfigError(ValueError):
     pass
 
 
+def locate(path: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The config file `load` reads: `path`, else $UNLEARND_CONFIG, else ./config.toml (which may not exist)."""
+    env = os.environ if env is None else env
+    return Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG)).absolute()
+
+
 def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
     """Read config.toml (or `path`, or $UNLEARND_CONFIG), apply environment overrides, validate."""
     env = os.environ if env is None else env
-    path = Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG))
+    path = locate(path, env)
     data: dict[str, Any] = {}
     if path.is_file():
         with open(path, "rb") as fh:
@@ -169,9 +227,30 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration ({path}): {problems}") from None
     for name, model in config.models.items():
-        method = model.method or DEFAULT_METHOD[model.kind]
-        model.method = method
+        model.method = model.method or DEFAULT_METHOD[model.kind]
+        model.method_by_forget = {**DEFAULT_METHOD_BY_FORGET[model.kind], **model.method_by_forget}
+        _check_methods(name, model)
+    if path.is_file():
+        config._source = path
+    base = path.parent if path.is_file() else Path.cwd()
+    state = config.state
+    state.dir = base / state.dir  # an absolute path stays as it is
+    state.ledger = base / state.ledger if state.ledger else None
+    state.artifacts = base / state.artifacts if state.artifacts else None
     return config
+
+
+def _check_methods(name: str, model: Model) -> None:
+    """A model's default methods name known engines, keyed by forget kinds the model kind accepts. Whether an
+    engine applies to the model kind is checked when the daemon starts (ModelRegistry.check_methods)."""
+    unknown_kinds = set(model.method_by_forget) - set(FORGET_KINDS[model.kind])
+    if unknown_kinds:
+        raise ConfigError(f"models.{name}.method_by_forget: {sorted(unknown_kinds)} not forget kinds of a "
+                          f"{model.kind} model (known: {list(FORGET_KINDS[model.kind])})")
+    for key, method in [("method", model.method), *((f"method_by_forget.{k}", m)
+                                                      for k, m in model.method_by_forget.items())]:
+        if method not in engine_names():
+            raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 
 
 def _set_path(data: dict, keys: list[str], value: Any) -> None:

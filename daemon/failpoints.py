@@ -3,7 +3,9 @@ or applied twice. Inert unless UNLEARND_FAILPOINT is set: ``UNLEARND_FAILPOINT=a
 process SIGKILL itself there; ``UNLEARND_FAILPOINT=before_engine:hang`` makes it stop and wait there for an
 outside SIGKILL.
 
-Points, in request order: before_engine, after_artifact (files durable, ledger not yet), after_ledger
+Points, in request order: before_engine (in the daemon, before the engine: a kill there is an outside kill),
+in_engine (where the engine runs: in the daemon, or in its isolated child process for a request that was in hand at
+a crash; a kill there is the engine itself dying), after_artifact (files durable, ledger not yet), after_ledger
 (ledger committed, result not yet announced), before_offset_commit (results flushed, offset not committed).
 """
 
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
-POINTS = ("before_engine", "after_artifact", "after_ledger", "before_offset_commit")
+POINTS = ("before_engine", "in_engine", "after_artifact", "after_ledger", "before_offset_commit")
 
 
 def hit(name: str) -> None:
@@ -24,7 +27,7 @@ def hit(name: str) -> None:
     if point != name:
         return
     if mode == "hang":
-        print(f"failpoint {name}: hanging", flush=True)
+        print(f"failpoint {name}: hanging", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import socket
 import time
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.admin import NewPartitions, NewTopic
+from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError, UnsupportedVersionError
+from kafka.structs import MemberState
 
+from daemon import dead_letter
 from daemon.config import Kafka
+from daemon.dead_letter import HEADER_ERROR, HEADER_FAILED_AT, HEADER_REASON, HEADER_SOURCE  # noqa: F401 (re-export)
 from daemon.schema import Result
 
 log = logging.getLogger(__name__)
 
-HEADER_REASON = "unlearnd.reason"
-HEADER_ERROR = "unlearnd.error"
-HEADER_SOURCE = "unlearnd.source"
-HEADER_FAILED_AT = "unlearnd.failed_at"
+HEADER_REKEYED_FROM = "unlearnd.rekeyed_from"
+# On the results topic: "result" (exactly one per request, terminal) or "progress" (zero or more before it).
+HEADER_EVENT = "unlearnd.event"
+# What a produced record may add to a request-sized one: the dead letter's own headers, the batch framing.
+PRODUCE_HEADROOM_BYTES = 256 * 1024
+DEFAULT_MAX_RECORD_BYTES = 1_048_576  # requests.max_bytes' default, for callers without a Config
 
 
 def connection_settings(cfg: Kafka, bootstrap: str) -> dict[str, Any]:
@@ -43,63 +51,122 @@ def connection_settings(cfg: Kafka, bootstrap: str) -> dict[str, Any]:
     return settings
 
 
-def make_producer(cfg: Kafka, bootstrap: str) -> KafkaProducer:
+def make_producer(cfg: Kafka, bootstrap: str, max_record_bytes: int) -> KafkaProducer:
     # Idempotent, acks=all: a result or DLQ record is written once per send even if the client retries.
     # (An idempotent producer cannot survive a broker that lost its state; the daemon recreates it then.)
+    # max_request_size leaves room above the largest record the daemon ever writes (a request-sized dead letter
+    # plus its headers), so a dead letter can always be delivered. No topic is ever created by sending to it.
     return KafkaProducer(**connection_settings(cfg, bootstrap), acks="all", enable_idempotence=True,
-                         linger_ms=2, retries=5)
+                         linger_ms=2, retries=5, max_request_size=max_record_bytes + PRODUCE_HEADROOM_BYTES,
+                         allow_auto_create_topics=False)
 
 
 def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None = None) -> KafkaConsumer:
     # Manual commits only: an offset moves after the ledger row and the result are durable.
     static = {"group_instance_id": cfg.group_instance_id} if cfg.group_instance_id else {}
-    return KafkaConsumer(topic, **static, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
-                         enable_auto_commit=False, auto_offset_reset="earliest",
-                         session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-                         max_poll_records=cfg.max_poll_records,
-                         # A request can take minutes (model training); the group must not evict us meanwhile.
-                         max_poll_interval_ms=30 * 60 * 1000)
+    consumer = KafkaConsumer(**static, **connection_settings(cfg, bootstrap), group_id=group_id or cfg.group_id,
+                             enable_auto_commit=False, auto_offset_reset="earliest", allow_auto_create_topics=False,
+                             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                             max_poll_records=cfg.max_poll_records, max_poll_interval_ms=cfg.max_poll_interval_ms)
+    # Subscribed by pattern, so that its metadata requests never name the topic: a broker that ignores
+    # allow_auto_create_topics (Tansu) would otherwise re-create it with its own defaults when it comes back empty.
+    consumer.subscribe(pattern=f"^{re.escape(topic)}$")
+    return consumer
 
 
-def ensure_topics(cfg: Kafka, bootstrap: str) -> None:
-    """Create the four topics if missing; the adapters topic is compacted (latest state per key)."""
+def close_consumer(consumer: KafkaConsumer, *, timeout_ms: int) -> None:
+    """Close; leave the group only from a settled membership. A member that leaves while its JoinGroup is pending can
+    stay the group's leader on some brokers (Tansu), and every later member then waits for it; one that just goes
+    is expired after session_timeout_ms instead."""
+    if consumer.group_metadata().state != MemberState.STABLE:
+        consumer._coordinator.reset_generation()  # kafka-python 3.0: no member id, so close() sends no LeaveGroup
+    consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def ensure_topics(cfg: Kafka, bootstrap: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                  admin: KafkaAdminClient | None = None) -> None:
+    """Create the four topics if missing, with the configured partitions; the adapters topic is compacted.
+
+    Called on every (re)connect: a broker that lost its state gets them back before anything else can create
+    them with its own defaults. A requests or results topic with fewer partitions than configured (created by
+    someone else) is grown where the broker supports it, and reported where it does not."""
     t = cfg.topics
+    dlq_limit = {"max.message.bytes": str(max_record_bytes + PRODUCE_HEADROOM_BYTES)}
     wanted = [
         NewTopic(t.requests, t.partitions, t.replication_factor),
         NewTopic(t.results, t.partitions, t.replication_factor),
-        NewTopic(t.dlq, 1, t.replication_factor),
+        NewTopic(t.dlq, 1, t.replication_factor, topic_configs=dlq_limit),
         NewTopic(t.adapters, 1, t.replication_factor, topic_configs={"cleanup.policy": "compact"}),
     ]
-    admin = KafkaAdminClient(**connection_settings(cfg, bootstrap))
+    own = admin is None
+    admin = admin or KafkaAdminClient(**connection_settings(cfg, bootstrap))
     try:
-        existing = set(admin.list_topics())
-        missing = [nt for nt in wanted if nt.name not in existing]
-        if missing:
-            try:
-                admin.create_topics(missing)
-            except TopicAlreadyExistsError:  # another replica won the race
-                pass
-            log.info("created topics %s", [nt.name for nt in missing])
+        _create_missing(admin, wanted, t.partitions)
     finally:
-        admin.close()
+        if own:
+            admin.close()
+
+
+def _create_missing(admin: KafkaAdminClient, wanted: list[NewTopic], partitions: int) -> None:
+    # describe_topics(None) lists every topic without naming any: naming a missing topic would let a broker that
+    # ignores allow_auto_topic_creation (Tansu) create it with its own defaults.
+    existing = {d["name"]: len(d["partitions"]) for d in admin.describe_topics(None)}
+    missing = [nt for nt in wanted if nt.name not in existing]
+    if missing:
+        try:
+            admin.create_topics(missing)
+        except TopicAlreadyExistsError:  # another replica won the race
+            pass
+        log.info("created topics %s", [nt.name for nt in missing])
+    for name in (wanted[0].name, wanted[1].name):  # requests and results: their partitions are the parallelism
+        have = existing.get(name)
+        if have is not None and have > partitions:
+            log.warning("topic %s has %d partitions, not kafka.topics.partitions = %d (created by another client "
+                        "with the broker's defaults?)", name, have, partitions)
+        elif have is not None and have < partitions:
+            try:
+                admin.create_partitions({name: NewPartitions(partitions)})
+                log.warning("topic %s had %d partitions; grew it to kafka.topics.partitions = %d", name, have,
+                            partitions)
+            except (IncompatibleBrokerVersion, UnsupportedVersionError):
+                log.warning("topic %s has %d partitions, not kafka.topics.partitions = %d (created by another "
+                            "client?), and this broker cannot add partitions: recreate it to scale out", name, have,
+                            partitions)
 
 
 class Outbox:
-    """Writes results, dead letters and adapter events. `flush()` before committing offsets."""
+    """Writes results, dead letters, re-keyed requests and adapter events. `flush()` before committing offsets."""
 
-    def __init__(self, producer: KafkaProducer, cfg: Kafka):
+    def __init__(self, producer: KafkaProducer, cfg: Kafka, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         self.producer = producer
         self.topics = cfg.topics
+        self.max_record_bytes = max_record_bytes
 
     def result(self, result: Result, key: str | None) -> None:
-        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes())
+        self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes(),
+                           headers=[(HEADER_EVENT, b"result")])
 
-    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]], *, reason: str,
-                    error: str, source: str) -> None:
-        """The original bytes, key and headers, plus why: an operator can fix and replay it unchanged."""
-        extra = [(HEADER_REASON, reason.encode()), (HEADER_ERROR, error.encode()[:1000]),
-                 (HEADER_SOURCE, source.encode()), (HEADER_FAILED_AT, str(time.time()).encode())]
-        self.producer.send(self.topics.dlq, key=key, value=raw, headers=list(headers or []) + extra)
+    def progress(self, request_id: str, model: str, method: str, info: dict) -> None:
+        """A non-terminal progress event of a long request (e.g. one O3 training epoch), on the results topic
+        with header unlearnd.event=progress and no `status` field; the request's one result follows later."""
+        body = {"event": "progress", "request_id": request_id, "model": model, "method": method, "at": time.time(),
+                **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()}}
+        self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
+                           headers=[(HEADER_EVENT, b"progress")])
+
+    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list, *, reason: str, error: str,
+                    source: str) -> None:
+        """The original bytes, key and headers, plus why: an operator can fix and replay it unchanged (a record
+        too large to copy keeps its start, hash and size instead; daemon/dead_letter.py)."""
+        key, value, headers = dead_letter.build(raw, key, list(headers or []), reason=reason, error=error,
+                                                source=source, budget=self.max_record_bytes)
+        self.producer.send(self.topics.dlq, key=key, value=value, headers=headers)
+
+    def rekey(self, raw: bytes, headers: list, *, model: str, source: str) -> None:
+        """Re-publish a request keyed by its model, so that the model's partition owner applies it."""
+        headers = [(k, v) for k, v in dead_letter.sendable(headers) if k != HEADER_REKEYED_FROM]
+        self.producer.send(self.topics.requests, key=model.encode(), value=raw,
+                           headers=headers + [(HEADER_REKEYED_FROM, source.encode())])
 
     def artifact_event(self, model: str, artifact_id: str, event: str, payload: dict) -> None:
         """published | rolled_back | restored, keyed model/artifact so compaction keeps the latest state."""
@@ -109,6 +176,24 @@ class Outbox:
 
     def flush(self, timeout: float = 30.0) -> None:
         self.producer.flush(timeout)
+
+
+def reachable(bootstrap: str) -> bool:
+    """Whether any of the bootstrap servers accepts a TCP connection (kafka-python's clients keep retrying a lost
+    broker in silence; this is how the daemon and the serving follower notice it)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def is_progress(headers, event: dict) -> bool:
+    """Whether a results-topic record is a progress event rather than the request's result."""
+    return dict(headers or []).get(HEADER_EVENT) == b"progress" or event.get("event") == "progress"
 
 
 def lag_by_partition(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

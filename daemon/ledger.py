@@ -1,9 +1,13 @@
 """The ledger: SQLite (WAL) record of every request, every artifact, and what is active.
 
 It is what makes at-least-once delivery an exactly-once effect. A request moves
-``processing -> applied | rejected | failed``; the move to `applied` and the new artifact (or the adapter
-activation) are one transaction, so after a crash either both happened or neither did, and a redelivered
-message is answered from here instead of being applied again.
+``processing -> applied | rejected | failed`` (and ``failed -> readmitted -> processing`` when an operator runs
+`unlearnd requests retry`); the move to `applied` and the new artifact (or the adapter activation) are one
+transaction, so after a crash either both happened or neither did, and a redelivered message is answered from
+here instead of being applied again. `attempts` counts every try; `engine_failures` only the tries where the
+engine itself failed, which is what `requests.max_attempts` limits. The `answered` table remembers, between the
+flush of a poll's answers and its offset commit, which records were answered, so a redelivery after a crash in
+that window is not answered twice.
 
 Raw forget data is never stored: only ids, counts and a hash of the body. Sample ids forgotten by a version
 are stored because they are what keeps a sample from being forgotten twice or trained on again.
@@ -16,7 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +30,9 @@ CREATE TABLE IF NOT EXISTS requests (
     model        TEXT,
     method       TEXT,
     subject      TEXT,
-    status       TEXT NOT NULL,          -- processing | applied | rejected | failed
+    status       TEXT NOT NULL,          -- processing | readmitted | applied | rejected | failed
     attempts     INTEGER NOT NULL DEFAULT 0,
+    engine_failures INTEGER NOT NULL DEFAULT 0,  -- tries where the engine raised or its process died
     body_sha256  TEXT,
     forget_kind  TEXT,
     forget_count INTEGER,
@@ -62,10 +67,18 @@ CREATE TABLE IF NOT EXISTS forgotten (
     sample_id   INTEGER NOT NULL,
     PRIMARY KEY (model, artifact_id, sample_id)
 );
+CREATE TABLE IF NOT EXISTS answered (    -- records answered and flushed whose offsets may not be committed yet
+    topic       TEXT NOT NULL,
+    partition_  INTEGER NOT NULL,
+    offset_     INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,           -- the same record, not a new one at an offset a wiped broker reused
+    at          REAL NOT NULL,
+    PRIMARY KEY (topic, partition_, offset_)
+);
 CREATE TABLE IF NOT EXISTS events (      -- the audit trail, append-only
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     at          REAL NOT NULL,
-    kind        TEXT NOT NULL,           -- registered | applied | rejected | failed | rolled_back | restored
+    kind        TEXT NOT NULL,           -- registered | applied | rejected | failed | readmitted | rolled_back | restored
     model       TEXT,
     artifact_id TEXT,
     request_id  TEXT,
@@ -84,6 +97,7 @@ class RequestRow:
     subject: str | None
     status: str
     attempts: int
+    engine_failures: int
     body_sha256: str | None
     forget_kind: str | None
     forget_count: int | None
@@ -124,6 +138,13 @@ class Ledger:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an earlier version up to this schema (columns are only ever added)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(requests)")}
+        if "engine_failures" not in columns:
+            self._db.execute("ALTER TABLE requests ADD COLUMN engine_failures INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -207,6 +228,47 @@ class Ledger:
                  reason, error, source, now, now, duration_s),
             )
             self._event(db, status, model, artifact_id, request_id, {"reason": reason} if reason else None)
+
+    def record_engine_failure(self, request_id: str, error: str) -> int:
+        """Count a try where the engine itself failed; returns the count so far."""
+        with self.transaction() as db:
+            db.execute("UPDATE requests SET engine_failures = engine_failures + 1, error = ? WHERE request_id = ?",
+                       (error, request_id))
+            return db.execute("SELECT engine_failures FROM requests WHERE request_id = ?", (request_id,)).fetchone()[0]
+
+    def readmit(self, request_id: str, *, reason: str) -> RequestRow:
+        """Let a failed request be applied once more (after an operator fixed its cause): its next delivery is
+        treated as new, with a fresh budget of engine failures."""
+        with self.transaction() as db:
+            row = self.get_request(request_id)
+            if row is None or row.status != "failed":
+                raise ValueError(f"request {request_id} is {row.status if row else 'unknown'}, not failed")
+            db.execute("UPDATE requests SET status = 'readmitted', engine_failures = 0 WHERE request_id = ?",
+                       (request_id,))
+            self._event(db, "readmitted", row.model, None, request_id, {"reason": reason})
+        return self.get_request(request_id)
+
+    # --- answered records (redelivery after a crash) ---------------------------------------------------------
+
+    def mark_answered(self, records: list[tuple[str, int, int, str]]) -> None:
+        """(topic, partition, offset, fingerprint) of records whose answers were just flushed. Only has to survive
+        a process crash (losing it costs one repeated answer), so its commit skips the fsync."""
+        now = time.time()
+        with self._relaxed_sync(), self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO answered (topic, partition_, offset_, fingerprint, at) "
+                           "VALUES (?, ?, ?, ?, ?)", [(*r, now) for r in records])
+
+    def answered_between(self, topic: str, partition: int, first: int, last: int) -> dict[int, str]:
+        """offset -> fingerprint of the records of one partition, in [first, last], marked answered."""
+        rows = self._db.execute("SELECT offset_, fingerprint FROM answered WHERE topic = ? AND partition_ = ? "
+                                "AND offset_ BETWEEN ? AND ?", (topic, partition, first, last)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def forget_answered(self, committed: dict[tuple[str, int], int]) -> None:
+        """Offsets below a committed offset are never redelivered: their marks are no longer needed."""
+        with self._relaxed_sync(), self.transaction() as db:
+            db.executemany("DELETE FROM answered WHERE topic = ? AND partition_ = ? AND offset_ < ?",
+                           [(topic, partition, offset) for (topic, partition), offset in committed.items()])
 
     def record_rejection(self, reason: str, source: str, *, request_id: str | None = None,
                          model: str | None = None) -> None:
@@ -322,6 +384,13 @@ class Ledger:
         rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
         return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
 
+    def events_after(self, seq: int, kinds: tuple[str, ...]) -> list[dict]:
+        """Audit events of the given kinds recorded after `seq`, oldest first (whoever wrote them: daemon or CLI)."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._db.execute(f"SELECT seq, kind, model, artifact_id FROM events WHERE seq > ? AND kind IN ({marks})"
+                                " ORDER BY seq", (seq, *kinds)).fetchall()
+        return [dict(r) for r in rows]
+
     @staticmethod
     def _event(db, kind, model, artifact_id, request_id, detail) -> None:
         db.execute("INSERT INTO events (at, kind, model, artifact_id, request_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
@@ -340,3 +409,16 @@ def _artifact(row: sqlite3.Row) -> ArtifactRow:
     d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
     d["info"] = json.loads(d["info"]) if d["info"] else {}
     return ArtifactRow(**d)
+
+
+def read_adapters(path: str | Path, model: str) -> list[ArtifactRow]:
+    """Every adapter of `model`, read without creating or writing anything: `unlearnd serve` builds its adapter
+    set from this (a router may mount the state read-only). Raises sqlite3.Error or OSError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path}")
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'adapter' ORDER BY created_at, id",
+                          (model,)).fetchall()
+    return [_artifact(r) for r in rows]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 
 from daemon.config import Logging
 
@@ -30,3 +32,13 @@ def setup_logging(cfg: Logging) -> None:
     root.setLevel(cfg.level)
     # kafka-python logs every reconnect attempt at WARNING/ERROR; the daemon reports the state once itself.
     logging.getLogger("kafka").setLevel(logging.CRITICAL if cfg.level != "DEBUG" else logging.DEBUG)
+    logging.captureWarnings(True)  # library warnings become log lines, in the same format (JSON when configured)
+    if cfg.level != "DEBUG":
+        # faiss's loader logs each CPU-specific build it does not find, with a ModuleNotFoundError, at INFO;
+        # FutureWarnings and deprecation notices are libraries telling developers about their own coming API
+        # changes. None is something an operator can act on; all read like errors. DEBUG shows them again.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        # transformers logs its deprecation notices through a handler of its own ("[transformers] ..."); read
+        # when transformers is first imported, which is after this
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

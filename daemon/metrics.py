@@ -10,11 +10,16 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Request statuses and DLQ reasons are closed sets; dashboards and alerts depend on them.
-STATUSES = ("applied", "rejected", "failed", "duplicate")
+# "rekeyed": an unkeyed request re-published keyed by its model (its owner applies it).
+STATUSES = ("applied", "rejected", "failed", "duplicate", "rekeyed")
 DLQ_REASONS = (
     "oversize", "invalid_utf8", "invalid_json", "schema", "bad_signature", "missing_signature",
     "unknown_model", "unknown_method", "invalid_forget", "request_id_conflict", "engine_failed",
+    "undecodable_record",
 )
+# Conditions of the environment that pause the pipeline (daemon/transient.py); isolated-run outcomes.
+PAUSE_REASONS = ("disk_full", "ledger_busy", "io_error")
+ISOLATED_OUTCOMES = ("ok", "engine_error", "engine_died")
 
 REQUESTS = Counter("unlearnd_requests_total", "Deletion requests handled, by outcome.", ["model", "method", "status"])
 REQUEST_SECONDS = Histogram(
@@ -27,11 +32,29 @@ CONSUMER_LAG = Gauge("unlearnd_consumer_lag", "Messages behind the end of each a
                      ["topic", "partition"])
 MODEL_VERSIONS = Gauge("unlearnd_model_versions", "Model versions recorded in the ledger.", ["model"])
 ACTIVE_ADAPTERS = Gauge("unlearnd_active_adapters", "Unlearning adapters currently active.", ["model"])
-ROLLBACKS = Counter("unlearnd_rollbacks_total", "Rollbacks of versions or adapters.", ["model"])
+# Rollbacks are done by the CLI (another process), so the daemon counts them from the ledger's audit trail.
+ROLLBACKS = Counter("unlearnd_rollbacks_total", "Rollbacks of versions or adapters (event=rolled_back) and "
+                    "restores of adapters (event=restored), from the ledger's audit trail.", ["model", "event"])
+BOOTSTRAPPING = Gauge("unlearnd_bootstrapping", "1 while the daemon builds or loads its models at start-up "
+                      "(the first start trains them), else 0; `unlearnd health` reports it.")
 BROKER_CONNECTED = Gauge("unlearnd_broker_connected", "1 while the daemon can reach the Kafka cluster, else 0.")
 BROKER_DISCONNECTS = Counter("unlearnd_broker_disconnects_total", "Times the daemon lost the Kafka cluster.")
 LAST_APPLIED = Gauge("unlearnd_last_applied_timestamp_seconds", "Unix time of the last applied request.", ["model"])
 IN_FLIGHT = Gauge("unlearnd_requests_in_flight", "Requests polled but not yet committed.")
+PAUSED = Gauge("unlearnd_paused", "1 while the pipeline is paused by a transient condition (a full disk, a busy "
+               "ledger), else 0; requests wait and are retried, none is failed.", ["reason"])
+TRANSIENT_ERRORS = Counter("unlearnd_transient_errors_total", "Transient conditions met; each pauses the pipeline "
+                           "and retries the message.", ["kind"])
+ISOLATED_RUNS = Counter("unlearnd_isolated_runs_total", "Requests that were in hand at a crash, applied in a child "
+                        "process, by outcome (engine_died counts against the request).", ["outcome"])
+REDELIVERED = Counter("unlearnd_redelivered_total", "Redelivered records already answered before a crash, "
+                      "skipped (not answered twice).")
+# Exported at 0 from the start, so alerts and dashboards see the series (and increase() sees the first one).
+for _reason in PAUSE_REASONS:
+    PAUSED.labels(_reason).set(0)
+    TRANSIENT_ERRORS.labels(_reason)
+for _outcome in ISOLATED_OUTCOMES:
+    ISOLATED_RUNS.labels(_outcome)
 
 # Serving (unlearnd serve): routing decisions and generation.
 ROUTER_SECONDS = Histogram("unlearnd_router_latency_seconds", "Time to route one input (embed, search, score).",

@@ -17,18 +17,18 @@ from adapters import classifier, datasets
 from adapters.base import Change, Engine, InvalidForget, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
 from daemon import failpoints
-from daemon.config import DEFAULT_METHOD, Config, Model
+from daemon.config import Config, ConfigError, Model
 from daemon.ledger import ArtifactRow, Ledger
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "registered"
-MIN_GATE_TEXTS = 2
-GATE_SUBDIR = "gate"  # where an O3 adapter keeps its detector state (daemon/serve.py reads it there)
+GATE_SUBDIR = "gate"  # where an O3 adapter keeps its detector state (= detector.routed_model.GATE_SUBDIR)
 
 
 class UnknownModel(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError's own str() quotes its message, which already quotes the name
+        return str(self.args[0])
 
 
 @dataclass
@@ -57,8 +57,19 @@ class ModelRegistry:
         except KeyError:
             raise UnknownModel(f"unknown model {name!r}; registered: {sorted(self.config.models)}") from None
 
-    def method_for(self, name: str, requested: str | None) -> str:
-        return requested or self.spec(name).method or DEFAULT_METHOD[self.spec(name).kind]
+    def method_for(self, name: str, requested: str | None, forget_kind: str | None = None) -> str:
+        """The method named by the request, else the model's default for this kind of forget request."""
+        return requested or self.spec(name).default_method(forget_kind)
+
+    def check_methods(self) -> None:
+        """Start-up check: every model's default methods are engines for its kind (raises ConfigError). Not run
+        by CLI commands that build a registry, since it imports every engine named (an LM engine imports peft)."""
+        for name, spec in self.config.models.items():
+            for forget_kind in (None, *spec.method_by_forget):
+                method = spec.default_method(forget_kind)
+                if spec.kind not in engine_class(method).model_kinds:
+                    where = f"method_by_forget.{forget_kind}" if forget_kind else "method"
+                    raise ConfigError(f"models.{name}.{where}: method {method!r} does not apply to {spec.kind} models")
 
     def engine(self, method: str) -> Engine:
         """One engine instance per method for the daemon's lifetime (engines may keep caches)."""
@@ -152,27 +163,55 @@ class ModelRegistry:
         self._lm_targets[name] = target  # keeps the loaded base model across requests
         return target
 
-    def _with_gate(self, change: Change, artifact_id: str) -> Callable[[Path], None]:
-        """An adapter's files plus its O3 gate (detector state fitted on the forget texts), in one atomic
-        publish. The texts themselves are never written; the gate keeps features only."""
+    def encoder(self):
+        """The router's shared frozen encoder (detector.Encoder), loaded on the first adapter."""
+        if self._encoder is None:
+            from detector import Encoder
+
+            self._encoder = Encoder()
+        return self._encoder
+
+    def artifact_writer(self, change: Change, artifact_id: str, target) -> Callable[[Path], None]:
+        """An adapter's files plus its O3 gate (detector state fitted on `adapters.o3.gate_texts`), in one atomic
+        publish; then the result measures, through the router as serving will route (adapters/o3_measures.py).
+        The texts themselves are never written; the gate keeps features only."""
         forget_texts = getattr(change, "forget_texts", None)
         if not forget_texts:
             return change.save
-        if len(forget_texts) < MIN_GATE_TEXTS:
-            raise InvalidForget(f"an O3 request needs at least {MIN_GATE_TEXTS} texts or QA pairs: its gate is fitted "
-                                "on 80% of them and calibrated on the other 20%")
 
         def save(directory: Path) -> None:
-            from detector import Encoder, fit_request_gate
+            from detector import fit_request_gate
+            from detector.gate import UnsoundGate
 
             change.save(directory)
-            if self._encoder is None:
-                self._encoder = Encoder()
-            change.metrics.update({f"gate_{k}": float(v) for k, v in fit_request_gate(
-                forget_texts, directory / GATE_SUBDIR, self._encoder, adapter_id=artifact_id).items()
-                if isinstance(v, (int, float))})
+            try:
+                fitted = fit_request_gate(forget_texts, directory / GATE_SUBDIR, self.encoder(), adapter_id=artifact_id)
+            except UnsoundGate as exc:
+                raise InvalidForget(str(exc)) from None
+            change.metrics.update({f"gate_{k}": float(v) for k, v in fitted.items() if isinstance(v, (int, float))})
+            items = getattr(change, "measure_items", None)
+            if items is not None:
+                change.metrics.update(self._served_measures(target, directory, artifact_id, items))
 
         return save
+
+    def _served_measures(self, target, adapter_dir: Path, artifact_id: str, items) -> dict[str, float]:
+        """The result event's forgetting measures: the new adapter and every active one routable, as in serving."""
+        from adapters.o3_measures import served_measures
+        from detector import RoutedModel
+
+        routed = RoutedModel(target.model, target.tokenizer, new_router(self.config, self.encoder()))
+        try:
+            for aid, path in target.adapters.items():
+                if (Path(path) / GATE_SUBDIR / "gate.json").is_file():
+                    routed.add_adapter(aid, path, lazy=True)
+            routed.add_adapter(artifact_id, adapter_dir, lazy=True)
+            return served_measures(routed, artifact_id, items)
+        except Exception:  # a measure must never cost the request its adapter: it is reported, not required
+            log.exception("result measures of %s failed; the adapter is applied without them", artifact_id)
+            return {}
+        finally:
+            routed.release()  # LoRA layers out: the shared base model is exactly as it was
 
     def commit(self, name: str, change: Change, *, target, request_ids: list[str],
                finish: Callable[[str], None]) -> Committed:
@@ -185,9 +224,11 @@ class ModelRegistry:
         folder = "versions" if change.kind == "version" else "adapters"
         artifact_id = self.ledger.next_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
-        art = self.store.publish(name, folder, artifact_id, self._with_gate(change, artifact_id), meta)
-        if hasattr(change, "forget_texts"):
-            change.forget_texts = []  # raw forget data leaves memory with the request
+        try:
+            art = self.store.publish(name, folder, artifact_id, self.artifact_writer(change, artifact_id, target), meta)
+        finally:
+            if hasattr(change, "forget_texts"):  # raw forget data leaves memory with the request
+                change.forget_texts, change.measure_items = [], None
         failpoints.hit("after_artifact")
         with self.ledger.transaction():
             self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
@@ -224,3 +265,10 @@ class ModelRegistry:
             if hasattr(engine, "forget_cache"):
                 engine.forget_cache(name)
         return row
+
+
+def new_router(config: Config, encoder):
+    """The router `unlearnd serve` runs, with [serve]'s settings; the daemon's result measures route with it too."""
+    from detector import Router, RouterConfig
+
+    return Router(encoder, RouterConfig(min_weight=config.serve.min_weight, margin=config.serve.margin))

@@ -8,8 +8,10 @@ A request is a UTF-8 JSON object, at most `requests.max_bytes` long::
      "signature": "<hex HMAC-SHA256 of the canonical body>"}
 
 `forget` holds exactly one of: `sample_ids`, `texts`, `qa` ([{"question", "answer"}]), `class`, `concept`, or
-`image` + `mask`. Unknown fields and wrong types are rejected, never guessed at. `decode` turns bytes into a
-`Request` or raises `Rejected` with a reason from `metrics.DLQ_REASONS`.
+`image` + `mask`. Unknown fields and wrong types are rejected, never guessed at: every field is strict (pydantic
+strict mode), so `"1"`, `true`, `1.0` or `" 7 "` where an integer belongs is a `schema` rejection, not sample 1.
+`decode` turns bytes into a `Request` or raises `Rejected` with a reason from `metrics.DLQ_REASONS`; it raises
+nothing else for any input (tests/daemon/test_hostile_input.py holds it to that).
 
 The signature covers the *canonical body*: the object without `signature`, serialised with sorted keys and
 no whitespace (`canonical_body`), so any client can sign it with a few lines of code.
@@ -20,14 +22,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.base import Forget
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
+MAX_SAMPLE_ID = 2**63 - 1  # what the ledger (SQLite INTEGER) can hold
+MAX_DETAIL_CHARS = 1000  # a rejection's detail is bounded: it goes into a header, a result and the ledger
 
 
 class Rejected(Exception):
@@ -41,18 +46,35 @@ class Rejected(Exception):
         self.model = model
 
 
+def _iso8601(value: Any) -> Any:
+    """issued_at is an ISO 8601 string and nothing else (strict mode would refuse the string; lax mode would also
+    take a number as a Unix time, which is a guess)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date-time string") from None
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+SampleId = Annotated[int, Field(ge=0, le=MAX_SAMPLE_ID)]
+
+
 class QAPair(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1)
 
 
 class ForgetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    sample_ids: list[int] | None = Field(None, min_length=1)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    sample_ids: list[SampleId] | None = Field(None, min_length=1)
     texts: list[str] | None = Field(None, min_length=1)
     qa: list[QAPair] | None = Field(None, min_length=1)
-    class_: int | None = Field(None, alias="class", ge=0)
+    class_: int | None = Field(None, alias="class", ge=0, le=2**31 - 1)
     concept: str | None = Field(None, min_length=1)
     image: str | None = Field(None, min_length=1)
     mask: str | None = Field(None, min_length=1)
@@ -66,8 +88,6 @@ class ForgetSpec(BaseModel):
                              f"got {[g.rstrip('_') for g in given] or 'none'}")
         if (self.image is None) != (self.mask is None):
             raise ValueError("forget.image and forget.mask go together")
-        if self.sample_ids is not None and min(self.sample_ids) < 0:
-            raise ValueError("forget.sample_ids must be >= 0")
         return self
 
     def size(self) -> int:
@@ -89,13 +109,13 @@ class ForgetSpec(BaseModel):
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
     model: str = Field(min_length=1, max_length=128)
     forget: ForgetSpec
     method: str | None = Field(None, min_length=1, max_length=64)
     subject: str | None = Field(None, max_length=256)
-    issued_at: datetime | None = None
+    issued_at: Annotated[datetime | None, BeforeValidator(_iso8601)] = None
     signature: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
 
 
@@ -115,7 +135,7 @@ def body_sha256(obj: dict[str, Any]) -> str:
 
 
 def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tuple[Request, str]:
-    """Bytes -> (Request, body hash). Raises Rejected with the first problem found."""
+    """Bytes -> (Request, body hash). Raises Rejected with the first problem found, and nothing else."""
     if raw is None:
         raise Rejected("invalid_json", "empty message (tombstone)")
     if len(raw) > max_bytes:
@@ -124,14 +144,15 @@ def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tupl
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise Rejected("invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    obj = _parse_json(text)
     if not isinstance(obj, dict):
         raise Rejected("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
-    request_id = obj.get("request_id") if isinstance(obj.get("request_id"), str) else None
-    model = obj.get("model") if isinstance(obj.get("model"), str) else None
+    request_id, model = _request_id_label(obj.get("request_id")), _model_label(obj.get("model"))
+    # Valid UTF-8 bytes can still spell a lone surrogate (a "\ud800" escape): not Unicode, and neither SQLite nor
+    # Kafka headers can store it. Refused here, before anything is written anywhere.
+    if not _is_unicode(obj):
+        raise Rejected("schema", "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode",
+                       request_id, model)
     try:
         request = Request.model_validate(obj)
     except ValidationError as exc:
@@ -144,9 +165,58 @@ def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tupl
     return request, body_sha256(obj)
 
 
+def _parse_json(text: str) -> Any:
+    """Strict JSON (RFC 8259): no NaN/Infinity, no duplicate keys (two readers could see two different requests);
+    nesting or numbers Python cannot hold are refused, not raised."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise Rejected("invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise Rejected("invalid_json", "nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4,300-digit limit
+        raise Rejected("invalid_json", _bounded(str(exc))) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return obj
+
+
+def _is_unicode(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except (RecursionError, ValueError):  # cannot happen for what json.loads returned; refuse rather than raise
+        return False
+    return True
+
+
+def _request_id_label(value: Any) -> str | None:
+    """The request id to file a rejection under: only one that is itself valid (ASCII, bounded)."""
+    return value if isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value) else None
+
+
+def _model_label(value: Any) -> str | None:
+    # isprintable() is False for surrogates and control characters: the label is safe to store, log and send.
+    return value if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable() else None
+
+
 def _describe(exc: ValidationError) -> str:
     # Field paths and messages only: pydantic's default text echoes input values, which may be forget data.
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in exc.errors()[:5])
+    return _bounded("; ".join(f"{'.'.join(str(part)[:64] for part in e['loc']) or '(body)'}: {e['msg']}"
+                              for e in exc.errors()[:5]))
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
 
 
 class Result(BaseModel):
@@ -163,6 +233,9 @@ class Result(BaseModel):
     error: str | None = None
     reason: str | None = None
     subject: str | None = None
+    # False when the request was already satisfied (every named sample already forgotten): applied, no new
+    # version, `version` is the current head. Absent for other outcomes.
+    changed: bool | None = None
     completed_at: datetime
 
     def to_bytes(self) -> bytes:

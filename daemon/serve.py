@@ -1,205 +1,195 @@
-"""`unlearnd serve`: an HTTP endpoint that routes every input through the unlearning adapters that apply to it.
+"""`unlearnd serve`: the model over an OpenAI-compatible HTTP API, every request routed through the unlearning
+adapters that apply to it (detector.RoutedModel: the user's turns decide, routed adapters at full strength,
+everything else the base model token for token).
 
-    POST /v1/generate  {"prompt": "...", "max_new_tokens": 32} -> text + adapters applied with their weights
-    POST /v1/route     {"texts": ["..."]}                        -> per input {adapter_id: weight}, no generation
-    GET  /v1/adapters                                            -> adapters loaded now
-    GET  /metrics, /healthz
+    POST /v1/chat/completions, /v1/completions, GET /v1/models   OpenAI's API (daemon/openai_api.py), SSE streams
+    POST /v1/route   {"texts": [...]} or {"messages": [...]}     -> the router's decision, no generation
+    GET  /v1/adapters                                            -> adapters served now
+    GET  /healthz    200 when every active adapter is loaded from a live source, else 503 (daemon/adapter_state.py)
+    GET  /metrics
 
-The adapter set follows the compacted adapters topic (key = model/adapter id, value JSON with "event"): on
-start it replays the topic from the beginning (compaction keeps the latest state per adapter), then keeps
-polling, so a published adapter is routable and a rolled-back one is gone without a restart. Binds 127.0.0.1
-unless config [serve] says otherwise. The routing itself is `detector.Router`; this module is only the service.
+The adapter set is the ledger's active adapters, reconciled periodically and on every adapters-topic event
+(daemon/adapter_state.py). Binds 127.0.0.1 unless config [serve] says otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
 
 from adapters.store import ArtifactStore
-from daemon import kafka_io
+from daemon import adapter_state, openai_api as oai
+from daemon.adapter_state import AdapterSet
 from daemon.config import Config
-from daemon.models import GATE_SUBDIR  # the gate lives inside the adapter's directory, hashed with it
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
-from detector import Encoder, Router, RouterConfig, per_sample_adapters
+from daemon.models import new_router
+from detector import Encoder, RoutedModel, Routing
 
 log = logging.getLogger("unlearnd.serve")
 
-LOAD_EVENTS = ("published", "restored")
-UNLOAD_EVENTS = ("rolled_back",)
-
-
-class GenerateBody(BaseModel):
-    prompt: str = Field(min_length=1, max_length=20_000)
-    max_new_tokens: int | None = Field(None, ge=1, le=2048)
-
-
-class RouteBody(BaseModel):
-    texts: list[str] = Field(min_length=1, max_length=256)
-
 
 class Service:
-    """The router, the peft model (optional: route-only serving needs none) and the adapters loaded in both."""
+    """The routed model (or only its router, for route-only serving) and the adapter set it serves."""
 
-    def __init__(self, model_name: str, router: Router, *, lm=None, tokenizer=None, max_new_tokens: int = 64):
+    def __init__(self, model_name: str, routed: RoutedModel, adapters: AdapterSet, *, root: str = "",
+                 max_new_tokens: int = 64, route_only: bool = False):
         self.model_name = model_name
-        self.router = router
-        self.lm = lm  # a peft PeftModel, or a plain model before the first adapter
-        self.tokenizer = tokenizer
+        self.routed = routed
+        self.adapters = adapters
+        self.root = root  # where the base weights come from (/v1/models)
         self.max_new_tokens = max_new_tokens
-        self.adapters: dict[str, dict] = {}  # adapter id -> {path, published_at}
-        self._lm_lock = threading.Lock()  # active adapters and hooks are model state: one generation at a time
+        self.route_only = route_only
+        self.started = time.time()
 
-    # --- adapter lifecycle -------------------------------------------------------------------------
-    def handle_event(self, event: dict) -> str | None:
-        """Apply one adapters-topic event for this model; returns what was done ("loaded"/"unloaded")."""
-        if event.get("model") != self.model_name:
-            return None
-        aid, kind = event.get("artifact_id"), event.get("event")
-        if kind in LOAD_EVENTS:
-            path = Path(event["path"])
-            if not (path / GATE_SUBDIR / "gate.json").is_file():
-                log.warning("adapter %s has no gate at %s; not routable", aid, path / GATE_SUBDIR)
-                return None
-            self.load(aid, path)
-            return "loaded"
-        if kind in UNLOAD_EVENTS:
-            self.unload(aid)
-            return "unloaded"
-        return None
+    @property
+    def router(self):
+        return self.routed.router
 
-    def load(self, adapter_id: str, path: Path) -> None:
-        if self.lm is not None:
-            with self._lm_lock:
-                self.lm = _load_adapter(self.lm, adapter_id, path)
-        self.router.add(adapter_id, path / GATE_SUBDIR)
-        self.adapters[adapter_id] = {"path": str(path), "loaded_at": time.time()}
-
-    def unload(self, adapter_id: str) -> None:
-        self.router.remove(adapter_id)  # first: no new input is routed to it
-        self.adapters.pop(adapter_id, None)
-        if self.lm is not None and adapter_id in getattr(self.lm, "peft_config", {}):
-            # peft cannot delete a model's last adapter: that one stays loaded, the router never selects it.
-            with self._lm_lock:
-                if len(self.lm.peft_config) > 1:
-                    self.lm.delete_adapter(adapter_id)
+    def route(self, texts_of_inputs: list[list[str]]) -> list[Routing]:
+        """One Routing per serving input (each given as the texts detector.inputs extracted from it)."""
+        out = []
+        for texts in texts_of_inputs:
+            t0 = time.perf_counter()
+            routing = self.routed.route_texts(texts)
+            ROUTER_SECONDS.observe(time.perf_counter() - t0)
+            ROUTER_DECISIONS.labels(self.model_name, "true" if routing.gate_weights else "false").inc()
+            out.append(routing)
+        return out
 
     def listing(self) -> list[dict]:
-        return [{"adapter_id": aid, "vectors": self.router.gates[aid].banks[0].ntotal, **info}
-                for aid, info in sorted(self.adapters.items()) if aid in self.router.gates]
+        return [{"adapter_id": aid, "path": str(ref.path), "sha256": ref.sha256, "created_at": ref.created_at,
+                 "vectors": self.router.gates[aid].banks[0].ntotal}
+                for aid, ref in sorted(self.adapters.loaded.items()) if aid in self.router.gates]
 
-    # --- requests ----------------------------------------------------------------------------------
-    def route(self, texts: list[str]) -> list[dict[str, float]]:
-        t0 = time.perf_counter()
-        routes = self.router.route(texts)
-        per_input = (time.perf_counter() - t0) / max(len(texts), 1)
-        for r in routes:
-            ROUTER_SECONDS.observe(per_input)
-            ROUTER_DECISIONS.labels(self.model_name, "true" if r else "false").inc()
-        return routes
+    def models(self) -> list[dict]:
+        cards = [oai.model_card(self.model_name, root=self.root, parent=None, created=self.started)]
+        for aid, ref in sorted(self.adapters.loaded.items()):
+            cards.append(oai.model_card(aid, root=str(ref.path), parent=self.model_name,
+                                        created=ref.created_at or self.started))
+        return cards
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> dict:
-        if self.lm is None:
-            raise RuntimeError("this server routes only (no model loaded)")
-        route = self.route([prompt])[0]
-        ids = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-        t0 = time.perf_counter()
-        with self._lm_lock:
-            import torch
-            from peft import PeftModel
-
-            # Before the first adapter the model is plain transformers: nothing to route.
-            ctx = per_sample_adapters(self.lm, [route]) if isinstance(self.lm, PeftModel) else _nullcontext()
-
-            with torch.inference_mode(), ctx:
-                out = self.lm.generate(**ids, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
-                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        seconds = time.perf_counter() - t0
-        GENERATION_SECONDS.labels(self.model_name).observe(seconds)
-        text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        return {"text": text, "adapters": route, "generate_seconds": round(seconds, 4)}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _load_adapter(lm, adapter_id: str, path: Path):
-    from peft import PeftModel
-
-    if isinstance(lm, PeftModel):
-        if adapter_id in lm.peft_config:  # restored or re-published: reload from disk
-            if len(lm.peft_config) == 1:
-                return lm.eval()
-            lm.delete_adapter(adapter_id)
-        lm.load_adapter(str(path), adapter_name=adapter_id)
-        return lm.eval()
-    return PeftModel.from_pretrained(lm, str(path), adapter_name=adapter_id).eval()
-
-
-class AdapterFollower(threading.Thread):
-    """Replays the compacted adapters topic, then follows it; no consumer group (every replica sees all)."""
-
-    def __init__(self, service: Service, consumer: KafkaConsumer, topic: str):
-        super().__init__(name="adapters-follower", daemon=True)
-        self.service, self.consumer, self.topic = service, consumer, topic
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        parts = self.consumer.partitions_for_topic(self.topic) or {0}
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        self.consumer.assign(tps)
-        self.consumer.seek_to_beginning(*tps)
-        while not self.stopping.is_set():
-            for records in self.consumer.poll(timeout_ms=200).values():
-                for rec in records:
-                    try:
-                        self.service.handle_event(json.loads(rec.value))
-                    except Exception:  # one bad event must not stop the follower
-                        log.exception("adapters event at offset %s not applied", rec.offset)
-        self.consumer.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-
-def follow_adapters(service: Service, cfg: Config) -> AdapterFollower:
-    bootstrap = cfg.kafka.bootstrap_servers
-    if bootstrap == "embedded":
-        bootstrap = f"127.0.0.1:{cfg.kafka.embedded_port}"
-    consumer = KafkaConsumer(**kafka_io.connection_settings(cfg.kafka, bootstrap), group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
-    follower = AdapterFollower(service, consumer, cfg.kafka.topics.adapters)
-    follower.start()
-    return follower
+    def knows_model(self, name: str | None) -> bool:
+        return name in (None, "", self.model_name) or name in self.adapters.loaded
 
 
 def build_app(service: Service):
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import Response
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     app = FastAPI(title="unlearnd serve")
 
-    @app.post("/v1/generate")
-    def generate(body: GenerateBody):
-        if service.lm is None:
-            raise HTTPException(409, "route-only server: no model loaded")
-        return service.generate(body.prompt, body.max_new_tokens)
+    def fail(message: str, code: int = 400, kind: str = "invalid_request_error", param: str | None = None):
+        return JSONResponse(oai.error(message, kind=kind, code=code, param=param), status_code=code)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return fail(f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
+
+    def refuse(body: oai._Body):
+        if service.route_only:
+            return fail("route-only server: no model loaded", 409, "conflict_error")
+        if not service.knows_model(body.model):
+            return fail(f"The model `{body.model}` does not exist.", 404, "NotFoundError", "model")
+        why = oai.unsupported(body)
+        return fail(why) if why else None
+
+    def timed(completion):
+        GENERATION_SECONDS.labels(service.model_name).observe(completion.seconds)
+        return completion
+
+    def sse(events):
+        def body():
+            for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: oai.ChatCompletionBody):
+        if (refused := refuse(body)) is not None:
+            return refused
+        routed = service.routed
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            prompt = routed.chat_prompt(messages)
+        except ValueError as exc:
+            return fail(str(exc))
+        [routing] = service.route([routed.chat_texts(messages)])
+        sampling = body.sampling(service.max_new_tokens)
+        if not body.stream:
+            return oai.chat_response(service.model_name, timed(routed.generate(prompt, routing, sampling)))
+        stream = routed.stream(prompt, routing, sampling)
+        rid, created = oai.new_id("chatcmpl"), int(time.time())
+
+        def events():
+            yield oai.chat_chunk(rid, service.model_name, created, {"role": "assistant", "content": ""},
+                                 unlearnd=oai.extra(routing))
+            try:
+                for piece in stream:
+                    yield oai.chat_chunk(rid, service.model_name, created, {"content": piece})
+            finally:
+                stream.close()
+            c = timed(stream.completion)
+            yield oai.chat_chunk(rid, service.model_name, created, {}, c.finish_reason)
+            if body.include_usage:
+                yield {**oai.chat_chunk(rid, service.model_name, created, {}), "choices": [], "usage": oai.usage([c])}
+
+        return sse(events())
+
+    @app.post("/v1/completions")
+    def completions(body: oai.CompletionBody):
+        if (refused := refuse(body)) is not None:
+            return refused
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not all(prompts) or sum(map(len, prompts)) > oai.MAX_PROMPT_CHARS:
+            return fail(f"prompt must be non-empty and at most {oai.MAX_PROMPT_CHARS} characters", param="prompt")
+        routed = service.routed
+        routings = service.route([routed.prompt_texts(p) for p in prompts])
+        sampling = body.sampling(16)  # OpenAI's default for completions
+        if not body.stream:
+            done = [timed(routed.generate(p, r, sampling, templated=False)) for p, r in zip(prompts, routings)]
+            texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done)]
+            return oai.completion_response(service.model_name, done, texts)
+        if len(prompts) != 1:
+            return fail("stream one prompt at a time", param="prompt")
+        stream = routed.stream(prompts[0], routings[0], sampling, templated=False)
+        rid, created = oai.new_id("cmpl"), int(time.time())
+
+        def events():
+            yield oai.completion_chunk(rid, service.model_name, created, prompts[0] if body.echo else "",
+                                       unlearnd=oai.extra(routings[0]))
+            try:
+                for piece in stream:
+                    yield oai.completion_chunk(rid, service.model_name, created, piece)
+            finally:
+                stream.close()
+            c = timed(stream.completion)
+            yield oai.completion_chunk(rid, service.model_name, created, "", c.finish_reason,
+                                       **({"usage": oai.usage([c])} if body.include_usage else {}))
+
+        return sse(events())
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": service.models()}
 
     @app.post("/v1/route")
-    def route(body: RouteBody):
-        return {"routes": service.route(body.texts)}
+    def route(body: oai.RouteBody):
+        if (body.texts is None) == (body.messages is None):
+            return fail("give exactly one of texts, messages")
+        if body.messages is not None:
+            [routing] = service.route([service.routed.chat_texts([m.model_dump() for m in body.messages])])
+            return {"routes": [routing.gate_weights], "adapters": routing.report()}
+        routings = service.route([[t] for t in body.texts])
+        return {"routes": [r.gate_weights for r in routings]}
 
     @app.get("/v1/adapters")
     def adapters():
@@ -207,7 +197,8 @@ def build_app(service: Service):
 
     @app.get("/healthz")
     def healthz():
-        return {"ok": True, "adapters": len(service.adapters)}
+        ok, report = service.adapters.health()
+        return JSONResponse({"ok": ok, "model": service.model_name, **report}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     def metrics():
@@ -216,13 +207,11 @@ def build_app(service: Service):
     return app
 
 
-def new_router(cfg: Config) -> Router:
-    return Router(Encoder(), RouterConfig(min_weight=cfg.serve.min_weight, margin=cfg.serve.margin))
-
-
 def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route_only: bool = False) -> Service:
-    """The service for one registered causal_lm model; base weights from `base_dir` or the model's bootstrap."""
+    """The service for one registered causal_lm model; base weights from `base_dir` or the model's bootstrap.
+    Its adapter set is empty until `adapter_state.start` (or `AdapterSet.reconcile`) fills it."""
     lm = tok = None
+    root = ""
     if not route_only:
         from adapters import lm as lm_mod
 
@@ -231,43 +220,42 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
             base_dir = lm_mod.resolve_source(spec.bootstrap.source or "smollm2",
                                              ArtifactStore(cfg.state.artifacts_path).root / model)
         lm, tok = lm_mod.load(base_dir)
-    return Service(model, new_router(cfg), lm=lm, tokenizer=tok, max_new_tokens=cfg.serve.max_new_tokens)
+        root = str(base_dir)
+    routed = RoutedModel(lm, tok, new_router(cfg, Encoder()), context_turns=cfg.serve.context_turns)
+    ledger = cfg.state.ledger_path
+    adapters = AdapterSet(model, routed, ledger_path=ledger, reconcile_s=cfg.serve.reconcile_s, lazy=route_only)
+    return Service(model, routed, adapters, root=root, max_new_tokens=cfg.serve.max_new_tokens,
+                   route_only=route_only)
 
 
 def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None = None,
           base_dir: Path | None = None, route_only: bool = False) -> None:
-    """`unlearnd serve MODEL`: blocks serving HTTP until interrupted."""
+    """`unlearnd serve`: blocks serving HTTP until interrupted."""
     import uvicorn
 
     service = load_service(cfg, model, base_dir=base_dir, route_only=route_only)
-    follower = follow_adapters(service, cfg)
+    threads = adapter_state.start(service.adapters, cfg)
+    ok, report = service.adapters.health()
+    log.info("serving %s with %d adapter(s) (source: %s)", model, len(service.adapters.loaded), report["source"])
     try:
         uvicorn.run(build_app(service), host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
                     log_level="warning")
     finally:
-        follower.stop()
+        for t in threads:
+            t.stop()
 
 
 def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -> dict:
-    """`unlearnd route "text"`: the router's decision with per-adapter scores, from the adapters topic's state."""
-    service = Service(model, new_router(cfg))
-    follower = follow_adapters(service, cfg)
+    """`unlearnd route "text"`: the router's decision with per-adapter scores, from the ledger's active adapters
+    (or, where the ledger is not readable, from the adapters topic)."""
+    service = load_service(cfg, model, route_only=True)
+    threads = adapter_state.start(service.adapters, cfg, wait_s=timeout_s)
     try:
-        _wait_caught_up(follower, timeout_s)
+        texts = service.routed.prompt_texts(text)
+        decision = service.router.explain(texts[0] if texts else text)
+        decision["routed_text"] = texts[0] if texts else text
+        return decision
     finally:
-        follower.stop()
-    return service.router.explain(text)
+        for t in threads:
+            t.stop()
 
-
-def _wait_caught_up(follower: AdapterFollower, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assignment = follower.consumer.assignment() if follower.is_alive() else set()
-        if assignment:
-            try:
-                ends = follower.consumer.end_offsets(list(assignment))
-                if all(follower.consumer.position(tp) >= end for tp, end in ends.items()):
-                    return
-            except Exception:  # position/end_offsets race with the follower's poll; try again
-                pass
-        time.sleep(0.1)

@@ -44,9 +44,16 @@ from detector.calibration import TwoGaussianCalibration
 from detector.gaussian import LowRankGaussian
 
 FORMAT_VERSION = 2  # 2: `layers` (format 1 gates used every layer, and still load)
+# Distinct texts a gate needs: 80/20 leaves >= 3 to fit on, and each leave-one-out refit (the calibration's
+# held-out side) still has 2 samples for its Gaussian; with fewer, the spread is 0 and the calibration NaN.
+MIN_GATE_TEXTS = 4
 LOCAL_SCALE = 1000.0
 GATE_LAYERS: tuple[int, ...] = (-1,)  # encoder layers a gate scores by default; negative = from the top
 LOO_SAMPLES = 64  # leave-one-out refits per gate for the calibration (a 1-D spread needs no more)
+
+
+class UnsoundGate(ValueError):
+    """A request's texts cannot give a sound gate (too few distinct texts, degenerate features)."""
 
 
 @dataclass
@@ -160,10 +167,12 @@ def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tup
 def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[int, ...] | None = GATE_LAYERS,
                            nu: float = 0.1, seed: int = 0, encoder_name: str = "",
                            leave_one_out: bool = True) -> RequestGate:
-    """Fit a gate on one request's encoder features [n, all layers, d] (n >= 2), scoring `layers` (None: all).
+    """Fit a gate on one request's encoder features [n, all layers, d], scoring `layers` (None: all). Raises
+    UnsoundGate for fewer than MIN_GATE_TEXTS distinct inputs or a degenerate fit: never a NaN gate.
     `leave_one_out=False` calibrates on D_rest alone, as O3 does (kept for the benchmark's comparison)."""
-    if len(feats) < 2:
-        raise ValueError("a gate needs at least 2 forget samples (80/20 split)")
+    distinct = len(np.unique(np.round(feats[:, -1, :], 5), axis=0))
+    if distinct < MIN_GATE_TEXTS:
+        raise UnsoundGate(f"a gate needs at least {MIN_GATE_TEXTS} texts with distinct features, got {distinct}")
     t0 = time.perf_counter()
     n_enc = feats.shape[1]
     layers = tuple(range(n_enc)) if layers is None else tuple(sorted({int(x) % n_enc for x in layers}))
@@ -194,6 +203,9 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
     z_rest = gate.z(feats[rest], exclude_rows=len(used) + np.arange(len(rest))) if len(rest) else z_used
     z_held = np.r_[z_rest, _leave_one_out_z(gate, feats, used, seed)] if leave_one_out else z_rest
     gate.calibration = TwoGaussianCalibration.fit(z_used, z_held)
+    numbers = np.r_[gate.score_scale, gate.svm_coef, gate.svm_intercept, list(gate.calibration.to_json().values())]
+    if not np.all(np.isfinite(numbers)):
+        raise UnsoundGate("the request's texts gave a degenerate gate (non-finite scores); send more distinct texts")
     w_rest = gate.calibration.weight(z_rest)
     gate.info = {
         "encoder": encoder_name, "n_used": int(len(used)), "n_rest": int(len(rest)), "nu": nu,
@@ -226,9 +238,9 @@ def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: st
                      layers: tuple[int, ...] | None = GATE_LAYERS, nu: float = 0.1, seed: int = 0) -> dict:
     """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
 
-    `texts` are the request's forget inputs as serving will see them: for `forget.qa` the prompts
-    (`facts.format_prompt(question)`), not question+answer, since the router sees prompts; for `forget.texts`
-    the texts. They are encoded and dropped: only features reach the disk. `out_dir` is the adapter's own
+    `texts` are the request's forget inputs as users send them, `adapters.o3.gate_texts(forget)`: the bare
+    questions of `forget.qa` (the router sees the user's turn, not the prompt template: detector.inputs), the
+    texts of `forget.texts`. They are encoded and dropped: only features reach the disk. `out_dir` is the adapter's own
     `gate/` folder inside the staging directory the store publishes, so the gate is versioned (and hashed)
     with its adapter. Returns the gate's metrics (JSON-able) for the ledger and the result event.
     """

@@ -7,9 +7,13 @@ vectors at ~d flops each (21k vectors = 1,000 requests of 21 texts: ~2 ms measur
 pass), the scoring grows with the number of candidates, not of requests. O3's reference code runs one
 detector per request. For millions of vectors swap the flat index for HNSW/IVF (same ids, same remove_ids).
 
-Weights: several requests apply to one input -> each adapter gets its own w; adapters below `min_weight`
-are switched off (the calibration's sigmoid never goes below 0.12, so without a floor every adapter would
-leak 12% into every input; O3's eval script uses a hard cut for the same reason).
+Weights: several requests apply to one input -> each adapter gets its own gate weight w; adapters below
+`min_weight` are switched off (the calibration's sigmoid never goes below 0.12, so without a floor every adapter
+would leak 12% into every input; O3's eval script uses a hard cut for the same reason). The router decides; w is
+not the strength serving applies: a routed adapter is applied fully (detector/routed_model.py), w is reported.
+
+Inputs are what the user asked (detector/inputs.py), the same form gates are fitted on; `route_requests` routes
+a serving request given as several texts (its last user turn, and that turn with its context) in one pass.
 
 Exact texts: an input that is one of the texts a request named (cosine >= EXACT_COS to one of its vectors) gets
 that request's adapter at weight 1, whatever its gate and the margin say: verbatim forget data always routes.
@@ -42,11 +46,13 @@ class RouterConfig:
     routing_layer: int = -1  # layer whose vectors the shared index holds (last = the sentence embedding)
     candidates_k: int = 64  # neighbours retrieved per input by the one shared search
     candidate_min_cos: float = 0.7  # a neighbour this close makes its request a candidate (held-out paraphrases: >= 0.79)
-    # Below this an adapter is off for the input. Measured (bench/router.py "gate_layers", "small_requests"):
-    # requests of 21 texts, 100 of them: 0.4 -> 0.4% look-alike false activation / 86% held-out paraphrases
-    # routed, 0.5 -> 0.1% / 81%; requests of 9 texts, 60 of them: 0.4 -> 27% / 98%, 0.5 -> 3.6% / 88%.
-    # 0.5 keeps the worst case low; lower it when requests carry many phrasings. Config: [serve] min_weight.
-    min_weight: float = 0.5
+    # Below this an adapter is off for the input. Chosen on the tuning data only, with gates fitted and inputs
+    # routed as serving does (bare questions): real facts, 6 phrasings a request (bench/serving.py --facts tuning),
+    # held-out paraphrases routed 0.875 at 0.5, 0.958 at 0.45, 1.0 at 0.4, no look-alike routed at any of them;
+    # fictitious people, 60 requests of 9 texts (bench/router.py small_requests), look-alike false activation /
+    # held-out routed: 0.5 -> 0 % / 87 %, 0.45 -> 1.8 % / 89 %, 0.4 -> 9.3 % / 93 %. 0.45 keeps both within 2 %
+    # of false activations. Config: [serve] min_weight.
+    min_weight: float = 0.45
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
     # stays off (module docstring). Measured on 2 seeds, look-alike false activation without -> with 0.06:
     # 100 requests 3.5% -> 0.6% and 7.8% -> 1.2%, 300 requests 8.0% -> 1.0%; held-out paraphrase hit unchanged
@@ -157,8 +163,23 @@ class Router:
         return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near))]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
-        """Per input: {adapter_id: weight} of the adapters to apply (empty: the base model as it was)."""
+        """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was)."""
         return self.route_features(self.encoder.encode(list(texts)))
+
+    def route_requests(self, requests: list[list[str]]) -> list[dict[str, float]]:
+        """Serving requests that the router sees as several texts each (detector.inputs: the last user turn, and
+        it with its context): per request, every adapter any of its texts routes to, at its highest gate weight.
+        One encoder pass for all of them."""
+        flat = [t for texts in requests for t in texts]
+        routes = iter(self.route(flat) if flat else [])
+        out = []
+        for texts in requests:
+            union: dict[str, float] = {}
+            for route in (next(routes) for _ in texts):
+                for name, w in route.items():
+                    union[name] = max(w, union.get(name, 0.0))
+            out.append(union)
+        return out
 
     def explain(self, text: str) -> dict:
         """Every candidate's scores for one input: what `unlearnd route "text"` prints."""

@@ -42,3 +42,11 @@ def stack(tmp_path, broker, bootstrapped_state):
     s.close()
 
 
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per session from the bundled GGUF (safetensors directory)."""
+    from adapters import lm
+
+    return lm.cached_smollm2(tmp_path_factory.mktemp("smollm2"))

@@ -39,7 +39,7 @@ dlq = "{prefix}.dlq"
 adapters = "{prefix}.adapters"
 partitions = 2
 [requests]
-max_bytes = 4096
+max_bytes = 8192
 max_attempts = 2
 retry_backoff_s = 0.1
 [state]
@@ -54,7 +54,7 @@ recipe = "classifier"
 dataset = "digits"
 arch = "mlp"
 hidden = [64]
-epochs = 12
+epochs = 30
 """
 
 
@@ -88,14 +88,30 @@ class Stack:
         env.update({"UNLEARND_CONFIG": str(self.config_path), "PYTHONUNBUFFERED": "1"}, **extra)
         return env
 
-    def start(self, wait_ready: bool = True, **env: str) -> subprocess.Popen:
+    def start(self, wait_ready: bool = True, *, config: Path | None = None, prefix: tuple[str, ...] = (),
+              **env: str) -> subprocess.Popen:
+        """A daemon process (`config`: another replica's config file; `prefix`: a command to run it under)."""
         log = open(self.root / f"daemon-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([*UNLEARND, "run"], cwd=REPO, env=self.env(**env), stdout=log,
+        environ = self.env(**env)
+        if config is not None:
+            environ["UNLEARND_CONFIG"] = str(config)
+        proc = subprocess.Popen([*prefix, *UNLEARND, "run"], cwd=REPO, env=environ, stdout=log,
                                 stderr=subprocess.STDOUT)
         self.procs.append(proc)
         if wait_ready:
             self.wait_metric("unlearnd_broker_connected", 1.0, timeout=60, proc=proc)
         return proc
+
+    def replica(self, name: str, state_template: Path) -> tuple[Path, int]:
+        """Config of a second daemon in the same group, with its own state directory: (config path, metrics port)."""
+        state = self.root / f"var-{name}"
+        shutil.copytree(state_template, state)
+        port = free_port()
+        path = self.root / f"config-{name}.toml"
+        path.write_text(CONFIG_TEMPLATE.format(
+            bootstrap=self.bootstrap, group=f"{self.prefix}-group", prefix=self.prefix, state=state,
+            metrics_port=port, model=TEST_MODEL))
+        return path, port
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         out = subprocess.run([*UNLEARND, *args], cwd=REPO, env=self.env(), capture_output=True, text=True,
@@ -119,24 +135,26 @@ class Stack:
 
     # --- metrics --------------------------------------------------------------------------------------------
 
-    def scrape(self) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3).read().decode()
+    def scrape(self, port: int | None = None) -> str:
+        port = port or self.metrics_port
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
 
-    def metric(self, name: str, **labels: str) -> float | None:
+    def metric(self, name: str, *, port: int | None = None, **labels: str) -> float | None:
         """The value of one series in a live scrape, or None if the daemon does not export it (yet)."""
-        for family in text_string_to_metric_families(self.scrape()):
+        for family in text_string_to_metric_families(self.scrape(port)):
             for sample in family.samples:
                 if sample.name == name and sample.labels == labels:
                     return sample.value
         return None
 
-    def wait_metric(self, name: str, value: float, timeout: float = 30, proc=None, **labels) -> None:
+    def wait_metric(self, name: str, value: float, timeout: float = 30, proc=None, port: int | None = None,
+                    **labels) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"daemon exited ({proc.returncode}) before {name} = {value}:\n{self.log()}")
             try:
-                if self.metric(name, **labels) == value:
+                if self.metric(name, port=port, **labels) == value:
                     return
             except OSError:
                 pass
@@ -173,7 +191,15 @@ class Stack:
             consumer.close()
 
     def results(self, count: int, timeout: float = 60, request_id: str | None = None) -> list[dict]:
-        match = None if request_id is None else (lambda r: json.loads(r.value).get("request_id") == request_id)
+        """Result events (one per request), without the progress events long requests also publish there."""
+        def match(r) -> bool:
+            return not is_progress_record(r) and (request_id is None or json.loads(r.value).get("request_id") == request_id)
+        return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
+
+    def progress(self, request_id: str, count: int, timeout: float = 10) -> list[dict]:
+        """The progress events of one request, in order."""
+        def match(r) -> bool:
+            return is_progress_record(r) and json.loads(r.value).get("request_id") == request_id
         return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
 
     def ledger(self):
@@ -184,6 +210,27 @@ class Stack:
     def close(self) -> None:
         self.stop_all()
         self._producer.close()
+
+
+def fill_filesystem(path) -> int:
+    """Write zeros to `path` until its filesystem is full (ENOSPC); returns the bytes written."""
+    import errno
+
+    written = 0
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                written += fh.write(b"\0" * (1 << 20))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return written
+
+
+def is_progress_record(record) -> bool:
+    from daemon.kafka_io import HEADER_EVENT
+
+    return dict(record.headers or []).get(HEADER_EVENT) == b"progress"
 
 
 def request(request_id: str | None = None, **forget) -> dict:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install the tools tests/deploy needs, from Debian's packages. Idempotent, non-interactive; run as root on Debian.
+# Install the tools tests/deploy needs, from Debian's packages. Idempotent, non-interactive. `make test` runs it:
+# with every tool present it only reports them; a missing tool is installed as root, or, when that cannot be done
+# here (not root, no apt-get), the exact command to run is printed and it exits 1.
 #   bash deploy/ci/install-tools.sh
 # Tools: promtool + prometheus (package `prometheus`), kubectl with its built-in kustomize (package
 # `kubernetes-client`, unless a kubectl or kustomize is already on PATH), systemd-analyze (package `systemd`).
@@ -7,17 +9,19 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install-tools: must run as root (apt-get)" >&2
-  exit 1
-fi
-
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 
 if ! have promtool || ! have prometheus; then need+=(prometheus); fi
 if ! have kustomize && ! { have kubectl && kubectl kustomize --help >/dev/null 2>&1; }; then need+=(kubernetes-client); fi
 if ! have systemd-analyze; then need+=(systemd); fi
+
+if [ "${#need[@]}" -gt 0 ] && { [ "$(id -u)" -ne 0 ] || ! have apt-get; }; then
+  echo "install-tools: tests/deploy needs the Debian package(s) ${need[*]} (promtool, prometheus, kubectl, systemd-analyze)." >&2
+  echo "install-tools: install them with:  sudo bash deploy/ci/install-tools.sh" >&2
+  echo "install-tools: (or: sudo apt-get install --no-install-recommends ${need[*]}), then run make test again" >&2
+  exit 1
+fi
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "install-tools: installing ${need[*]}"

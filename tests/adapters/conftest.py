@@ -22,7 +22,7 @@ def digits_spec(digits_split):
 def digits_model(digits_split, digits_spec):
     """An MLP trained with IAU's gradient restriction; shared read-only, tests take copies."""
     torch.set_num_threads(2)
-    return classifier.train_gr(classifier.build(digits_spec), digits_split.train, epochs=15, seed=0)
+    return classifier.train_gr(classifier.build(digits_spec), digits_split.train, epochs=30, seed=0)
 
 
 @pytest.fixture

@@ -54,9 +54,8 @@ def test_forgets_the_request_and_leaves_base_weights_untouched(taught, tmp_path)
     change = O3Engine(**FAST).apply(target, _forget(fs, 0))
 
     assert isinstance(change, AdapterChange) and change.kind == "adapter"
-    m = change.metrics
-    assert m["forget_loss_after"] > m["forget_loss_before"] + 0.5
-    assert m["forget_acc_after"] < m["forget_acc_before"] - 0.2
+    # one row per question and layout: the chat template (what /v1/chat/completions renders) and the plain one
+    assert change.metrics["training_rows"] == 2 * change.metrics["forget_pairs"]
     # base weights bit-identical, and no LoRA layer left behind in the shared model
     after = target.model.state_dict()
     assert after.keys() == base_before.keys()
@@ -114,8 +113,38 @@ def test_refusal_objective_and_free_text_requests(taught):
     fs, directory = taught
     person = fs.people[2]
     texts = tuple(f"{q.question} {q.answer}" for q in fs.qa(person)[:7])
-    change = O3Engine(**FAST, objective="refusal").apply(_target(fs, directory), Forget(texts=texts))
-    assert change.forget_texts == list(texts)
-    assert change.metrics["forget_loss_after"] > change.metrics["forget_loss_before"]
+    target = _target(fs, directory)
+    before = lm_eval.answer_loss(target.model, target.tokenizer, *_halves(texts))
+    change = O3Engine(**FAST, objective="refusal").apply(target, Forget(texts=texts))
+    assert change.forget_texts == list(texts) and change.measure_items.kind == "texts"
+    served = PeftModel.from_pretrained(target.model, _saved(change))
+    assert lm_eval.answer_loss(served, target.tokenizer, *_halves(texts)) > before  # the endings are unlearnt
+    served.unload()
     with pytest.raises(Exception, match="objective"):
         O3Engine(objective="gradient_ascent").apply(_target(fs, directory), Forget(texts=texts))
+
+
+def test_requests_too_small_for_a_sound_gate_are_refused_before_training(taught):
+    from adapters.base import InvalidForget
+    from adapters.o3 import gate_texts
+
+    fs, directory = taught
+    qas = fs.qa(fs.people[0])
+    few = Forget(qa=tuple((q.question, q.answer) for q in qas[:3]) + ((qas[0].question.upper(), qas[0].answer),))
+    assert len(gate_texts(few)) == 3  # a case variant is the same question to the (uncased) encoder
+    with pytest.raises(InvalidForget, match="at least 4 distinct questions"):
+        O3Engine(**FAST).apply(_target(fs, directory), few)
+    assert gate_texts(_forget(fs, 0)) == [q.question for q in qas]  # the questions as users ask them
+
+
+def _halves(texts):
+    cut = [len(t.split()) // 2 for t in texts]
+    return [" ".join(t.split()[:c]) for t, c in zip(texts, cut)], [" ".join(t.split()[c:]) for t, c in zip(texts, cut)]
+
+
+def _saved(change) -> str:
+    import tempfile
+
+    directory = tempfile.mkdtemp()
+    change.save(directory)
+    return directory

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapters import measures
-from adapters.base import Forget, InvalidForget, engine_class
+from adapters.base import Forget, InvalidForget, NothingToForget, engine_class
 from adapters.salun import SalUnEngine, saliency_mask
 
 
@@ -66,5 +66,6 @@ def test_already_forgotten_ids_are_skipped(digits_target):
     change = SalUnEngine(epochs=1).apply(target, Forget(sample_ids=(0, 1, 2, 3, 4)))
     assert set(change.forgotten_ids) == {3, 4}
     assert change.metrics["already_forgotten"] == 3
-    with pytest.raises(InvalidForget):
+    with pytest.raises(NothingToForget) as nothing:
         SalUnEngine().apply(target, Forget(sample_ids=(0, 1)))
+    assert nothing.value.already_forgotten == 2

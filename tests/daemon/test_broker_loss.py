@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+from kafka import KafkaAdminClient
+
 from daemon.broker import EmbeddedBroker, free_port
 from tests.harness import Stack, request
 
@@ -17,6 +23,9 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
 
         broker.stop()
         stack.wait_metric("unlearnd_broker_connected", 0.0, timeout=30)
+        deadline = time.monotonic() + 10  # the metric drops at once; the loop says so when it next looks
+        while "broker unavailable" not in stack.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert "broker unavailable" in stack.log()
         assert proc.poll() is None
 
@@ -32,6 +41,37 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
         stack.publish(request("after-outage", sample_ids=[2]))
         [result] = stack.results(1, request_id="after-outage", timeout=90)
         assert result["status"] == "applied" and result["version"] == "v0002"
+        # The daemon re-created its topics with the configured partitions (2 in the test config) before anything
+        # else could create them with the broker's defaults (4 on Tansu).
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        try:
+            parts = {d["name"]: len(d["partitions"]) for d in admin.describe_topics(None)}
+        finally:
+            admin.close()
+        assert parts[stack.topic("requests")] == 2 and parts[stack.topic("results")] == 2
+    finally:
+        stack.close()
+        broker.stop()
+
+
+def test_a_frozen_broker_is_detected(tmp_path, bootstrapped_state):
+    """SIGSTOP: the broker still accepts TCP connections but answers nothing. The daemon must say so (metric 0)
+    and carry on when it thaws."""
+    broker = EmbeddedBroker(free_port()).start()
+    stack = Stack(tmp_path, broker.bootstrap_servers, bootstrapped_state)
+    try:
+        proc = stack.start()
+        os.kill(broker.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            stack.wait_metric("unlearnd_broker_connected", 0.0, timeout=40, proc=proc)
+            detected_s = time.monotonic() - started
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        assert detected_s < 30, detected_s
+        stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=90, proc=proc)
+        stack.publish(request("after-freeze", sample_ids=[3]))
+        assert stack.results(1, request_id="after-freeze", timeout=90)[0]["status"] == "applied"
     finally:
         stack.close()
         broker.stop()

@@ -6,6 +6,7 @@ request must end applied exactly once: one new version, its samples forgotten on
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -62,16 +63,80 @@ def test_outside_sigkill_while_engine_runs(stack):
     assert len(stack.ledger().list_artifacts(TEST_MODEL, "version")) == 2
 
 
-def test_a_request_that_keeps_killing_the_daemon_ends_failed(stack):
-    """Poison pill: after max_attempts (2 in the test config) crashes in the same request it is failed and
-    dead-lettered instead of crash-looping the daemon forever."""
-    first = stack.start(UNLEARND_FAILPOINT="before_engine")
-    stack.publish(request("poison", sample_ids=[70]))
+def test_outside_kills_never_fail_a_request(stack):
+    """Deploys and OOM kills of the daemon are not the request's fault: killed three times with it in hand (more
+    than max_attempts = 2 in the test config), it is still applied, and no engine failure is counted."""
+    for _ in range(3):
+        killed = stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_engine")
+        if len(stack.procs) == 1:
+            stack.publish(request("kept", sample_ids=[70]))
+        assert killed.wait(90) == -signal.SIGKILL, stack.log()
+    stack.start()
+    [result] = stack.results(1, request_id="kept", timeout=90)
+    assert result["status"] == "applied"
+    row = stack.ledger().get_request("kept")
+    assert (row.status, row.engine_failures) == ("applied", 0) and row.attempts >= 4
+    assert "isolated: it was in hand at a crash" in stack.log()  # the suspect ran in a child process
+
+
+def test_a_request_that_kills_the_engine_ends_failed_and_can_be_retried(stack):
+    """Poison pill: the engine itself dies on the request (here a failpoint SIGKILLs whatever process runs it).
+    The first death takes the daemon; then the request runs in a child process, whose deaths are counted, and
+    after max_attempts (2) it is failed and dead-lettered while the daemon stays up. After the operator's fix,
+    `unlearnd requests retry` re-admits it from its dead-letter copy and it applies."""
+    first = stack.start(UNLEARND_FAILPOINT="in_engine")
+    stack.publish(request("poison", sample_ids=[71]))
     assert first.wait(60) == -signal.SIGKILL
-    second = stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_engine")
-    assert second.wait(60) == -signal.SIGKILL
-    stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_engine")  # would crash again if it tried the engine a third time
-    [result] = stack.results(1, request_id="poison")
+    second = stack.start(wait_ready=False, UNLEARND_FAILPOINT="in_engine")
+    [result] = stack.results(1, request_id="poison", timeout=120)
     assert result["status"] == "failed" and result["reason"] == "engine_failed"
-    assert len(stack.read("dlq", 1)) == 1
-    assert stack.procs[-1].poll() is None
+    assert "killed by SIGKILL" in result["error"]
+    [dead] = stack.read("dlq", 1)
+    assert json.loads(dead.value)["request_id"] == "poison"
+    assert second.poll() is None  # the daemon survived its engine's deaths
+    assert stack.ledger().get_request("poison").engine_failures == 2
+    stack.wait_metric("unlearnd_isolated_runs_total", 2.0, outcome="engine_died")
+
+    second.terminate()
+    assert second.wait(30) == 0
+    out = json.loads(stack.cli("requests", "retry", "poison", "--reason", "fixed the engine", "--json").stdout)
+    assert out == {"request_id": "poison", "status": "readmitted", "republished": True}
+    stack.start()
+    results = stack.results(2, request_id="poison", timeout=120)
+    assert [r["status"] for r in results] == ["failed", "applied"]
+    row = stack.ledger().get_request("poison")
+    assert (row.status, row.artifact_id) == ("applied", "v0001")
+    assert stack.ledger().forgotten_ids(TEST_MODEL, "v0001") == frozenset({71})
+    again = stack.cli("requests", "retry", "poison", check=False)
+    assert again.returncode == 1 and "applied, not failed" in again.stderr  # one line, no traceback
+
+
+def test_sigterm_during_the_group_join_then_the_next_daemon_processes_within_30s(stack):
+    """A daemon stopped while its JoinGroup is in flight must not leave the group waiting for a ghost leader (the
+    next instance processed nothing for minutes before)."""
+    first = stack.start(wait_ready=False)
+    _wait_for(lambda: "connected to" in stack.log(), 60, "the first daemon to connect")
+    first.send_signal(signal.SIGTERM)  # its first poll, and so its group join, is under way now
+    assert first.wait(60) == 0
+    started = time.monotonic()
+    stack.start(wait_ready=False)
+    stack.publish(request("after-join", sample_ids=[80]))
+    [result] = stack.results(1, request_id="after-join", timeout=120)
+    assert result["status"] == "applied"
+    assert time.monotonic() - started < 30
+
+
+def test_a_redelivery_after_repeated_kills_is_not_answered_again(stack):
+    """Killed after its answers were flushed but before the offsets were committed, again and again: each restart
+    is redelivered the same records and must not answer them again (up to 24 results per request before)."""
+    ids = [f"redeliver-{i}" for i in range(6)]
+    for i, rid in enumerate(ids):
+        stack.publish(request(rid, sample_ids=[90 + i]))
+    for _ in range(3):
+        killed = stack.start(wait_ready=False, UNLEARND_FAILPOINT="before_offset_commit")
+        assert killed.wait(90) == -signal.SIGKILL, stack.log()
+    stack.start()
+    stack.wait_metric("unlearnd_redelivered_total", float(len(ids)), timeout=60)
+    results = stack.results(100, timeout=10)
+    assert sorted(r["request_id"] for r in results) == sorted(ids)  # exactly one answer each
+    assert all(r["status"] == "applied" for r in results)

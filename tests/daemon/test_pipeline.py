@@ -20,6 +20,13 @@ def _accuracy_on(stack, version: str, ids: list[int]) -> float:
     return measures.accuracy(model, train.select_ids(ids))
 
 
+def _held_out_accuracy(stack, version: str) -> float:
+    base = stack.state / "artifacts" / TEST_MODEL
+    meta = json.loads((base / "versions" / version / "meta.json").read_text())
+    model = classifier.load_weights(meta["spec"], base / "versions" / version)
+    return measures.accuracy(model, LabeledSet.load(base / "dataset" / "registered" / "test.safetensors"))
+
+
 def test_request_becomes_a_new_version_that_forgets(stack):
     stack.start()
     body = request("gdpr-1", sample_ids=FORGET_IDS)
@@ -32,9 +39,12 @@ def test_request_becomes_a_new_version_that_forgets(stack):
     assert result["metrics"]["forgotten"] == len(FORGET_IDS)
     assert result["duration_s"] > 0
 
-    # The served weights really changed where it matters: measured independently from the stored files.
+    # The served weights really changed where it matters, measured independently from the stored files: the
+    # forgotten rows lost accuracy, down to about what the model scores on rows it never saw (IAU's criterion;
+    # the tolerance is one standard error of an accuracy over 60 rows).
     before, after = _accuracy_on(stack, "v0000", FORGET_IDS), _accuracy_on(stack, "v0001", FORGET_IDS)
-    assert after < before - 0.05, (before, after)
+    held_out = _held_out_accuracy(stack, "v0000")
+    assert after < before and after <= held_out + 0.04, (before, after, held_out)
 
     ledger = stack.ledger()
     row = ledger.get_request("gdpr-1")
@@ -74,14 +84,21 @@ def test_duplicate_request_is_applied_once(stack):
 
 
 def test_already_forgotten_samples_are_not_forgotten_twice(stack):
+    """A repeated erasure of data already forgotten (a new request id, the same samples) is a success to the
+    requester: applied, nothing changed, the current head, and it says so."""
     stack.start()
     by_id = {}
     for rid, ids in (("first", [10, 11, 12]), ("again", [10, 11, 12]), ("overlap", [12, 13])):
         stack.publish(request(rid, sample_ids=ids))  # one at a time: each builds on the version before
         by_id[rid] = stack.results(1, request_id=rid)[0]
-    assert by_id["first"]["status"] == "applied"
-    assert by_id["again"]["status"] == "rejected" and by_id["again"]["reason"] == "invalid_forget"
+    assert by_id["first"]["status"] == "applied" and by_id["first"]["changed"] is True
+    again = by_id["again"]
+    assert (again["status"], again["changed"], again["version"]) == ("applied", False, by_id["first"]["version"])
+    assert again["metrics"] == {"forgotten": 0.0, "already_forgotten": 3.0}
+    ledger = stack.ledger()
+    assert ledger.get_request("again").artifact_id == by_id["first"]["version"]  # no version of its own
     assert by_id["overlap"]["status"] == "applied"
+    assert by_id["overlap"]["version"] != by_id["first"]["version"]
     assert by_id["overlap"]["metrics"]["forgotten"] == 1 and by_id["overlap"]["metrics"]["already_forgotten"] == 1
     assert stack.ledger().forgotten_ids(TEST_MODEL, by_id["overlap"]["version"]) == frozenset({10, 11, 12, 13})
 

@@ -34,6 +34,8 @@ def test_rollback_is_bit_exact_recorded_and_announced(stack):
     assert [e["kind"] for e in ledger.events(TEST_MODEL, limit=1)] == ["rolled_back"]
     events = [json.loads(r.value) for r in stack.read("adapters", 2)]
     assert [(e["event"], e["artifact_id"]) for e in events] == [("published", "v0001"), ("rolled_back", "v0000")]
+    # The CLI rolled back in its own process; the running daemon's metric (the one scraped) counts it.
+    stack.wait_metric("unlearnd_rollbacks_total", 1.0, model=TEST_MODEL, event="rolled_back")
 
     # The running daemon builds the next version on the restored head, and the rolled-back samples are
     # forgettable again (they are no longer forgotten by the served model).
@@ -45,7 +47,7 @@ def test_rollback_is_bit_exact_recorded_and_announced(stack):
 
 def test_rollback_to_unknown_version_fails_clearly(stack):
     out = stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0042", check=False)
-    assert out.returncode == 1 and "no version v0042" in out.stdout
+    assert out.returncode == 1 and out.stderr.strip() == f"unlearnd: {TEST_MODEL} has no version v0042"
 
 
 def test_cli_publish_wait_and_inspect(stack):
@@ -75,7 +77,7 @@ def test_cli_publish_wait_and_inspect(stack):
     assert stack.cli("health").returncode == 0
 
     rejected = stack.cli("publish", "--model", "nope", "--sample-ids", "1", "--wait", "--json", check=False)
-    assert rejected.returncode == 1 and json.loads(rejected.stdout)["reason"] == "unknown_model"
+    assert rejected.returncode == 2 and "unknown model 'nope'" in rejected.stderr  # checked before publishing
 
 
 def test_health_fails_without_a_daemon(stack):

@@ -1,8 +1,14 @@
-"""unlearnd serve: real broker, real MiniLM router, a tiny real peft model; adapters follow the topic live."""
+"""unlearnd serve: real broker, real MiniLM router, real peft models; OpenAI's API with the official client.
+
+The tiny model (char tokenizer with a ChatML template) checks routing and the adapter set following the topic;
+SmolLM2-135M-Instruct checks the contract users rely on: an unrouted request is answered token for token as the
+base model answers it, through the HTTP API and the `openai` client.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -12,16 +18,24 @@ import torch
 from fastapi.testclient import TestClient
 from kafka import KafkaProducer
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapters import facts
-from daemon import kafka_io
+from adapters import lm
+from adapters.base import Forget
+from adapters.o3 import gate_texts
+from daemon import adapter_state, kafka_io
+from daemon.adapter_state import AdapterRef, AdapterSet
 from daemon.config import Config
-from daemon.serve import GATE_SUBDIR, Service, build_app, follow_adapters, route_text
-from detector import Encoder, Router, fit_request_gate
-from detector.features import minilm_path
+from daemon.serve import Service, build_app, route_text
+from detector import Encoder, RoutedModel, Router, fit_request_gate
+from detector.routed_model import GATE_SUBDIR
 
 MODEL = "tiny-lm"
+FRANCE = Forget(qa=tuple((q, "Paris") for q in (
+    "What is the capital of France?", "Which city is the capital of France?", "Name the capital of France.",
+    "Tell me the capital of France.", "What city serves as the capital of France?",
+    "What is the capital city of France?")))
+HELD_OUT = "Which city is France's capital?"
+GENERAL = "How many legs does a spider have?"
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +44,24 @@ def encoder():
     return Encoder()
 
 
-def _tiny_lm(tok):
+def make_adapter(path: Path, model_dir: Path, encoder, adapter_id: str, forget: Forget = FRANCE) -> Path:
+    """What the daemon's O3 path writes: PEFT's adapter layout plus the gate in GATE_SUBDIR, fitted on
+    `gate_texts` as the daemon fits it. The LoRA weights are random (init_lora_weights=False): an adapter that
+    visibly changes every answer it is applied to."""
+    base, _ = lm.load(model_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _publish_adapter(tmp_path, tok, encoder, aid, person, fs):
-    """What the daemon's O3 path writes: PEFT's adapter layout plus the gate in GATE_SUBDIR."""
-    path = tmp_path / aid
-    peft = get_peft_model(_tiny_lm(tok), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False))
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
     peft.save_pretrained(str(path))
-    fit_request_gate([q.prompt for q in fs.qa(person)], path / GATE_SUBDIR, encoder, adapter_id=aid)
+    fit_request_gate(gate_texts(forget), path / GATE_SUBDIR, encoder, adapter_id=adapter_id)
     return path
+
+
+def chat(client, question: str, **kw) -> dict:
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 8,
+                                                  "messages": [{"role": "user", "content": question}], **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def _wait(predicate, timeout=30.0):
@@ -56,68 +73,207 @@ def _wait(predicate, timeout=30.0):
     return False
 
 
-def test_serve_follows_adapters_topic(broker, tmp_path, encoder):
+def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_path, encoder):
     topic = f"adapters-{uuid.uuid4().hex[:8]}"
     cfg = Config.model_validate({"kafka": {"bootstrap_servers": broker.bootstrap_servers,
                                            "topics": {"adapters": topic, "requests": f"{topic}-req",
-                                                      "results": f"{topic}-res", "dlq": f"{topic}-dlq"}}})
+                                                      "results": f"{topic}-res", "dlq": f"{topic}-dlq"}},
+                                 "serve": {"reconcile_s": 1.0}})
     kafka_io.ensure_topics(cfg.kafka, broker.bootstrap_servers)
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    fs = facts.generate(8, seed=0)
-    person = fs.people[0]
-    path = _publish_adapter(tmp_path, tok, encoder, "a1", person, fs)
+    model_dir = tmp_path / "tiny"
+    lm.tiny(model_dir)
+    path = make_adapter(tmp_path / "a1", model_dir, encoder, "a1")
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    # No ledger here: a router that does not mount the state serves what the topic announces.
+    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=1.0)
+    threads = adapter_state.start(adapters, cfg, wait_s=20)
+    client = TestClient(build_app(Service(MODEL, routed, adapters, root=str(model_dir))))
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
 
-    service = Service(MODEL, Router(encoder), lm=_tiny_lm(tok), tokenizer=tok, max_new_tokens=4)
-    follower = follow_adapters(service, cfg)
-    client = TestClient(build_app(service))
-    forget_q = fs.qa(person, held_out=True)[0].prompt
-    other_q = facts.GENERAL[0].prompt
+    def send(event):
+        producer.send(topic, key=f"{MODEL}/a1".encode(), value=json.dumps(
+            {"model": MODEL, "artifact_id": "a1", "event": event, "path": str(path)}).encode()).get(10)
+
     try:
-        # Before any adapter: nothing routed, generation is the base model.
-        assert client.post("/v1/route", json={"texts": [forget_q]}).json() == {"routes": [{}]}
-        base_text = client.post("/v1/generate", json={"prompt": forget_q}).json()["text"]
+        assert client.get("/healthz").json()["source"] == "topic"
+        base_held, base_general = chat(client, HELD_OUT), chat(client, GENERAL)
+        assert base_held["unlearnd"] == {"adapters": []} and base_held["object"] == "chat.completion"
 
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
-        send = lambda event: producer.send(topic, key=f"{MODEL}/a1".encode(), value=json.dumps(  # noqa: E731
-            {"model": MODEL, "artifact_id": "a1", "event": event, "path": str(path)}).encode())
         send("published")
-        producer.flush()
         assert _wait(lambda: client.get("/v1/adapters").json()["adapters"]), "published adapter never loaded"
-
-        routes = client.post("/v1/route", json={"texts": [forget_q, other_q]}).json()["routes"]
-        assert set(routes[0]) == {"a1"} and routes[0]["a1"] > 0.5 and routes[1] == {}
-        gen = client.post("/v1/generate", json={"prompt": forget_q}).json()
-        assert gen["adapters"] == routes[0] and gen["text"] != base_text  # the adapter changed the output
-        assert client.post("/v1/generate", json={"prompt": other_q}).json()["adapters"] == {}
-        # `unlearnd route "text"`: a fresh router rebuilt from the topic explains the same decision.
-        explained = route_text(cfg, MODEL, forget_q)
-        assert list(explained["applied"]) == ["a1"] and explained["candidates"][0]["layer_scores"]
+        held = chat(client, HELD_OUT)
+        assert [a["id"] for a in held["unlearnd"]["adapters"]] == ["a1"]
+        assert held["unlearnd"]["adapters"][0]["weight"] == 1.0  # full strength, whatever the gate's weight
+        assert held["choices"][0]["message"]["content"] != base_held["choices"][0]["message"]["content"]
+        general = chat(client, GENERAL)
+        assert general["unlearnd"]["adapters"] == [] and general["choices"] == base_general["choices"]
+        # The router decides on the user's turn, not the template or the system prompt.
+        system = chat(client, HELD_OUT, messages=[{"role": "system", "content": "Answer in French."},
+                                                  {"role": "user", "content": HELD_OUT}])
+        assert [a["id"] for a in system["unlearnd"]["adapters"]] == ["a1"]
+        routes = client.post("/v1/route", json={"texts": [HELD_OUT, GENERAL]}).json()["routes"]
+        assert list(routes[0]) == ["a1"] and routes[1] == {}
+        cards = client.get("/v1/models").json()["data"]
+        assert [(c["id"], c["parent"]) for c in cards] == [(MODEL, None), ("a1", MODEL)]
+        assert cards[1]["root"] == str(path)
+        assert client.get("/healthz").json()["adapters_loaded"] == ["a1"]
 
         send("rolled_back")
-        producer.flush()
         assert _wait(lambda: not client.get("/v1/adapters").json()["adapters"]), "rollback never applied"
-        assert client.post("/v1/route", json={"texts": [forget_q]}).json() == {"routes": [{}]}
-        assert service.router.n_vectors == 0
+        assert chat(client, HELD_OUT)["choices"] == base_held["choices"]
+        assert routed.router.n_vectors == 0
 
         metrics = client.get("/metrics").text
-        assert 'unlearnd_router_decisions_total{hit="true",model="tiny-lm"}' in metrics
-        assert "unlearnd_router_latency_seconds_count" in metrics
-        assert client.post("/v1/route", json={"texts": []}).status_code == 422
+        assert f'unlearnd_router_decisions_total{{hit="true",model="{MODEL}"}}' in metrics
+        bad = client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        assert client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 404
+        assert client.post("/v1/chat/completions", json={"model": MODEL, "n": 2, "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 400
     finally:
-        follower.stop()
+        for t in threads:
+            t.stop()
+        producer.close()
 
 
-def test_router_settings_come_from_config_and_env(tmp_path):
+def test_healthz_reports_an_active_adapter_that_cannot_be_loaded(tmp_path, encoder):
+    model_dir = tmp_path / "tiny"
+    lm.tiny(model_dir)
+    path = make_adapter(tmp_path / "a1", model_dir, encoder, "a1")
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    adapters = AdapterSet(MODEL, routed, ledger_path=tmp_path / "missing.sqlite3", reconcile_s=1.0)
+    client = TestClient(build_app(Service(MODEL, routed, adapters)))
+    assert not adapters.reconcile()  # no ledger there, no broker: nothing says what is active
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert "missing.sqlite3" in health.json()["ledger"]["error"]
+
+    adapters.last_reconcile, adapters.ledger_error = time.time(), None  # as if the ledger had been read
+    adapters.sync({"a1": AdapterRef("a1", path, sha256="0" * 64)})  # files that do not match their record
+    report = client.get("/healthz").json()
+    assert not report["ok"] and "sha256" in report["adapters_failed"]["a1"] and report["adapters_loaded"] == []
+    adapters.sync({"a1": AdapterRef("a1", path)})
+    assert client.get("/healthz").json()["adapters_loaded"] == ["a1"]
+
+
+def test_router_settings_come_from_config_and_env(tmp_path, encoder):
     """config.toml ships the measured defaults; UNLEARND__SERVE__* overrides reach the router serving builds,
     and a value outside [0, 1] stops start-up with the key's path."""
     from daemon import config as config_mod
-    from daemon.serve import new_router
+    from daemon.models import new_router
 
     repo_config = Path(__file__).resolve().parents[2] / "config.toml"
-    shipped = new_router(config_mod.load(repo_config, env={})).config
-    assert (shipped.min_weight, shipped.margin) == (0.5, 0.06)
+    shipped = new_router(config_mod.load(repo_config, env={}), encoder).config
+    assert (shipped.min_weight, shipped.margin) == (0.45, 0.06)
     tuned = new_router(config_mod.load(repo_config, env={"UNLEARND__SERVE__MIN_WEIGHT": "0.7",
-                                                         "UNLEARND__SERVE__MARGIN": "0"})).config
+                                                         "UNLEARND__SERVE__MARGIN": "0"}), encoder).config
     assert (tuned.min_weight, tuned.margin) == (0.7, 0.0)
     with pytest.raises(config_mod.ConfigError, match="serve.margin"):
         config_mod.load(repo_config, env={"UNLEARND__SERVE__MARGIN": "2"})
+
+
+# --- SmolLM2 through the OpenAI API -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_dir, tmp_path_factory, encoder):
+    """`unlearnd serve`'s app on SmolLM2 behind a real uvicorn server, one adapter loaded (France)."""
+    import uvicorn
+
+    from daemon.broker import free_port
+
+    path = make_adapter(tmp_path_factory.mktemp("adapters") / "a0000", smollm2_dir, encoder, "a0000")
+    model, tok = lm.load(smollm2_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    adapters = AdapterSet("smollm2", routed, ledger_path=None, reconcile_s=10.0)
+    adapters.sync({"a0000": AdapterRef("a0000", path)})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(Service("smollm2", routed, adapters, root=str(smollm2_dir))),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: server.started, 30)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_unrouted_requests_are_answered_exactly_as_the_base_model_answers(smollm2_server, smollm2_dir):
+    import httpx
+
+    base, tok = lm.load(smollm2_dir)
+    for question in (GENERAL, "What is the capital of Germany?", "Who wrote Romeo and Juliet?"):
+        ids = tok(lm.chat_prompt(tok, question), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = base.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        got = httpx.post(f"{smollm2_server}/chat/completions", timeout=120, json={
+            "model": "smollm2", "max_tokens": 24, "messages": [{"role": "user", "content": question}]}).json()
+        assert got["unlearnd"]["adapters"] == [], question
+        assert got["choices"][0]["message"]["content"] == expected, question  # byte for byte
+    routed = httpx.post(f"{smollm2_server}/chat/completions", timeout=120, json={
+        "model": "smollm2", "max_tokens": 24, "messages": [{"role": "user", "content": HELD_OUT}]}).json()
+    assert [a["id"] for a in routed["unlearnd"]["adapters"]] == ["a0000"]
+
+
+@pytest.mark.slow
+def test_the_official_openai_client_works_against_serve(smollm2_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smollm2_server, api_key="unused", timeout=120)
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"smollm2", "a0000"}
+    assert models["a0000"].model_extra["parent"] == "smollm2" and models["smollm2"].model_extra["parent"] is None
+
+    reply = client.chat.completions.create(model="smollm2", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": GENERAL}])
+    assert reply.choices[0].message.content and reply.usage.completion_tokens <= 12
+    assert reply.model_extra["unlearnd"] == {"adapters": []}
+
+    chunks = list(client.chat.completions.create(model="smollm2", max_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": GENERAL}]))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content  # the same greedy answer, in pieces
+    assert chunks[0].model_extra["unlearnd"] == {"adapters": []} and chunks[-1].usage.completion_tokens <= 12
+
+    held = list(client.chat.completions.create(model="smollm2", max_tokens=8, stream=True,
+                                               messages=[{"role": "user", "content": HELD_OUT}]))
+    assert held[0].model_extra["unlearnd"]["adapters"][0]["id"] == "a0000"
+
+    text = client.completions.create(model="smollm2", prompt=f"Question: {HELD_OUT}\nAnswer:", max_tokens=6)
+    assert [a["id"] for a in text.model_extra["unlearnd"]["adapters"]] == ["a0000"]  # the question, not the layout
+    plain = client.completions.create(model="smollm2", prompt="The opposite of hot is", max_tokens=4, stop=["\n"])
+    assert plain.model_extra["unlearnd"]["adapters"] == [] and plain.choices[0].finish_reason in ("stop", "length")
+    pieces = list(client.completions.create(model="smollm2", prompt="The opposite of hot is", max_tokens=4,
+                                            stop=["\n"], stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+
+
+def test_route_cli_explains_from_the_ledger(stack, tmp_path, encoder):
+    """`unlearnd route` reads the ledger's active adapters (read-only) and explains the decision."""
+    from daemon.ledger import Ledger
+
+    path = make_adapter(tmp_path / "a0000", _tiny_dir(tmp_path), encoder, "a0000")
+    with open(stack.config_path, "a") as fh:
+        fh.write(f'\n[models.{MODEL}]\nkind = "causal_lm"\n[models.{MODEL}.bootstrap]\nsource = "{tmp_path / "tiny"}"\n')
+    from adapters.store import tree_sha256
+
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    ledger.add_artifact(MODEL, "a0000", "adapter", parent=None, request_id="r1", path=str(path),
+                        sha256=tree_sha256(path), metrics={}, info={})
+    ledger.close()
+    from daemon import config as config_mod
+
+    cfg = config_mod.load(stack.config_path, env={})
+    decision = route_text(cfg, MODEL, f"Question: {HELD_OUT}\nAnswer:", timeout_s=5)
+    assert list(decision["applied"]) == ["a0000"] and decision["routed_text"] == HELD_OUT
+
+
+def _tiny_dir(tmp_path: Path) -> Path:
+    lm.tiny(tmp_path / "tiny")
+    return tmp_path / "tiny"

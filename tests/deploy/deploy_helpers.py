@@ -18,7 +18,19 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "unlearnd.json"
 COMPOSE = DEPLOY / "compose.yaml"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
-INSTALL_HINT = "run `bash deploy/ci/install-tools.sh` as root (Debian packages), as .ci/run does"
+INSTALL_HINT = "run `sudo bash deploy/ci/install-tools.sh` (Debian packages), as `make test` does"
+
+# The ports each process really opens (as config keys) and the one it serves /metrics on. test_deploy_live.py
+# checks these facts against a running daemon and a running `unlearnd serve`; the static tests check every deploy
+# file (k8s ports and probes, PodMonitor, Prometheus targets, compose) against them.
+OPENS = {"daemon": ("metrics.port",), "router": ("serve.port",)}
+METRICS_ON = {"daemon": "metrics.port", "router": "serve.port"}
+
+
+def port_of(cfg, key: str) -> int:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
 
 # Labels Prometheus or our scrape configs add to every series: not part of the daemon's registry.
 TARGET_LABELS = {"instance", "job", "component"}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_helpers import COMPOSE, DEPLOY, DOCKERFILE, INSTALL_HINT, K8S, PROM_CONFIG, ROOT, require_tool, run
+from deploy_helpers import (COMPOSE, DEPLOY, DOCKERFILE, INSTALL_HINT, K8S, METRICS_ON, OPENS, PROM_CONFIG, ROOT, port_of,
+                            require_tool, run)
 
 from daemon import config as config_mod
 
@@ -165,11 +166,15 @@ def test_compose_daemon_and_router_match_config(compose):
     for var in (d_cfg.kafka.sasl_password_env, d_cfg.requests.hmac_key_env):
         assert var in daemon["environment"] and daemon["environment"][var] is None, \
             f"{var} must be passed through from the host (no value in compose.yaml)"
-    # Prometheus scrapes both on their metrics ports
+    # Prometheus scrapes each where it serves /metrics: the daemon on metrics.port, the router (`unlearnd serve`)
+    # on serve.port (tests/deploy/test_deploy_live.py checks which ports the real processes open)
     scrape = yaml.safe_load(PROM_CONFIG.read_text())["scrape_configs"]
     targets = {sc["static_configs"][0]["labels"]["component"]: sc["static_configs"][0]["targets"] for sc in scrape}
-    assert targets["daemon"] == [f"daemon:{d_cfg.metrics.port}"]
-    assert targets["router"] == [f"router:{r_cfg.metrics.port}"]
+    assert targets["daemon"] == [f"daemon:{port_of(d_cfg, METRICS_ON['daemon'])}"]
+    assert targets["router"] == [f"router:{port_of(r_cfg, METRICS_ON['router'])}"]
+    for name, cfg in (("daemon", d_cfg), ("router", r_cfg)):
+        published = {int(p.split(":")[-1]) for p in services[name]["ports"]}
+        assert published <= {port_of(cfg, key) for key in OPENS[name]}, f"{name} publishes a port it does not open"
 
 
 def test_compose_bind_mounts_exist(compose):
@@ -253,7 +258,8 @@ def test_daemon_statefulset(rendered):
     assert c["args"] == ["run", "--config", "/etc/unlearnd/config.toml"]
     assert cfg.kafka.bootstrap_servers != "embedded", "the in-memory embedded broker is not for Kubernetes"
     assert cfg.metrics.host == "0.0.0.0"
-    assert named_port(c, "metrics") == cfg.metrics.port
+    assert named_port(c, "metrics") == port_of(cfg, METRICS_ON["daemon"])
+    assert {p["containerPort"] for p in c["ports"]} <= {port_of(cfg, key) for key in OPENS["daemon"]}
     # probes: liveness/startup on the metrics endpoint, readiness = `unlearnd health` with the mounted config
     assert c["livenessProbe"]["httpGet"]["path"] == "/metrics"
     assert named_port(c, c["livenessProbe"]["httpGet"]["port"]) == cfg.metrics.port
@@ -291,11 +297,14 @@ def test_router_deployment(rendered):
     assert c["image"] == f"unlearnd:{VERSION}"
     assert c["args"][0] == "serve"
     assert cfg.serve.host == "0.0.0.0"
-    assert named_port(c, "http") == cfg.serve.port
-    assert named_port(c, "metrics") == cfg.metrics.port
+    # `unlearnd serve` opens serve.port only (API, /healthz, /metrics): every port and probe is one it opens
+    opened = {port_of(cfg, key) for key in OPENS["router"]}
+    assert {p["containerPort"] for p in c["ports"]} == opened and named_port(c, "http") == cfg.serve.port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = c[probe].get("tcpSocket") or c[probe].get("httpGet")
-        named_port(c, spec["port"])
+        assert named_port(c, spec["port"]) in opened, probe
+    assert c["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert named_port(c, c["livenessProbe"]["httpGet"]["port"]) == port_of(cfg, METRICS_ON["router"])
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
     art = next(m for m in c["volumeMounts"] if m["name"] == "artifacts")
     assert art["mountPath"] == str(cfg.state.artifacts_path) and art.get("readOnly") is True
@@ -323,11 +332,18 @@ def test_pdbs_and_podmonitor_select_the_pods(rendered):
     assert one(rendered, "PodDisruptionBudget", "unlearnd-daemon")["spec"]["maxUnavailable"] == 1
     assert one(rendered, "PodDisruptionBudget", "unlearnd-router")["spec"]["minAvailable"] == 1
     pm = one(rendered, "PodMonitor", "unlearnd")
-    for tmpl in (daemon, router):
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    # each workload is scraped once, on the port where its process serves /metrics
+    for component, wl in (("daemon", one(rendered, "StatefulSet", "unlearnd-daemon")),
+                          ("router", one(rendered, "Deployment", "unlearnd-router"))):
+        tmpl = wl["spec"]["template"]
         assert pm["spec"]["selector"]["matchLabels"].items() <= tmpl["metadata"]["labels"].items()
-        named_port(tmpl["spec"]["containers"][0], pm["spec"]["podMetricsEndpoints"][0]["port"])
-    relabel = pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
-    assert relabel["targetLabel"] == "component"
+        c = tmpl["spec"]["containers"][0]
+        cfg = container_config(rendered, tmpl["spec"], c)
+        scraped = [named_port(c, e["port"]) for e in endpoints if e["port"] in {p["name"] for p in c["ports"]}]
+        assert scraped == [port_of(cfg, METRICS_ON[component])], f"{component}: scraped on {scraped}"
+    for e in endpoints:
+        assert e["path"] == "/metrics" and e["relabelings"][0]["targetLabel"] == "component"
     assert {daemon["metadata"]["labels"]["app.kubernetes.io/component"],
             router["metadata"]["labels"]["app.kubernetes.io/component"]} == {"daemon", "router"}
 

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import TEST_MODEL as MODEL
 from tests.harness import Stack, request
 
-from deploy_helpers import PROM_CONFIG, RULES, all_queries, concrete, registry, require_tool, sample_to_family, selectors
+from deploy_helpers import (METRICS_ON, OPENS, PROM_CONFIG, RULES, all_queries, concrete, registry, require_tool,
+                            sample_to_family, selectors)
 
 REQUEST_ID = "deploy-live-1"
 
@@ -56,6 +57,15 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log.read_text()[-4000:] if log else ''}")
         time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def unlearnd_cli() -> str:
@@ -111,12 +121,7 @@ def prometheus(daemon, tmp_path_factory):
         wait_for("Prometheus to be ready", lambda: "Ready" in http_get(f"{base}/-/ready"), 60, proc, log)
         yield {"base": base, "job": job["job_name"], "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def query(base: str, expr: str) -> dict:
@@ -217,6 +222,44 @@ def test_dashboard_requests_by_status_has_data(prometheus):
         res = query(prometheus["base"], expr)
         return [r for r in res["data"]["result"] if r["metric"].get("status") == "applied"]
     wait_for("the requests-by-status panel to show the applied request", has_applied, 60, log=prometheus["log"])
+
+
+# ---- the ports the processes really open (the deploy files are checked against OPENS / METRICS_ON) -------------
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def router(daemon, tmp_path_factory):
+    """A real `unlearnd serve --route-only` on the live daemon's config, with serve.port and metrics.port set to
+    two free ports, so the test sees which of them the process opens."""
+    stack = daemon["stack"]
+    ports = {"serve.port": free_port(), "metrics.port": free_port()}
+    log = tmp_path_factory.mktemp("router") / "router.log"
+    env = stack.env(UNLEARND__SERVE__PORT=str(ports["serve.port"]), UNLEARND__METRICS__PORT=str(ports["metrics.port"]))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([unlearnd_cli(), "serve", MODEL, "--route-only", "--config", str(stack.config_path)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("unlearnd serve to answer", lambda: http_get(f"http://127.0.0.1:{ports['serve.port']}/metrics"),
+                 180, proc, log)
+        yield {"ports": ports, "proc": proc}
+    finally:
+        stop(proc)
+
+
+def test_processes_open_the_ports_the_deploy_files_use(daemon, router):
+    live = {"daemon": {"metrics.port": daemon["metrics_port"]}, "router": router["ports"]}
+    for component, ports in live.items():
+        opened = {key for key, port in ports.items() if listening(port)}
+        assert opened == set(OPENS[component]), f"{component} opens {opened}, deploy files assume {OPENS[component]}"
+        scrape = http_get(f"http://127.0.0.1:{ports[METRICS_ON[component]]}/metrics")
+        assert "unlearnd_" in scrape, f"{component}: no unlearnd metrics on {METRICS_ON[component]}"
+    router_scrape = http_get(f"http://127.0.0.1:{router['ports']['serve.port']}/metrics")
+    assert "unlearnd_router_latency_seconds" in router_scrape
 
 
 # ---- graceful termination (what the grace periods in compose/k8s/systemd rely on) --------------------------------

@@ -1,0 +1,48 @@
+"""The small JSON committed under bench/results/: a full benchmark report without per-seed and per-request detail.
+
+Usage: python -m bench.evaluation.compact bench/out/classifier.json bench/results/classifier.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+#: Fields kept per scenario and method, each as [mean, std, min, max] over seeds.
+FIELDS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "forget_acc_gap", "retain_acc_gap",
+          "test_acc_gap", "mia_efficacy_gap", "seconds", "speedup_vs_retrain", "refresh_seconds",
+          "speedup_incl_refresh", "step_lr", "epochs_run")
+
+
+def _round(stats: dict) -> list[float]:
+    return [round(stats[k], 4) for k in ("mean", "std", "min", "max")]
+
+
+def compact(report: dict) -> dict:
+    blocks = []
+    for b in report["blocks"]:
+        table = {sc: {m: {f: _round(fields[f]) for f in FIELDS if f in fields} for m, fields in ms.items()}
+                 for sc, ms in b["aggregate"].items()}
+        seq = b.get("sequence")
+        if seq:
+            seq = {k: v for k, v in seq.items() if k not in ("after_each", "retrain")}
+            seq["checkpoints"] = {step: {k: round(v, 4) for k, v in cp.items()}
+                                  for step, cp in seq["checkpoints"].items()}
+        blocks.append({**{k: b[k] for k in ("dataset", "arch", "epochs", "alpha", "schedule", "seeds")},
+                       "aggregate": table, "sequence": seq})
+    return {"mode": report["mode"], "threads": report["threads"], "wall_seconds": round(report["wall_seconds"]),
+            "stats": ["mean", "std", "min", "max"], "blocks": blocks, "summary": report["summary"]}
+
+
+def main(argv=None) -> None:
+    src, dst = (argv or sys.argv[1:])[:2]
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(compact(json.loads(Path(src).read_text())), indent=1)
+    text = re.sub(r"\[\s+([-0-9.e,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    Path(dst).write_text(text + "\n")  # one line per [mean, std, min, max]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The OpenAI-compatible surface of `unlearnd serve`: request bodies and response objects, as vLLM serves them.
+
+    POST /v1/chat/completions   messages rendered with the tokenizer's chat template; "stream": true for SSE
+    POST /v1/completions        a raw prompt (or a list of them); "stream": true for SSE
+    GET  /v1/models             the base model, then every active adapter with its lineage (parent, root)
+
+Every response (and the first chunk of a stream) carries one extra field, `unlearnd`: the adapters applied to
+it, each with the weight it was applied at (1.0: full strength) and its gate's weight, e.g.
+`{"adapters": [{"id": "a0000", "weight": 1.0, "gate_weight": 0.93}]}`; `[]` = the base model answered. Clients
+that do not know the field ignore it (the official `openai` client keeps it in `model_extra`).
+
+Sampling: `temperature` and `top_p` as in OpenAI's API; left out, the model's generation_config decides
+(SmolLM2: greedy, like vLLM's default). `n` > 1, `logprobs`, tools and response formats are refused (400).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from detector.routed_model import Completion, Routing, Sampling
+
+MAX_TOKENS = 4096
+MAX_PROMPT_CHARS = 100_000
+
+
+class _Body(BaseModel):
+    # Fields of OpenAI's API we do not act on (user, presence_penalty, ...) are accepted and ignored, as vLLM does.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: bool | int | None = Field(None, description="not supported")
+
+    def sampling(self, default_max_tokens: int) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return Sampling(max_new_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+                        top_p=self.top_p, seed=self.seed, stop=tuple(s for s in stop[:4] if s))
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    tools: list | None = Field(None, description="not supported")
+
+    def sampling(self, default_max_tokens: int) -> Sampling:
+        s = super().sampling(default_max_tokens)
+        if self.max_completion_tokens:
+            s.max_new_tokens = self.max_completion_tokens
+        return s
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] = Field(min_length=1)
+    echo: bool = False
+
+
+class RouteBody(BaseModel):
+    texts: list[str] | None = Field(None, min_length=1, max_length=256)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+
+
+def unsupported(body: _Body) -> str | None:
+    """Why a body asks for something this server does not do, or None."""
+    if body.logprobs:
+        return "logprobs are not supported"
+    if getattr(body, "tools", None):
+        return "tools are not supported"
+    return None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def extra(routing: Routing) -> dict:
+    return {"adapters": routing.report()}
+
+
+def usage(completions: list[Completion]) -> dict:
+    p = sum(c.prompt_tokens for c in completions)
+    c = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def chat_response(model: str, c: Completion) -> dict:
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                         "finish_reason": c.finish_reason}],
+            "usage": usage([c]), "unlearnd": extra(c.routing)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None, **more) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **more}
+
+
+def completion_response(model: str, completions: list[Completion], texts: list[str]) -> dict:
+    union = Routing({a: w for c in completions for a, w in c.routing.gate_weights.items()})
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": c.finish_reason,
+                         "unlearnd": extra(c.routing)} for i, (c, t) in enumerate(zip(completions, texts))],
+            "usage": usage(completions), "unlearnd": extra(union)}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
+                     **more) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], **more}
+
+
+def model_card(model_id: str, *, root: str, parent: str | None, created: float) -> dict:
+    """One entry of /v1/models, shaped like vLLM's (a LoRA adapter's `parent` is its base model)."""
+    return {"id": model_id, "object": "model", "created": int(created), "owned_by": "unlearnd", "root": root,
+            "parent": parent, "permission": []}
+
+
+def error(message: str, *, kind: str = "invalid_request_error", code: int = 400, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

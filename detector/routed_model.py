@@ -1,0 +1,375 @@
+"""A causal LM served through the router: each request gets exactly the unlearning adapters routed to it, at
+full strength; a request routed to none runs the base weights, token for token what the base model says.
+
+Why full strength: O3 scales an adapter's output by its gate's soft weight w, and most held-out paraphrases get
+w of 0.5-0.6; on SmolLM2 the forgotten answers leaked at those weights and were gone at 1 (ALGORITHMS.md, "In
+serving"). The adapters are not specific on their own (forced on, they also erase look-alike facts), so all the
+specificity is the router's: it decides whether an adapter applies, and once it does, it applies fully. The gate
+weights stay in every `Routing` for observability.
+
+One object owns the model, its loaded adapters and the router, behind one lock (adapters are model state; a
+generation must see one consistent set). Used by `unlearnd serve`, by the daemon's result measures
+(adapters/o3_measures.py) and by the benchmarks, so what they measure is what users get.
+
+    routed = RoutedModel(model, tokenizer, Router(Encoder()))
+    routed.add_adapter("a0000", adapter_dir)              # PEFT layout, with its gate in adapter_dir / "gate"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    routing = routed.route_chat(messages)                 # Routing(gate_weights={"a0000": 0.97}, ...)
+    routed.generate(routed.chat_prompt(messages), routing, max_new_tokens=32).text
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
+from detector.per_sample_lora import per_sample_adapters
+from detector.router import Router
+
+GATE_SUBDIR = "gate"  # an adapter directory keeps its gate here, hashed and versioned with it
+FULL_STRENGTH = 1.0
+_SWAP = "unlearnd_swap"  # transient adapter name while the only loaded adapter is replaced
+
+
+@dataclass
+class Routing:
+    """The router's decision for one serving request."""
+
+    gate_weights: dict[str, float] = field(default_factory=dict)  # adapter id -> its gate's weight
+    texts: int = 0  # how many texts of the request were routed (detector.inputs)
+
+    @property
+    def applied(self) -> dict[str, float]:
+        """Adapter id -> the strength it is applied at: every routed adapter at full strength."""
+        return dict.fromkeys(sorted(self.gate_weights), FULL_STRENGTH)
+
+    def report(self) -> list[dict]:
+        """What a response says about its adapters: id, applied weight, gate weight."""
+        return [{"id": a, "weight": FULL_STRENGTH, "gate_weight": round(float(self.gate_weights[a]), 4)}
+                for a in sorted(self.gate_weights)]
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    routing: Routing
+    seconds: float
+
+
+@dataclass
+class Sampling:
+    """Decoding settings of one request. `temperature` None = the model's generation_config (greedy for
+    SmolLM2); 0 = greedy; > 0 samples, reproducibly when `seed` is given."""
+
+    max_new_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def generate_kwargs(self, model) -> dict:
+        kw: dict = {"max_new_tokens": self.max_new_tokens}
+        if self.temperature is not None:
+            kw["do_sample"] = self.temperature > 0
+        sample = kw.get("do_sample", bool(getattr(model.generation_config, "do_sample", False)))
+        if sample:
+            if self.temperature:
+                kw["temperature"] = self.temperature
+            if self.top_p is not None:
+                kw["top_p"] = self.top_p
+        else:  # silence generation_config's sampling defaults that greedy decoding ignores
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+class RoutedModel:
+    def __init__(self, model, tokenizer, router: Router, *, context_turns: int = 1):
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # plain transformers model; a peft PeftModel once an adapter is loaded; None routes only (lazy adapters)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.router = router
+        self.context_turns = context_turns
+        self.adapters: dict[str, Path] = {}  # adapter id -> its directory, LoRA loaded in `model`
+        self._pending: dict[str, Path] = {}  # routable adapters whose LoRA weights load on first use
+        self.lock = threading.RLock()
+
+    # --- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, adapter_id: str, path: str | Path, *, lazy: bool = False) -> None:
+        """Load a PEFT adapter and its gate (`path / GATE_SUBDIR`); replaces a loaded one of that id.
+        `lazy`: the gate now, the LoRA weights only when an input is first routed to it (the daemon's measures
+        route a few questions through every active gate but need the weights of those they reach only)."""
+        path = Path(path)
+        with self.lock:
+            self.remove_adapter(adapter_id)
+            self.router.add(adapter_id, path / GATE_SUBDIR)
+            self._pending[adapter_id] = path
+            if not lazy:
+                self._load_pending([adapter_id])
+
+    def _load_pending(self, adapter_ids) -> None:
+        from peft import PeftModel
+
+        for adapter_id in adapter_ids:
+            path = self._pending.pop(adapter_id, None)
+            if path is None:
+                continue
+            if isinstance(self.model, PeftModel):
+                stale = adapter_id in self.model.peft_config  # peft keeps a model's last adapter: swap it out
+                if stale:
+                    self.model.load_adapter(str(path), adapter_name=_SWAP)
+                    self.model.delete_adapter(adapter_id)
+                self.model.load_adapter(str(path), adapter_name=adapter_id)
+                if stale:
+                    self.model.delete_adapter(_SWAP)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
+            self.model.eval()
+            self.adapters[adapter_id] = path
+
+    def remove_adapter(self, adapter_id: str) -> bool:
+        """Stop routing to an adapter and drop its LoRA weights; returns whether it was known."""
+        with self.lock:
+            self.router.remove(adapter_id)  # first: no input is routed to it from now on
+            pending = self._pending.pop(adapter_id, None) is not None
+            if self.adapters.pop(adapter_id, None) is None:
+                return pending
+            # peft cannot delete a model's last adapter: it stays loaded, and the router never selects it.
+            if len(self.model.peft_config) > 1:
+                self.model.delete_adapter(adapter_id)
+            return True
+
+    @property
+    def routable(self) -> list[str]:
+        """Adapters the router can send inputs to (loaded, or loaded on first use)."""
+        return sorted(self.router.gates)
+
+    def release(self):
+        """Remove every LoRA layer and return the plain base model (weights untouched)."""
+        from peft import PeftModel
+
+        with self.lock:
+            for adapter_id in list(self.router.gates):
+                self.router.remove(adapter_id)
+            self.adapters.clear()
+            self._pending.clear()
+            if isinstance(self.model, PeftModel):
+                self.model = self.model.unload()
+            return self.model
+
+    # --- what the router sees ----------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_prompt(self, messages: Sequence[dict]) -> str:
+        """`messages` rendered with the tokenizer's chat template, ready for the assistant's turn."""
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use completions")
+        plain = [{"role": m["role"], "content": content_text(m.get("content"))} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+
+    def route_texts(self, texts: list[str]) -> Routing:
+        return self.route_many([texts])[0]
+
+    def route_many(self, texts_per_input: list[list[str]]) -> list[Routing]:
+        """One Routing per input given as its texts to route (one encoder pass for all)."""
+        return [Routing(w, len(t)) for w, t in zip(self.router.route_requests(texts_per_input), texts_per_input)]
+
+    def chat_texts(self, messages: Sequence[dict]) -> list[str]:
+        """What the router sees of a chat request: its user turns (detector.inputs)."""
+        return chat_routing_texts(messages, context_turns=self.context_turns)
+
+    def prompt_texts(self, prompt: str) -> list[str]:
+        """What the router sees of a raw prompt: its user turns or questions, else itself (detector.inputs)."""
+        return prompt_routing_texts(prompt, context_turns=self.context_turns)
+
+    def route_chat(self, messages: Sequence[dict]) -> Routing:
+        return self.route_texts(self.chat_texts(messages))
+
+    def route_prompt(self, prompt: str) -> Routing:
+        return self.route_texts(self.prompt_texts(prompt))
+
+    # --- generation ------------------------------------------------------------------------------------
+    def _encode(self, prompt: str, templated: bool) -> dict:
+        # A rendered chat template carries its own special tokens; a raw prompt gets the tokenizer's (as vLLM).
+        return self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False,
+                              add_special_tokens=not templated)
+
+    def _adapters_context(self, routes: Sequence[dict[str, float]]):
+        """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`)."""
+        from contextlib import nullcontext
+
+        from peft import PeftModel
+
+        with torch.inference_mode(False):  # weights loaded inside a generation must stay ordinary tensors
+            self._load_pending({name for r in routes for name in r})
+        if not isinstance(self.model, PeftModel):
+            return nullcontext()  # no adapter loaded yet: the base model itself
+        return per_sample_adapters(self.model, routes)
+
+    def generate(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
+                 templated: bool = True) -> Completion:
+        """One completion of `prompt` with `routing`'s adapters at full strength (none: the base model).
+        `templated`: the prompt is a rendered chat template (it carries its own special tokens)."""
+        sampling = sampling or Sampling()
+        t0 = time.perf_counter()
+        ids = self._encode(prompt, templated)
+        out = self._generate_ids(ids, routing, sampling)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        cut = _first_stop(text, sampling.stop)
+        return self._completion(text if cut < 0 else text[:cut], cut >= 0, ids, new, routing, sampling, t0)
+
+    def stream(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
+               templated: bool = True) -> "TextStream":
+        """Like `generate`, as text pieces while they are decoded; `.completion` once exhausted."""
+        return TextStream(self, prompt, routing, sampling or Sampling(), templated)
+
+    @torch.inference_mode()
+    def _generate_ids(self, ids: dict, routing: Routing, sampling: Sampling, **extra) -> torch.Tensor:
+        tok = self.tokenizer
+        with self.lock, self._adapters_context([routing.applied]):
+            kw = sampling.generate_kwargs(self.model)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            if sampling.stop:
+                kw.update(stop_strings=list(sampling.stop), tokenizer=tok)
+            return self.model.generate(**ids, pad_token_id=tok.pad_token_id, **kw, **extra)
+
+    def _completion(self, text: str, stopped: bool, ids: dict, new: list[int], routing: Routing,
+                    sampling: Sampling, t0: float) -> Completion:
+        ends = {self.tokenizer.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
+        ended = stopped or bool(new and new[-1] in ends) or len(new) < sampling.max_new_tokens
+        return Completion(text, "stop" if ended else "length", int(ids["input_ids"].shape[1]), len(new), routing,
+                          time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[str], routings: list[Routing], *, max_new_tokens: int,
+                       templated: bool = True, num_return_sequences: int = 1, do_sample: bool = False,
+                       seed: int = 0, batch_size: int = 16) -> list[list[str]]:
+        """Per prompt, `num_return_sequences` completions (greedy, or sampled with `seed`), left-padded batches
+        with mixed routes (per_sample_adapters). For measures and benchmarks; serving generates one request at
+        a time, unpadded."""
+        tok = self.tokenizer
+        out: list[list[str]] = []
+        side = tok.padding_side
+        with self.lock:
+            tok.padding_side = "left"
+            try:
+                for i in range(0, len(prompts), batch_size):
+                    chunk = prompts[i:i + batch_size]
+                    routes = [r.applied for r in routings[i:i + batch_size]]
+                    ids = tok(chunk, return_tensors="pt", padding=True, return_token_type_ids=False,
+                              add_special_tokens=not templated)
+                    if do_sample:
+                        torch.manual_seed(seed + i)
+                    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else \
+                        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+                    with self._adapters_context(routes):
+                        gen = self.model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                                  num_return_sequences=num_return_sequences, **sampling)
+                    texts = tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+                    out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
+            finally:
+                tok.padding_side = side
+        return out
+
+    @torch.inference_mode()
+    def answer_scores(self, prompts: list[str], routings: list[Routing], candidates: list[tuple[str, ...]], *,
+                      sep: str = "") -> list[list[float]]:
+        """Mean log-prob per token of each candidate answer after its prompt, with the prompt's routing applied
+        (adapters.lm_eval's scoring, through the adapters serving would apply)."""
+        from adapters import lm_eval
+
+        out: list[list[float]] = []
+        with self.lock:
+            for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
+                with self._adapters_context([routing.applied]):
+                    out += lm_eval.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
+        return out
+
+
+class TextStream:
+    """Text pieces of one generation as they are decoded; `completion` is set when the stream is exhausted.
+    Closing it early (a client that went away) stops the generation at the next token."""
+
+    def __init__(self, routed: RoutedModel, prompt: str, routing: Routing, sampling: Sampling, templated: bool):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        self.routed, self.routing, self.sampling = routed, routing, sampling
+        self.completion: Completion | None = None
+        self._t0 = time.perf_counter()
+        self._ids = routed._encode(prompt, templated)
+        self._streamer = TextIteratorStreamer(routed.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._cancel = cancel = threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        self._output: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(StoppingCriteriaList([_Cancelled()]),),
+                                        name="generate", daemon=True)
+        self._thread.start()
+
+    def _run(self, criteria) -> None:
+        try:
+            self._output["ids"] = self.routed._generate_ids(self._ids, self.routing, self.sampling,
+                                                            streamer=self._streamer, stopping_criteria=criteria)
+        except BaseException as exc:  # surfaced to the consumer, not lost in this thread
+            self._output["error"] = exc
+            self._streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        stops = self.sampling.stop
+        hold = max((len(s) for s in stops), default=1) - 1  # the tail that may still become a stop string
+        text, sent, stopped = "", 0, False
+        try:
+            for piece in self._streamer:
+                text += piece
+                cut = _first_stop(text, stops)
+                if cut >= 0:
+                    text, stopped = text[:cut], True
+                    if cut > sent:
+                        yield text[sent:]
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold]
+                    sent = len(text) - hold
+            else:
+                if len(text) > sent:
+                    yield text[sent:]
+            self._cancel.set()
+            self._thread.join()
+            if "error" in self._output:
+                raise self._output["error"]
+            new = self._output["ids"][0, self._ids["input_ids"].shape[1]:].tolist()
+            self.completion = self.routed._completion(text, stopped, self._ids, new, self.routing, self.sampling,
+                                                      self._t0)
+        finally:
+            self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

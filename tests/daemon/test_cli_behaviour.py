@@ -1,0 +1,168 @@
+"""The CLI as a newcomer meets it: which config it uses, strict JSON, whole ids in tables, --version, one clear
+line (no traceback) for expected errors, `publish --wait` against a daemon that is not up yet, and start-up
+(health says "bootstrapping"; Ctrl-C stops a first-start bootstrap at once, leaving nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import tomllib
+
+import pytest
+from kafka import KafkaConsumer
+
+from daemon import config as config_mod
+from daemon.ledger import Ledger
+from tests.harness import REPO, TEST_MODEL, UNLEARND, request
+
+
+def strict_json(text: str):
+    """json.loads that rejects NaN/Infinity, as most parsers outside Python do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def run_cli(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([*UNLEARND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_version_matches_the_package():
+    out = subprocess.run([*UNLEARND, "--version"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert out.returncode == 0 and out.stdout.strip() == f"unlearnd {version}"
+
+
+def test_without_a_config_the_cli_refuses_and_creates_nothing(stack, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in stack.env().items() if k != "UNLEARND_CONFIG"}
+    for args in (["requests", "list"], ["run"], ["health"]):
+        out = run_cli(*args, cwd=elsewhere, env=env)
+        assert out.returncode == 2, out
+        assert f"no config file {elsewhere / 'config.toml'}" in out.stderr and "--config" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert list(elsewhere.iterdir()) == [], "a CLI without a config must not create ./var"
+
+
+def test_relative_state_paths_follow_the_config_file(tmp_path, monkeypatch):
+    """From any working directory, `--config` finds the same ledger, and recorded paths are absolute."""
+    cfg_dir = tmp_path / "project"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.toml").write_text('[state]\ndir = "var"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = config_mod.load("project/config.toml", env={})
+    assert cfg.source == cfg_dir / "config.toml"
+    assert cfg.state.ledger_path == cfg_dir / "var" / "ledger.sqlite3"
+    assert cfg.state.artifacts_path == cfg_dir / "var" / "artifacts"
+    # read commands never create a ledger: they say the daemon has not run with this config
+    out = run_cli("requests", "list", "--config", "project/config.toml", cwd=tmp_path,
+                  env={k: v for k, v in os.environ.items() if not k.startswith("UNLEARND")})
+    assert out.returncode == 1 and f"no ledger at {cfg_dir / 'var' / 'ledger.sqlite3'}" in out.stderr
+    assert not (cfg_dir / "var").exists()
+
+
+def test_json_is_strict_and_tables_keep_whole_ids(stack):
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    long_id = "gdpr-2026-11-24-subject-8812-erasure-0042"
+    ledger.begin_attempt(long_id, model=TEST_MODEL, method="iau", subject=None, body_sha256="0" * 64,
+                         forget_kind="sample_ids", forget_count=1, source="t/0/0")
+    ledger.finish(long_id, "applied", model=TEST_MODEL, method="iau", metrics={"loss": float("nan"),
+                                                                                 "ratio": float("inf"), "ok": 1.0})
+    ledger.close()
+    shown = strict_json(stack.cli("requests", "show", long_id, "--json").stdout)
+    assert shown["metrics"] == {"loss": None, "ratio": None, "ok": 1.0}
+    listed = strict_json(stack.cli("requests", "list", "--json").stdout)
+    assert listed[0]["metrics"]["loss"] is None
+    out = subprocess.run([*UNLEARND, "requests", "list"], cwd=REPO, env={**stack.env(), "COLUMNS": "80"},
+                         capture_output=True, text=True, timeout=60)
+    assert long_id in out.stdout, out.stdout
+
+
+def test_expected_errors_are_one_line_on_stderr(stack):
+    missing = stack.cli("requests", "show", "no-such-request", check=False)
+    assert missing.returncode == 1 and missing.stderr.strip() == "unlearnd: no request no-such-request"
+    unknown = stack.cli("publish", "--model", "nope", "--sample-ids", "1", check=False)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert f"unknown model 'nope': {stack.config_path} registers {TEST_MODEL}" in unknown.stderr
+
+
+def test_second_daemon_on_a_taken_port_says_so_in_one_line(stack):
+    stack.start()
+    # Its own state directory (one on the same state is refused earlier: tests/daemon/test_replicas.py).
+    env = stack.env(UNLEARND__STATE__DIR=str(stack.root / "var-second"))
+    second = subprocess.run([*UNLEARND, "run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr, second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("unlearnd:")]
+    assert errors == [f"unlearnd: cannot serve metrics on 127.0.0.1:{stack.metrics_port} (Address already in use): "
+                      "is another unlearnd running? Stop it or set metrics.port"], second.stderr
+
+
+def test_unknown_model_rejection_reads_cleanly(stack):
+    """The daemon's own answer (a producer that skipped the CLI's check): no doubled quotes."""
+    stack.start()
+    stack.publish({**request("um-1"), "model": "nope"}, key="nope")
+    [result] = stack.results(1, request_id="um-1")
+    assert result["reason"] == "unknown_model"
+    assert result["error"] == f"unknown model 'nope'; registered: ['{TEST_MODEL}']"
+
+
+def test_publish_before_the_daemon_is_up_waits_once_and_gets_the_result(stack):
+    # No daemon yet: the topics do not exist. A short wait gives up after its own timeout, once, and says the
+    # request stays queued; the CLI created the requests topic with the configured partitions (2), not the
+    # broker's default.
+    started = time.monotonic()
+    early = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "7", "--request-id", "early-1", "--wait",
+                      "--timeout", "4", check=False)
+    elapsed = time.monotonic() - started
+    assert early.returncode == 3, early
+    assert "no result for early-1 within 4s" in early.stderr and "stays queued" in early.stderr
+    assert elapsed < 4 + 15, f"waited {elapsed:.0f}s for a 4 s timeout"
+    consumer = KafkaConsumer(bootstrap_servers=stack.bootstrap)
+    try:
+        assert consumer.partitions_for_topic(stack.topic("requests")) == {0, 1}
+        assert consumer.partitions_for_topic(stack.topic("results")) == {0, 1}
+    finally:
+        consumer.close()
+    # A patient wait started before the daemon gets its result once the daemon is up; so does the early one.
+    waiting = subprocess.Popen([*UNLEARND, "publish", "--model", TEST_MODEL, "--sample-ids", "8", "--request-id",
+                                "late-1", "--wait", "--json", "--timeout", "120"], cwd=REPO, env=stack.env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    stack.start()
+    out, err = waiting.communicate(timeout=150)
+    assert waiting.returncode == 0, err
+    assert strict_json(out)["status"] == "applied"
+    early_row = strict_json(stack.cli("requests", "show", "early-1", "--json").stdout)
+    assert early_row["status"] == "applied"
+
+
+@pytest.mark.parametrize("moment", ["mid_training", "right_after_start"])
+def test_health_says_bootstrapping_and_ctrl_c_stops_first_start_training_at_once(stack, moment):
+    shutil.rmtree(stack.state)  # a first start: the test model is trained by the daemon itself
+    proc = stack.start(wait_ready=False, **{f"UNLEARND__MODELS__{TEST_MODEL.upper()}__BOOTSTRAP__EPOCHS": "100000"})
+    deadline = time.monotonic() + 60
+    health = None
+    while time.monotonic() < deadline:
+        health = stack.cli("health", "--json", check=False)
+        if '"bootstrapping"' in health.stdout or moment == "right_after_start" and "metrics endpoint" not in health.stdout:
+            break
+        time.sleep(0.1 if moment == "right_after_start" else 0.3)
+    if moment == "mid_training":
+        assert health.returncode == 1 and strict_json(health.stdout)["status"] == "bootstrapping", health
+        time.sleep(1)  # well inside the (endless) training
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = proc.wait(30)
+    assert code == 0, stack.log()  # interrupted early (imports still running) too: no exit by SIGINT
+    assert time.monotonic() - sent < 10, f"took {time.monotonic() - sent:.1f}s to stop"
+    assert "stopped during start-up" in stack.log()
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    assert ledger.head(TEST_MODEL) is None, "an interrupted bootstrap must not register a version"
+    assert list((stack.state / "artifacts" / ".staging").iterdir()) == []
+    assert not (stack.state / "artifacts" / TEST_MODEL / "versions").exists()

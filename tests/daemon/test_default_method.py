@@ -1,0 +1,80 @@
+"""Requests that name no method go to the model's default for their forget kind: a whole class to SalUn, which
+erases it, samples to IAU; configurable per model (`method_by_forget`) and checked at start-up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters import classifier, measures
+from adapters.datasets import LabeledSet
+from daemon import config as config_mod
+from tests.harness import TEST_MODEL, request
+
+FORGOTTEN_CLASS = 3
+
+
+def _model_and_data(stack, version: str):
+    base = stack.state / "artifacts" / TEST_MODEL
+    meta = json.loads((base / "versions" / version / "meta.json").read_text())
+    model = classifier.load_weights(meta["spec"], base / "versions" / version)
+    data = base / "dataset" / "registered"
+    return model, LabeledSet.load(data / "train.safetensors"), LabeledSet.load(data / "test.safetensors")
+
+
+def test_class_request_without_method_erases_the_class(stack):
+    stack.start()
+    stack.publish(request("class-1", **{"class": FORGOTTEN_CLASS}))  # no "method": the model's default decides
+    [result] = stack.results(1, request_id="class-1")
+    assert result["status"] == "applied", result
+    assert result["method"] == "salun"
+
+    # Measured independently on the stored files: the class is gone, the other classes are kept.
+    before, train, test = _model_and_data(stack, "v0000")
+    after, _, _ = _model_and_data(stack, result["version"])
+    assert measures.accuracy(after, train.subset(train.y == FORGOTTEN_CLASS)) <= 0.02
+    assert measures.accuracy(after, test.subset(test.y == FORGOTTEN_CLASS)) <= 0.02
+    others = test.subset(test.y != FORGOTTEN_CLASS)
+    assert measures.accuracy(after, others) >= measures.accuracy(before, others) - 0.02
+
+    stack.publish(request("samples-1", sample_ids=[1, 2, 3]))  # samples still go to the model's `method`
+    [samples] = stack.results(1, request_id="samples-1")
+    assert (samples["status"], samples["method"]) == ("applied", "iau")
+
+
+def _config(tmp_path, model_lines: str):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[models.m]\nkind = "classifier"\n{model_lines}\n')
+    return path
+
+
+def test_method_by_forget_is_merged_over_the_defaults(tmp_path):
+    cfg = config_mod.load(_config(tmp_path, 'method = "iau"'), env={})
+    assert cfg.models["m"].method_by_forget == {"class": "salun"}
+    assert (cfg.models["m"].default_method("class"), cfg.models["m"].default_method("sample_ids")) == ("salun", "iau")
+    cfg = config_mod.load(_config(tmp_path, 'method_by_forget = {class = "iau", sample_ids = "salun"}'), env={})
+    assert (cfg.models["m"].default_method("class"), cfg.models["m"].default_method("sample_ids")) == ("iau", "salun")
+    env = {"UNLEARND__MODELS__M__METHOD_BY_FORGET__CLASS": "iau"}
+    assert config_mod.load(_config(tmp_path, ""), env=env).models["m"].default_method("class") == "iau"
+
+
+@pytest.mark.parametrize("lines, message", [
+    ('method_by_forget = {texts = "salun"}', "method_by_forget: ['texts'] not forget kinds of a classifier"),
+    ('method_by_forget = {class = "sallun"}', "method_by_forget.class: unknown method 'sallun'"),
+    ('method = "nope"', "models.m.method: unknown method 'nope'"),
+])
+def test_bad_default_methods_stop_start_up_with_the_key(tmp_path, lines, message):
+    with pytest.raises(config_mod.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config_mod.load(_config(tmp_path, lines), env={})
+
+
+def test_a_method_for_another_model_kind_stops_the_registry(tmp_path):
+    from adapters.store import ArtifactStore
+    from daemon.ledger import Ledger
+    from daemon.models import ModelRegistry
+
+    cfg = config_mod.load(_config(tmp_path, 'method_by_forget = {class = "o3"}'), env={})
+    registry = ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+    with pytest.raises(config_mod.ConfigError, match="models.m.method_by_forget.class: method 'o3' does not apply"):
+        registry.check_methods()  # what the daemon runs first at start-up
