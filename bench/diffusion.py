@@ -19,7 +19,8 @@ Samples: DDIM, guidance and steps as the served measures use them, one fixed see
 "after" differ only by the weights). Timings are CPU seconds (time.process_time) so the ratios survive other
 jobs on the machine; wall seconds and load averages are reported next to them.
 
-Usage: python bench/diffusion.py [--quick] [--out FILE] [--grids DIR] [--threads N]
+Usage: python bench/diffusion.py [--quick] [--out FILE] [--grids DIR] [--threads N] [--train-steps N] [--classes 3,7,1]
+       [--sequence 3,7,1] [--forget-samples N] [--retained-samples N]   (any of the last five: mode "reduced")
 """
 
 from __future__ import annotations
@@ -187,23 +188,52 @@ def summarize(plan, eval_acc, before_eval, scenarios, seq, train) -> dict:
     }
 
 
+def reduced(plan: Plan, args) -> tuple[Plan, str]:
+    """The plan with the command line's reductions, and the mode to report ("quick", "full" or "reduced")."""
+    mode = "quick" if args.quick else "full"
+    ints = lambda text: tuple(int(c) for c in text.split(","))  # noqa: E731
+    changes = {}
+    if args.train_steps:
+        changes["recipe"] = dataclasses.replace(
+            plan.recipe, train=dataclasses.replace(plan.recipe.train, steps=args.train_steps))
+    if args.classes:
+        changes["classes"] = ints(args.classes)
+    if args.sequence:
+        changes["sequence"] = ints(args.sequence)
+    if args.forget_samples:
+        changes["forget_samples"] = args.forget_samples
+    if args.retained_samples:
+        changes["retained_samples"] = args.retained_samples
+    return (dataclasses.replace(plan, **changes), "reduced") if changes else (plan, mode)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny DDPM, one class, two-step sequence (smoke test)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--grids", type=Path, help="write before/after sample grids (PNG) into this directory")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    reduce = parser.add_argument_group("reduced runs (the JSON says mode 'reduced' and records the plan)")
+    reduce.add_argument("--train-steps", type=int, help="DDPM training steps of the original and every retrain")
+    reduce.add_argument("--classes", help="comma-separated classes forgotten one at a time, each against a retrain")
+    reduce.add_argument("--sequence", help="comma-separated classes forgotten one after another")
+    reduce.add_argument("--forget-samples", type=int, help="samples of each forgotten class")
+    reduce.add_argument("--retained-samples", type=int, help="samples of each retained class")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    plan = QUICK if args.quick else FULL
+    plan, mode = reduced(QUICK if args.quick else FULL, args)
     started, load_start = time.perf_counter(), os.getloadavg()
-    report: dict = {"mode": "quick" if args.quick else "full", "threads": args.threads}
+    report: dict = {"mode": mode, "threads": args.threads,
+                    "plan": {"train_steps": plan.recipe.train.steps, "classes": list(plan.classes),
+                             "sequence": list(plan.sequence), "forget_samples": plan.forget_samples,
+                             "retained_samples": plan.retained_samples, "eval_epochs": plan.eval_epochs}}
 
     def checkpoint(stage: str) -> None:
         print(f"# {stage} at {time.perf_counter() - started:.0f}s, load {os.getloadavg()[0]:.1f}", file=sys.stderr,
               flush=True)
         if args.out:  # partial results survive an interrupted run
-            args.out.write_text(json.dumps({**report, "mode": "partial"}, indent=1, default=float))
+            args.out.write_text(json.dumps({**report, "mode": f"partial ({report['mode']})"}, indent=1,
+                                           default=float))
 
     data = datasets.DATASETS[plan.recipe.dataset](seed=plan.recipe.seed)
     spec = dataclasses.replace(plan.recipe.spec, init_seed=plan.recipe.seed)
