@@ -90,7 +90,7 @@ def test_class_request_on_a_diffusion_model_waits_for_bootstrap_forgets_and_roll
     assert result["status"] == "applied", result
     assert result["method"] == "salun" and result["version"] == "v0001"
     m = result["metrics"]
-    assert m["forget_class"] == c and m["forgotten"] > 0 and m["masked_share"] == 0.5
+    assert m["forget_class"] == c and m["forgotten"] > 0 and abs(m["masked_share"] - 0.5) < 0.01
     assert m["UA_after"] > m["UA_before"] and m["forget_loss_after"] < m["forget_loss_before"]
     assert {"retain_acc_before", "retain_acc_after", "forget_acc_after"} <= m.keys()
 
