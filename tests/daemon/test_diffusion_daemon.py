@@ -30,7 +30,8 @@ train = {{ steps = 150, batch_size = 64, warmup_steps = 20 }}
 judge_epochs = 5
 measure = {{ per_class = 8, steps = 5 }}
 [models.{DDPM}.methods.salun]
-steps = 30
+steps = 50
+lr = 1e-3
 batch_size = 16
 measure_per_class = 8
 measure_steps = 5
@@ -98,7 +99,7 @@ def test_class_request_on_a_diffusion_model_waits_for_bootstrap_forgets_and_roll
     assert v1.id == "v0001" and v1.parent == v0.id and v1.request_id == "ddpm-forget"
     v1_dir = stack.state / "artifacts" / DDPM / "versions" / v1.id
     after = _recognised(clf, v1_dir, spec, c)
-    assert after <= before[c] - 0.4, (before[c], after)  # the independent classifier sees the class gone
+    assert after <= before[c] / 2, (before[c], after)  # the independent classifier sees the class fade
     assert json.loads((v1_dir / "meta.json").read_text())["parent"] == v0.id
 
     # The same class again, and a class the model does not have: dead-lettered with their reasons.
