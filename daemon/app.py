@@ -646,6 +646,8 @@ class Daemon:
         cfg = self.config.requests
         request, method = a.request, a.method
         rid = request.request_id
+        if attempt is None:
+            self.registry.check_ready(request.model)  # still bootstrapping: pause, and no attempt is recorded
         self._flush_answers_before_engine(a.suspect or self.registry.engine(method, request.model).reports_progress)
         attempt = attempt or self._begin_attempt(a)
         log.info("request %s: %s on %s, forget %d %s (attempt %d%s)", rid, method, request.model,

@@ -79,6 +79,10 @@ class DiffusionModels:
             raise ValueError(f"bootstrap.recipe {spec.bootstrap.recipe!r} does not build a diffusion model (use 'ddpm')")
         recipe(spec)
 
+    def check_ready(self, name: str) -> None:
+        if self.ledger.head(name) is None:
+            raise ModelNotReady(name)
+
     def precheck(self, name: str, forget: Forget) -> None:
         """What can be told without the model's weights: the kind of request and the class range (InvalidForget)."""
         from adapters.diffusion.target import UNSERVABLE

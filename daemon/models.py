@@ -102,6 +102,12 @@ class ModelRegistry:
         own = table if engine_class(method) is engine_class(method, spec.kind) else {}
         return {**own, **per_kind.get(spec.kind, {}), **spec.methods.get(method, {})}
 
+    def check_ready(self, name: str) -> None:
+        """Raises a transient ModelNotReady while a model's first version is still being built in the background."""
+        strategy = self._kinds.get(self.spec(name).kind)
+        if strategy is not None:
+            strategy.check_ready(name)
+
     def precheck(self, name: str, forget: Forget) -> None:
         """A cheap check before a request waits for its model (raises InvalidForget), for kinds that have one."""
         strategy = self._kinds.get(self.spec(name).kind)
