@@ -25,7 +25,7 @@ What we do, and where it follows the released code:
   CIFAR-10) while its forget term is a mean, so its alpha = 1e-3 weighs the retain term about 3x; alpha here
   is on the mean scale.
 - Calibration (on mnist-ddpm, forgetting classes 0 and 5 only, so the benchmark's classes stay unseen; the
-  grid and its figures are in the README): an Adam lr of 1e-4..3e-4 (the code's range) with alpha = 1 forgot
+  calibration runs are not committed): an Adam lr of 1e-4..3e-4 (the code's range) with alpha = 1 forgot
   fully without costing the other classes, and half of our steps already sufficed; larger lrs and alpha = 0
   cost the other classes points. Defaults: lr 3e-4, alpha 1, 100 steps (twice what sufficed).
 - Cost: a request is O(steps x batch), independent of the training-set size; the rows of classes forgotten
