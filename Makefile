@@ -40,12 +40,14 @@ test: install deploy-tools
 bench-quick: install
 	$(BIN)/python bench/daemon.py --quick
 	$(BIN)/python bench/classifier.py --quick
+	$(BIN)/python bench/diffusion.py --quick
 	$(BIN)/python bench/chaos.py --quick
 
 # The README's benchmark figures come from bench/results/*.json (committed): a rerun updates them.
 bench: install
 	$(BIN)/python bench/daemon.py --out bench/results/daemon.json
 	$(BIN)/python bench/classifier.py --out bench/results/classifier.json
+	$(BIN)/python bench/diffusion.py --out bench/results/diffusion.json --grids bench/results/diffusion-grids
 	$(BIN)/python bench/o3.py --out bench/results/o3.json
 	$(BIN)/python bench/router.py --out bench/results/router.json
 	$(BIN)/python bench/chaos.py --out bench/results/chaos.json

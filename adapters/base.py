@@ -7,7 +7,8 @@ touch Kafka or the ledger; that is the daemon's job. This keeps them usable from
 another serving stack.
 
 Engines register under the method name a request carries (``"iau"``, ``"salun"``, ``"o3"``, ...), the way
-peft's tuners are chosen by name.
+peft's tuners are chosen by name, once per model kind they serve: one method name may have an engine per kind
+(SalUn for classifiers and SalUn for diffusion models are both ``"salun"``).
 """
 
 from __future__ import annotations
@@ -119,33 +120,54 @@ class Engine(ABC):
         """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights."""
 
 
-_ENGINES: dict[str, type[Engine]] = {}
+_ENGINES: dict[tuple[str, str], type[Engine]] = {}  # (model kind, method) -> engine
 
 
 def register(cls: type[Engine]) -> type[Engine]:
-    """Class decorator: make an engine available under its method name."""
-    if cls.name in _ENGINES and _ENGINES[cls.name] is not cls:
-        raise ValueError(f"engine name {cls.name!r} registered twice")
-    _ENGINES[cls.name] = cls
+    """Class decorator: make an engine available under its method name, for each model kind it serves."""
+    for kind in cls.model_kinds:
+        known = _ENGINES.get((kind, cls.name))
+        if known is not None and known is not cls:
+            raise ValueError(f"engine {cls.name!r} registered twice for {kind} models")
+        _ENGINES[(kind, cls.name)] = cls
     return cls
 
 
-#: Built-in engines by method name; each module is imported only when its method is first asked for, so a
-#: classifier-only deployment never pays for importing transformers and peft.
-BUILTIN_ENGINES = {"iau": "adapters.iau", "salun": "adapters.salun", "o3": "adapters.o3"}
+#: Built-in engines by method name and model kind, in order of precedence; each module is imported only when
+#: its engine is first asked for, so a classifier-only deployment never pays for importing transformers,
+#: peft or diffusers.
+BUILTIN_ENGINES = {
+    "iau": {"classifier": "adapters.iau"},
+    "salun": {"classifier": "adapters.salun", "diffusion": "adapters.diffusion.salun"},
+    "o3": {"causal_lm": "adapters.o3"},
+}
 
 
-def engine_class(method: str) -> type[Engine]:
-    if method not in _ENGINES and method in BUILTIN_ENGINES:
-        importlib.import_module(BUILTIN_ENGINES[method])  # the module registers itself
+def engine_class(method: str, model_kind: str | None = None) -> type[Engine]:
+    """The engine of `method` for `model_kind`. Without a kind, the method's first built-in kind (or its only
+    registered one): what callers that predate per-kind engines get, e.g. "salun" -> the classifier engine."""
+    if model_kind is None:
+        kinds = list(BUILTIN_ENGINES.get(method, {})) or [k for k, m in _ENGINES if m == method]
+        if not kinds:
+            raise KeyError(f"unknown method {method!r}; known: {engine_names()}")
+        model_kind = kinds[0]
+    key = (model_kind, method)
+    if key not in _ENGINES and model_kind in BUILTIN_ENGINES.get(method, {}):
+        importlib.import_module(BUILTIN_ENGINES[method][model_kind])  # the module registers itself
     try:
-        return _ENGINES[method]
+        return _ENGINES[key]
     except KeyError:
+        known = sorted(set(BUILTIN_ENGINES.get(method, {})) | {k for k, m in _ENGINES if m == method})
+        if known:
+            raise KeyError(f"method {method!r} does not apply to {model_kind} models (it serves: {known})") from None
         raise KeyError(f"unknown method {method!r}; known: {engine_names()}") from None
 
 
-def engine_names() -> list[str]:
-    return sorted(set(_ENGINES) | set(BUILTIN_ENGINES))
+def engine_names(model_kind: str | None = None) -> list[str]:
+    """Method names, of every kind or of one."""
+    names = {m for k, m in _ENGINES if model_kind in (None, k)}
+    names |= {m for m, kinds in BUILTIN_ENGINES.items() if model_kind is None or model_kind in kinds}
+    return sorted(names)
 
 
 def config_from_mapping(cls: type[Engine], values: dict[str, Any]) -> Any:

@@ -66,7 +66,7 @@ def _construct(spec: dict) -> nn.Module:
     if spec["arch"] == "mlp":
         return MLP(spec["input_shape"], spec.get("hidden", [256, 128]), spec["num_classes"])
     if spec["arch"] == "cnn":
-        return SmallCNN(spec["input_shape"], spec["num_classes"])
+        return SmallCNN(spec["input_shape"], spec["num_classes"], channels=tuple(spec.get("channels", (6, 16))))
     raise ValueError(f"unknown classifier arch {spec['arch']!r} (known: mlp, cnn)")
 
 

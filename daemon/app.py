@@ -53,6 +53,7 @@ log = logging.getLogger("unlearnd")
 
 KEEPALIVE_S = 1.0  # while the engine works, the main thread polls (partitions paused) this often
 UNMARKED_MAX_S = 0.5  # answers older than this are flushed and marked before the next engine step
+BOOTSTRAP_RETRY_S = 30.0  # first delay before a failed background bootstrap is tried again; doubles
 
 
 class BrokerLost(Exception):
@@ -141,6 +142,7 @@ class Daemon:
         self._paused_by: str | None = None
         self._marks: dict[int, str] = {}  # offset -> fingerprint of the batch's records answered before a crash
         self._transient_backoff = config.requests.retry_backoff_s
+        self._bootstrapper: threading.Thread | None = None  # builds models whose bootstrap runs in the background
         key_env = config.requests.hmac_key_env
         self._hmac_key = os.environ[key_env].encode() if os.environ.get(key_env) else None
 
@@ -168,12 +170,44 @@ class Daemon:
         cleaned = self.store.clean_staging()
         if cleaned:
             log.info("removed %d unfinished artifact write(s) left by a crash", cleaned)
+        later = []
         for name in self.config.models:
+            if self.registry.bootstraps_later(name):
+                later.append(name)
+                continue
             head = self.registry.ensure_bootstrapped(name, progress=progress)
             self._update_model_gauges(name)
             log.info("model %s ready at %s", name, head.id if head else "its base weights")
         self._count_rollbacks()
         metrics.BOOTSTRAPPING.set(0)
+        if later:
+            log.info("model(s) %s have no version yet: built in the background while the daemon consumes; their "
+                     "requests wait until they are ready", ", ".join(later))
+            self._bootstrapper = threading.Thread(target=self._bootstrap_in_background, args=(later,),
+                                                  name="unlearnd-bootstrap", daemon=True)
+            self._bootstrapper.start()
+
+    def _bootstrap_in_background(self, names: list[str]) -> None:
+        """Build models' first versions off the consuming path (progress in the log). A failure is logged and
+        tried again with backoff; a stop ends it at once (nothing half-written: the next start begins again)."""
+        from adapters.diffusion.training import TrainingStopped
+
+        for name in names:
+            delay = BOOTSTRAP_RETRY_S
+            while not self._stop.is_set():
+                try:
+                    head = self.registry.ensure_bootstrapped(name, progress=False, stop=self._stop)
+                except TrainingStopped:
+                    log.info("bootstrap of %s stopped; the next start begins it again", name)
+                    return
+                except Exception:
+                    log.exception("bootstrap of %s failed; trying again in %.0fs", name, delay)
+                    self._stop.wait(delay)
+                    delay = min(2 * delay, 600.0)
+                    continue
+                self._update_model_gauges(name)
+                log.info("model %s ready at %s", name, head.id)
+                break
 
     def _update_model_gauges(self, model: str) -> None:
         metrics.MODEL_VERSIONS.labels(model).set(self.ledger.count_artifacts(model, "version"))
@@ -229,6 +263,9 @@ class Daemon:
     def close(self) -> None:
         self._close_clients(graceful=True)
         self._worker.shutdown(wait=True)
+        if self._bootstrapper is not None:
+            self._stop.set()
+            self._bootstrapper.join()  # stops within one training step
         self.ledger.close()
         if self.broker:
             self.broker.stop()
@@ -533,7 +570,7 @@ class Daemon:
         return decode(msg.raw, max_bytes=max_bytes, hmac_key=self._hmac_key)
 
     def _coalescable(self, a: "Admitted") -> bool:
-        return (self.config.requests.coalesce and self.registry.engine(a.method).coalescable
+        return (self.config.requests.coalesce and self.registry.engine(a.method, a.request.model).coalescable
                 and a.request.forget.sample_ids is not None)
 
     def _validate_target(self, request: Request) -> str:
@@ -541,11 +578,16 @@ class Daemon:
             spec = self.registry.spec(request.model)
         except UnknownModel as exc:
             raise Rejected("unknown_model", str(exc), request.request_id, request.model) from None
-        method = self.registry.method_for(request.model, request.method, request.forget.to_forget().kind)
+        forget = request.forget.to_forget()
+        method = self.registry.method_for(request.model, request.method, forget.kind)
         try:
-            engine = self.registry.engine(method)
+            engine = self.registry.engine(method, request.model)
         except KeyError as exc:
             raise Rejected("unknown_method", str(exc.args[0]), request.request_id, request.model) from None
+        try:
+            self.registry.precheck(request.model, forget)
+        except InvalidForget as exc:
+            raise Rejected("invalid_forget", str(exc), request.request_id, request.model) from None
         if spec.kind not in engine.model_kinds:
             raise Rejected("unknown_method", f"method {method!r} does not apply to {spec.kind} models",
                            request.request_id, request.model)
@@ -570,7 +612,7 @@ class Daemon:
         them), or (a suspect) in a child process."""
         if not isolated:
             failpoints.hit("in_engine")
-            engine = self.registry.engine(method)
+            engine = self.registry.engine(method, model)
             if engine.reports_progress and progress is not None:
                 progress({"stage": "started"})
                 return engine.apply(target, forget, progress=progress)
@@ -604,7 +646,9 @@ class Daemon:
         cfg = self.config.requests
         request, method = a.request, a.method
         rid = request.request_id
-        self._flush_answers_before_engine(a.suspect or self.registry.engine(method).reports_progress)
+        if attempt is None:
+            self.registry.check_ready(request.model)  # still bootstrapping: pause, and no attempt is recorded
+        self._flush_answers_before_engine(a.suspect or self.registry.engine(method, request.model).reports_progress)
         attempt = attempt or self._begin_attempt(a)
         log.info("request %s: %s on %s, forget %d %s (attempt %d%s)", rid, method, request.model,
                  request.forget.size(), a.forget.kind, attempt, ", isolated: it was in hand at a crash"
@@ -683,7 +727,7 @@ class Daemon:
         try:
             failpoints.hit("before_engine")
             target = self.registry.target(model)
-            engine = self.registry.engine(method)
+            engine = self.registry.engine(method, model)
             valid = []
             for a, attempt in zip(group, attempts):  # a request that cannot apply is answered alone
                 try:

@@ -23,6 +23,7 @@ import typer
 
 from daemon import config as config_mod
 from daemon.cli_artifacts import adapters_app, versions_app
+from daemon.cli_sample import sample
 from daemon.cli_common import (CLIError, ConfigOpt, JsonOpt, bootstrap_servers, console, dumps, emit, err_console, fail,
                                fmt, load_config, open_ledger, print_json, print_metrics, print_result, when)
 from daemon.logs import setup_logging
@@ -37,6 +38,7 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(requests_app, name="requests")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+app.command()(sample)
 
 
 def _version(value: bool) -> None:

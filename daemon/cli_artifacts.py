@@ -15,7 +15,7 @@ import typer
 from daemon.cli_common import (ConfigOpt, JsonOpt, announce, console, dumps, emit, fail, fmt, load_config, open_ledger,
                                print_json, print_metrics, when)
 
-versions_app = typer.Typer(help="Model versions (classifiers): list, show, roll back.", no_args_is_help=True)
+versions_app = typer.Typer(help="Model versions (classifiers, diffusion models): list, show, roll back.", no_args_is_help=True)
 adapters_app = typer.Typer(help="Unlearning adapters (language models): list, show, roll back, restore, export.",
                            no_args_is_help=True)
 

@@ -145,7 +145,11 @@ class Logging(_Section):
 class Bootstrap(_Section):
     """How to build a model on first start when the store has no version of it yet."""
 
-    recipe: Literal["none", "classifier", "causal_lm"] = "none"
+    recipe: Literal["none", "classifier", "causal_lm", "ddpm"] = "none"
+    # "start": built before the daemon consumes (a start waits for it); "background": built in a background thread
+    # once the daemon is consuming, and requests for the model wait (the pipeline pauses) until it is ready.
+    # Default: "background" for diffusion models (minutes of training), "start" for the others.
+    when: Literal["start", "background"] | None = None
     dataset: Literal["mnist", "digits"] = "mnist"
     arch: Literal["mlp", "cnn"] = "mlp"
     hidden: list[int] = [256, 128]
@@ -153,15 +157,29 @@ class Bootstrap(_Section):
     gr_alpha: float = Field(0.005, ge=0)  # IAU's gradient-restriction weight
     seed: int = 0
     source: str | None = None  # causal_lm: a transformers directory, or "smollm2" for the bundled GGUF
+    # ddpm: the UNet (adapters.diffusion.ddpm.DDPMSpec keys, e.g. resolution, channels, attention_levels), its
+    # training (adapters.diffusion.training.TrainConfig keys, e.g. steps, batch_size, lr), the judge's epochs and
+    # the per-version recognition samples (adapters.diffusion.measures.SampleSettings keys). Empty = the demo's.
+    ddpm: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    judge_epochs: int = Field(20, ge=1)
+    measure: dict[str, Any] = {}
 
 
 class Model(_Section):
-    kind: Literal["classifier", "causal_lm"]
+    kind: Literal["classifier", "causal_lm", "diffusion"]
     method: str | None = None  # default method for this model's requests; None = the kind's default
     # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
     # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
     method_by_forget: dict[str, str] = {}
     bootstrap: Bootstrap = Bootstrap()
+    # Engine settings for this model only, per method, over [methods.<method>]: e.g. [models.x.methods.salun]
+    # steps = 50. Keys are the engine's Config fields for this model's kind.
+    methods: dict[str, dict[str, Any]] = {}
+
+    @property
+    def bootstraps_in_background(self) -> bool:
+        return (self.bootstrap.when or DEFAULT_BOOTSTRAP_WHEN[self.kind]) == "background"
 
     def default_method(self, forget_kind: str | None = None) -> str:
         """The method for a request of `forget_kind` that names none."""
@@ -176,7 +194,10 @@ class Config(_Section):
     serve: Serve = Serve()
     logging: Logging = Logging()
     models: dict[str, Model] = {}
-    methods: dict[str, dict[str, Any]] = {}  # per-method engine settings, e.g. [methods.iau] lr = 1e-3
+    # Per-method engine settings, e.g. [methods.iau] lr = 1e-3. A method with engines for several model kinds
+    # (salun) takes its first kind's keys at the top and the others' in a sub-table named after the kind:
+    # [methods.salun] for classifiers, [methods.salun.diffusion] for diffusion models.
+    methods: dict[str, dict[str, Any]] = {}
     _source: Path | None = PrivateAttr(None)  # the file it was read from (None: defaults and environment only)
 
     def model(self, name: str) -> Model:
@@ -187,12 +208,14 @@ class Config(_Section):
         return self._source
 
 
-DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3"}
+DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3", "diffusion": "salun"}
 #: Per model kind, the forget kinds whose default is not the model's `method`: a whole class goes to SalUn, which
 #: erases it (bench/classifier.py, "class" scenario); IAU's single step is for samples.
-DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}}
+DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}, "diffusion": {}}
 #: The forget kinds each model kind accepts (the keys `method_by_forget` may use).
-FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa")}
+FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa"), "diffusion": ("class",)}
+#: When a model without a version is built, per kind (Bootstrap.when): a DDPM trains for minutes.
+DEFAULT_BOOTSTRAP_WHEN = {"classifier": "start", "causal_lm": "start", "diffusion": "background"}
 
 
 class ConfigError(ValueError):

@@ -114,7 +114,7 @@ def _child() -> None:
     try:
         target = registry.target(job["model"])
         failpoints.hit("in_engine")
-        change = registry.engine(job["method"]).apply(target, _forget(job["forget"]))
+        change = registry.engine(job["method"], job["model"]).apply(target, _forget(job["forget"]))
         # The id the parent's commit will give it: the daemon holds the state lock and commits nothing meanwhile.
         artifact_id = ledger.next_id(job["model"], change.kind)
         registry.artifact_writer(change, artifact_id, target)(Path(job["out"]))

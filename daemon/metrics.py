@@ -18,7 +18,7 @@ DLQ_REASONS = (
     "undecodable_record",
 )
 # Conditions of the environment that pause the pipeline (daemon/transient.py); isolated-run outcomes.
-PAUSE_REASONS = ("disk_full", "ledger_busy", "io_error")
+PAUSE_REASONS = ("disk_full", "ledger_busy", "io_error", "bootstrapping")
 ISOLATED_OUTCOMES = ("ok", "engine_error", "engine_died")
 
 REQUESTS = Counter("unlearnd_requests_total", "Deletion requests handled, by outcome.", ["model", "method", "status"])

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters import classifier, datasets
-from adapters.base import Change, Engine, InvalidForget, config_from_mapping, engine_class
+from adapters.base import Change, Engine, Forget, InvalidForget, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
 from daemon import failpoints
-from daemon.config import Config, ConfigError, Model
+from daemon.config import FORGET_KINDS, Config, ConfigError, Model
+from daemon.diffusion_models import DiffusionModels
 from daemon.ledger import ArtifactRow, Ledger
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,11 @@ class ModelRegistry:
         self.config = config
         self.store = store
         self.ledger = ledger
-        self._engines: dict[str, Engine] = {}
+        self._engines: dict[tuple[str, str], Engine] = {}  # (model, method) -> engine
         self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
         self._lm_targets: dict = {}  # model -> adapters.o3.LMTarget (holds the loaded base model)
         self._encoder = None  # detector.Encoder, loaded on the first adapter
+        self._kinds = {"diffusion": DiffusionModels(self)}  # model kinds whose handling lives in a strategy
 
     # --- lookup ---------------------------------------------------------------------------------------------
 
@@ -67,16 +70,49 @@ class ModelRegistry:
         for name, spec in self.config.models.items():
             for forget_kind in (None, *spec.method_by_forget):
                 method = spec.default_method(forget_kind)
-                if spec.kind not in engine_class(method).model_kinds:
-                    where = f"method_by_forget.{forget_kind}" if forget_kind else "method"
-                    raise ConfigError(f"models.{name}.{where}: method {method!r} does not apply to {spec.kind} models")
+                where = f"method_by_forget.{forget_kind}" if forget_kind else "method"
+                try:
+                    self.engine(method, name)  # the engine exists for the kind and its settings are known keys
+                except KeyError:
+                    raise ConfigError(f"models.{name}.{where}: method {method!r} does not apply to {spec.kind} "
+                                      "models") from None
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"models.{name}: {exc}") from None
+            strategy = self._kinds.get(spec.kind)
+            if strategy is not None:
+                try:
+                    strategy.check(name, spec)
+                except ValueError as exc:
+                    raise ConfigError(f"models.{name}.{exc}") from None
 
-    def engine(self, method: str) -> Engine:
-        """One engine instance per method for the daemon's lifetime (engines may keep caches)."""
-        if method not in self._engines:
-            cls = engine_class(method)
-            self._engines[method] = cls(config_from_mapping(cls, self.config.methods.get(method, {})))
-        return self._engines[method]
+    def engine(self, method: str, model: str) -> Engine:
+        """The engine of `method` for `model`'s kind, one instance per (model, method) for the daemon's lifetime
+        (engines may keep caches). Settings: [methods.<method>] (its sub-table named after the kind, for a method
+        whose first kind is another), then [models.<model>.methods.<method>]. KeyError if it does not apply."""
+        key = (model, method)
+        if key not in self._engines:
+            spec = self.spec(model)
+            cls = engine_class(method, spec.kind)
+            self._engines[key] = cls(config_from_mapping(cls, self.engine_settings(method, spec)))
+        return self._engines[key]
+
+    def engine_settings(self, method: str, spec: Model) -> dict:
+        table = dict(self.config.methods.get(method, {}))
+        per_kind = {k: table.pop(k) for k in list(table) if k in FORGET_KINDS}  # sub-tables named after a kind
+        own = table if engine_class(method) is engine_class(method, spec.kind) else {}
+        return {**own, **per_kind.get(spec.kind, {}), **spec.methods.get(method, {})}
+
+    def check_ready(self, name: str) -> None:
+        """Raises a transient ModelNotReady while a model's first version is still being built in the background."""
+        strategy = self._kinds.get(self.spec(name).kind)
+        if strategy is not None:
+            strategy.check_ready(name)
+
+    def precheck(self, name: str, forget: Forget) -> None:
+        """A cheap check before a request waits for its model (raises InvalidForget), for kinds that have one."""
+        strategy = self._kinds.get(self.spec(name).kind)
+        if strategy is not None:
+            strategy.precheck(name, forget)
 
     # --- bootstrap ------------------------------------------------------------------------------------------
 
@@ -87,7 +123,17 @@ class ModelRegistry:
 
         return lm.resolve_source(self.spec(name).bootstrap.source or "smollm2", self.store.root / name)
 
-    def ensure_bootstrapped(self, name: str, progress: bool = True) -> ArtifactRow | None:
+    def bootstraps_later(self, name: str) -> bool:
+        """Whether the model has no version yet and is built in the background once the daemon consumes."""
+        spec = self.spec(name)
+        return spec.bootstraps_in_background and spec.kind != "causal_lm" and self.ledger.head(name) is None
+
+    def kind_strategy(self, name: str):
+        """The per-kind strategy of a model (e.g. DiffusionModels), or None for kinds handled here."""
+        return self._kinds.get(self.spec(name).kind)
+
+    def ensure_bootstrapped(self, name: str, progress: bool = True,
+                            stop: threading.Event | None = None) -> ArtifactRow | None:
         """Build the model's first version if the ledger has none (first start); later starts reuse it."""
         spec = self.spec(name)
         if spec.kind == "causal_lm":  # adapters stack on an unchanged base: convert/locate it, no version
@@ -96,6 +142,9 @@ class ModelRegistry:
         head = self.ledger.head(name)
         if head is not None:
             return head
+        strategy = self._kinds.get(spec.kind)
+        if strategy is not None:
+            return strategy.bootstrap(name, spec, stop=stop)
         if spec.bootstrap.recipe == "classifier":
             return self._bootstrap_classifier(name, spec, progress)
         raise RuntimeError(f"model {name!r} has no version yet and bootstrap.recipe = {spec.bootstrap.recipe!r} "
@@ -139,6 +188,8 @@ class ModelRegistry:
         spec = self.spec(name)
         if spec.kind == "causal_lm":
             return self._lm_target(name)
+        if spec.kind in self._kinds:
+            return self._kinds[spec.kind].target(name)
         head = self.ledger.head(name)
         if head is None:
             raise RuntimeError(f"model {name!r} has no version; start the daemon once to bootstrap it")
@@ -235,7 +286,10 @@ class ModelRegistry:
                                      path=str(art.path), sha256=art.sha256, metrics=change.metrics,
                                      info=change.info, forgotten_ids=change.forgotten_ids)
             finish(artifact_id)
-        if isinstance(change, classifier.WeightChange):  # keep the in-memory target in step: no reload
+        strategy = self._kinds.get(self.spec(name).kind)
+        if strategy is not None:
+            strategy.committed(name, change, target, artifact_id)
+        elif isinstance(change, classifier.WeightChange):  # keep the in-memory target in step: no reload
             self._cache[name] = (artifact_id, classifier.ClassifierTarget(
                 name=name, version=artifact_id, spec=target.spec, model=change.module(target.spec), data=target.data,
                 forgotten=target.forgotten | frozenset(change.forgotten_ids)))
@@ -261,6 +315,8 @@ class ModelRegistry:
             raise RuntimeError(f"{name} {to_version}: files on disk no longer match their recorded sha256")
         row = self.ledger.set_head(name, to_version, reason=reason)
         self._cache.pop(name, None)
+        for strategy in self._kinds.values():
+            strategy.forget_cache(name)
         for engine in self._engines.values():
             if hasattr(engine, "forget_cache"):
                 engine.forget_cache(name)

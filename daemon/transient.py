@@ -11,7 +11,7 @@ import errno
 import os
 import sqlite3
 
-KINDS = ("disk_full", "ledger_busy", "io_error")
+KINDS = ("disk_full", "ledger_busy", "io_error", "bootstrapping")  # bootstrapping: a model still being built
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _IO = {errno.EIO, errno.EROFS}
