@@ -95,12 +95,14 @@ class LMTarget:
     base_dir: Path
     adapters: dict[str, Path] = field(default_factory=dict)
     answer_pool: tuple[str, ...] = ()  # random-label answers for this model; empty = DEFAULT_POOL
+    device: str = "cpu"  # adapters.devices names; where the model is loaded and trained
+    dtype: str = "float32"
     model: object = None
     tokenizer: object = None
 
     def load(self) -> "LMTarget":
         if self.model is None:
-            self.model, self.tokenizer = lm.load(self.base_dir)
+            self.model, self.tokenizer = lm.load(self.base_dir, device=self.device, dtype=self.dtype)
         return self
 
     def earlier_lora_A(self) -> list[dict[str, torch.Tensor]]:

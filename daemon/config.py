@@ -21,9 +21,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from adapters.base import engine_names
+from adapters.devices import check_device
 
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
@@ -162,6 +163,15 @@ class Model(_Section):
     # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
     method_by_forget: dict[str, str] = {}
     bootstrap: Bootstrap = Bootstrap()
+    # Where the model, its engines, the detector encoder and serving run (adapters.devices): "auto" (a CUDA GPU
+    # when torch sees one, else the CPU), "cpu", "cuda", "cuda:N"; and the weights' precision (causal_lm).
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
 
     def default_method(self, forget_kind: str | None = None) -> str:
         """The method for a request of `forget_kind` that names none."""

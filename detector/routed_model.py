@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.devices import device_of
 from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
 from detector.per_sample_lora import per_sample_adapters
 from detector.router import Router
@@ -201,10 +202,15 @@ class RoutedModel:
         return self.route_texts(self.prompt_texts(prompt))
 
     # --- generation ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the served model's weights are (the CPU while it routes only): inputs go there."""
+        return device_of(self.model) if self.model is not None else torch.device("cpu")
+
     def _encode(self, prompt: str, templated: bool) -> dict:
         # A rendered chat template carries its own special tokens; a raw prompt gets the tokenizer's (as vLLM).
-        return self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False,
-                              add_special_tokens=not templated)
+        ids = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=not templated)
+        return {k: v.to(self.device) for k, v in ids.items()}
 
     def _adapters_context(self, routes: Sequence[dict[str, float]]):
         """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`)."""
@@ -271,7 +277,7 @@ class RoutedModel:
                     chunk = prompts[i:i + batch_size]
                     routes = [r.applied for r in routings[i:i + batch_size]]
                     ids = tok(chunk, return_tensors="pt", padding=True, return_token_type_ids=False,
-                              add_special_tokens=not templated)
+                              add_special_tokens=not templated).to(self.device)
                     if do_sample:
                         torch.manual_seed(seed + i)
                     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else \
