@@ -41,8 +41,11 @@ def _scale_rows(weights: torch.Tensor):
 
 
 @contextmanager
-def per_sample_adapters(model, routes: Sequence[dict[str, float]]) -> Iterator[None]:
+def per_sample_adapters(model, routes: Sequence[dict[str, float]], *, merge: bool = True) -> Iterator[None]:
     """Within the block, sample b of a batch gets adapter a at weight routes[b].get(a, 0).
+
+    `merge`: a batch whose samples share one route runs merged (`merged_adapters`). Worth it for a generation (one
+    merge, many forward passes); a caller that runs one or two forward passes (scoring) passes False.
 
     `model` is a peft `PeftModel` whose adapters are loaded (`load_adapter`) under the router's adapter ids.
     The batch given to forward/generate inside the block must be in the order of `routes`.
@@ -56,7 +59,7 @@ def per_sample_adapters(model, routes: Sequence[dict[str, float]]) -> Iterator[N
         with model.disable_adapter():
             yield
         return
-    if all(r == routes[0] for r in routes):
+    if merge and all(r == routes[0] for r in routes):
         with merged_adapters(model, {name: float(routes[0][name]) for name in used}):
             yield
         return

@@ -212,8 +212,9 @@ class RoutedModel:
         ids = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=not templated)
         return {k: v.to(self.device) for k, v in ids.items()}
 
-    def _adapters_context(self, routes: Sequence[dict[str, float]]):
-        """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`)."""
+    def _adapters_context(self, routes: Sequence[dict[str, float]], *, merge: bool = True):
+        """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`). `merge`: a
+        batch sharing one route runs on merged weights (for generations; scoring runs a pass or two: False)."""
         from contextlib import nullcontext
 
         from peft import PeftModel
@@ -222,7 +223,7 @@ class RoutedModel:
             self._load_pending({name for r in routes for name in r})
         if not isinstance(self.model, PeftModel):
             return nullcontext()  # no adapter loaded yet: the base model itself
-        return per_sample_adapters(self.model, routes)
+        return per_sample_adapters(self.model, routes, merge=merge)
 
     def generate(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
                  templated: bool = True) -> Completion:
@@ -301,7 +302,7 @@ class RoutedModel:
         out: list[list[float]] = []
         with self.lock:
             for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
-                with self._adapters_context([routing.applied]):
+                with self._adapters_context([routing.applied], merge=False):  # two forward passes: no merge
                     out += lm_eval.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out
 
