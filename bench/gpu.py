@@ -208,6 +208,10 @@ def decode(routed, clock: Clock, args, dirs: dict[str, Path]) -> dict:
                                                        for i in range(1, args.batch, 2))}
 
 
+def _log(what: str, t_start: float) -> None:
+    print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shape, few repetitions: a smoke test")
@@ -242,10 +246,13 @@ def main(argv=None) -> dict:
         dirs = earlier_adapters(model, args.earlier, Path(tmp), encoder, questions)
         target = LMTarget("bench", Path(f"random:{args.shape}"), dict(dirs), model=model, tokenizer=tok)
         forget = Forget(qa=tuple((q.question, q.answer) for q in fs.qa(fs.people[-1])))
+        _log(f"built {args.shape} on {device}, {args.earlier} earlier adapters", t_start)
         o3 = o3_runs(target, forget, args.o3_epochs, clock)
+        _log(f"O3 requests: {json.dumps(o3)}", t_start)
         penalty = penalty_step_seconds(model, target.earlier_lora_A(), clock, reps=10 if args.quick else 30)
         routed = RoutedModel(model, tok, Router(encoder))
         dec = decode(routed, clock, args, dirs)
+        _log(f"decode: {json.dumps(dec['seconds'])}", t_start)
     s = dec["seconds"]
     result = {
         "benchmark": "gpu",
