@@ -200,11 +200,12 @@ def test_gpu_search_copy_finds_the_same_ids_and_follows_rollbacks():
     for key in (1, 2, 3):
         fidx.add_request(cpu, key, fidx.normalise(rng.normal(size=(50, 16))))
     q = fidx.normalise(rng.normal(size=(5, 16)))
-    copy = fidx.gpu_search_copy(cpu, 0)
-    assert copy is not None and faiss.get_num_gpus() > 0
-    for index in (cpu, fidx.remove_request(cpu, 2) and cpu):
-        copy = fidx.gpu_search_copy(index, 0)
-        s_cpu, i_cpu = index.search(q, 10)
+    assert faiss.get_num_gpus() > 0
+    for removed in (None, 2):  # before and after a rollback of request 2 (done on the CPU index, then copied)
+        if removed is not None:
+            assert fidx.remove_request(cpu, removed) == 50
+        copy = fidx.gpu_search_copy(cpu, 0)
+        s_cpu, i_cpu = cpu.search(q, 10)
         s_gpu, i_gpu = copy.search(q, 10)
         assert np.array_equal(i_cpu, i_gpu) and np.allclose(s_cpu, s_gpu, atol=1e-5)
     assert 2 not in set(fidx.key_of(i_gpu).ravel())
