@@ -13,7 +13,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test deploy-tools bench bench-quick clean
+.PHONY: install run test deploy-tools bench bench-quick bench-gpu clean
 
 install: $(STAMP)
 
@@ -51,6 +51,13 @@ bench: install
 	$(BIN)/python bench/o3.py --out bench/results/o3.json
 	$(BIN)/python bench/router.py --out bench/results/router.json
 	$(BIN)/python bench/chaos.py --out bench/results/chaos.json
+
+# O3 training and serving costs on a GPU (random-weight SmolLM2-135M / Llama-3.2-1B / Llama-3.1-8B shapes); on a
+# machine without one it measures the 135M shape on the CPU. Needs a CUDA build of torch (see install above).
+BENCH_GPU_DEVICE ?= auto
+BENCH_GPU_SHAPE  ?= smollm2-135m
+bench-gpu: install
+	$(BIN)/python bench/gpu.py --device $(BENCH_GPU_DEVICE) --shape $(BENCH_GPU_SHAPE) --out bench/results/gpu_$(BENCH_GPU_SHAPE).json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

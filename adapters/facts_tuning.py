@@ -20,14 +20,14 @@ from adapters.facts import QA
 
 
 def teach_facts(model_dir: str | Path, qas: list[QA], out_dir: str | Path, *, epochs: int = 4, lr: float = 1e-4,
-                batch_size: int = 8, seed: int = 0) -> dict:
+                batch_size: int = 8, seed: int = 0, device: str = "cpu") -> dict:
     """Fine-tune the model in `model_dir` on `qas` and save it (safetensors + tokenizer) to `out_dir`.
 
     Returns the training report, also written to `out_dir/teach.json`. Accuracy before/after is measured by
     the caller (the benchmark), which knows which subsets matter.
     """
     torch.manual_seed(seed)
-    model, tokenizer = lm.load(model_dir)
+    model, tokenizer = lm.load(model_dir, device=device)
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in embeddings)

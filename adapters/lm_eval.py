@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from adapters.devices import device_of
 from adapters.lm import encode_pairs, token_logprobs
 
 
@@ -59,6 +60,8 @@ def _shared_prompt_scores(model, tokenizer, prompts, candidates, n, sep):
     for r, ids in enumerate(p_ids):
         P[r, width - len(ids):] = torch.tensor(ids)
         Mp[r, width - len(ids):] = 1
+    device = device_of(model)
+    P, Mp = P.to(device), Mp.to(device)
     pos = (Mp.cumsum(-1) - 1).clamp(min=0)
     first = model(input_ids=P, attention_mask=Mp, position_ids=pos, use_cache=True)
     cache = first.past_key_values
@@ -70,8 +73,9 @@ def _shared_prompt_scores(model, tokenizer, prompts, candidates, n, sep):
     for r, ids in enumerate(a_ids):
         A[r, : len(ids)] = torch.tensor(ids)
         Ma[r, : len(ids)] = 1
+    A, Ma = A.to(device), Ma.to(device)
     mask = torch.cat([Mp.repeat_interleave(n, 0), Ma], dim=-1)
-    pos_a = pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(la)
+    pos_a = pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(la, device=device)
     rest = model(input_ids=A, attention_mask=mask, position_ids=pos_a, past_key_values=cache, use_cache=False)
     # token j of a candidate is predicted by the prompt's last position (j = 0) or by candidate token j - 1
     logits = torch.cat([first.logits[:, -1:].repeat_interleave(n, 0), rest.logits[:, :-1]], dim=1).float()

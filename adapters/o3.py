@@ -5,7 +5,8 @@ Paper: "Practical Unlearning for Large Language Models" (arXiv 2407.10223, v2 IC
 What we follow: LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down; next-token cross-entropy on a
 *randomly relabelled* copy of the forget set (no gradient ascent, no KL, no retained data); plus
 ``lambda * mean_over_layers( sum_modules sum_i ||A_i A_t^T||_F^2 )`` over the frozen `lora_A` of all earlier
-adapters (the released code's all-earlier variant), lambda = 0.1.
+adapters (the released code's all-earlier variant), lambda = 0.1; one batched product per module shape
+(adapters.o3_penalty).
 
 Where we deliberately differ, and why:
 - One new adapter per request, trained on the *base* model (earlier adapters off), as O-LoRA does, instead
@@ -51,6 +52,7 @@ from adapters import lm, lm_train, lora_set
 from adapters.base import Change, Engine, Forget, InvalidForget, register
 from adapters.facts import ATTRIBUTES, BOOKS
 from adapters.o3_measures import ForgetItems
+from adapters.o3_penalty import batched_penalty
 from detector.gate import MIN_GATE_TEXTS
 
 # Plausible short answers (places, jobs, genres, titles, prizes, instruments) used as random labels when the
@@ -93,12 +95,14 @@ class LMTarget:
     base_dir: Path
     adapters: dict[str, Path] = field(default_factory=dict)
     answer_pool: tuple[str, ...] = ()  # random-label answers for this model; empty = DEFAULT_POOL
+    device: str = "cpu"  # adapters.devices names; where the model is loaded and trained
+    dtype: str = "float32"
     model: object = None
     tokenizer: object = None
 
     def load(self) -> "LMTarget":
         if self.model is None:
-            self.model, self.tokenizer = lm.load(self.base_dir)
+            self.model, self.tokenizer = lm.load(self.base_dir, device=self.device, dtype=self.dtype)
         return self
 
     def earlier_lora_A(self) -> list[dict[str, torch.Tensor]]:
@@ -169,7 +173,7 @@ class O3Engine(Engine):
         torch.manual_seed(cfg.seed + zlib.crc32("\n".join(prompts).encode()))
         peft_model = get_peft_model(model, _lora_config(cfg, target))
         try:
-            penalty = _orthogonality_penalty(peft_model, earlier, model.config.num_hidden_layers)
+            penalty = batched_penalty(peft_model, earlier, model.config.num_hidden_layers)
             stats = lm_train.fit(peft_model, tok, [p for p, _ in rows], [t for _, t in rows], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
                                  extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
@@ -196,17 +200,6 @@ def _lora_config(cfg: O3Config, target: LMTarget) -> LoraConfig:
     targets = "all-linear" if tuple(cfg.targets) == ("all-linear",) else list(cfg.targets)
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=str(target.base_dir))
-
-
-def _orthogonality_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers: int):
-    """lambda-free O3 term: sum over modules and earlier adapters of ||A_i A_new^T||_F^2, averaged over layers."""
-    live = {k: p for name, p in peft_model.named_parameters() if p.requires_grad and (k := lora_set.module_key(name))}
-    pairs = [(live[k], a[k]) for a in earlier for k in a.keys() & live.keys()]
-
-    def penalty() -> torch.Tensor:
-        return sum(((old @ new.T) ** 2).sum() for new, old in pairs) / max(n_layers, 1)
-
-    return penalty
 
 
 def gate_texts(forget: Forget) -> list[str]:

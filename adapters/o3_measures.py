@@ -155,8 +155,10 @@ def extraction_strength(routed, prompts: list[str], routings, answers: list[str]
         for i in range(0, len(prompts), 8):
             ids, mask, labels = encode_pairs(routed.tokenizer, prompts[i:i + 8], [sep + a for a in answers[i:i + 8]],
                                              max_length=512)
-            with routed._adapters_context([r.applied for r in routings[i:i + 8]]):
-                pred = routed.model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+            with routed._adapters_context([r.applied for r in routings[i:i + 8]], merge=False):  # one pass
+                device = routed.device
+                pred = routed.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+                pred = pred.argmax(-1).cpu()
             gold = labels[:, 1:]
             for p, g in zip(pred, gold):
                 keep = g != IGNORE

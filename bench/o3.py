@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     ap.add_argument("--cache", type=Path, default=Path("var/bench/o3"), help="converted and fine-tuned models")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the models train and are measured: auto | cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v} ({QUICK[k]} quick)")
@@ -59,8 +60,8 @@ def main(argv=None) -> dict:
     fs = facts.generate(p["forget"] + p["retain"], seed=args.seed)
     split = fs.split(p["forget"])
     base_dir = _tiny_base(cache) if args.quick else lm.cached_smollm2(args.cache)
-    reference_dir = _taught(paths["reference"], base_dir, fs.qa_of(split.retain), p)
-    taught_dir = _taught(paths["taught"], base_dir, fs.qa_of(fs.people), p)
+    reference_dir = _taught(paths["reference"], base_dir, fs.qa_of(split.retain), p, args.device)
+    taught_dir = _taught(paths["taught"], base_dir, fs.qa_of(fs.people), p, args.device)
 
     # Measured subsets, sized for 2 CPU cores: S.U. = the first training paraphrase of each forgotten fact
     # (7 of the 21 pairs a request trains on), D.U. = the held-out paraphrase (7), R.D. = first paraphrase of
@@ -77,13 +78,13 @@ def main(argv=None) -> dict:
         return {name: lm_eval.accuracy(model, tok, qas) for name, qas in sets.items()}
 
     models = {}
-    m, tok = lm.load(base_dir)
+    m, tok = lm.load(base_dir, device=args.device)
     models["untaught_base"] = measure(m, tok, su=all_su, general=general)  # chance on the facts; knows general
     _log("untaught", models["untaught_base"], t_start)
-    m, tok = lm.load(reference_dir)
+    m, tok = lm.load(reference_dir, device=args.device)
     models["reference"] = measure(m, tok, su=all_su, du=all_du, rd=rd_set, general=general)
     _log("reference", models["reference"], t_start)
-    m, tok = lm.load(taught_dir)
+    m, tok = lm.load(taught_dir, device=args.device)
     models["taught"] = measure(m, tok, su=all_su, du=all_du, rd=rd_set, general=general)
     _log("taught", models["taught"], t_start)
     base = models["taught"]
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     run_dir = paths["run"]
     shutil.rmtree(run_dir, ignore_errors=True)
     engine = O3Engine(epochs=p["o3_epochs"], lr=p["o3_lr"], measure=False, seed=args.seed)
-    target = LMTarget("bench", taught_dir).load()
+    target = LMTarget("bench", taught_dir, device=args.device).load()
     served = None
     steps = []
     for i, person in enumerate(split.forget):
@@ -120,7 +121,8 @@ def main(argv=None) -> dict:
     always_on = measure(served, tok, su=all_su, du=all_du, rd=rd_set, general=general)
     oracle_su, oracle_du = _mean([s["oracle"]["su"] for s in steps]), _mean([s["oracle"]["du"] for s in steps])
     ortho = lora_set.orthogonality_report(dict(target.adapters))
-    no_penalty = _no_penalty_overlap(engine, taught_dir, split.forget[: p["no_penalty_requests"]], request_qa)
+    no_penalty = _no_penalty_overlap(engine, taught_dir, split.forget[: p["no_penalty_requests"]], request_qa,
+                                     args.device)
     train_s = [s["train_seconds"] for s in steps]
     train_cpu = [s["train_cpu_seconds"] / args.threads for s in steps]  # wall time on `threads` dedicated cores
 
@@ -128,7 +130,8 @@ def main(argv=None) -> dict:
         "benchmark": "o3",
         "mode": "quick" if args.quick else "full",
         "model": "tiny-llama (random init, char tokenizer)" if args.quick else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
-        "params": {**p, "seed": args.seed, "threads": args.threads, "qa_per_request": len(next(iter(request_qa.values()))),
+        "params": {**p, "seed": args.seed, "threads": args.threads, "device": args.device,
+                   "qa_per_request": len(next(iter(request_qa.values()))),
                    "candidates": facts.N_CANDIDATES, "o3": {k: v for k, v in vars(engine.config).items()}},
         "models": models,
         "teach": {n: json.loads((d / "teach.json").read_text()) for n, d in (("taught", taught_dir), ("reference", reference_dir))},
@@ -179,17 +182,18 @@ def _tiny_base(cache: Path) -> Path:
     return directory
 
 
-def _taught(directory: Path, base_dir: Path, qas, p) -> Path:
+def _taught(directory: Path, base_dir: Path, qas, p, device: str = "cpu") -> Path:
     if not (directory / "teach.json").is_file():  # teach.json is written last: its presence means complete
         print(f"teaching {len(qas)} QA pairs -> {directory}", file=sys.stderr, flush=True)
-        facts_tuning.teach_facts(base_dir, qas, directory, epochs=p["teach_epochs"], lr=p["teach_lr"])
+        facts_tuning.teach_facts(base_dir, qas, directory, epochs=p["teach_epochs"], lr=p["teach_lr"],
+                                 device=device)
     return directory
 
 
-def _no_penalty_overlap(engine, taught_dir, people, request_qa) -> float:
+def _no_penalty_overlap(engine, taught_dir, people, request_qa, device="cpu") -> float:
     """Max overlap among a few adapters trained with lambda = 0 on the same requests (the ablation)."""
     free = O3Engine(engine.config, orthogonality=0.0)
-    target = LMTarget("bench-free", taught_dir).load()
+    target = LMTarget("bench-free", taught_dir, device=device).load()
     mats = {}
     for i, person in enumerate(people):
         change = free.apply(target, Forget(qa=tuple((q.question, q.answer) for q in request_qa[person.name])))

@@ -39,6 +39,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters import facts  # noqa: E402
+from adapters.devices import device_of, resolve_device  # noqa: E402
 from adapters.base import Forget  # noqa: E402
 from adapters.o3 import gate_texts  # noqa: E402
 from detector.features import CausalLMEncoder, Encoder  # noqa: E402
@@ -237,7 +238,7 @@ def generation_share(router: Router, model, tok, texts: list[str], new_tokens: i
         t0 = time.perf_counter()
         router.route([text])
         route_s.append(time.perf_counter() - t0)
-        ids = tok(text, return_tensors="pt", return_token_type_ids=False)
+        ids = tok(text, return_tensors="pt", return_token_type_ids=False).to(device_of(model))
         t0 = time.perf_counter()
         model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        pad_token_id=tok.pad_token_id)
@@ -319,7 +320,7 @@ def routed_correct(model, tok, qas, routes, batch_size: int = 16) -> list[bool]:
     return out
 
 
-def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path) -> dict:
+def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path, device: str = "cpu") -> dict:
     """S.U./D.U./R.D./general with the router in the loop, side by side with base, oracle and always-on."""
     from adapters import lm, lora_set
 
@@ -331,7 +332,7 @@ def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path) -> dict
     for aid, person in zip(ids, split.forget):
         fit_request_gate(gate_of(fs.qa(person)), work / "e2e" / aid, encoder, adapter_id=aid)
         router.add(aid, work / "e2e" / aid)
-    model, tok = lm.load(run["taught"])
+    model, tok = lm.load(run["taught"], device=device)
     served = lora_set.attach(model, dict(zip(ids, run["adapters"])))
     # The sets of bench/o3.py (S.U. = first training paraphrase, D.U. = held-out paraphrase), except that R.D.
     # takes every paraphrase of the retained people: templated look-alikes are where false activations happen.
@@ -387,6 +388,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--o3-cache", type=Path, default=Path("var/bench/o3"), help="bench/o3.py's --cache")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
+    ap.add_argument("--device", default="cpu", help="encoder and generator device: auto | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
     # One thread for smoke tests: on a busy 2-core machine two OpenMP threads keep waiting on each other for a
     # core, and the quick run slowed from 20 s to over 4 min at load 6 (tests/bench run it on such machines).
@@ -395,14 +397,16 @@ def main(argv=None) -> dict:
     n_people, n_req = (12, 3) if args.quick else (args.people, args.requests)
     fs = facts.generate(n_people, seed=args.seed)
     split = fs.split(n_forget=n_req)
-    encoder = Encoder()
-    result: dict = {"bench": "router", "quick": args.quick, "encoder": encoder.name, "encoder_layers": encoder.n_layers,
+    device = str(resolve_device(args.device))
+    encoder = Encoder(device=device)
+    result: dict = {"bench": "router", "quick": args.quick, "device": device, "encoder": encoder.name, "encoder_layers": encoder.n_layers,
                     "people": n_people, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         det, router = detection(encoder, fs, split, work)
         result["detection"] = det
         model, tok, gen_name = load_generator(args.quick)
+        model.to(device)
         probes = prompts(fs.qa_of(split.forget[:2], held_out=True)) + prompts(facts.GENERAL[:6])
         result["generation"] = {"model": gen_name, **generation_share(router, model, tok, probes[:4] if args.quick
                                                                       else probes, 8 if args.quick else 32)}
@@ -414,7 +418,7 @@ def main(argv=None) -> dict:
                                                 0 if args.quick else 20)
         sizes = [10, 100] if args.quick else [10, 100, 1000]
         result["scaling"] = scaling(encoder, fs, split, sizes, work, probes, 1 if args.quick else 3)
-        result["end_to_end"] = e2e = end_to_end(encoder, args.quick, args.seed, args.o3_cache, work)
+        result["end_to_end"] = e2e = end_to_end(encoder, args.quick, args.seed, args.o3_cache, work, device)
     result["seconds"] = time.perf_counter() - t_start
     sc = result["scaling"]
     result["summary"] = {

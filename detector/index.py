@@ -63,6 +63,35 @@ def vectors_and_ids(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(vecs, np.float32), faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
+def gpu_search_copy(index: faiss.IndexIDMap2, device: int) -> "GpuSearchCopy | None":
+    """A GPU copy of `index` for searching when faiss has GPU support (the `faiss-gpu-cu12` build) and a GPU;
+    None otherwise (search the CPU index)."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= device:
+        return None
+    return GpuSearchCopy(index, device)
+
+
+class GpuSearchCopy:
+    """Search-only snapshot of an IndexIDMap2 over a flat index, its vectors on a GPU.
+
+    The CPU index stays the one that is changed (add_with_ids, and remove_ids on rollback, which faiss's GPU flat
+    index does not offer) and persisted; a copy is taken after each change. Its results are the CPU index's: same
+    vectors, exact inner-product search, positions mapped back to the same ids."""
+
+    def __init__(self, index: faiss.IndexIDMap2, device: int):
+        vectors, self.ids = vectors_and_ids(index)
+        self.resources = faiss.StandardGpuResources()  # referenced for the copy's lifetime
+        config = faiss.GpuIndexFlatConfig()
+        config.device = device
+        self.flat = faiss.GpuIndexFlatIP(self.resources, index.d, config)
+        self.flat.add(vectors)
+        self.ntotal = self.flat.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, rows = self.flat.search(queries, k)
+        return sims, np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
+
+
 def write(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
 

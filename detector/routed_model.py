@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.devices import device_of
 from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
 from detector.per_sample_lora import per_sample_adapters
 from detector.router import Router
@@ -201,13 +202,19 @@ class RoutedModel:
         return self.route_texts(self.prompt_texts(prompt))
 
     # --- generation ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the served model's weights are (the CPU while it routes only): inputs go there."""
+        return device_of(self.model) if self.model is not None else torch.device("cpu")
+
     def _encode(self, prompt: str, templated: bool) -> dict:
         # A rendered chat template carries its own special tokens; a raw prompt gets the tokenizer's (as vLLM).
-        return self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False,
-                              add_special_tokens=not templated)
+        ids = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=not templated)
+        return {k: v.to(self.device) for k, v in ids.items()}
 
-    def _adapters_context(self, routes: Sequence[dict[str, float]]):
-        """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`)."""
+    def _adapters_context(self, routes: Sequence[dict[str, float]], *, merge: bool = True):
+        """Within it, the model runs sample b with routes[b]'s adapters (the caller holds `lock`). `merge`: a
+        batch sharing one route runs on merged weights (for generations; scoring runs a pass or two: False)."""
         from contextlib import nullcontext
 
         from peft import PeftModel
@@ -216,7 +223,7 @@ class RoutedModel:
             self._load_pending({name for r in routes for name in r})
         if not isinstance(self.model, PeftModel):
             return nullcontext()  # no adapter loaded yet: the base model itself
-        return per_sample_adapters(self.model, routes)
+        return per_sample_adapters(self.model, routes, merge=merge)
 
     def generate(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
                  templated: bool = True) -> Completion:
@@ -271,7 +278,7 @@ class RoutedModel:
                     chunk = prompts[i:i + batch_size]
                     routes = [r.applied for r in routings[i:i + batch_size]]
                     ids = tok(chunk, return_tensors="pt", padding=True, return_token_type_ids=False,
-                              add_special_tokens=not templated)
+                              add_special_tokens=not templated).to(self.device)
                     if do_sample:
                         torch.manual_seed(seed + i)
                     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else \
@@ -295,7 +302,7 @@ class RoutedModel:
         out: list[list[float]] = []
         with self.lock:
             for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
-                with self._adapters_context([routing.applied]):
+                with self._adapters_context([routing.applied], merge=False):  # two forward passes: no merge
                     out += lm_eval.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adapters.devices import device_of
 from detector import index as fidx
 from detector.gate import RequestGate
 
@@ -69,6 +70,11 @@ class Router:
         self.gates: dict[str, RequestGate] = {}
         self._by_key: dict[int, str] = {}
         self._index = fidx.new_index(encoder.dim)
+        # Searched on the GPU when faiss has GPU support and the encoder runs on CUDA (a copy taken after changes)
+        model = getattr(encoder, "model", None)
+        device = device_of(model) if model is not None else None
+        self._gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
+        self._search_copy = None
         self._lock = threading.RLock()  # serve adds/removes adapters while requests are being routed
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -88,6 +94,7 @@ class Router:
                 self.remove(adapter_id)
             vecs, ids = fidx.vectors_and_ids(gate.bank_of_layer(self.config.routing_layer, self.encoder.n_layers))
             self._index.add_with_ids(vecs, ids)
+            self._search_copy = None
             self.gates[adapter_id] = gate
             self._by_key[key] = adapter_id
 
@@ -98,6 +105,7 @@ class Router:
             if gate is None:
                 return 0
             self._by_key.pop(gate.key, None)
+            self._search_copy = None
             return fidx.remove_request(self._index, gate.key)
 
     @property
@@ -115,7 +123,7 @@ class Router:
             if self._index.ntotal == 0 or len(feats) == 0:
                 return [{} for _ in range(len(feats))]
             q = fidx.normalise(feats[:, self.config.routing_layer, :])
-            sims, ids = self._index.search(q, min(self.config.candidates_k, self._index.ntotal))
+            sims, ids = self._searched().search(q, min(self.config.candidates_k, self._index.ntotal))
             out = []
             for row_sims, row_ids in zip(sims, ids):
                 found: dict[str, float] = {}
@@ -125,6 +133,14 @@ class Router:
                         found[name] = float(s)
                 out.append(found)
             return out
+
+    def _searched(self):
+        """The index searches go to: the CPU index, or its GPU copy (retaken after an add or a removal)."""
+        if self._gpu is None:
+            return self._index
+        if self._search_copy is None:
+            self._search_copy = fidx.gpu_search_copy(self._index, self._gpu) or self._index
+        return self._search_copy
 
     def candidates(self, feats: np.ndarray) -> list[dict[str, float]]:
         """Per input: the neighbours near enough (`candidate_min_cos`) for their gate to be scored."""

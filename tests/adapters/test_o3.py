@@ -107,6 +107,19 @@ def test_orthogonality_penalty_lowers_overlap_with_earlier_adapters(taught, tmp_
     assert penalised.metrics["max_overlap_earlier"] == pytest.approx(o_pen["max_cosine"])
     report = lora_set.orthogonality_report({"a0": tmp_path, "pen": penalised.lora_A(), "free": free.lora_A()})
     assert len(report["pairs"]) == 3 and report["max_cosine"] >= o_free["max_cosine"] - 1e-6
+    # the batched penalty training used equals the per-module loop on these real adapters
+    from peft import get_peft_model
+
+    from adapters.o3 import _lora_config
+    from adapters.o3_penalty import batched_penalty, looped_penalty
+
+    live = get_peft_model(target.model, _lora_config(O3Engine(**FAST).config, target))
+    try:
+        n = target.model.config.num_hidden_layers
+        olds = [earlier, free.lora_A()]
+        assert batched_penalty(live, olds, n)().item() == pytest.approx(looped_penalty(live, olds, n)().item(), rel=1e-6)
+    finally:
+        live.unload()
 
 
 def test_refusal_objective_and_free_text_requests(taught):

@@ -78,3 +78,13 @@ def test_a_method_for_another_model_kind_stops_the_registry(tmp_path):
     registry = ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
     with pytest.raises(config_mod.ConfigError, match="models.m.method_by_forget.class: method 'o3' does not apply"):
         registry.check_methods()  # what the daemon runs first at start-up
+
+
+def test_device_and_dtype_keys(tmp_path):
+    cfg = config_mod.load(_config(tmp_path, 'device = "cuda:1"\ndtype = "bfloat16"'), env={})
+    assert (cfg.models["m"].device, cfg.models["m"].dtype) == ("cuda:1", "bfloat16")
+    assert config_mod.load(_config(tmp_path, ""), env={}).models["m"].device == "cpu"  # CPU unless configured
+    with pytest.raises(config_mod.ConfigError, match="models.m.device"):
+        config_mod.load(_config(tmp_path, 'device = "gpu"'), env={})
+    with pytest.raises(config_mod.ConfigError, match="models.m.dtype"):
+        config_mod.load(_config(tmp_path, 'dtype = "int8"'), env={})

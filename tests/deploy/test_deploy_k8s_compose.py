@@ -192,19 +192,23 @@ def test_compose_bind_mounts_exist(compose):
 
 # ---- Kubernetes (kustomize) ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def rendered() -> list[dict]:
+def render(directory: Path) -> list[dict]:
     if shutil.which("kustomize"):
-        cmd = [shutil.which("kustomize"), "build", str(K8S)]
+        cmd = [shutil.which("kustomize"), "build", str(directory)]
     else:
         kubectl = shutil.which("kubectl")
         assert kubectl, f"neither kustomize nor kubectl is on PATH: {INSTALL_HINT}"
-        cmd = [kubectl, "kustomize", str(K8S)]
+        cmd = [kubectl, "kustomize", str(directory)]
     res = run(cmd)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
     assert docs
     return docs
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    return render(K8S)
 
 
 def one(docs: list[dict], kind: str, name: str) -> dict:
@@ -364,3 +368,20 @@ def test_systemd_unit_verifies():
     assert int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1)) >= GRACE_S
     for opt in ("NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=unlearnd", "PrivateTmp=yes"):
         assert opt in text
+
+
+def test_gpu_overlay_requests_a_gpu_and_configures_the_model_onto_it(rendered):
+    gpu = render(DEPLOY / "k8s-gpu")
+    for kind, name in (("StatefulSet", "unlearnd-daemon"), ("Deployment", "unlearnd-router")):
+        base_pod = one(rendered, kind, name)["spec"]["template"]["spec"]
+        pod = one(gpu, kind, name)["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert "nvidia.com/gpu" not in base_pod["containers"][0]["resources"].get("limits", {})  # CPU unless asked
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["image"] == f"unlearnd:{VERSION}-cuda"  # the Dockerfile's VARIANT=cuda build
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+        cfg = container_config(gpu, pod, c)
+        lms = [m for m in cfg.models.values() if m.kind == "causal_lm"]
+        assert lms and all((m.device, m.dtype) == ("cuda", "bfloat16") for m in lms)
+        assert all(m.device == "cpu" for m in container_config(rendered, base_pod, base_pod["containers"][0]).models.values())
+    assert 'ARG VARIANT=cpu' in DOCKERFILE.read_text() and 'base-cuda' in DOCKERFILE.read_text()

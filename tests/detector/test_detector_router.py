@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import pytest
 
 from adapters import facts
 from adapters.base import Forget
@@ -184,3 +185,27 @@ def test_requests_about_the_same_person_do_not_block_each_other(encoder):
     with_margin, without = hit(RouterConfig().margin), hit(0.0)
     assert with_margin >= 0.6, with_margin
     assert with_margin >= without - 0.05, (with_margin, without)
+
+
+@pytest.mark.skipif(not hasattr(__import__("faiss"), "StandardGpuResources") or not __import__("torch").cuda.is_available(),
+                    reason="needs faiss-gpu and a CUDA GPU")
+def test_gpu_search_copy_finds_the_same_ids_and_follows_rollbacks():
+    import faiss
+    import numpy as np
+
+    from detector import index as fidx
+
+    rng = np.random.default_rng(0)
+    cpu = fidx.new_index(16)
+    for key in (1, 2, 3):
+        fidx.add_request(cpu, key, fidx.normalise(rng.normal(size=(50, 16))))
+    q = fidx.normalise(rng.normal(size=(5, 16)))
+    assert faiss.get_num_gpus() > 0
+    for removed in (None, 2):  # before and after a rollback of request 2 (done on the CPU index, then copied)
+        if removed is not None:
+            assert fidx.remove_request(cpu, removed) == 50
+        copy = fidx.gpu_search_copy(cpu, 0)
+        s_cpu, i_cpu = cpu.search(q, 10)
+        s_gpu, i_gpu = copy.search(q, 10)
+        assert np.array_equal(i_cpu, i_gpu) and np.allclose(s_cpu, s_gpu, atol=1e-5)
+    assert 2 not in set(fidx.key_of(i_gpu).ravel())

@@ -68,3 +68,43 @@ def test_generate_with_mixed_routes(model):
     with pytest.raises(KeyError):
         with per_sample_adapters(model, [{"nope": 1.0}]):
             pass
+
+
+@torch.no_grad()
+def test_a_batch_sharing_its_route_runs_merged_equal_to_per_sample_and_restores_base_weights(model):
+    from detector.per_sample_lora import merged_adapters
+
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tensors = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for route in ({"a1": 1.0}, {"a1": 1.0, "a2": 1.0}, {"a2": 0.6}):
+        with per_sample_adapters(model, [route] * 3):  # the merged fast path
+            merged = model(input_ids=ids).logits
+            lora_layers = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
+        assert lora_layers == 0  # no LoRA code runs while merged: the wrappers are out of the module tree
+        for i in range(3):
+            torch.testing.assert_close(merged[i:i + 1], _alone(model, ids[i:i + 1], route), rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():  # base weights back, bit for bit, as the very same tensors
+        assert p.data_ptr() == tensors[n] and torch.equal(p, before[n])
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_adapters(model, {"a1": 1.0}):
+            raise RuntimeError("inside")
+    for n, p in model.named_parameters():  # also after an exception inside the block
+        assert p.data_ptr() == tensors[n]
+    assert not any(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    assert sum(1 for m in model.modules() if isinstance(m, LoraLayer)) == 6  # every wrapper back in place
+
+
+@torch.no_grad()
+def test_merged_generation_matches_the_unmerged_route(model):
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    with per_sample_adapters(model, [{"a2": 1.0}]):
+        fast = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+    # the unmerged reference: the same route in a two-row batch next to an unrouted row (per-sample hooks)
+    with per_sample_adapters(model, [{"a2": 1.0}, {}]):
+        slow = model.generate(input_ids=ids.repeat(2, 1), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(fast.sequences[0], slow.sequences[0])
+    for a, b in zip(fast.scores, slow.scores):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
