@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # standalone script: import the repo's packages
+from bench.report import emit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -250,10 +251,7 @@ def main(argv=None) -> dict:
             args.out.write_text(json.dumps({"mode": "partial", "blocks": blocks}, indent=1, default=float))
     report = {"mode": "quick" if args.quick else "full", "threads": args.threads, "blocks": blocks,
               "wall_seconds": time.perf_counter() - started, "summary": summarize(blocks, seqs)}
-    text = json.dumps(report, indent=1, default=float)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(report, args.out, indent=1, default=float)
     return report
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # standalone script: import the repo's packages
+from bench.report import emit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -276,10 +277,7 @@ def main(argv=None) -> dict:
     report["wall_seconds"] = time.perf_counter() - started
     report["load_average_end"] = os.getloadavg()
     report["summary"] = summarize(plan, eval_acc, before_eval, scenarios, seq, train)
-    text = json.dumps(report, indent=1, default=float)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(report, args.out, indent=1, default=float)
     return report
 
 

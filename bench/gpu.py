@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 
 from adapters import devices, facts, lm  # noqa: E402
 from adapters.base import Forget  # noqa: E402
@@ -285,11 +286,7 @@ def main(argv=None) -> dict:
         "routing_share": s["route"] / (s["route"] + generation),
         "unrouted_token_identical": dec["unrouted_token_identical"] and dec["mixed_unrouted_rows_token_identical"],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out, default=None)
     return result
 
 

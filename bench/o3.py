@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 
 from adapters import facts, facts_tuning, lm, lm_eval, lora_set  # noqa: E402
 from adapters.base import Forget  # noqa: E402
@@ -156,11 +157,7 @@ def main(argv=None) -> dict:
         "requests_in_sequence": len(steps),
         "max_orthogonality": ortho["max_cosine"], "max_orthogonality_without_penalty": no_penalty,
     }
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(result, args.out)
     return result
 
 

@@ -37,6 +37,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 
 from adapters import facts  # noqa: E402
 from adapters.devices import device_of, resolve_device  # noqa: E402
@@ -435,10 +436,7 @@ def main(argv=None) -> dict:
         "default_encoder": "minilm_frozen",
         "default_gate_layers": "last",
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit(result, args.out, default=None)
     return result
 
 

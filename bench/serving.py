@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 
 from bench import known_facts  # noqa: E402
 from daemon.broker import free_port  # noqa: E402
@@ -77,11 +78,7 @@ def main(argv=None) -> dict:
             stack.stop_all()
     result["seconds"] = time.perf_counter() - t_start
     result["summary"] = result.pop("summary")  # last key
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(result, args.out)
     return result
 
 

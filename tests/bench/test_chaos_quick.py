@@ -1,21 +1,11 @@
 """bench/chaos.py --quick runs end to end (real broker, daemon processes, kills, a broker restart, a full disk)
 and meets every target of issue 11, computed from the ledger and the topics."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
 
 
 def test_chaos_bench_quick(tmp_path):
-    out = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert list(result)[-1] == "summary"
+    result = run_quick("chaos.py", tmp_path / "chaos.json", timeout=400)
     s = result["summary"]
     assert (s["lost"], s["applied_twice"], s["valid_failed"], s["crashes_from_input"]) == (0, 0, 0, 0), s
     assert s["bad_dead_lettered_share"] == 1.0 and s["chain_consistent"] is True, s

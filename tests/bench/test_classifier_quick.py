@@ -1,24 +1,15 @@
 """Smoke test of the classifier benchmark: --quick produces the JSON summary with sane numbers (not targets)."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
+
 KEYS = ("speedup_vs_retrain_min_iau", "max_avg_gap_points_5_10pct", "max_mia_gap_points_5_10pct",
         "class_forget_accuracy_default_method", "sequence_max_gap_points_served_default")
 
 
 def test_quick_benchmark_prints_and_writes_summary(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "classifier.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == printed
-    assert list(printed)[-1] == "summary"
+    printed = run_quick("classifier.py", tmp_path / "bench.json", cwd=tmp_path)
     summary = printed["summary"]
     assert printed["threads"] == 1  # two stall each other on a busy 2-core machine
     for key in KEYS:

@@ -1,25 +1,16 @@
 """Smoke test of the diffusion benchmark: --quick produces the JSON summary with sane numbers (not targets)."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
+
 KEYS = ("ua_min", "retained_acc_drop_points_max", "fid_after", "fid_before", "fid_retrain", "speedup_vs_retrain_min",
         "sequence_ua_min", "sequence_retained_acc_drop_points")
 
 
 def test_quick_benchmark_prints_and_writes_summary(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "diffusion.py"), "--quick", "--threads", "1",
-                           "--out", str(out), "--grids", str(tmp_path / "grids")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == printed
-    assert list(printed)[-1] == "summary"
+    printed = run_quick("diffusion.py", tmp_path / "bench.json", "--threads", "1", "--grids", str(tmp_path / "grids"),
+                        cwd=tmp_path)
     summary = printed["summary"]
     for key in KEYS:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key

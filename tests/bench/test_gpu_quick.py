@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -11,19 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.bench.quick import run_quick
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"o3_penalty_overhead_ratio", "decode_ratio_unrouted", "decode_ratio_one_adapter", "decode_ratio_mixed_batch",
         "routing_share", "unrouted_token_identical", "device"}
 
 
 def _run(tmp_path, *extra) -> dict:
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--out", str(out), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert json.loads(proc.stdout)["summary"] == result["summary"]
-    return result
+    return run_quick("gpu.py", tmp_path / "gpu.json", *extra, timeout=600)
 
 
 def test_quick_bench_on_cpu(tmp_path):

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from tests.bench.quick import run_quick
 
-ROOT = Path(__file__).resolve().parents[2]
+
 KEYS = {"su", "du", "reference_su", "reference_du", "rd_drop_points_oracle", "general_drop_points_oracle",
         "train_seconds_per_request", "requests_in_sequence", "max_orthogonality"}
 
 
 def test_quick_bench_prints_a_sane_summary(tmp_path):
-    out = tmp_path / "o3.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "o3.py"), "--quick", "--out", str(out),
-                           "--cache", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert json.loads(proc.stdout)["summary"] == result["summary"]
+    result = run_quick("o3.py", tmp_path / "o3.json", "--cache", str(tmp_path / "cache"), timeout=600)
     assert result["params"]["threads"] == 1  # two stall each other on a busy 2-core machine
     s = result["summary"]
     assert KEYS <= s.keys()

@@ -1,20 +1,10 @@
 """bench/router.py --quick runs end to end as a subprocess and writes the summary a script can check."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.quick import run_quick
 
 
 def test_router_bench_quick(tmp_path):
-    out = tmp_path / "router.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "router.py"), "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert list(result)[-1] == "summary"
+    result = run_quick("router.py", tmp_path / "router.json")
     summary = result["summary"]
     assert result["torch_threads"] == 1  # two stall each other on a busy 2-core machine
     for key in ("auroc_min", "false_activation_rate", "su_routed", "du_routed", "rd_drop_points_routed",
