@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import emit  # noqa: E402
 
 from bench import known_facts  # noqa: E402
-from daemon.broker import free_port  # noqa: E402
+from daemon.broker import free_port, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "lm"
@@ -151,13 +150,8 @@ lr = {p["o3_lr"]}
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, 60)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -34,6 +34,17 @@ def tansu_binary() -> Path:
     return binary
 
 
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel (Linux) to send `sig` to this process when its parent dies, even by SIGKILL. Run in a child
     before exec (the broker: a crashed daemon never leaves an orphan holding the port) or first thing in it."""
@@ -92,13 +103,8 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, 5)
         self.process = None
 
     def __enter__(self) -> "EmbeddedBroker":

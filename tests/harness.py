@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.broker import free_port
+from daemon.broker import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 UNLEARND = [sys.executable, "-m", "daemon.cli"]
@@ -125,13 +124,7 @@ class Stack:
 
     def stop_all(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, 20)
 
     # --- metrics --------------------------------------------------------------------------------------------
 
