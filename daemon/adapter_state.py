@@ -29,7 +29,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from adapters.store import tree_sha256
 from daemon import kafka_io
-from daemon.config import Config
+from daemon.config import Config, bootstrap_servers
 from daemon.ledger import read_adapters
 from daemon.models import GATE_SUBDIR
 
@@ -186,8 +186,7 @@ class AdapterFollower(threading.Thread):
     def __init__(self, adapters: AdapterSet, cfg: Config):
         super().__init__(name="adapters-follower", daemon=True)
         self.adapters, self.cfg = adapters, cfg
-        bootstrap = cfg.kafka.bootstrap_servers
-        self.bootstrap = f"127.0.0.1:{cfg.kafka.embedded_port}" if bootstrap == "embedded" else bootstrap
+        self.bootstrap = bootstrap_servers(cfg)
         self.topic = cfg.kafka.topics.adapters
         self.stopping = threading.Event()
 

@@ -22,9 +22,10 @@ from typing import Annotated, Optional
 import typer
 
 from daemon import config as config_mod
+from daemon.config import bootstrap_servers
 from daemon.cli_artifacts import adapters_app, versions_app
 from daemon.cli_sample import sample
-from daemon.cli_common import (CLIError, ConfigOpt, JsonOpt, bootstrap_servers, console, dumps, emit, err_console, fail,
+from daemon.cli_common import (CLIError, ConfigOpt, JsonOpt, console, dumps, emit, err_console, fail,
                                fmt, load_config, open_ledger, print_json, print_metrics, print_result, when)
 from daemon.logs import setup_logging
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon import config as config_mod
+from daemon.config import bootstrap_servers
 
 console = Console()
 err_console = Console(stderr=True)  # warnings that must not mix into --json output on stdout
@@ -47,11 +48,6 @@ def load_config(path: Path | None) -> config_mod.Config:
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
         fail(str(exc), 2)
-
-
-def bootstrap_servers(cfg: config_mod.Config) -> str:
-    k = cfg.kafka
-    return f"127.0.0.1:{k.embedded_port}" if k.bootstrap_servers == "embedded" else k.bootstrap_servers
 
 
 def open_ledger(cfg: config_mod.Config):

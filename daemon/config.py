@@ -299,3 +299,9 @@ def _parse_scalar(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def bootstrap_servers(cfg: Config) -> str:
+    """Where clients connect: the embedded broker's loopback port, or the configured cluster."""
+    k = cfg.kafka
+    return f"127.0.0.1:{k.embedded_port}" if k.bootstrap_servers == "embedded" else k.bootstrap_servers
