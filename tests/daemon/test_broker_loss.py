@@ -22,6 +22,9 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
         assert stack.results(1)[0]["status"] == "applied"
 
         broker.stop()
+        # Our own producer must not be the first to ask the new broker for the requests topic: its metadata
+        # refresh would auto-create the topic with the broker's default partitions before the daemon can.
+        stack._producer.close()
         stack.wait_metric("unlearnd_broker_connected", 0.0, timeout=30)
         deadline = time.monotonic() + 10  # the metric drops at once; the loop says so when it next looks
         while "broker unavailable" not in stack.log() and time.monotonic() < deadline:
@@ -34,7 +37,6 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
         broker = EmbeddedBroker(port).start()
         stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=60)
         assert stack.metric("unlearnd_broker_disconnects_total") >= 1
-        stack._producer.close()
         from kafka import KafkaProducer
 
         stack._producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
