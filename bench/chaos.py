@@ -275,6 +275,10 @@ class Chaos:
         n_hostile, cases = 0, []
         while not self.stop_traffic.is_set():
             if self.paused_traffic.is_set():
+                # Our clients go while paused: Tansu ignores allow_auto_create_topics, so a producer's metadata
+                # refresh naming the requests topic would re-create it on a restarted broker before the daemon does.
+                _close(producer, raw)
+                producer = raw = None
                 self.traffic_idle.set()
                 time.sleep(0.1)
                 continue
