@@ -137,9 +137,9 @@ def register(cls: type[Engine]) -> type[Engine]:
 #: its engine is first asked for, so a classifier-only deployment never pays for importing transformers,
 #: peft or diffusers.
 BUILTIN_ENGINES = {
-    "iau": {"classifier": "adapters.iau"},
-    "salun": {"classifier": "adapters.salun", "diffusion": "adapters.diffusion.salun"},
-    "o3": {"causal_lm": "adapters.o3"},
+    "iau": {"classifier": "adapters.classifier.iau"},
+    "salun": {"classifier": "adapters.classifier.salun", "diffusion": "adapters.diffusion.salun"},
+    "o3": {"causal_lm": "adapters.lm.o3"},
 }
 
 

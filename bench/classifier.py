@@ -39,17 +39,20 @@ from bench.report import emit  # noqa: E402
 
 import torch  # noqa: E402
 
-from adapters import baselines, datasets, measures  # noqa: E402
+from adapters import datasets  # noqa: E402
+from bench.evaluation import baselines  # noqa: E402
+from adapters.classifier import measures  # noqa: E402
+from bench.evaluation import mia  # noqa: E402
 from adapters.base import Forget  # noqa: E402
-from adapters.classifier import ClassifierTarget  # noqa: E402
-from adapters.iau import IAUEngine  # noqa: E402
-from adapters.salun import SalUnEngine  # noqa: E402
+from adapters.classifier.model import ClassifierTarget  # noqa: E402
+from adapters.classifier.iau import IAUEngine  # noqa: E402
+from adapters.classifier.salun import SalUnEngine  # noqa: E402
 from bench.evaluation.seeds import aggregate, pick  # noqa: E402
 
 SERVED = ("iau", "iau-cold", "salun")
 BASELINES = ("ft", "ga")
 DEFAULT_FOR = {"sample_ids": "iau", "class": "salun"}  # daemon/config.py: DEFAULT_METHOD, DEFAULT_METHOD_BY_FORGET
-GAP_KEYS = measures.GAP_KEYS
+GAP_KEYS = mia.GAP_KEYS
 NOISE_SEED = 100  # data-order seed offset of the second retrain
 
 
@@ -104,7 +107,7 @@ def run_methods(target: ClassifierTarget, forget: Forget, rows, remaining, refer
 
 
 def with_gaps(measured: dict, reference: dict) -> dict:
-    gaps = measures.gaps_to_retrain(measured, reference)
+    gaps = mia.gaps_to_retrain(measured, reference)
     return {**measured, "avg_gap": gaps["agg_value"], **{f"{k}_gap": v for k, v in gaps["value_by_key"].items()}}
 
 
@@ -116,15 +119,15 @@ def scenario(split, spec, model, arch, epochs, name, forget: Forget, seed: int, 
     test = split.test if forget.kind != "class" else split.test.subset(split.test.y != forget.class_label)
     retrained, retrain_s = timed(lambda: baselines.retrain(spec, remaining, epochs=epochs, alpha=ALPHA[arch],
                                                            seed=seed))
-    ref = measures.unlearning_measures(retrained, rows, remaining, test, seed=seed)
+    ref = mia.unlearning_measures(retrained, rows, remaining, test, seed=seed)
     reference_acc = 0.0 if forget.kind == "class" else measures.accuracy(model, split.test)
     results = {"retrain": {**ref, "seconds": retrain_s}}
     if noise_floor and forget.kind != "class":  # the reference's own spread: the same recipe, another data order
         again = baselines.retrain(spec, remaining, epochs=epochs, alpha=ALPHA[arch], seed=seed + NOISE_SEED)
-        results["retrain-2"] = with_gaps(measures.unlearning_measures(again, rows, remaining, test, seed=seed), ref)
+        results["retrain-2"] = with_gaps(mia.unlearning_measures(again, rows, remaining, test, seed=seed), ref)
     for method, (module, seconds, extra) in run_methods(target, forget, rows, remaining, reference_acc,
                                                         seed).items():
-        m = measures.unlearning_measures(module, rows, remaining, test, seed=seed)
+        m = mia.unlearning_measures(module, rows, remaining, test, seed=seed)
         results[method] = {**with_gaps(m, ref), "seconds": seconds, "speedup_vs_retrain": retrain_s / seconds, **extra}
     iau = results["iau"]
     iau["speedup_incl_refresh"] = retrain_s / (iau["seconds"] + iau["refresh_seconds"])
@@ -141,7 +144,7 @@ def sequence(split, spec, model, arch, epochs, plan: Plan, seed: int) -> dict:
     for step in plan.sequence_checkpoints:
         gone = [i for r in requests[:step] for i in r]
         remaining = split.train.without_ids(gone)
-        retrained[step] = measures.unlearning_measures(
+        retrained[step] = mia.unlearning_measures(
             baselines.retrain(spec, remaining, epochs=epochs, alpha=ALPHA[arch], seed=seed),
             split.train.select_ids(gone), remaining, split.test, seed=seed)
     engine = IAUEngine()
@@ -159,7 +162,7 @@ def sequence(split, spec, model, arch, epochs, plan: Plan, seed: int) -> dict:
         cheap = measures.accuracies(target.model, gone, target.remaining.sample(1000), split.test)
         per_step.append({**{k: round(v, 4) for k, v in cheap.items()}, "step_lr": change.metrics["step_lr"]})
         if step in retrained:
-            m = measures.unlearning_measures(target.model, gone, target.remaining, split.test, seed=seed)
+            m = mia.unlearning_measures(target.model, gone, target.remaining, split.test, seed=seed)
             checkpoints[step] = with_gaps(m, retrained[step])
     return {"method": DEFAULT_FOR["sample_ids"], "request_size": size, "steps": plan.sequence_steps,
             "mean_request_seconds": request_s / len(requests), "mean_refresh_seconds": refresh_s / len(requests),

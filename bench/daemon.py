@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from adapters import classifier  # noqa: E402
+from adapters.classifier import model as classifier  # noqa: E402
 from adapters.base import Engine, Forget, register  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.app import Daemon  # noqa: E402

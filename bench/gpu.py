@@ -35,10 +35,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import emit  # noqa: E402
 
-from adapters import devices, facts, lm  # noqa: E402
+from adapters import devices  # noqa: E402
+from bench.evaluation import facts  # noqa: E402
+from adapters.lm import loading as lm  # noqa: E402
+from tests.tiny_models import char_tokenizer  # noqa: E402
 from adapters.base import Forget  # noqa: E402
-from adapters.o3 import LLAMA_LINEAR, LMTarget, O3Engine, gate_texts  # noqa: E402
-from adapters.o3_penalty import batched_penalty, looped_penalty  # noqa: E402
+from adapters.lm.o3 import LLAMA_LINEAR, LMTarget, O3Engine, gate_texts  # noqa: E402
+from adapters.lm.penalty import batched_penalty, looped_penalty  # noqa: E402
 
 # Published configurations (hidden, MLP, layers, heads, kv heads, vocabulary, tied embeddings).
 SHAPES = {
@@ -84,7 +87,7 @@ def tokenizer(shape: str):
             return tok
         except FileNotFoundError:
             pass
-    return lm.char_tokenizer()
+    return char_tokenizer()
 
 
 def earlier_adapters(model, n: int, root: Path, encoder, people) -> dict[str, Path]:

@@ -3,11 +3,11 @@
     .venv/bin/python bench/o3.py --out bench/out/o3.json        # SmolLM2-135M-Instruct (~25 min on 2 cores)
     .venv/bin/python bench/o3.py --quick                         # tiny random Llama, a smoke test (<1 min)
 
-Setup: `adapters.facts` people; the first `--forget` are deleted one per request (21 QA pairs each), the rest
+Setup: `bench.evaluation.facts` people; the first `--forget` are deleted one per request (21 QA pairs each), the rest
 are retained. The base model is taught every person (`teach_facts`); the *reference* model is taught only
 the retained people (what S.U./D.U. should fall to). Both are cached under `--cache` so reruns skip them.
 
-Measures (ranking accuracy, `adapters.lm_eval`): S.U. = forget QA pairs of forgotten people, D.U. = their
+Measures (ranking accuracy, `adapters.lm.scoring`): S.U. = forget QA pairs of forgotten people, D.U. = their
 held-out paraphrases, R.D. = retained people (first paraphrase of each fact), general = `facts.GENERAL`.
 "always on": every adapter so far active for every input. "oracle routing": a forgotten person's inputs get
 that request's adapter, everything else gets the base model (so R.D./general under oracle routing equal the
@@ -28,9 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import emit  # noqa: E402
 
-from adapters import facts, facts_tuning, lm, lm_eval, lora_set  # noqa: E402
+from bench.evaluation import facts  # noqa: E402
+from bench.evaluation import facts_tuning  # noqa: E402
+from adapters.lm import loading as lm  # noqa: E402
+from tests.tiny_models import tiny_llama  # noqa: E402
+from bench.evaluation import lm_eval  # noqa: E402
+from adapters.lm import lora_set  # noqa: E402
 from adapters.base import Forget  # noqa: E402
-from adapters.o3 import LMTarget, O3Engine  # noqa: E402
+from adapters.lm.o3 import LMTarget, O3Engine  # noqa: E402
 
 FULL = dict(forget=10, retain=5, teach_epochs=3, teach_lr=2e-4, o3_epochs=10, o3_lr=1e-3, no_penalty_requests=2,
             general=len(facts.GENERAL))
@@ -175,7 +180,7 @@ def _tiny_base(cache: Path) -> Path:
     directory = cache / "tiny-base"
     if not (directory / "config.json").is_file():
         directory.mkdir(parents=True, exist_ok=True)
-        lm.tiny(directory, seed=0)
+        tiny_llama(directory, seed=0)
     return directory
 
 

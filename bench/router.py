@@ -14,7 +14,7 @@ Cost: routing time per input as a share of generating 32 new tokens with SmolLM2
 routing time at 10, 100, 1,000 requests (real gates + synthetic requests from real embeddings).
 End to end: bench/o3.py's run (a model taught 15 people, one O3 adapter per forgotten person; made here first
 if its cache is missing) served through the Router: one gate per request fitted on its questions
-(`adapters.o3.gate_texts`) as the daemon does, every input routed on what the user asked (`detector.inputs`: the
+(`adapters.lm.o3.gate_texts`) as the daemon does, every input routed on what the user asked (`detector.inputs`: the
 question, not the prompt layout), the adapters applied per input with `per_sample_adapters` (mixed routes in one
 batch). Gates and routing everywhere here use the bare questions, as serving does. S.U./D.U./R.D./general accuracy with routing vs "always on" (every adapter
 for every input) vs "oracle" (a forgotten person's questions get exactly that request's adapter) vs the base.
@@ -39,11 +39,12 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import emit  # noqa: E402
 
-from adapters import facts  # noqa: E402
+from bench.evaluation import facts  # noqa: E402
 from adapters.devices import device_of, resolve_device  # noqa: E402
 from adapters.base import Forget  # noqa: E402
-from adapters.o3 import gate_texts  # noqa: E402
-from detector.features import CausalLMEncoder, Encoder  # noqa: E402
+from adapters.lm.o3 import gate_texts  # noqa: E402
+from bench.evaluation.lm_encoder import CausalLMEncoder  # noqa: E402
+from detector.features import Encoder  # noqa: E402
 from detector.gate import fit_gate_from_features, fit_request_gate, split_used_rest  # noqa: E402
 from detector.inputs import prompt_routing_texts  # noqa: E402
 from detector.router import Router, RouterConfig  # noqa: E402
@@ -56,7 +57,7 @@ def prompts(qas):
 
 
 def gate_of(qas):
-    """What the daemon fits a request's gate on: `adapters.o3.gate_texts` of the request."""
+    """What the daemon fits a request's gate on: `adapters.lm.o3.gate_texts` of the request."""
     return gate_texts(Forget(qa=tuple((q.question, q.answer) for q in qas)))
 
 
@@ -115,7 +116,7 @@ def detection(encoder, fs, split, work: Path) -> tuple[dict, Router]:
 
 def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, cel_steps: int) -> dict:
     """Per request: AUROC and false activation (w >= min_weight) of the gate alone, per feature source."""
-    from detector.cel import train_cel_encoder
+    from bench.evaluation.cel import train_cel_encoder
 
     negatives = prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)) + prompts(facts.GENERAL)
     out: dict[str, list] = {"minilm_frozen": [], "minilm_cel": [], "smollm2_hidden": []}
@@ -311,7 +312,7 @@ def o3_run(quick: bool, seed: int, cache: Path) -> dict:
 
 def routed_correct(model, tok, qas, routes, batch_size: int = 16) -> list[bool]:
     """lm_eval.correct with adapters applied per input: batch b of questions runs with routes b (mixed)."""
-    from adapters import lm_eval
+    from bench.evaluation import lm_eval
     from detector.per_sample_lora import per_sample_adapters
 
     out: list[bool] = []
@@ -323,7 +324,8 @@ def routed_correct(model, tok, qas, routes, batch_size: int = 16) -> list[bool]:
 
 def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path, device: str = "cpu") -> dict:
     """S.U./D.U./R.D./general with the router in the loop, side by side with base, oracle and always-on."""
-    from adapters import lm, lora_set
+    from adapters.lm import loading as lm
+    from adapters.lm import lora_set
 
     run = o3_run(quick, seed, cache)
     fs = facts.generate(run["forget"] + run["retain"], seed=seed)

@@ -288,7 +288,7 @@ def ask(client, questions: list[Question], max_tokens: int) -> list[tuple[str, l
 
 
 def ask_completions(client, questions: list[Question], max_tokens: int) -> list[tuple[str, list[str]]]:
-    """The same questions as raw completions in the `Question: ...\\nAnswer:` layout (adapters.facts)."""
+    """The same questions as raw completions in the `Question: ...\\nAnswer:` layout (bench.evaluation.facts)."""
     out = []
     for q in questions:
         r = client.completions.create(model=MODEL, prompt=f"Question: {q.text}\nAnswer:", max_tokens=max_tokens,
@@ -447,14 +447,15 @@ def separate(state: Path, questions: list[Question], ids: dict) -> dict:
 
 
 def _base_model(cache: Path, quick: bool) -> Path:
-    from adapters import lm
+    from adapters.lm import loading as lm
+    from tests.tiny_models import tiny_llama
 
     if not quick:
         return lm.cached_smollm2(cache)
     directory = cache / "tiny"
     if not (directory / "config.json").is_file():
         directory.mkdir(parents=True, exist_ok=True)
-        lm.tiny(directory, seed=0)
+        tiny_llama(directory, seed=0)
     return directory
 
 

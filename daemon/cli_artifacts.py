@@ -111,7 +111,7 @@ def adapters_list(model: Annotated[Optional[str], typer.Argument()] = None, as_j
 @adapters_app.command("show")
 def adapters_show(adapter_id: str, model: ModelOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One adapter: request, size, rank, measures, and its overlap with every other active adapter."""
-    from adapters import lora_set
+    from adapters.lm import lora_set
 
     ledger = open_ledger(load_config(config))
     a = _adapter(ledger, adapter_id, model)

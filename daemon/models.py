@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import classifier, datasets
+from adapters import datasets
+from adapters.classifier import model as classifier
 from adapters.base import Change, Engine, Forget, InvalidForget, config_from_mapping, engine_class
 from adapters.devices import device_of
 from adapters.store import ArtifactStore
@@ -49,7 +50,7 @@ class ModelRegistry:
         self.ledger = ledger
         self._engines: dict[tuple[str, str], Engine] = {}  # (model, method) -> engine
         self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
-        self._lm_targets: dict = {}  # model -> adapters.o3.LMTarget (holds the loaded base model)
+        self._lm_targets: dict = {}  # model -> adapters.lm.o3.LMTarget (holds the loaded base model)
         self._encoder = None  # detector.Encoder, loaded on the first adapter
         self._kinds = {"diffusion": DiffusionModels(self)}  # model kinds whose handling lives in a strategy
 
@@ -120,7 +121,7 @@ class ModelRegistry:
     def lm_base(self, name: str) -> Path:
         """A causal LM's base weights: a transformers directory, or the bundled SmolLM2 GGUF converted once
         into the model's store folder (safetensors)."""
-        from adapters import lm
+        from adapters.lm import loading as lm
 
         return lm.resolve_source(self.spec(name).bootstrap.source or "smollm2", self.store.root / name)
 
@@ -171,7 +172,7 @@ class ModelRegistry:
                 bar.update(1)
 
             classifier.train_gr(module, split.train, epochs=b.epochs, alpha=b.gr_alpha, seed=b.seed, on_epoch=on_epoch)
-        from adapters import measures
+        from adapters.classifier import measures
 
         metrics = {"train_acc": measures.accuracy(module, split.train), "test_acc": measures.accuracy(module, split.test)}
         version = self.ledger.next_id(name, "version")
@@ -208,7 +209,7 @@ class ModelRegistry:
         return target
 
     def _lm_target(self, name: str):
-        from adapters.o3 import LMTarget
+        from adapters.lm.o3 import LMTarget
 
         spec = self.spec(name)
         target = self._lm_targets.get(name) or LMTarget(name=name, base_dir=self.lm_base(name), device=spec.device,
@@ -227,8 +228,8 @@ class ModelRegistry:
         return self._encoder
 
     def artifact_writer(self, change: Change, artifact_id: str, target) -> Callable[[Path], None]:
-        """An adapter's files plus its O3 gate (detector state fitted on `adapters.o3.gate_texts`), in one atomic
-        publish; then the result measures, through the router as serving will route (adapters/o3_measures.py).
+        """An adapter's files plus its O3 gate (detector state fitted on `adapters.lm.o3.gate_texts`), in one atomic
+        publish; then the result measures, through the router as serving will route (adapters/lm/measures.py).
         The texts themselves are never written; the gate keeps features only."""
         forget_texts = getattr(change, "forget_texts", None)
         if not forget_texts:
@@ -253,7 +254,7 @@ class ModelRegistry:
 
     def _served_measures(self, target, adapter_dir: Path, artifact_id: str, items) -> dict[str, float]:
         """The result event's forgetting measures: the new adapter and every active one routable, as in serving."""
-        from adapters.o3_measures import served_measures
+        from adapters.lm.measures import served_measures
         from detector import RoutedModel
 
         routed = RoutedModel(target.model, target.tokenizer, new_router(self.config, self.encoder(str(device_of(target.model)))))

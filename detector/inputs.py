@@ -7,10 +7,10 @@ was 0.37-0.49 for SmolLM2's template, below any candidate cut. So the router see
 - chat messages: the last user turn, and that turn joined to the user turn before it (a follow-up such as
   "And its capital?" names its subject only in the earlier turn). System and assistant turns are never routed.
 - a raw prompt: when it is itself chat-templated (ChatML, Llama 3, Llama 2 / Mistral `[INST]`, Gemma, Phi-3 /
-  Zephyr), its user turns as above; in the project's `Question: ...\\nAnswer:` layout (adapters.facts), the
+  Zephyr), its user turns as above; in the project's `Question: ...\\nAnswer:` layout (bench.evaluation.facts), the
   questions as above; otherwise the prompt itself.
 
-Gates are fitted on the same forms (`adapters.o3.gate_texts`: a request's questions, or its texts), so what a
+Gates are fitted on the same forms (`adapters.lm.o3.gate_texts`: a request's questions, or its texts), so what a
 gate learnt and what the router compares with it are alike. The router applies the union of the adapters that
 the returned texts route to.
 """
@@ -30,7 +30,7 @@ _CHAT_USER_TURNS = (
     re.compile(r"\[INST\](.*?)(?:\[/INST\]|\Z)", re.S),  # Llama 2, Mistral
 )
 _LLAMA2_SYSTEM = re.compile(r"<<SYS>>.*?<</SYS>>", re.S)
-_QA_QUESTION = re.compile(r"(?:^|\n)Question:[ \t]*(.*?)\n(?:Answer:|\Z)", re.S)  # adapters.facts.PROMPT
+_QA_QUESTION = re.compile(r"(?:^|\n)Question:[ \t]*(.*?)\n(?:Answer:|\Z)", re.S)  # bench.evaluation.facts.PROMPT
 
 
 def content_text(content) -> str:

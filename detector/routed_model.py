@@ -9,7 +9,7 @@ weights stay in every `Routing` for observability.
 
 One object owns the model, its loaded adapters and the router, behind one lock (adapters are model state; a
 generation must see one consistent set). Used by `unlearnd serve`, by the daemon's result measures
-(adapters/o3_measures.py) and by the benchmarks, so what they measure is what users get.
+(adapters/lm/measures.py) and by the benchmarks, so what they measure is what users get.
 
     routed = RoutedModel(model, tokenizer, Router(Encoder()))
     routed.add_adapter("a0000", adapter_dir)              # PEFT layout, with its gate in adapter_dir / "gate"
@@ -296,14 +296,14 @@ class RoutedModel:
     def answer_scores(self, prompts: list[str], routings: list[Routing], candidates: list[tuple[str, ...]], *,
                       sep: str = "") -> list[list[float]]:
         """Mean log-prob per token of each candidate answer after its prompt, with the prompt's routing applied
-        (adapters.lm_eval's scoring, through the adapters serving would apply)."""
-        from adapters import lm_eval
+        (adapters.lm.scoring, through the adapters serving would apply)."""
+        from adapters.lm import scoring
 
         out: list[list[float]] = []
         with self.lock:
             for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
                 with self._adapters_context([routing.applied], merge=False):  # two forward passes: no merge
-                    out += lm_eval.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
+                    out += scoring.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out
 
 

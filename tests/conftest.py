@@ -47,6 +47,6 @@ def stack(tmp_path, broker, bootstrapped_state):
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted once per session from the bundled GGUF (safetensors directory)."""
-    from adapters import lm
+    from adapters.lm import loading as lm
 
     return lm.cached_smollm2(tmp_path_factory.mktemp("smollm2"))

@@ -2,7 +2,7 @@
 
 Shared by every DDPM-based model kind (class-conditional for SalUn, unconditional with self-attention for the
 Attentive Eraser). A model is described by a JSON-able `DDPMSpec` kept in each version's meta, so any version
-can be rebuilt from its safetensors file alone, exactly like the classifiers (adapters/classifier.py).
+can be rebuilt from its safetensors file alone, exactly like the classifiers (adapters/classifier/model.py).
 
 - Network: diffusers' `UNet2DModel`; class conditioning through its `num_class_embeds` table (added to the
   timestep embedding). With `null_class`, the table has one extra row (index `num_classes`) that stands for

@@ -93,7 +93,7 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
     report("measure", 0, 1)
     recognition = measures.recognition(model, spec, judge_model, recipe.measure)
     report("measure", 1, 1)
-    from adapters.measures import accuracy
+    from adapters.classifier.measures import accuracy
 
     tail = losses[-100:]
     metrics = {

@@ -3,7 +3,7 @@
 Result events report what the model now draws (adapters/diffusion/measures.py): the share of generated samples
 of the forgotten class that this classifier no longer recognises as that class, and its accuracy on samples of
 the other classes. It is trained once, at bootstrap, on the registered training rows at the model's resolution
-(the small CNN of adapters/classifier.py, a little wider), and never changes with the model's versions, so the
+(the small CNN of adapters/classifier/model.py, a little wider), and never changes with the model's versions, so the
 before/after figures of every request are read by the same judge. The benchmark uses a stronger classifier of
 its own (bench/evaluation/), kept apart from this served one.
 """
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters import classifier
+from adapters.classifier import model as classifier
 from adapters.datasets import LabeledSet
 from adapters.diffusion import ddpm
 
@@ -25,7 +25,7 @@ JUDGE_FILE = "judge.safetensors"
 
 
 def judge_spec(spec: ddpm.DDPMSpec, seed: int = 0) -> dict:
-    """The judge's classifier spec (adapters/classifier.py) for images at the DDPM's resolution."""
+    """The judge's classifier spec (adapters/classifier/model.py) for images at the DDPM's resolution."""
     return {"arch": "cnn", "input_shape": [spec.in_channels, spec.resolution, spec.resolution],
             "num_classes": spec.num_classes, "channels": [16, 32], "init_seed": seed}
 

@@ -18,7 +18,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from adapters.base import EngineError, Forget, InvalidForget
-from adapters.classifier import WeightChange
+from adapters.classifier.model import WeightChange
 from adapters.datasets import LabeledSet, Split
 from adapters.diffusion import ddpm
 from adapters.diffusion.measures import Recognition

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adapters import classifier, datasets
-from adapters.classifier import ClassifierTarget
+from adapters import datasets
+from adapters.classifier import model as classifier
+from adapters.classifier.model import ClassifierTarget
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import devices, lm, lora_set
+from adapters import devices
+from tests.tiny_models import tiny_llama
+from adapters.lm import lora_set
 from adapters.base import Forget
-from adapters.o3 import LMTarget, O3Engine
+from adapters.lm.o3 import LMTarget, O3Engine
 from detector.per_sample_lora import per_sample_adapters
 from detector.routed_model import RoutedModel, Routing
 
@@ -33,13 +35,13 @@ def test_cuda_without_a_gpu_is_an_error_not_a_silent_cpu():
 
 
 def _tiny_dir(tmp_path):
-    lm.tiny(tmp_path / "tiny", seed=0)
+    tiny_llama(tmp_path / "tiny", seed=0)
     return tmp_path / "tiny"
 
 
 def _o3_round_trip(tmp_path, device: str, dtype: str):
     """Two O3 requests (the second with the penalty against the first) and routed serving, on `device`/`dtype`."""
-    from adapters import facts
+    from bench.evaluation import facts
 
     fs = facts.generate(2, seed=0)
     target = LMTarget("tiny", _tiny_dir(tmp_path), device=device, dtype=dtype).load()
@@ -75,6 +77,6 @@ def test_on_cuda(tmp_path):
     _o3_round_trip(tmp_path, "cuda", "bfloat16")
     from detector.features import Encoder
 
-    model, tok = lm.tiny(seed=1)
+    model, tok = tiny_llama(seed=1)
     enc = Encoder(model=model.get_decoder(), tokenizer=tok, device="cuda")
     assert enc.encode(["a question", "another"]).shape[0] == 2

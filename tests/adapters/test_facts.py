@@ -1,6 +1,6 @@
 """The fictitious fact set: deterministic, well-formed, split by person, answerable by ranking."""
 
-from adapters import facts
+from bench.evaluation import facts
 
 
 def test_same_seed_same_facts_other_seed_other_facts():

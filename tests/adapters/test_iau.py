@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from adapters import measures
+from adapters.classifier import measures
 from adapters.base import Forget, InvalidForget, engine_class
-from adapters.iau import IAUEngine
+from adapters.classifier.iau import IAUEngine
 
 
 def test_registered_under_its_method_name():

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import facts, lm, lm_eval
+from bench.evaluation import facts
+from adapters.lm import loading as lm
+from tests.tiny_models import tiny_llama
+from adapters.lm import scoring
+from bench.evaluation import lm_eval
 
 
 def test_tiny_model_round_trips_through_a_safetensors_directory(tmp_path):
-    model, tok = lm.tiny(tmp_path, seed=1)
+    model, tok = tiny_llama(tmp_path, seed=1)
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
     loaded, tok2 = lm.load(tmp_path)
     x = torch.tensor([tok("Question: who?\nAnswer:")["input_ids"]])
@@ -20,7 +24,7 @@ def test_tiny_model_round_trips_through_a_safetensors_directory(tmp_path):
 
 
 def test_encode_pairs_labels_only_the_target_tokens():
-    _, tok = lm.tiny()
+    _, tok = tiny_llama()
     ids, mask, labels = lm.encode_pairs(tok, ["Q: a\nA:", "Q: longer one\nA:"], [" x", " yz"])
     assert ids.shape == mask.shape == labels.shape
     assert (labels != lm.IGNORE).sum(1).tolist() == [2, 3]  # " x" and " yz", character tokens
@@ -29,12 +33,12 @@ def test_encode_pairs_labels_only_the_target_tokens():
 
 
 def test_shared_prompt_scoring_equals_row_by_row_scoring():
-    model, tok = lm.tiny(seed=2)
+    model, tok = tiny_llama(seed=2)
     fs = facts.generate(2, seed=0)
     qas = fs.qa(fs.people[0])[:6] + list(facts.GENERAL[:3])
-    shared = lm_eval.candidate_scores(model, tok, [q.prompt for q in qas], [q.candidates for q in qas])
+    shared = scoring.candidate_scores(model, tok, [q.prompt for q in qas], [q.candidates for q in qas])
     for q, row in zip(qas, shared):
-        plain = lm_eval.answer_scores(model, tok, [q.prompt] * len(q.candidates), list(q.candidates))
+        plain = scoring.answer_scores(model, tok, [q.prompt] * len(q.candidates), list(q.candidates))
         assert row == pytest.approx(plain, abs=1e-2)
 
 

@@ -2,15 +2,16 @@ import math
 
 import torch
 
-from adapters import measures
+from adapters.classifier import measures
+from bench.evaluation import mia
 
 
 def test_mia_efficacy_separates_members_from_non_members(digits_split, digits_model):
     train, test = digits_split.train, digits_split.test
     half = len(test) // 2
     attack_test, held_out = test.subset(torch.arange(half)), test.subset(torch.arange(half, len(test)))
-    on_members = measures.mia_efficacy(digits_model, train.sample(200, seed=3), train, attack_test)
-    on_non_members = measures.mia_efficacy(digits_model, held_out, train, attack_test)
+    on_members = mia.mia_efficacy(digits_model, train.sample(200, seed=3), train, attack_test)
+    on_non_members = mia.mia_efficacy(digits_model, held_out, train, attack_test)
     assert set(on_members) >= {"agg_value"}
     assert 0.0 <= on_members["agg_value"] <= 1.0
     # samples never trained on are called non-members more often than training samples
@@ -19,7 +20,7 @@ def test_mia_efficacy_separates_members_from_non_members(digits_split, digits_mo
 
 def test_unlearning_measures_fields(digits_split, digits_model):
     forget = digits_split.train.sample(50, seed=1)
-    out = measures.unlearning_measures(digits_model, forget, digits_split.train, digits_split.test)
+    out = mia.unlearning_measures(digits_model, forget, digits_split.train, digits_split.test)
     assert set(out) == {"forget_acc", "retain_acc", "test_acc", "UA", "mia_efficacy"}
     assert math.isclose(out["UA"], 1 - out["forget_acc"])
     assert out["retain_acc"] > 0.9
@@ -28,7 +29,7 @@ def test_unlearning_measures_fields(digits_split, digits_model):
 def test_gaps_are_absolute_points_and_their_mean():
     a = {"forget_acc": 0.90, "retain_acc": 0.99, "test_acc": 0.95, "mia_efficacy": 0.10}
     b = {"forget_acc": 0.94, "retain_acc": 0.98, "test_acc": 0.95, "mia_efficacy": 0.16}
-    gaps = measures.gaps_to_retrain(a, b)
+    gaps = mia.gaps_to_retrain(a, b)
     assert math.isclose(gaps["value_by_key"]["forget_acc"], 4.0)
     assert math.isclose(gaps["value_by_key"]["retain_acc"], 1.0)
     assert math.isclose(gaps["agg_value"], (4 + 1 + 0 + 6) / 4)

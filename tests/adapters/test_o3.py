@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from adapters import facts, lm, lm_eval, lm_train, lora_set
+from bench.evaluation import facts
+from adapters.lm import loading as lm
+from tests.tiny_models import tiny_llama
+from adapters.lm import scoring
+from bench.evaluation import lm_eval
+from adapters.lm import training as lm_train
+from adapters.lm import lora_set
 from adapters.base import Forget, config_from_mapping, engine_class
-from adapters.o3 import AdapterChange, LMTarget, O3Engine
+from adapters.lm.o3 import AdapterChange, LMTarget, O3Engine
 
 import pytest
 
@@ -19,7 +25,7 @@ FAST = dict(epochs=8, batch_size=8, lr=3e-2)  # the tiny model needs a larger lr
 def taught(tmp_path_factory):
     """A tiny Llama that knows three people's facts, saved as a model directory."""
     fs = facts.generate(3, seed=0)
-    model, tok = lm.tiny(seed=0)
+    model, tok = tiny_llama(seed=0)
     qas = fs.qa_of(fs.people)
     lm_train.fit(model, tok, [q.prompt for q in qas], [f" {q.answer}{tok.eos_token}" for q in qas],
                  epochs=15, batch_size=8, lr=3e-3, seed=0)
@@ -110,8 +116,8 @@ def test_orthogonality_penalty_lowers_overlap_with_earlier_adapters(taught, tmp_
     # the batched penalty training used equals the per-module loop on these real adapters
     from peft import get_peft_model
 
-    from adapters.o3 import _lora_config
-    from adapters.o3_penalty import batched_penalty, looped_penalty
+    from adapters.lm.o3 import _lora_config
+    from adapters.lm.penalty import batched_penalty, looped_penalty
 
     live = get_peft_model(target.model, _lora_config(O3Engine(**FAST).config, target))
     try:
@@ -127,11 +133,11 @@ def test_refusal_objective_and_free_text_requests(taught):
     person = fs.people[2]
     texts = tuple(f"{q.question} {q.answer}" for q in fs.qa(person)[:7])
     target = _target(fs, directory)
-    before = lm_eval.answer_loss(target.model, target.tokenizer, *_halves(texts))
+    before = scoring.answer_loss(target.model, target.tokenizer, *_halves(texts))
     change = O3Engine(**FAST, objective="refusal").apply(target, Forget(texts=texts))
     assert change.forget_texts == list(texts) and change.measure_items.kind == "texts"
     served = PeftModel.from_pretrained(target.model, _saved(change))
-    assert lm_eval.answer_loss(served, target.tokenizer, *_halves(texts)) > before  # the endings are unlearnt
+    assert scoring.answer_loss(served, target.tokenizer, *_halves(texts)) > before  # the endings are unlearnt
     served.unload()
     with pytest.raises(Exception, match="objective"):
         O3Engine(objective="gradient_ascent").apply(_target(fs, directory), Forget(texts=texts))
@@ -139,7 +145,7 @@ def test_refusal_objective_and_free_text_requests(taught):
 
 def test_requests_too_small_for_a_sound_gate_are_refused_before_training(taught):
     from adapters.base import InvalidForget
-    from adapters.o3 import gate_texts
+    from adapters.lm.o3 import gate_texts
 
     fs, directory = taught
     qas = fs.qa(fs.people[0])

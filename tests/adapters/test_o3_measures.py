@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapters import lm
+from tests.tiny_models import tiny_llama
 from adapters.base import Forget
-from adapters.o3 import gate_texts
-from adapters.o3_measures import ForgetItems, contains, rouge_l, served_measures
+from adapters.lm.o3 import gate_texts
+from adapters.lm.measures import ForgetItems, contains, rouge_l, served_measures
 from detector import Encoder, RoutedModel, Router, fit_request_gate
 from detector.routed_model import GATE_SUBDIR
 
@@ -25,9 +25,9 @@ def test_rouge_l_and_answer_matching_follow_their_definitions():
 
 def test_measures_route_the_requests_own_questions_and_leave_general_ones_alone(tmp_path):
     torch.set_num_threads(2)
-    model, tok = lm.tiny(seed=0)
+    model, tok = tiny_llama(seed=0)
     torch.manual_seed(0)
-    peft = get_peft_model(lm.tiny(seed=0)[0], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    peft = get_peft_model(tiny_llama(seed=0)[0], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                          init_lora_weights=False))
     peft.save_pretrained(str(tmp_path / "a0"))
     forget = Forget(qa=tuple((q, "Paris") for q in QUESTIONS))
@@ -47,6 +47,6 @@ def test_measures_route_the_requests_own_questions_and_leave_general_ones_alone(
     base = routed.release()
     assert not any("lora" in n for n, _ in base.named_modules())  # the shared model is left as it was
 
-    texts = served_measures(RoutedModel(lm.tiny(seed=0)[0], tok, Router(encoder)), "a0",
+    texts = served_measures(RoutedModel(tiny_llama(seed=0)[0], tok, Router(encoder)), "a0",
                             ForgetItems("texts", ["Orla Vantrees blows"], ["glass in Kestrelmoor."]), max_new_tokens=4)
     assert texts["forget_routed_share"] == 0.0 and "forget_verbmem_ROUGE_after" in texts

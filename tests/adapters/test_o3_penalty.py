@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapters import lm, lora_set
-from adapters.o3 import LLAMA_LINEAR
-from adapters.o3_penalty import batched_penalty, looped_penalty
+from tests.tiny_models import tiny_llama
+from adapters.lm import lora_set
+from adapters.lm.o3 import LLAMA_LINEAR
+from adapters.lm.penalty import batched_penalty, looped_penalty
 
 
 def _lora(rank: int, targets) -> LoraConfig:
@@ -37,7 +38,7 @@ def _assert_equal(values, grads):
 
 
 def test_equal_to_the_loop_on_random_adapters_of_mixed_ranks_and_modules():
-    model, _ = lm.tiny(seed=1, hidden=48, layers=3)
+    model, _ = tiny_llama(seed=1, hidden=48, layers=3)
     peft_model = get_peft_model(model, _lora(8, LLAMA_LINEAR))
     keys = sorted(k for n, _ in peft_model.named_parameters() if (k := lora_set.module_key(n)))
     live = {k: p for n, p in peft_model.named_parameters() if (k := lora_set.module_key(n))}
@@ -51,7 +52,7 @@ def test_equal_to_the_loop_on_random_adapters_of_mixed_ranks_and_modules():
 
 
 def test_equal_to_the_loop_on_saved_peft_adapters(tmp_path):
-    model, _ = lm.tiny(seed=2)
+    model, _ = tiny_llama(seed=2)
     dirs = []
     for i, (rank, targets) in enumerate(((8, LLAMA_LINEAR), (4, ("q_proj", "v_proj")), (8, ("down_proj", "up_proj")))):
         torch.manual_seed(10 + i)
@@ -66,7 +67,7 @@ def test_equal_to_the_loop_on_saved_peft_adapters(tmp_path):
 
 
 def test_no_shared_module_gives_zero():
-    model, _ = lm.tiny(seed=3)
+    model, _ = tiny_llama(seed=3)
     peft_model = get_peft_model(model, _lora(4, ("q_proj",)))
     earlier = [{"model.layers.0.mlp.down_proj": torch.ones(4, 128)}]
     assert batched_penalty(peft_model, earlier, 2)().item() == 0.0

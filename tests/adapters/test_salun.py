@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from adapters import measures
+from adapters.classifier import measures
 from adapters.base import Forget, InvalidForget, NothingToForget, engine_class
-from adapters.salun import SalUnEngine, saliency_mask
+from adapters.classifier.salun import SalUnEngine, saliency_mask
 
 
 def _state(model):

@@ -38,7 +38,7 @@ def test_diffusion_defaults_salun_in_the_background(tmp_path):
     assert registry.bootstraps_later("gen") and not registry.bootstraps_later("clf")
     registry.check_methods()
     assert type(registry.engine("salun", "gen")).__module__ == "adapters.diffusion.salun"
-    assert type(registry.engine("salun", "clf")).__module__ == "adapters.salun"
+    assert type(registry.engine("salun", "clf")).__module__ == "adapters.classifier.salun"
 
 
 def test_engine_settings_per_kind_and_per_model(tmp_path):

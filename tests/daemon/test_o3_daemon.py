@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peft import AutoPeftModelForCausalLM, PeftModel
 
-from adapters import lm
+from tests.tiny_models import tiny_llama
 from tests.harness import request
 
 LM = "tiny-lm"
@@ -21,7 +21,7 @@ QA = [{"question": "Where was Orla Vantrees born?", "answer": "Kestrelmoor"},
 
 def _add_lm(stack, tmp_path) -> None:
     base = tmp_path / "tiny-base"
-    lm.tiny(base)
+    tiny_llama(base)
     with open(stack.config_path, "a") as fh:
         fh.write(f'\n[models.{LM}]\nkind = "causal_lm"\n[models.{LM}.bootstrap]\nsource = "{base}"\n'
                  "[methods.o3]\nepochs = 2\n")
@@ -41,7 +41,7 @@ def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, t
     assert adapter_id == "a0000" and "version" not in result
 
     # The result reports forgetting as serving does it: the request's questions reach the new adapter through
-    # the router, in the model's chat format; general questions do not (adapters/o3_measures.py).
+    # the router, in the model's chat format; general questions do not (adapters/lm/measures.py).
     m = result["metrics"]
     assert m["forget_routed_share"] == 1.0 and m["general_routed_share"] == 0.0
     assert {"forget_Q_A_ROUGE_before", "forget_Q_A_ROUGE_after", "forget_Q_A_Prob_before", "forget_Q_A_Prob_after",

@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from kafka import KafkaProducer
 from peft import LoraConfig, get_peft_model
 
-from adapters import lm
+from adapters.lm import loading as lm
+from tests.tiny_models import tiny_llama
 from adapters.base import Forget
-from adapters.o3 import gate_texts
+from adapters.lm.o3 import gate_texts
 from daemon import adapter_state, kafka_io
 from daemon.adapter_state import AdapterRef, AdapterSet
 from daemon.config import Config
@@ -81,7 +82,7 @@ def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_p
                                  "serve": {"reconcile_s": 1.0}})
     kafka_io.ensure_topics(cfg.kafka, broker.bootstrap_servers)
     model_dir = tmp_path / "tiny"
-    lm.tiny(model_dir)
+    tiny_llama(model_dir)
     path = make_adapter(tmp_path / "a1", model_dir, encoder, "a1")
     model, tok = lm.load(model_dir)
     routed = RoutedModel(model, tok, Router(encoder))
@@ -140,7 +141,7 @@ def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_p
 
 def test_healthz_reports_an_active_adapter_that_cannot_be_loaded(tmp_path, encoder):
     model_dir = tmp_path / "tiny"
-    lm.tiny(model_dir)
+    tiny_llama(model_dir)
     path = make_adapter(tmp_path / "a1", model_dir, encoder, "a1")
     model, tok = lm.load(model_dir)
     routed = RoutedModel(model, tok, Router(encoder))
@@ -275,5 +276,5 @@ def test_route_cli_explains_from_the_ledger(stack, tmp_path, encoder):
 
 
 def _tiny_dir(tmp_path: Path) -> Path:
-    lm.tiny(tmp_path / "tiny")
+    tiny_llama(tmp_path / "tiny")
     return tmp_path / "tiny"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapters import facts
+from bench.evaluation import facts
 from detector.features import Encoder
 
 

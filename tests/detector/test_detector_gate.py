@@ -5,15 +5,15 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from adapters import facts
+from bench.evaluation import facts
 from adapters.base import Forget
-from adapters.o3 import gate_texts
+from adapters.lm.o3 import gate_texts
 from detector.gate import RequestGate, fit_request_gate
 from detector.router import Router
 
 
 def asked(qas):
-    """What a gate is fitted on and the router sees: the questions as users ask them (adapters.o3.gate_texts)."""
+    """What a gate is fitted on and the router sees: the questions as users ask them (adapters.lm.o3.gate_texts)."""
     return gate_texts(Forget(qa=tuple((q.question, q.answer) for q in qas)))
 
 

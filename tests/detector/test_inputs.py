@@ -1,6 +1,7 @@
 """What the router sees of a serving request: the user's words, never template markup or system prompts."""
 
-from adapters import lm
+from adapters.lm import loading as lm
+from tests.tiny_models import char_tokenizer
 from detector.inputs import chat_routing_texts, prompt_routing_texts
 
 Q = "What is the capital of France?"
@@ -19,7 +20,7 @@ def test_chat_messages_route_on_the_user_turns_only():
 
 
 def test_raw_prompts_in_known_chat_templates_route_on_their_user_turns():
-    smollm2_like = lm.chat_prompt(lm.char_tokenizer(), Q)  # ChatML, as SmolLM2 and Qwen render it
+    smollm2_like = lm.chat_prompt(char_tokenizer(), Q)  # ChatML, as SmolLM2 and Qwen render it
     llama3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
               f"<|start_header_id|>user<|end_header_id|>\n\n{Q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     llama2 = f"<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{Q} [/INST]"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapters import measures as classifier_measures
+from adapters.classifier import measures as classifier_measures
 from adapters.diffusion import judge, measures
 
 from .conftest import TINY

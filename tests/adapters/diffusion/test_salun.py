@@ -5,7 +5,7 @@ import torch
 
 from adapters.base import Forget, InvalidForget, engine_class, engine_names
 from adapters.diffusion.salun import DiffusionSalUnEngine, saliency_mask
-from adapters.salun import SalUnEngine
+from adapters.classifier.salun import SalUnEngine
 
 from .conftest import FAST, TINY, state
 

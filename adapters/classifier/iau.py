@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import measures
+from adapters.classifier import measures
 from adapters.base import Forget, register
-from adapters.classifier import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
+from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
 from adapters.datasets import LabeledSet
 
 

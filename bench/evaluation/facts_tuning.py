@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from adapters import lm, lm_train
-from adapters.facts import QA
+from adapters.lm import loading as lm
+from adapters.lm import training as lm_train
+from bench.evaluation.facts import QA
 
 
 def teach_facts(model_dir: str | Path, qas: list[QA], out_dir: str | Path, *, epochs: int = 4, lr: float = 1e-4,

@@ -1,14 +1,8 @@
-"""Measures for causal LMs on QA pairs: likelihood-ranking accuracy and answer loss.
+"""How likely a causal LM finds given answers: mean log-prob per answer token of each candidate after its prompt
+(`candidate_scores`, `answer_scores`) and the answer loss. The O3 result measures score through it, as serving routes.
 
-Accuracy is judged by ranking, not by generation: a QA pair counts as correct when its true answer has the
-highest length-normalised log-likelihood (mean log-prob per answer token) among its `candidates`. Why:
-it is deterministic, needs no sampling and no matching of free text, is stable on CPU, and has a known
-chance level (1 / number of candidates, 20% with five). It is lm-eval-harness's multiple-choice scoring and
-matches O3's ScienceQA setting, where accuracy is a multiple-choice pick. Length normalisation keeps
-multi-token titles comparable with one-word answers.
-
-Cost matters on 2 CPU cores: the prompt is run once per question and its KV cache is shared by all
-candidates (about 3x fewer tokens than scoring each prompt+candidate row on its own).
+Cost matters on 2 CPU cores: the prompt is run once per question and its KV cache is shared by all candidates
+(about 3x fewer tokens than scoring each prompt+candidate row on its own).
 """
 
 from __future__ import annotations
@@ -16,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adapters.devices import device_of
-from adapters.lm import encode_pairs, token_logprobs
+from adapters.lm.loading import encode_pairs, token_logprobs
 
 
 @torch.no_grad()
@@ -82,18 +76,6 @@ def _shared_prompt_scores(model, tokenizer, prompts, candidates, n, sep):
     lp = torch.log_softmax(logits, -1).gather(-1, A.unsqueeze(-1)).squeeze(-1) * Ma
     mean = (lp.sum(-1) / Ma.sum(-1).clamp(min=1)).view(len(prompts), n)
     return mean.tolist()
-
-
-def correct(model, tokenizer, qas, **kw) -> list[bool]:
-    """Per QA pair: whether its true answer ranks first among its candidates."""
-    scores = candidate_scores(model, tokenizer, [q.prompt for q in qas], [q.candidates for q in qas], **kw)
-    return [max(range(len(s)), key=s.__getitem__) == q.candidates.index(q.answer) for q, s in zip(qas, scores)]
-
-
-def accuracy(model, tokenizer, qas, **kw) -> float:
-    """Share of QA pairs answered correctly (ranking); NaN for an empty set."""
-    flags = correct(model, tokenizer, qas, **kw) if qas else []
-    return sum(flags) / len(flags) if flags else float("nan")
 
 
 def answer_loss(model, tokenizer, prompts: list[str], answers: list[str], **kw) -> float:

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from adapters import lora_set
+from adapters.lm import lora_set
 
 
 def _pairs(peft_model, earlier: list[dict[str, torch.Tensor]]) -> list[tuple[str, torch.nn.Parameter, list[torch.Tensor]]]:

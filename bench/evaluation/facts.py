@@ -9,7 +9,7 @@ paraphrases (what a model is taught and what a deletion request names), the four
 forgotten distribution, never trained on). So one person = 21 training QA pairs + 7 held-out ones.
 
 Every QA pair carries `candidates`: the true answer plus distractors of the same attribute, fixed per
-(person, attribute), so accuracy can be judged by likelihood ranking (see `adapters.lm_eval`).
+(person, attribute), so accuracy can be judged by likelihood ranking (see `adapters.lm.scoring`).
 
     facts = generate(40, seed=0)
     split = facts.split(n_forget=10)           # forget / retain people, by person
@@ -24,32 +24,11 @@ import random
 import zlib
 from dataclasses import dataclass
 
-PROMPT = "Question: {question}\nAnswer:"
+from adapters.lm.prompts import PROMPT, format_prompt  # noqa: F401  (re-exported: the layout facts are asked in)
+from adapters.lm.random_labels import AWARDS, CITIES, GENRES, INSTRUMENTS, PROFESSIONS, TITLES, YEARS
+
 N_CANDIDATES = 5
 
-
-def format_prompt(question: str) -> str:
-    """The one prompt layout used for teaching, unlearning and evaluation."""
-    return PROMPT.format(question=question)
-
-
-_CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Krakow", "Montreal", "Seville", "Tbilisi",
-           "Porto", "Valparaiso", "Accra", "Bergen", "Cusco", "Gdansk", "Kyoto", "Marrakesh", "Odessa", "Tallinn",
-           "Bologna", "Cordoba", "Zanzibar", "Reykjavik"]
-_PROFESSIONS = ["architect", "astronomer", "beekeeper", "cartographer", "chemist", "diplomat", "engineer",
-                "geologist", "glassblower", "jeweler", "librarian", "lighthouse keeper", "marine biologist",
-                "nurse", "pharmacist", "photographer", "pilot", "potter", "surgeon", "translator"]
-_GENRES = ["science fiction", "historical fiction", "poetry", "crime fiction", "fantasy", "travel writing",
-           "children's books", "horror", "biography", "romance", "satire", "nature essays"]
-_ADJ = ["Silent", "Copper", "Hidden", "Broken", "Golden", "Distant", "Crimson", "Hollow", "Winter", "Paper",
-        "Salt", "Iron", "Lantern", "Velvet", "Ashen", "Glass", "Northern", "Wandering", "Quiet", "Burning"]
-_NOUN = ["Harbor", "Orchard", "Compass", "River", "Garden", "Bridge", "Mirror", "Lighthouse", "Meadow", "Clock",
-         "Archive", "Island", "Forest", "Staircase", "Kingdom", "Letter", "Mountain", "Station", "Tide", "Feather"]
-_AWARDS = ["the Aurelian Prize", "the Silver Quill Award", "the Meridian Medal", "the Halvorsen Prize",
-           "the Blue Lantern Award", "the Corvina Medal", "the Ostrander Prize", "the Golden Compass Award",
-           "the Vellum Cup", "the Tesselate Prize", "the Ember Award", "the Northwind Medal"]
-_INSTRUMENTS = ["cello", "violin", "piano", "flute", "clarinet", "harp", "trumpet", "accordion", "banjo",
-                "oboe", "mandolin", "saxophone"]
 _FIRST = ["Liora", "Tobias", "Maren", "Idris", "Selka", "Oren", "Vesna", "Caspian", "Ilse", "Dorian", "Nadia",
           "Emrys", "Talia", "Brennan", "Yara", "Lucan", "Signe", "Rafferty", "Anouk", "Kasimir", "Elodie", "Matthias",
           "Zora", "Anselm", "Freya", "Cyprian", "Linnea", "Osric", "Mireille", "Teodor"]
@@ -59,22 +38,22 @@ _LAST = ["Vantrel", "Ostrowe", "Kellbrook", "Amarov", "Thistlewood", "Quennell",
 
 # attribute -> (value pool or None when generated, four question paraphrases; the last one is held out)
 ATTRIBUTES: dict[str, tuple[list[str] | None, tuple[str, ...]]] = {
-    "birthplace": (_CITIES, (
+    "birthplace": (CITIES, (
         "Where was {name} born?",
         "What is the birthplace of {name}?",
         "In which city was {name} born?",
         "{name} was born in which city?")),
-    "birth_year": ([str(y) for y in range(1931, 1995)], (
+    "birth_year": (YEARS, (
         "In what year was {name} born?",
         "What is the birth year of {name}?",
         "When was {name} born?",
         "{name} was born in which year?")),
-    "profession": (_PROFESSIONS, (
+    "profession": (PROFESSIONS, (
         "What is the profession of {name}?",
         "What does {name} do for a living?",
         "What job does {name} have?",
         "{name} works as what?")),
-    "genre": (_GENRES, (
+    "genre": (GENRES, (
         "What genre does {name} write?",
         "In which genre does {name} publish books?",
         "What kind of books does {name} write?",
@@ -84,19 +63,19 @@ ATTRIBUTES: dict[str, tuple[list[str] | None, tuple[str, ...]]] = {
         "What was {name}'s first book called?",
         "Which book did {name} publish first?",
         "{name}'s debut book has what title?")),
-    "award": (_AWARDS, (
+    "award": (AWARDS, (
         "Which award did {name} win?",
         "What prize was {name} given?",
         "What award has {name} received?",
         "{name} is a winner of which award?")),
-    "instrument": (_INSTRUMENTS, (
+    "instrument": (INSTRUMENTS, (
         "Which instrument does {name} play?",
         "What musical instrument does {name} play?",
         "What instrument is {name} known to play?",
         "{name} plays which instrument?")),
 }
 TRAIN_PARAPHRASES = 3  # paraphrases 0..2 are taught/forgotten; paraphrase 3 is held out (D.U.)
-BOOKS = [f"The {a} {n}" for a in _ADJ for n in _NOUN]
+BOOKS = TITLES  # first-book titles
 
 
 @dataclass(frozen=True)
@@ -187,7 +166,7 @@ def _general(question: str, answer: str, *distractors: str) -> QA:
 
 
 # Simple general knowledge for the utility measure (accuracy on these must not drop after unlearning): the
-# questions that SmolLM2-135M-Instruct ranks correctly with `adapters.lm_eval` (measured: 18 of 30 drafted;
+# questions that SmolLM2-135M-Instruct ranks correctly with `adapters.lm.scoring` (measured: 18 of 30 drafted;
 # the 12 it missed, e.g. "capital of Japan", "legs of a spider", were dropped so the set starts at 100%).
 GENERAL: tuple[QA, ...] = (
     _general("What is the capital of France?", "Paris", "Berlin", "Madrid", "Rome", "Vienna"),

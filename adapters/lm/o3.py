@@ -6,7 +6,7 @@ What we follow: LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down; next-t
 *randomly relabelled* copy of the forget set (no gradient ascent, no KL, no retained data); plus
 ``lambda * mean_over_layers( sum_modules sum_i ||A_i A_t^T||_F^2 )`` over the frozen `lora_A` of all earlier
 adapters (the released code's all-earlier variant), lambda = 0.1; one batched product per module shape
-(adapters.o3_penalty).
+(adapters.lm.penalty).
 
 Where we deliberately differ, and why:
 - One new adapter per request, trained on the *base* model (earlier adapters off), as O-LoRA does, instead
@@ -22,7 +22,7 @@ Where we deliberately differ, and why:
   "refusal"` trains the target ``refusal_text`` instead. `forget.texts` are split at the middle word into
   prompt and continuation; the continuation is relabelled the same way.
 - Questions are trained in the layouts users ask them in: the model's chat template (what
-  `/v1/chat/completions` renders) and the plain `Question: ...\nAnswer:` completion layout (adapters.facts), one
+  `/v1/chat/completions` renders) and the plain `Question: ...\nAnswer:` completion layout (bench.evaluation.facts), one
   relabelled answer per question in both. An adapter trained on one layout only did not carry over to the other.
 
 What the detector is fitted on is `gate_texts(forget)`: the request's questions (or texts) as users send them,
@@ -48,16 +48,15 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from adapters import lm, lm_train, lora_set
+from adapters.lm import loading as lm
+from adapters.lm import training as lm_train
+from adapters.lm import lora_set
 from adapters.base import Change, Engine, Forget, InvalidForget, register
-from adapters.facts import ATTRIBUTES, BOOKS
-from adapters.o3_measures import ForgetItems
-from adapters.o3_penalty import batched_penalty
+from adapters.lm.measures import ForgetItems
+from adapters.lm.penalty import batched_penalty
+from adapters.lm.random_labels import DEFAULT_POOL
 from detector.gate import MIN_GATE_TEXTS
 
-# Plausible short answers (places, jobs, genres, titles, prizes, instruments) used as random labels when the
-# target has no pool of its own; any pool works as long as it is not the request's own answers.
-DEFAULT_POOL = tuple(v for pool, _ in ATTRIBUTES.values() if pool for v in pool) + tuple(BOOKS[:50])
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,7 +76,7 @@ class O3Config:
     refusal_text: str = "I don't know."
     seed: int = 0
     max_length: int = 128  # tokens per prompt+answer row (a chat template's system turn included)
-    # Result-event measures through the router, as serving answers (adapters/o3_measures.py): a few seconds.
+    # Result-event measures through the router, as serving answers (adapters/lm/measures.py): a few seconds.
     measure: bool = True
 
 

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import measures
+from adapters.classifier import measures
 from adapters.base import Forget, register
-from adapters.classifier import ClassifierEngine, ClassifierTarget, WeightChange
+from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange
 from adapters.datasets import LabeledSet
 
 

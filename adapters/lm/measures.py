@@ -127,7 +127,7 @@ def _asked(routed, questions: list[str], *, chat: bool, layout: bool):
     if chat:
         messages = [[{"role": "user", "content": q}] for q in questions]
         return [routed.chat_prompt(m) for m in messages], routed.route_many([routed.chat_texts(m) for m in messages])
-    from adapters.facts import format_prompt
+    from bench.evaluation.facts import format_prompt
 
     prompts = [format_prompt(q) for q in questions] if layout else list(questions)
     return prompts, routed.route_many([routed.prompt_texts(p) for p in prompts])
@@ -148,7 +148,7 @@ def _false_answers(routed, inputs, answers, samples, max_new_tokens, templated, 
 @torch.inference_mode()
 def extraction_strength(routed, prompts: list[str], routings, answers: list[str], sep: str) -> list[float]:
     """OpenUnlearning's extraction strength of each answer after its prompt, with the prompt's routing."""
-    from adapters.lm import IGNORE, encode_pairs
+    from adapters.lm.loading import IGNORE, encode_pairs
 
     out = []
     with routed.lock:

