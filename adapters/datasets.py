@@ -71,13 +71,14 @@ class Split:
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, shape: tuple[int, ...]) -> Split:
     # Stratified, seeded split: the raw files are sorted by label.
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
+    train_rows: list[int] = []
+    test_rows: list[int] = []
     for label in np.unique(y):
         rows = rng.permutation(np.flatnonzero(y == label))
         n_test = int(round(len(rows) * test_fraction))
-        test_idx.extend(rows[:n_test])
-        train_idx.extend(rows[n_test:])
-    train_idx, test_idx = rng.permutation(train_idx), rng.permutation(test_idx)
+        test_rows.extend(rows[:n_test])
+        train_rows.extend(rows[n_test:])
+    train_idx, test_idx = rng.permutation(train_rows), rng.permutation(test_rows)
 
     def make(idx) -> LabeledSet:
         xs = torch.as_tensor(x[idx], dtype=torch.float32).reshape(len(idx), *shape)

@@ -45,9 +45,6 @@ class ArtifactStore:
     def path(self, model: str, kind: str, artifact_id: str) -> Path:
         return self.root / model / kind / artifact_id
 
-    def exists(self, model: str, kind: str, artifact_id: str) -> bool:
-        return (self.path(model, kind, artifact_id) / META_FILE).is_file()
-
     def publish(
         self, model: str, kind: str, artifact_id: str, write: Callable[[Path], None], meta: dict | None = None
     ) -> Artifact:

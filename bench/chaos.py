@@ -6,7 +6,7 @@ disk, with valid requests and hostile messages interleaved. Prints JSON ending w
 What it does (the full run; --quick does a little of each in about a minute):
 
 - traffic: 200 valid deletion requests (some unkeyed, some sent twice, some repeating samples already forgotten
-  under a new request id) and 5,000 hostile records from tests/hostile.py (every case of issue 11: deep JSON,
+  under a new request id) and 5,000 hostile records from tests/hostile.py (every hostile case: deep JSON,
   huge integers, lone surrogates, null header values, oversize records, header keys that are not UTF-8, corrupt
   records and batches, wrong types...) interleaved, from a keyed producer and a raw protocol producer;
 - stops: >= 30 kill -9s (at random moments, and targeted: mid-engine via `in_engine:hang`, between artifact and

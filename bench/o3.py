@@ -11,7 +11,7 @@ Measures (ranking accuracy, `adapters.lm.scoring`): S.U. = forget QA pairs of fo
 held-out paraphrases, R.D. = retained people (first paraphrase of each fact), general = `facts.GENERAL`.
 "always on": every adapter so far active for every input. "oracle routing": a forgotten person's inputs get
 that request's adapter, everything else gets the base model (so R.D./general under oracle routing equal the
-base model's by construction; the detector of issue 5 decides how close real routing comes).
+base model's by construction; the router decides how close real routing comes).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         if served is None:
             served = lora_set.attach(m, {f"r{i:02d}": out})
         else:
-            lora_set.add(served, f"r{i:02d}", out)
+            served.load_adapter(str(out), adapter_name=f"r{i:02d}")  # inactive until activate()
         step = {"request": i, "train_seconds": metrics["train_seconds"], "train_cpu_seconds": metrics["train_cpu_seconds"]}
         lora_set.activate(served, [f"r{i:02d}"])
         step["oracle"] = measure(served, tok, su=su_set[person.name], du=du_set[person.name])

@@ -1,4 +1,4 @@
-"""Benchmark of O3's gate and router (issue 5) -> JSON.
+"""Benchmark of O3's gate and router -> JSON.
 
     python bench/router.py [--quick] [--out FILE]
 

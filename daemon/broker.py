@@ -91,6 +91,8 @@ class EmbeddedBroker:
              "--cluster-id", self.cluster_id],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )
+        if out is not subprocess.DEVNULL:
+            out.close()  # the broker holds its own copy of the descriptor
         deadline = time.monotonic() + timeout
         while not port_open(self.port):
             if self.process.poll() is not None:

@@ -12,7 +12,6 @@ We take c = 1 for z >= x0: a score on the in-distribution side is at least as fo
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,6 +55,3 @@ class TwoGaussianCalibration:
     def to_json(self) -> dict:
         return asdict(self)
 
-
-#: w at c = 0: the floor the sigmoid never goes below; the router switches an adapter off below `min_weight`.
-WEIGHT_FLOOR = 1.0 / (1.0 + math.exp(2.0))

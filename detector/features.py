@@ -12,6 +12,7 @@ the bench for the measurements behind that choice).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class Encoder:
         path = Path(path) if path is not None else minilm_path()  # a label only when model+tokenizer given
         self.name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
-        self.model = model if model is not None else AutoModel.from_pretrained(path)
+        self.model: Any = model if model is not None else AutoModel.from_pretrained(path)
         if device is not None or model is None:
             self.model.to(resolve_device(device or "cpu"))
         self.model.eval()

@@ -14,12 +14,10 @@ two-Gaussian calibration (calibration.py) turns z into the soft weight w. Its he
 leave-one-out scores of D_used (O3: D_rest alone, 2-4 samples for a typical request; see _leave_one_out_z).
 
 Which layers: O3 aggregates every layer; by default we score only the encoder's last layer (MiniLM's sentence
-embedding). Measured on the fictitious-facts set (bench/router.py, "gate_layers"): the last layer ranks held-out
-paraphrases of a forgotten person above look-alike questions about other people at AUROC >= 0.993 vs 0.977 for
-all six layers, and because every request's gate errs on its own, false activations add up with the number of
-requests (look-alike questions routed to some adapter, router margin on, min_weight 0.5: all layers 6.3 % at
-10 requests, 5.9 % at 100; last layer 0.07 % and 0.14 %, at 83 / 81 % of held-out paraphrases routed vs 86 / 85 %
-for all layers). The lower layers are lexical: they see the shared question template more than the person.
+embedding). The lower layers are lexical: they see a shared question template more than the person it asks about,
+so look-alike questions about other people score high there, and because every request's gate errs on its own,
+those false activations add up with the number of requests. The last layer separates held-out paraphrases from
+look-alikes better at almost the same recall (bench/router.py, "gate_layers"; figures in the README).
 `layers` is a fit parameter and is persisted, so a gate is always scored on the layers it was fit on.
 
 Persisted next to the adapter (no pickle): `gate.safetensors` (arrays, including the linear SVM's coef_ and
@@ -195,7 +193,7 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
     # Our z must be the SVM's own decision value, or the persisted coef_/intercept_ would not reproduce it.
     assert np.allclose(u_used @ gate.svm_coef + gate.svm_intercept, svm.decision_function(u_used), atol=1e-6)
     # D_rest joins the local banks (not the Gaussians), so every text the request named is its own nearest
-    # neighbour and always routes; held out, ~1 in 10 of them fell below min_weight (bench/router.py). The
+    # neighbour and always routes (held out, some of them fell below min_weight: bench/router.py). The
     # calibration below scores against these final banks, each sample skipping its own row.
     for bank, layer in zip(gate.banks, layers):
         fidx.add_request(bank, key, fidx.normalise(feats[rest, layer]), first_row=len(used))
@@ -220,9 +218,8 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
 def _leave_one_out_z(gate: RequestGate, feats: np.ndarray, used: np.ndarray, seed: int) -> np.ndarray:
     """z of D_used samples as if each had been held out: the Gaussians refit without it, its own bank row
     skipped. The calibration's held-out side then rests on D_rest plus these (up to LOO_SAMPLES), not on D_rest
-    alone, which is 2 samples for a 9-text request. Measured (bench/router.py "small_requests": 60 requests naming
-    3 facts each), look-alike false activation / held-out hit: min_weight 0.4: 47 % / 92 % -> 27 % / 98 %;
-    0.5: 37 % / 88 % -> 3.6 % / 88 %."""
+    alone, which is 2 samples for a 9-text request: too few to place the held-out side of a small request's
+    calibration (bench/router.py "small_requests" measures what it changes)."""
     rows = np.arange(len(used))
     if len(rows) > LOO_SAMPLES:
         rows = np.sort(np.random.default_rng(seed).choice(rows, LOO_SAMPLES, replace=False))

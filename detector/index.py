@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
@@ -97,4 +98,4 @@ def write(index: faiss.Index, path: Path) -> None:
 
 
 def read(path: Path) -> faiss.IndexIDMap2:
-    return faiss.read_index(str(path))
+    return cast(faiss.IndexIDMap2, faiss.read_index(str(path)))  # written from new_index

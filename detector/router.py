@@ -3,8 +3,8 @@
 Per batch of inputs: one encoder pass (features of every layer), ONE FAISS search of the routing layer over
 every request's forget vectors, and the full glocal score (gate.py) only for the requests that search
 returns as candidates. Cost: the encoder pass is constant, the flat search grows with the number of stored
-vectors at ~d flops each (21k vectors = 1,000 requests of 21 texts: ~2 ms measured, against an ~8 ms encoder
-pass), the scoring grows with the number of candidates, not of requests. O3's reference code runs one
+vectors at ~d flops each (small next to the encoder pass up to many thousands of requests; bench/router.py), the
+scoring grows with the number of candidates, not of requests. O3's reference code runs one
 detector per request. For millions of vectors swap the flat index for HNSW/IVF (same ids, same remove_ids).
 
 Weights: several requests apply to one input -> each adapter gets its own gate weight w; adapters below
@@ -24,7 +24,7 @@ shared search already tells which requests' texts an input is near; a gate that 
 at least `margin` (cosine) nearer to its request's texts than to those of every near request whose gate stays
 off. A true match is near its own request only; a look-alike is about as near to many. A request about the same
 subject blocks only if its gate stays off and the input is within `margin` as near to it as to the firing
-request (tested: two requests per person, recall unchanged). Measured (bench/router.py "gate_layers"): see margin.
+request (tested: two requests per person, recall unchanged).
 """
 
 from __future__ import annotations
@@ -39,27 +39,23 @@ from adapters.devices import device_of
 from detector import index as fidx
 from detector.gate import RequestGate
 
-EXACT_COS = 0.999  # distinct questions stay below: at most 0.993 apart among 8,400 of the facts set
+EXACT_COS = 0.999  # the same text up to float noise; distinct questions, even near-identical ones, stay below
 
 
 @dataclass
 class RouterConfig:
     routing_layer: int = -1  # layer whose vectors the shared index holds (last = the sentence embedding)
     candidates_k: int = 64  # neighbours retrieved per input by the one shared search
-    candidate_min_cos: float = 0.7  # a neighbour this close makes its request a candidate (held-out paraphrases: >= 0.79)
-    # Below this an adapter is off for the input. Chosen on the tuning data only, with gates fitted and inputs
-    # routed as serving does (bare questions): real facts, 6 phrasings a request (bench/serving.py --facts tuning),
-    # held-out paraphrases routed 0.875 at 0.5, 0.958 at 0.45, 1.0 at 0.4, no look-alike routed at any of them;
-    # fictitious people, 60 requests of 9 texts (bench/router.py small_requests), look-alike false activation /
-    # held-out routed: 0.5 -> 0 % / 87 %, 0.45 -> 1.8 % / 89 %, 0.4 -> 9.3 % / 93 %. 0.45 keeps both within 2 %
-    # of false activations. Config: [serve] min_weight.
+    # A neighbour this close makes its request a candidate: below every held-out paraphrase's nearest cosine on the
+    # tuning data, so the cut only saves scoring work and never decides a route.
+    candidate_min_cos: float = 0.7
+    # Below this an adapter is off for the input: higher = fewer look-alike false activations, fewer held-out
+    # paraphrases caught. Chosen on tuning data only (bench/serving.py --facts tuning, bench/router.py
+    # small_requests), as the value that keeps false activations within the 2 % target. Config: [serve] min_weight.
     min_weight: float = 0.45
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
-    # stays off (module docstring). Measured on 2 seeds, look-alike false activation without -> with 0.06:
-    # 100 requests 3.5% -> 0.6% and 7.8% -> 1.2%, 300 requests 8.0% -> 1.0%; held-out paraphrase hit unchanged
-    # (0.06 is the largest margin that cost none on either seed; 0.08: 0.2-0.4% but 1-2 points of hit). With
-    # the leave-one-out calibration (gate.py), 100 requests: 5.2% -> 0.4% at min_weight 0.4, 1.6% -> 0.14% at 0.5,
-    # hit unchanged. Config: [serve] margin.
+    # stays off (module docstring): the largest margin that cost no held-out hit on the tuning seeds
+    # (bench/router.py). Config: [serve] margin.
     margin: float = 0.06
 
 
@@ -107,10 +103,6 @@ class Router:
             self._by_key.pop(gate.key, None)
             self._search_copy = None
             return fidx.remove_request(self._index, gate.key)
-
-    @property
-    def adapter_ids(self) -> list[str]:
-        return sorted(self.gates)
 
     @property
     def n_vectors(self) -> int:

@@ -47,7 +47,7 @@ def _j(obj) -> bytes:
 
 
 def corpus(max_bytes: int, tag: str = "h") -> list[Hostile]:
-    """Every case of issue 11, and more, for a daemon whose requests.max_bytes is `max_bytes`.
+    """Every hostile case we know of, for a daemon whose requests.max_bytes is `max_bytes`.
 
     `tag` makes request ids unique per use (a request id that was rejected may be judged again)."""
     deep = b'{"request_id": "' + f"{tag}-deep".encode() + b'", "model": "' + TEST_MODEL.encode() + b'", "forget": ' \
@@ -56,7 +56,7 @@ def corpus(max_bytes: int, tag: str = "h") -> list[Hostile]:
         + b'", "forget": {"sample_ids": [' + b"9" * 5000 + b"]}}"
     oversize = _j(_req(f"{tag}-big", forget={"sample_ids": list(range(max_bytes))}))
     return [
-        # One message that crashed the daemon (issue 11)
+        # One message that crashed the daemon
         Hostile("deep nesting", "invalid_json", deep[: max_bytes - 1] if len(deep) >= max_bytes else deep),
         Hostile("integer over 4,300 digits", "invalid_json", big_int),
         Hostile("lone surrogate in model", "schema",
@@ -68,7 +68,7 @@ def corpus(max_bytes: int, tag: str = "h") -> list[Hostile]:
                 f'{{"request_id": "{tag}-sur-key", "\\ud83d": 1, "model": "{TEST_MODEL}"}}'.encode()),
         Hostile("null header value on an invalid body", "invalid_json", b"{not json",
                 headers=[("trace", None), ("ok", b"1")]),
-        # One message that stalled its partition (issue 11)
+        # One message that stalled its partition
         Hostile("oversize body", "oversize", oversize),
         Hostile("oversize headers", "oversize", _j(_req(f"{tag}-hdrs")), headers=[("blob", b"x" * max_bytes)]),
         Hostile("oversize key", "oversize", _j(_req(f"{tag}-key")), key=b"k" * max_bytes),
@@ -79,7 +79,7 @@ def corpus(max_bytes: int, tag: str = "h") -> list[Hostile]:
         Hostile("corrupt record (header past its end)", "undecodable_record", None,
                 raw_record=_record_body(None, b"{}", header_count=3)),
         Hostile("record batch failing its CRC check", "undecodable_record", _j(_req(f"{tag}-crc")), bad_crc=True),
-        # Wrong types are not guessed at (issue 11)
+        # Wrong types are not guessed at
         Hostile('"1" as a sample id', "schema", _j(_req(f"{tag}-str1", forget={"sample_ids": ["1"]}))),
         Hostile("true as a sample id", "schema", _j(_req(f"{tag}-true", forget={"sample_ids": [True]}))),
         Hostile("1.0 as a sample id", "schema", _j(_req(f"{tag}-float", forget={"sample_ids": [1.0]}))),

@@ -10,6 +10,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ class WeightChange(Change):
     def save(self, directory: Path) -> None:
         save_file(self.state, str(directory / WEIGHTS_FILE))
 
-    def module(self, spec: dict) -> nn.Module:
+    def module(self, spec: Any) -> nn.Module:  # the architecture's spec: a dict here, a DDPMSpec for DDPMs
         return self._model.eval() if self._model is not None else with_weights(spec, self.state)
 
 
@@ -129,7 +130,7 @@ class ClassifierTarget:
         """The training rows a request names. Unknown ids reject the request; already-forgotten ids are skipped
         (a sample is never forgotten twice). Returns (rows to forget now, ids skipped)."""
         if forget.kind == "class":
-            if not 0 <= forget.class_label < self.data.num_classes:
+            if forget.class_label is None or not 0 <= forget.class_label < self.data.num_classes:
                 raise InvalidForget(f"class {forget.class_label} outside 0..{self.data.num_classes - 1}")
             ids = self.data.train.ids[self.data.train.y == forget.class_label].tolist()
         elif forget.kind == "sample_ids":

@@ -17,6 +17,7 @@ can be rebuilt from its safetensors file alone, exactly like the classifiers (ad
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from collections.abc import Sequence
 
 import torch
@@ -50,10 +51,17 @@ class DDPMSpec:
         return self.num_classes is not None
 
     @property
+    def classes(self) -> int:
+        """The number of classes of a class-conditional model (raises ValueError for an unconditional one)."""
+        if self.num_classes is None:
+            raise ValueError("an unconditional model has no classes")
+        return self.num_classes
+
+    @property
     def null_label(self) -> int:
         if not (self.conditional and self.null_class):
             raise ValueError("this model has no null class (no classifier-free guidance)")
-        return self.num_classes
+        return self.classes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,7 +72,7 @@ class DDPMSpec:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown DDPM spec key(s) {sorted(unknown)}; known: {sorted(known)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**fixed)
 
 
@@ -77,7 +85,7 @@ def _construct(spec: DDPMSpec) -> UNet2DModel:
         raise ValueError(f"resolution {spec.resolution} must be divisible by 2^{len(spec.channels) - 1}")
     embeds = None
     if spec.conditional:
-        embeds = spec.num_classes + (1 if spec.null_class else 0)
+        embeds = spec.classes + (1 if spec.null_class else 0)
     return UNet2DModel(
         sample_size=spec.resolution,
         in_channels=spec.in_channels,
@@ -191,8 +199,8 @@ def sample(model: UNet2DModel, spec: DDPMSpec, labels: Sequence[int] | torch.Ten
         if labels is None:
             raise ValueError("a class-conditional model needs labels to sample")
         labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
-        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < spec.num_classes):
-            raise ValueError(f"labels must lie in 0..{spec.num_classes - 1}")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < spec.classes):
+            raise ValueError(f"labels must lie in 0..{spec.classes - 1}")
         count = len(labels)
     else:
         count = int(n if n is not None else len(labels or ()))
@@ -210,6 +218,7 @@ def sample(model: UNet2DModel, spec: DDPMSpec, labels: Sequence[int] | torch.Ten
         for t in scheduler.timesteps:
             tt = torch.full((len(x),), int(t), device=device, dtype=torch.int64)
             if guided:
+                assert y is not None  # guidance implies a conditional model, which has labels
                 both = eps(model, torch.cat([x, x]), torch.cat([tt, tt]),
                            torch.cat([y, torch.full_like(y, spec.null_label)]))
                 cond, uncond = both.chunk(2)

@@ -27,7 +27,7 @@ def sample_grid(model: UNet2DModel, spec: ddpm.DDPMSpec, classes: Sequence[int] 
     if n < 1:
         raise ValueError("n must be at least 1")
     if spec.conditional:
-        rows = list(range(spec.num_classes)) if classes is None else [int(c) for c in classes]
+        rows = list(range(spec.classes)) if classes is None else [int(c) for c in classes]
         labels = torch.as_tensor(rows, dtype=torch.int64).repeat_interleave(n)
         images = ddpm.sample(model, spec, labels, steps=steps, guidance=guidance, seed=seed)
         tiles = [images[i * n:(i + 1) * n] for i in range(len(rows))]

@@ -72,7 +72,7 @@ def recognition_rates(judge: nn.Module, images: torch.Tensor, labels: torch.Tens
 def recognition(model: UNet2DModel, spec: ddpm.DDPMSpec, judge: nn.Module, settings: SampleSettings
                 ) -> Recognition:
     """Sample every class of the model and judge the samples."""
-    classes = range(spec.num_classes)
+    classes = range(spec.classes)
     images, labels = generate(model, spec, classes, settings)
     return Recognition(settings, recognition_rates(judge, images, labels, classes))
 

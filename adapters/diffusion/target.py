@@ -71,14 +71,16 @@ class DiffusionTarget:
         if forget.kind != "class":
             raise InvalidForget(UNSERVABLE.get(forget.kind, f"diffusion models cannot serve forget.{forget.kind}"))
         c = forget.class_label
-        num_classes = self.spec.num_classes
+        if c is None:
+            raise InvalidForget("forget.class is required")
+        num_classes = self.spec.classes
         if not 0 <= c < num_classes:
             raise InvalidForget(f"class {c} outside 0..{num_classes - 1}")
         gone = self.forgotten_classes
         if c in gone:
             raise InvalidForget(f"class {c} is already forgotten by this model's active version")
         y = self.data.train.y
-        forget_rows = y == c
+        forget_rows: torch.Tensor = y == c
         remaining = ~forget_rows & ~torch.isin(y, torch.as_tensor(sorted(gone), dtype=torch.int64))
         if not forget_rows.any():
             raise InvalidForget(f"class {c} has no registered training rows")
@@ -90,8 +92,8 @@ class DiffusionTarget:
         """c' for SalUn's objective: (c + 1) mod K as in the reference code, skipping classes already forgotten
         (their conditioning no longer draws a real class)."""
         gone = self.forgotten_classes | {forget_class}
-        for step in range(1, self.spec.num_classes):
-            candidate = (forget_class + step) % self.spec.num_classes
+        for step in range(1, self.spec.classes):
+            candidate = (forget_class + step) % self.spec.classes
             if candidate not in gone:
                 return candidate
         raise EngineError("no class left to redirect to", retryable=False)

@@ -28,8 +28,7 @@ def module_key(param_name: str) -> str | None:
 
 def read_lora_A(directory: str | Path) -> dict[str, torch.Tensor]:
     """The frozen `lora_A` matrices (rank x in_features) of a saved adapter, by module path."""
-    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-    return {k: v.float() for name, v in state.items() if (k := module_key(name))}
+    return lora_A_of(load_file(str(Path(directory) / ADAPTER_WEIGHTS)))
 
 
 def lora_A_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,8 +58,9 @@ def orthogonality_report(adapters: dict[str, str | Path | dict[str, torch.Tensor
     Returns {"max_cosine": worst pair's value, "pairs": [{"a", "b", "max_cosine", "mean_frobenius"}, ...]}.
     """
     mats = {n: (v if isinstance(v, dict) else read_lora_A(v)) for n, v in adapters.items()}
-    pairs = [{"a": i, "b": j, **overlap(mats[i], mats[j])} for i, j in itertools.combinations(sorted(mats), 2)]
-    return {"max_cosine": max((p["max_cosine"] for p in pairs), default=0.0), "pairs": pairs}
+    overlaps = {(i, j): overlap(mats[i], mats[j]) for i, j in itertools.combinations(sorted(mats), 2)}
+    return {"max_cosine": max((o["max_cosine"] for o in overlaps.values()), default=0.0),
+            "pairs": [{"a": i, "b": j, **o} for (i, j), o in overlaps.items()]}
 
 
 def attach(model, adapters: dict[str, str | Path]) -> PeftModel:
@@ -76,11 +76,6 @@ def attach(model, adapters: dict[str, str | Path]) -> PeftModel:
         peft_model.load_adapter(str(adapters[n]), adapter_name=n)
     activate(peft_model, names)
     return peft_model.eval()
-
-
-def add(peft_model: PeftModel, name: str, directory: str | Path) -> None:
-    """Load one more saved adapter into an attached model (inactive until `activate`)."""
-    peft_model.load_adapter(str(directory), adapter_name=name)
 
 
 def activate(peft_model: PeftModel, names: list[str]) -> None:

@@ -43,6 +43,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -96,8 +97,8 @@ class LMTarget:
     answer_pool: tuple[str, ...] = ()  # random-label answers for this model; empty = DEFAULT_POOL
     device: str = "cpu"  # adapters.devices names; where the model is loaded and trained
     dtype: str = "float32"
-    model: object = None
-    tokenizer: object = None
+    model: Any = None  # a transformers causal LM once loaded
+    tokenizer: Any = None
 
     def load(self) -> "LMTarget":
         if self.model is None:

@@ -33,7 +33,10 @@ def looped_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers:
     pairs = [(new, old.to(new.device, new.dtype)) for _, new, olds in _pairs(peft_model, earlier) for old in olds]
 
     def penalty() -> torch.Tensor:
-        return sum(((old @ new.T) ** 2).sum() for new, old in pairs) / max(n_layers, 1)
+        total = torch.zeros(())
+        for new, old in pairs:
+            total = total + ((old @ new.T) ** 2).sum()
+        return total / max(n_layers, 1)
 
     return penalty
 
@@ -54,11 +57,13 @@ def batched_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers
     def penalty() -> torch.Tensor:
         if not plan:
             return torch.zeros(())
-        total = None
+        terms = []
         for news, frozen in plan:
-            a = torch.stack(news)  # (modules, r, in): differentiable view of the live parameters
-            term = torch.bmm(frozen, a.transpose(1, 2)).square().sum()
-            total = term if total is None else total + term.to(total.device)
+            a = torch.stack(list(news))  # (modules, r, in): differentiable view of the live parameters
+            terms.append(torch.bmm(frozen, a.transpose(1, 2)).square().sum())
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term.to(total.device)
         return total * scale
 
     return penalty

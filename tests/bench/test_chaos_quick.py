@@ -1,5 +1,5 @@
 """bench/chaos.py --quick runs end to end (real broker, daemon processes, kills, a broker restart, a full disk)
-and meets every target of issue 11, computed from the ledger and the topics."""
+and meets every chaos target, computed from the ledger and the topics."""
 
 from tests.bench.quick import run_quick
 

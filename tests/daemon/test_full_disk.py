@@ -1,4 +1,4 @@
-"""A full disk pauses the daemon and fails nothing (issue 11): a real small filesystem, filled for real.
+"""A full disk pauses the daemon and fails nothing: a real small filesystem, filled for real.
 
 The daemon runs in its own mount namespace (`unshare`) with a 16 MiB tmpfs as its state directory; the test fills
 that filesystem through /proc/<pid>/root until writes fail with ENOSPC, then frees it.

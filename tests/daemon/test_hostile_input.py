@@ -1,4 +1,4 @@
-"""No message content, header or size may crash the daemon or stop its partition (issue 11).
+"""No message content, header or size may crash the daemon or stop its partition.
 
 Three layers: the corpus of hostile records (tests/hostile.py) table-driven through `decode` and the dead-letter
 builder; properties over arbitrary bytes and JSON (hypothesis); and the corpus through a real broker and daemon,

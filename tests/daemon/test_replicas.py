@@ -1,4 +1,4 @@
-"""One state directory, one daemon; and several replicas never apply one request twice (issue 11)."""
+"""One state directory, one daemon; and several replicas never apply one request twice."""
 
 from __future__ import annotations
 
