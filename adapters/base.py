@@ -83,8 +83,9 @@ class Change(ABC):
     it durable and atomic (fsync, rename). Formats: safetensors for weights, PEFT's own layout for adapters.
     """
 
-    #: "version" (a full new set of weights) or "adapter" (a LoRA adapter on top of the base).
-    kind: ClassVar[str]
+    #: "version" (a full new set of weights) or "adapter" (a LoRA adapter on top of the base); a class attribute
+    #: of each subclass (a change staged by a child process carries the kind it was staged with).
+    kind: str
 
     def __init__(self, metrics: dict[str, float], *, forgotten_ids: tuple[int, ...] = (), info: dict | None = None):
         self.metrics = metrics

@@ -84,14 +84,15 @@ class EmbeddedBroker:
             raise RuntimeError(f"port {self.port} is already in use; is another broker running? "
                                "Set kafka.embedded_port or stop it.")
         url = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        out = open(self.log_file, "ab") if self.log_file else None
         self.cluster_id = f"unlearnd-embedded-{uuid.uuid4().hex[:12]}"
         self.process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--cluster-id", self.cluster_id],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+            stdout=out if out is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
-        if out is not subprocess.DEVNULL:
+        if out is not None:
             out.close()  # the broker holds its own copy of the descriptor
         deadline = time.monotonic() + timeout
         while not port_open(self.port):

@@ -111,6 +111,7 @@ def _child() -> None:
     setup_logging(config.logging)
     ledger = Ledger(config.state.ledger_path, config.state.ledger_synchronous)
     registry = ModelRegistry(config, ArtifactStore(config.state.artifacts_path), ledger)
+    answer: dict[str, object]
     try:
         target = registry.target(job["model"])
         failpoints.hit("in_engine")

@@ -29,14 +29,17 @@ UNDECODABLE_KEY_PREFIX = "unlearnd.undecodable_key:"
 UNDECODABLE_RECORD_HEADER = "unlearnd.undecodable_record"
 MAX_ERROR_BYTES = 500
 
+_installed = False  # the record-batch class is patched once per process
 _failed_crc: dict[int, str] = {}  # id(batch) -> why; a batch's slots take no attribute of ours
 
 
 def install() -> None:
     """Idempotent; called by the daemon before it creates its consumer."""
+    global _installed
     batch = default_records.DefaultRecordBatch
-    if getattr(batch._read_msg, "unlearnd_tolerant", False):
+    if _installed:
         return
+    _installed = True
     read_msg, validate_crc, iterate, next_record = batch._read_msg, batch.validate_crc, batch.__iter__, batch.__next__
 
     def _read_msg(self, *args, **kwargs):
@@ -71,7 +74,6 @@ def install() -> None:
         self._pos = len(self._buffer)
         return _record(self, self.base_offset, self.first_timestamp, reason)
 
-    _read_msg.unlearnd_tolerant = True
     batch._read_msg, batch.validate_crc, batch.__iter__, batch.__next__ = _read_msg, _validate_crc, _iter, _next
 
 

@@ -31,7 +31,7 @@ class Transient(Exception):
 _DISK_FULL_TEXT = tuple(t for e in _DISK_FULL for t in (os.strerror(e), f"(os error {e})"))
 
 
-def kind_of(exc: BaseException) -> str | None:
+def kind_of(exc: BaseException | None) -> str | None:
     """The transient condition behind `exc` (or anything in its cause chain), else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
