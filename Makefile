@@ -13,7 +13,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test deploy-tools bench bench-quick bench-gpu clean
+.PHONY: install run lint test deploy-tools bench bench-quick bench-gpu clean
 
 install: $(STAMP)
 
@@ -34,7 +34,12 @@ run: install
 deploy-tools:
 	bash deploy/ci/install-tools.sh
 
-test: install deploy-tools
+# ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and mypy, configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install deploy-tools lint
 	$(BIN)/pytest
 
 bench-quick: install
