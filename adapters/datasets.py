@@ -24,18 +24,18 @@ class LabeledSet:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, mask_or_index: torch.Tensor) -> "LabeledSet":
+    def subset(self, mask_or_index: torch.Tensor) -> LabeledSet:
         return LabeledSet(self.x[mask_or_index], self.y[mask_or_index], self.ids[mask_or_index])
 
-    def select_ids(self, ids) -> "LabeledSet":
+    def select_ids(self, ids) -> LabeledSet:
         return self.subset(torch.isin(self.ids, torch.as_tensor(list(ids), dtype=torch.int64)))
 
-    def without_ids(self, ids) -> "LabeledSet":
+    def without_ids(self, ids) -> LabeledSet:
         if not ids:
             return self
         return self.subset(~torch.isin(self.ids, torch.as_tensor(list(ids), dtype=torch.int64)))
 
-    def sample(self, n: int, seed: int = 0) -> "LabeledSet":
+    def sample(self, n: int, seed: int = 0) -> LabeledSet:
         """A fixed random subset of at most n rows (for capped, cheap measures)."""
         if len(self) <= n:
             return self
@@ -46,7 +46,7 @@ class LabeledSet:
         save_file({"x": self.x.contiguous(), "y": self.y, "ids": self.ids}, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> "LabeledSet":
+    def load(cls, path: Path) -> LabeledSet:
         t = load_file(str(path))
         return cls(t["x"], t["y"], t["ids"])
 
@@ -63,7 +63,7 @@ class Split:
         self.test.save(directory / "test.safetensors")
 
     @classmethod
-    def load(cls, directory: Path, num_classes: int, input_shape: tuple[int, ...]) -> "Split":
+    def load(cls, directory: Path, num_classes: int, input_shape: tuple[int, ...]) -> Split:
         return cls(LabeledSet.load(directory / "train.safetensors"), LabeledSet.load(directory / "test.safetensors"),
                    num_classes, tuple(input_shape))
 

@@ -31,7 +31,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} configured but torch sees no CUDA GPU (a CPU build of torch, or no driver)")
+            raise RuntimeError(
+                f"device {name!r} configured but torch sees no CUDA GPU (a CPU build of torch, or no driver)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {name!r} configured but only {torch.cuda.device_count()} GPU(s) are visible")
     return device

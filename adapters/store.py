@@ -54,7 +54,9 @@ class ArtifactStore:
         try:
             write(staging)
             digest = tree_sha256(staging)
-            (staging / META_FILE).write_text(json.dumps({**(meta or {}), "id": artifact_id, "sha256": digest}, indent=2))
+            (staging / META_FILE).write_text(
+                json.dumps({**(meta or {}), "id": artifact_id, "sha256": digest}, indent=2)
+            )
             _fsync_tree(staging)
             final = self.path(model, kind, artifact_id)
             final.parent.mkdir(parents=True, exist_ok=True)

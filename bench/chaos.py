@@ -52,9 +52,23 @@ REPO = Path(__file__).resolve().parents[1]
 NS_ENV = "UNLEARND_CHAOS_IN_NAMESPACE"
 DISK_MB = 48
 MAX_BYTES = 8192
-FULL = {"valid": 200, "hostile": 5000, "traffic_s": 300, "random_kills": 14, "targeted": {"in_engine:hang": 4, "after_artifact": 4,
-        "after_ledger": 3, "before_offset_commit": 3, "join_kill": 3, "join_term": 2}, "sigterms": 3, "freeze": True,
-        "full_disk_s": 12}
+FULL = {
+    "valid": 200,
+    "hostile": 5000,
+    "traffic_s": 300,
+    "random_kills": 14,
+    "targeted": {
+        "in_engine:hang": 4,
+        "after_artifact": 4,
+        "after_ledger": 3,
+        "before_offset_commit": 3,
+        "join_kill": 3,
+        "join_term": 2,
+    },
+    "sigterms": 3,
+    "freeze": True,
+    "full_disk_s": 12,
+}
 QUICK = {"valid": 24, "hostile": 400, "traffic_s": 15, "random_kills": 0, "targeted": {"in_engine:hang": 1,
          "join_kill": 1}, "sigterms": 0, "freeze": False, "full_disk_s": 4}
 
@@ -125,7 +139,7 @@ class Collector(threading.Thread):
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             while not self.stop.is_set() and self.epoch == epoch:
-                for tp, records in consumer.poll(timeout_ms=300).items():
+                for records in consumer.poll(timeout_ms=300).values():
                     for r in records:
                         self._add(epoch, r)
         finally:
@@ -185,12 +199,21 @@ class Chaos:
         if self.small_disk_unavailable is None:
             subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(self.state)], check=True)
         config = self.root / "config.toml"
-        config.write_text(CONFIG_TEMPLATE.format(
-            bootstrap=self.broker.bootstrap_servers, group=f"{self.prefix}-group", prefix=self.prefix,
-            state=self.state, metrics_port=self.metrics_port, model=TEST_MODEL)
+        config.write_text(
+            CONFIG_TEMPLATE.format(
+                bootstrap=self.broker.bootstrap_servers,
+                group=f"{self.prefix}-group",
+                prefix=self.prefix,
+                state=self.state,
+                metrics_port=self.metrics_port,
+                model=TEST_MODEL,
+            )
             .replace("max_attempts = 2", "max_attempts = 3\ntransient_backoff_max_s = 2.0")
             .replace("epochs = 12", "epochs = 3")  # the model's accuracy is not what this bench measures
-            .replace("poll_timeout_ms = 200", "poll_timeout_ms = 200\nliveness_interval_s = 1.0\nliveness_timeout_s = 2.0"))
+            .replace(
+                "poll_timeout_ms = 200", "poll_timeout_ms = 200\nliveness_interval_s = 1.0\nliveness_timeout_s = 2.0"
+            )
+        )
         self.config = config
         from adapters.store import ArtifactStore
         from daemon import config as config_mod

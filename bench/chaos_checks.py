@@ -5,6 +5,7 @@ sent, and when each daemon started and stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ def _chain(ledger: Ledger, store: ArtifactStore, model: str) -> dict:
     versions = ledger.list_artifacts(model, "version")
     ids = sorted(v.id for v in versions)
     by_id = {v.id: v for v in versions}
-    for prev, cur in zip(ids, ids[1:]):
+    for prev, cur in itertools.pairwise(ids):
         if by_id[cur].parent != prev:
             problems.append(f"{cur}'s parent is {by_id[cur].parent}, not {prev}")
     heads = [v.id for v in versions if v.active]

@@ -29,25 +29,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # standalone script: import the repo's packages
-from bench.report import emit  # noqa: E402
-
 import torch  # noqa: E402
 
 from adapters import datasets  # noqa: E402
-from bench.evaluation import baselines  # noqa: E402
-from adapters.classifier import measures  # noqa: E402
-from bench.evaluation import mia  # noqa: E402
 from adapters.base import Forget  # noqa: E402
-from adapters.classifier.model import ClassifierTarget  # noqa: E402
+from adapters.classifier import measures  # noqa: E402
 from adapters.classifier.iau import IAUEngine  # noqa: E402
+from adapters.classifier.model import ClassifierTarget  # noqa: E402
 from adapters.classifier.salun import SalUnEngine  # noqa: E402
+from bench.evaluation import (
+    baselines,  # noqa: E402
+    mia,  # noqa: E402
+)
 from bench.evaluation.seeds import aggregate, pick  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 SERVED = ("iau", "iau-cold", "salun")
 BASELINES = ("ft", "ga")
@@ -152,7 +154,7 @@ def sequence(split, spec, model, arch, epochs, plan: Plan, seed: int) -> dict:
     engine.warm_cache(target)
     per_step, checkpoints, request_s, refresh_s, cached = [], {}, 0.0, 0.0, 0
     for step, ids in enumerate(requests, start=1):
-        change, seconds = timed(lambda: engine.apply(target, Forget(sample_ids=ids)))
+        change, seconds = timed(functools.partial(engine.apply, target, Forget(sample_ids=ids)))
         _, refresh = timed(engine.wait_for_refresh)
         request_s, refresh_s = request_s + seconds, refresh_s + refresh
         cached += change.metrics["gradient_cached"]

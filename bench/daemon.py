@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -26,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from adapters.classifier import model as classifier  # noqa: E402
 from adapters.base import Engine, Forget, register  # noqa: E402
+from adapters.classifier import model as classifier  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
 from daemon.app import Daemon  # noqa: E402
 from daemon.broker import EmbeddedBroker  # noqa: E402
@@ -101,7 +102,9 @@ def overhead(bootstrap: str, n: int, coalesce: bool) -> dict:
             time.sleep(0.05)
         daemon.stop()
         thread.join(30)
-        rows = daemon.ledger._db.execute("SELECT duration_s, metrics, received_at, completed_at FROM requests").fetchall()
+        rows = daemon.ledger._db.execute(
+            "SELECT duration_s, metrics, received_at, completed_at FROM requests"
+        ).fetchall()
         versions = daemon.ledger.count_artifacts(model, "version")
         daemon.close()
     # Service time per request in steady state: the spacing of consecutive completions (requests are queued, so
@@ -109,7 +112,7 @@ def overhead(bootstrap: str, n: int, coalesce: bool) -> dict:
     # behind earlier messages of the same poll, which is latency, not overhead.
     rows = sorted(rows, key=lambda r: r[3])
     overheads = sorted((b[3] - a[3] - json.loads(b[1]).get("engine_seconds", 0.0)) * 1000
-                       for a, b in zip(rows, rows[1:]))
+                       for a, b in itertools.pairwise(rows))
     wall = max(r[3] for r in rows) - min(r[2] for r in rows)
     return {"requests": len(rows), "overhead_ms": {"p50": _pct(overheads, 50), "p90": _pct(overheads, 90),
                                                    "p99": _pct(overheads, 99), "max": overheads[-1]},
@@ -135,7 +138,11 @@ def iau_end_to_end(bootstrap: str, n: int, epochs: int) -> dict:
         seconds, engine, metrics = [], [], []
         for i in range(n):
             rid = f"iau-{i}"
-            body = {"request_id": rid, "model": "mnist-mlp", "forget": {"sample_ids": [17 + 7 * i, 42 + 7 * i, 99 + 7 * i]}}
+            body = {
+                "request_id": rid,
+                "model": "mnist-mlp",
+                "forget": {"sample_ids": [17 + 7 * i, 42 + 7 * i, 99 + 7 * i]},
+            }
             t0 = time.perf_counter()
             producer.send(cfg.kafka.topics.requests, key=b"mnist-mlp", value=json.dumps(body).encode()).get(10)
             event = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -34,8 +35,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # standalone script: import the repo's packages
-from bench.report import emit  # noqa: E402
-
 import torch  # noqa: E402
 
 from adapters import datasets  # noqa: E402
@@ -43,6 +42,7 @@ from adapters.base import Forget  # noqa: E402
 from adapters.diffusion import ddpm, demo, grid, judge, measures, training  # noqa: E402
 from adapters.diffusion.salun import DiffusionSalUnEngine  # noqa: E402
 from bench.evaluation import fid, mnist_cnn  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -144,7 +144,7 @@ def sequence(plan, evaluator, original, before_bank, engine, first_change=None) 
         if i == 0 and first_change is not None:
             change, cpu = first_change, None
         else:
-            change, cpu, _ = timed(lambda: engine.apply(target, Forget(class_label=c)))
+            change, cpu, _ = timed(functools.partial(engine.apply, target, Forget(class_label=c)))
         target = target.advanced(change, f"v{i + 2}")
         forgotten.append(c)
         after = evaluator.evaluate(target.model, forgotten)

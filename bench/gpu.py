@@ -33,15 +33,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import emit  # noqa: E402
-
 from adapters import devices  # noqa: E402
-from bench.evaluation import facts  # noqa: E402
-from adapters.lm import loading as lm  # noqa: E402
-from tests.tiny_models import char_tokenizer  # noqa: E402
 from adapters.base import Forget  # noqa: E402
+from adapters.lm import loading as lm  # noqa: E402
 from adapters.lm.o3 import LLAMA_LINEAR, LMTarget, O3Engine, gate_texts  # noqa: E402
 from adapters.lm.penalty import batched_penalty, looped_penalty  # noqa: E402
+from bench.evaluation import facts  # noqa: E402
+from bench.report import emit  # noqa: E402
+from tests.tiny_models import char_tokenizer  # noqa: E402
 
 # Published configurations (hidden, MLP, layers, heads, kv heads, vocabulary, tied embeddings).
 SHAPES = {
@@ -220,7 +219,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shape, few repetitions: a smoke test")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     for k, v in FULL.items():

@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import emit  # noqa: E402
-
-from bench.evaluation import facts  # noqa: E402
-from bench.evaluation import facts_tuning  # noqa: E402
-from adapters.lm import loading as lm  # noqa: E402
-from tests.tiny_models import tiny_llama  # noqa: E402
-from bench.evaluation import lm_eval  # noqa: E402
-from adapters.lm import lora_set  # noqa: E402
 from adapters.base import Forget  # noqa: E402
+from adapters.lm import loading as lm  # noqa: E402
+from adapters.lm import lora_set  # noqa: E402
 from adapters.lm.o3 import LMTarget, O3Engine  # noqa: E402
+from bench.evaluation import (
+    facts,  # noqa: E402
+    facts_tuning,  # noqa: E402
+    lm_eval,  # noqa: E402
+)
+from bench.report import emit  # noqa: E402
+from tests.tiny_models import tiny_llama  # noqa: E402
 
 FULL = dict(forget=10, retain=5, teach_epochs=3, teach_lr=2e-4, o3_epochs=10, o3_lr=1e-3, no_penalty_requests=2,
             general=len(facts.GENERAL))
@@ -49,7 +50,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     ap.add_argument("--cache", type=Path, default=Path("var/bench/o3"), help="converted and fine-tuned models")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="where the models train and are measured: auto | cpu | cuda | cuda:N")
+    ap.add_argument(
+        "--device", default="cpu", help="where the models train and are measured: auto | cpu | cuda | cuda:N"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v} ({QUICK[k]} quick)")
@@ -114,7 +117,11 @@ def main(argv=None) -> dict:
             served = lora_set.attach(m, {f"r{i:02d}": out})
         else:
             served.load_adapter(str(out), adapter_name=f"r{i:02d}")  # inactive until activate()
-        step = {"request": i, "train_seconds": metrics["train_seconds"], "train_cpu_seconds": metrics["train_cpu_seconds"]}
+        step = {
+            "request": i,
+            "train_seconds": metrics["train_seconds"],
+            "train_cpu_seconds": metrics["train_cpu_seconds"],
+        }
         lora_set.activate(served, [f"r{i:02d}"])
         step["oracle"] = measure(served, tok, su=su_set[person.name], du=du_set[person.name])
         lora_set.activate(served, list(target.adapters))
@@ -135,17 +142,33 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "o3",
         "mode": "quick" if args.quick else "full",
-        "model": "tiny-llama (random init, char tokenizer)" if args.quick else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
-        "params": {**p, "seed": args.seed, "threads": args.threads, "device": args.device,
-                   "qa_per_request": len(next(iter(request_qa.values()))),
-                   "candidates": facts.N_CANDIDATES, "o3": {k: v for k, v in vars(engine.config).items()}},
+        "model": "tiny-llama (random init, char tokenizer)"
+        if args.quick
+        else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        "params": {
+            **p,
+            "seed": args.seed,
+            "threads": args.threads,
+            "device": args.device,
+            "qa_per_request": len(next(iter(request_qa.values()))),
+            "candidates": facts.N_CANDIDATES,
+            "o3": {k: v for k, v in vars(engine.config).items()},
+        },
         "models": models,
-        "teach": {n: json.loads((d / "teach.json").read_text()) for n, d in (("taught", taught_dir), ("reference", reference_dir))},
+        "teach": {
+            n: json.loads((d / "teach.json").read_text())
+            for n, d in (("taught", taught_dir), ("reference", reference_dir))
+        },
         "sequence": steps,
-        "final": {"always_on": always_on, "oracle": {"su": oracle_su, "du": oracle_du, "rd": base["rd"],
-                                                       "general": base["general"]}},
-        "orthogonality": {"with_penalty": ortho["max_cosine"], "without_penalty": no_penalty,
-                          "pairs_with_penalty": len(ortho["pairs"])},
+        "final": {
+            "always_on": always_on,
+            "oracle": {"su": oracle_su, "du": oracle_du, "rd": base["rd"], "general": base["general"]},
+        },
+        "orthogonality": {
+            "with_penalty": ortho["max_cosine"],
+            "without_penalty": no_penalty,
+            "pairs_with_penalty": len(ortho["pairs"]),
+        },
         "seconds_total": time.perf_counter() - t_start,
     }
     result["summary"] = {

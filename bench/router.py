@@ -16,8 +16,9 @@ End to end: bench/o3.py's run (a model taught 15 people, one O3 adapter per forg
 if its cache is missing) served through the Router: one gate per request fitted on its questions
 (`adapters.lm.o3.gate_texts`) as the daemon does, every input routed on what the user asked (`detector.inputs`: the
 question, not the prompt layout), the adapters applied per input with `per_sample_adapters` (mixed routes in one
-batch). Gates and routing everywhere here use the bare questions, as serving does. S.U./D.U./R.D./general accuracy with routing vs "always on" (every adapter
-for every input) vs "oracle" (a forgotten person's questions get exactly that request's adapter) vs the base.
+batch). Gates and routing everywhere here use the bare questions, as serving does. S.U./D.U./R.D./general accuracy
+with routing vs "always on" (every adapter for every input) vs "oracle" (a forgotten person's questions get
+exactly that request's adapter) vs the base.
 `--quick`: 3 requests, a tiny random Llama for the generation share and the end-to-end path, 10 vs 100 requests;
 a smoke test.
 """
@@ -37,13 +38,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import emit  # noqa: E402
-
-from bench.evaluation import facts  # noqa: E402
-from adapters.devices import device_of, resolve_device  # noqa: E402
 from adapters.base import Forget  # noqa: E402
+from adapters.devices import device_of, resolve_device  # noqa: E402
 from adapters.lm.o3 import gate_texts  # noqa: E402
+from bench.evaluation import facts  # noqa: E402
 from bench.evaluation.lm_encoder import CausalLMEncoder  # noqa: E402
+from bench.report import emit  # noqa: E402
 from detector.features import Encoder  # noqa: E402
 from detector.gate import fit_gate_from_features, fit_request_gate, split_used_rest  # noqa: E402
 from detector.inputs import prompt_routing_texts  # noqa: E402
@@ -118,7 +118,9 @@ def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, 
     """Per request: AUROC and false activation (w >= min_weight) of the gate alone, per feature source."""
     from bench.evaluation.cel import train_cel_encoder
 
-    negatives = prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)) + prompts(facts.GENERAL)
+    negatives = (
+        prompts(fs.qa_of(split.retain)) + prompts(fs.qa_of(split.retain, held_out=True)) + prompts(facts.GENERAL)
+    )
     out: dict[str, list] = {"minilm_frozen": [], "minilm_cel": [], "smollm2_hidden": []}
     for person in split.forget[:n_requests]:
         train, held = prompts(fs.qa(person)), prompts(fs.qa(person, held_out=True))
@@ -136,9 +138,15 @@ def encoder_comparison(fs, split, minilm: Encoder, lm_encoder, n_requests: int, 
             gate = fit_gate_from_features(enc.encode(train), person.name)
             pos = np.r_[gate.z(enc.encode(train)), gate.z(enc.encode(held))]
             z_neg = gate.z(enc.encode(negatives))
-            out[name].append({"auroc": auroc(pos, z_neg), "false_activation": float(np.mean(gate.calibration.weight(z_neg) >= RouterConfig().min_weight)),
-                              "held_out_weight_mean": float(np.mean(gate.calibration.weight(gate.z(enc.encode(held))))),
-                              "encode_seconds_one_input": encode_s, **info})
+            out[name].append(
+                {
+                    "auroc": auroc(pos, z_neg),
+                    "false_activation": float(np.mean(gate.calibration.weight(z_neg) >= RouterConfig().min_weight)),
+                    "held_out_weight_mean": float(np.mean(gate.calibration.weight(gate.z(enc.encode(held))))),
+                    "encode_seconds_one_input": encode_s,
+                    **info,
+                }
+            )
     summary = {}
     for name, rows in out.items():
         if rows:
@@ -168,7 +176,7 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
     out: dict = {"look_alike_questions": len(look), "held_out_per_request": len(held[0])}
     for name, layers in (("last_layer", (-1,)), ("all_layers", None)):
         gates = [fit_gate_from_features(t, f"req{i:03d}", layers=layers) for i, t in enumerate(train)]
-        aucs = [auroc(g.z(h), g.z(look)) for g, h in zip(gates, held)]
+        aucs = [auroc(g.z(h), g.z(look)) for g, h in zip(gates, held, strict=True)]
         rows = {}
         for n in sizes:
             router = Router(encoder)
@@ -177,7 +185,7 @@ def layer_choice(encoder, seed: int, sizes: list[int], retained: int, min_weight
             for mw, margin in [(mw, RouterConfig.margin) for mw in min_weights] + [(RouterConfig.min_weight, 0.0)]:
                 router.config.min_weight, router.config.margin = mw, margin
                 rows[f"{n}_requests_min_weight_{mw}" + ("_no_margin" if margin == 0 else "")] = routed_rates(
-                    router, look, [(g.adapter_id, h) for g, h in zip(gates[:n], held[:n])])
+                    router, look, [(g.adapter_id, h) for g, h in zip(gates[:n], held[:n], strict=True)])
         out[name] = {"auroc_held_out_vs_look_alike_min": min(aucs),
                      "auroc_held_out_vs_look_alike_mean": float(np.mean(aucs)), "routing": rows}
     return out
@@ -203,7 +211,9 @@ def small_requests(encoder, seed: int, n_requests: int, retained: int, min_weigh
             router.add_gate(f"req{i:03d}", fit_gate_from_features(t, f"req{i:03d}", leave_one_out=loo))
         for mw in min_weights:
             router.config.min_weight = mw
-            out[f"{name}_min_weight_{mw}"] = routed_rates(router, look, [(f"req{i:03d}", h) for i, h in enumerate(held)])
+            out[f"{name}_min_weight_{mw}"] = routed_rates(
+                router, look, [(f"req{i:03d}", h) for i, h in enumerate(held)]
+            )
     return out
 
 
@@ -276,7 +286,7 @@ def scaling(encoder, fs, split, sizes: list[int], work: Path, probes: list[str],
     full = {n: [] for n in sizes}
     search = {n: [] for n in sizes}
     for _ in range(repeats):
-        for text, f in zip(probes, probe_feats):
+        for text, f in zip(probes, probe_feats, strict=True):
             for n, router in routers.items():
                 t0 = time.perf_counter()
                 router.route([text])
@@ -332,14 +342,14 @@ def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path, device:
     split = fs.split(run["forget"])
     ids = [d.name for d in run["adapters"]]  # r00, r01, ...: request i forgot split.forget[i]
     router = Router(encoder)
-    for aid, person in zip(ids, split.forget):
+    for aid, person in zip(ids, split.forget, strict=True):
         fit_request_gate(gate_of(fs.qa(person)), work / "e2e" / aid, encoder, adapter_id=aid)
         router.add(aid, work / "e2e" / aid)
     model, tok = lm.load(run["taught"], device=device)
-    served = lora_set.attach(model, dict(zip(ids, run["adapters"])))
+    served = lora_set.attach(model, dict(zip(ids, run["adapters"], strict=True)))
     # The sets of bench/o3.py (S.U. = first training paraphrase, D.U. = held-out paraphrase), except that R.D.
     # takes every paraphrase of the retained people: templated look-alikes are where false activations happen.
-    own = {q.person: aid for aid, person in zip(ids, split.forget) for q in fs.qa(person)}
+    own = {q.person: aid for aid, person in zip(ids, split.forget, strict=True) for q in fs.qa(person)}
     sets = {
         "su": [q for p in split.forget for q in fs.qa(p) if q.paraphrase == 0],
         "du": fs.qa_of(split.forget, held_out=True),
@@ -366,8 +376,12 @@ def end_to_end(encoder, quick: bool, seed: int, cache: Path, work: Path, device:
         decisions[name] = {
             "inputs": len(qas),
             "any_adapter": float(np.mean([bool(x) for x in r])),
-            "own_adapter": float(np.mean([own.get(q.person) in x for q, x in zip(qas, r)])) if name in ("su", "du") else None,
-            "another_request_adapter": int(sum(any(k != own.get(q.person) for k in x) for q, x in zip(qas, r))),
+            "own_adapter": float(np.mean([own.get(q.person) in x for q, x in zip(qas, r, strict=True)]))
+            if name in ("su", "du")
+            else None,
+            "another_request_adapter": int(
+                sum(any(k != own.get(q.person) for k in x) for q, x in zip(qas, r, strict=True))
+            ),
             "weight_mean_when_applied": float(np.mean([w for x in r for w in x.values()])) if any(r) else None,
         }
     base = acc["base"]
@@ -402,8 +416,15 @@ def main(argv=None) -> dict:
     split = fs.split(n_forget=n_req)
     device = str(resolve_device(args.device))
     encoder = Encoder(device=device)
-    result: dict = {"bench": "router", "quick": args.quick, "device": device, "encoder": encoder.name, "encoder_layers": encoder.n_layers,
-                    "people": n_people, "torch_threads": torch.get_num_threads()}
+    result: dict = {
+        "bench": "router",
+        "quick": args.quick,
+        "device": device,
+        "encoder": encoder.name,
+        "encoder_layers": encoder.n_layers,
+        "people": n_people,
+        "torch_threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         det, router = detection(encoder, fs, split, work)
@@ -425,12 +446,18 @@ def main(argv=None) -> dict:
     result["seconds"] = time.perf_counter() - t_start
     sc = result["scaling"]
     result["summary"] = {
-        "auroc_min": det["auroc_min"], "auroc_mean": det["auroc_mean"],
-        "false_activation_rate": det["false_activation_rate"], "hit_rate_held_out": det["hit_rate_held_out"],
-        "su_routed": e2e["su_routed"], "du_routed": e2e["du_routed"], "rd_drop_points_routed": e2e["rd_drop_points_routed"],
+        "auroc_min": det["auroc_min"],
+        "auroc_mean": det["auroc_mean"],
+        "false_activation_rate": det["false_activation_rate"],
+        "hit_rate_held_out": det["hit_rate_held_out"],
+        "su_routed": e2e["su_routed"],
+        "du_routed": e2e["du_routed"],
+        "rd_drop_points_routed": e2e["rd_drop_points_routed"],
         "general_drop_points_routed": e2e["general_drop_points_routed"],
-        "su_oracle": e2e["accuracy"]["oracle"]["su"], "du_oracle": e2e["accuracy"]["oracle"]["du"],
-        "su_always_on": e2e["accuracy"]["always_on"]["su"], "rd_drop_points_always_on": e2e["rd_drop_points_always_on"],
+        "su_oracle": e2e["accuracy"]["oracle"]["su"],
+        "du_oracle": e2e["accuracy"]["oracle"]["du"],
+        "su_always_on": e2e["accuracy"]["always_on"]["su"],
+        "rd_drop_points_always_on": e2e["rd_drop_points_always_on"],
         "routing_share_of_generation": result["generation"]["routing_share_of_generation"],
         "routing_cost_ratio_1000_vs_10": sc["ratio_largest_vs_smallest"] if not args.quick else None,
         "routing_cost_ratio_largest_vs_10": sc["ratio_largest_vs_smallest"],

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import emit  # noqa: E402
-
 from bench import known_facts  # noqa: E402
+from bench.report import emit  # noqa: E402
 from daemon.broker import free_port, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +218,7 @@ def run(stack: Stack, questions: list[Question], requests: dict, p: dict, args, 
     client = OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=300, max_retries=0)
     _log("daemon and serve up", t_start)
     if args.check_facts:
-        for q, (text, _) in zip(questions, ask(client, questions, p["max_tokens"])):
+        for q, (text, _) in zip(questions, ask(client, questions, p["max_tokens"]), strict=True):
             print(f"{'OK' if graded(text, q.answers) else '--'} [{q.kind}] {q.text} => {text!r}")
         sys.exit(0)
     before = ask(client, questions, p["max_tokens"])
@@ -242,21 +241,45 @@ def run(stack: Stack, questions: list[Question], requests: dict, p: dict, args, 
     per_kind = {kind: measure(questions, before, after, ids, kind) for kind in ("sent", "held_out", "lookalike",
                                                                                "general")}
     per_kind["sent_question_layout"] = measure(sent, layout_before, layout_after, ids, "sent")
-    identical = [a[0] == b[0] for b, a in zip(before, after) if not a[1]]
+    identical = [a[0] == b[0] for b, a in zip(before, after, strict=True) if not a[1]]
     separation = separate(stack.root / "var", questions, ids)
     return {
-        "benchmark": "serving", "mode": "quick" if args.quick else "full", "facts": args.facts,
+        "benchmark": "serving",
+        "mode": "quick" if args.quick else "full",
+        "facts": args.facts,
         "model": "tiny-llama (random init, char tokenizer)" if args.quick else "SmolLM2-135M-Instruct",
-        "params": {**p, "threads": args.threads, "requests": len(requests),
-                   "questions": {k: sum(q.kind == k for q in questions) for k in ("sent", "held_out", "lookalike",
-                                                                                 "general")}},
-        "requests": {rid: {**{k: v for k, v in req.items() if k != "sent"}, "adapter_id": ids.get(rid),
-                           "status": results.get(rid, {}).get("status"), "duration_s": results.get(rid, {}).get("duration_s"),
-                           "metrics": results.get(rid, {}).get("metrics", {})} for rid, req in requests.items()},
-        "per_kind": per_kind, "restarts": restarts, "separation": separation,
-        "answers": [{"kind": q.kind, "request": q.request, "question": q.text, "before": b[0], "after": a[0],
-                     "adapters": a[1], "correct_before": graded(b[0], q.answers), "correct_after": graded(a[0], q.answers)}
-                    for q, b, a in zip(questions, before, after)],
+        "params": {
+            **p,
+            "threads": args.threads,
+            "requests": len(requests),
+            "questions": {k: sum(q.kind == k for q in questions) for k in ("sent", "held_out", "lookalike", "general")},
+        },
+        "requests": {
+            rid: {
+                **{k: v for k, v in req.items() if k != "sent"},
+                "adapter_id": ids.get(rid),
+                "status": results.get(rid, {}).get("status"),
+                "duration_s": results.get(rid, {}).get("duration_s"),
+                "metrics": results.get(rid, {}).get("metrics", {}),
+            }
+            for rid, req in requests.items()
+        },
+        "per_kind": per_kind,
+        "restarts": restarts,
+        "separation": separation,
+        "answers": [
+            {
+                "kind": q.kind,
+                "request": q.request,
+                "question": q.text,
+                "before": b[0],
+                "after": a[0],
+                "adapters": a[1],
+                "correct_before": graded(b[0], q.answers),
+                "correct_after": graded(a[0], q.answers),
+            }
+            for q, b, a in zip(questions, before, after, strict=True)
+        ],
         "summary": {
             "requests_applied": len(ids),
             "sent_still_correct_share": per_kind["sent"]["still_correct_share"],
@@ -272,7 +295,9 @@ def run(stack: Stack, questions: list[Question], requests: dict, p: dict, args, 
             "restart_adapters_restored": all(restarts.values()),
             "heldout_vs_lookalike_auroc_nearest_cos": separation.get("nearest_cos", {}).get("auroc"),
             "request_seconds_mean": _mean([r.get("duration_s") for r in results.values() if r.get("duration_s")]),
-            "result_measure_seconds_mean": _mean([r.get("metrics", {}).get("measure_seconds") for r in results.values()]),
+            "result_measure_seconds_mean": _mean(
+                [r.get("metrics", {}).get("measure_seconds") for r in results.values()]
+            ),
         },
     }
 
@@ -399,7 +424,7 @@ def graded(text: str, answers: str) -> bool:
 
 
 def measure(questions, before, after, ids: dict, kind: str) -> dict:
-    rows = [(q, b, a) for q, b, a in zip(questions, before, after) if q.kind == kind]
+    rows = [(q, b, a) for q, b, a in zip(questions, before, after, strict=True) if q.kind == kind]
     correct_before = [(q, b, a) for q, b, a in rows if graded(b[0], q.answers)]
     still = [graded(a[0], q.answers) for q, b, a in correct_before]
     acc_b = _mean([graded(b[0], q.answers) for q, b, a in rows])

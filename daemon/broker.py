@@ -79,7 +79,7 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         if port_open(self.port):
             raise RuntimeError(f"port {self.port} is already in use; is another broker running? "
                                "Set kafka.embedded_port or stop it.")
@@ -110,7 +110,7 @@ class EmbeddedBroker:
             stop_process(self.process, 5)
         self.process = None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -27,7 +27,9 @@ REQUEST_SECONDS = Histogram(
     ["model", "method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 DLQ = Counter("unlearnd_dlq_total", "Messages sent to the dead-letter topic, by reason.", ["reason"])
-ENGINE_RETRIES = Counter("unlearnd_engine_retries_total", "Engine attempts that failed and were retried.", ["model", "method"])
+ENGINE_RETRIES = Counter(
+    "unlearnd_engine_retries_total", "Engine attempts that failed and were retried.", ["model", "method"]
+)
 CONSUMER_LAG = Gauge("unlearnd_consumer_lag", "Messages behind the end of each assigned partition (from positions).",
                      ["topic", "partition"])
 MODEL_VERSIONS = Gauge("unlearnd_model_versions", "Model versions recorded in the ledger.", ["model"])

@@ -118,10 +118,18 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
 
 def completion_response(model: str, completions: list[Completion], texts: list[str]) -> dict:
     union = Routing({a: w for c in completions for a, w in c.routing.gate_weights.items()})
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": c.finish_reason,
-                         "unlearnd": extra(c.routing)} for i, (c, t) in enumerate(zip(completions, texts))],
-            "usage": usage(completions), "unlearnd": extra(union)}
+    return {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": c.finish_reason, "unlearnd": extra(c.routing)}
+            for i, (c, t) in enumerate(zip(completions, texts, strict=True))
+        ],
+        "usage": usage(completions),
+        "unlearnd": extra(union),
+    }
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,

@@ -24,7 +24,7 @@ class StateLock:
         self.path = Path(f"{ledger_path}.lock")
         self._fd: int | None = None
 
-    def acquire(self) -> "StateLock":
+    def acquire(self) -> StateLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

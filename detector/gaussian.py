@@ -37,7 +37,7 @@ class LowRankGaussian:
     shrinkage: float
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "LowRankGaussian":
+    def fit(cls, x: np.ndarray) -> LowRankGaussian:
         x = np.asarray(x, np.float64)
         mean = x.mean(0)
         xc = x - mean

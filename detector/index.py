@@ -64,7 +64,7 @@ def vectors_and_ids(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(vecs, np.float32), faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
-def gpu_search_copy(index: faiss.IndexIDMap2, device: int) -> "GpuSearchCopy | None":
+def gpu_search_copy(index: faiss.IndexIDMap2, device: int) -> GpuSearchCopy | None:
     """A GPU copy of `index` for searching when faiss has GPU support (the `faiss-gpu-cu12` build) and a GPU;
     None otherwise (search the CPU index)."""
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= device:

@@ -117,9 +117,9 @@ class Router:
             q = fidx.normalise(feats[:, self.config.routing_layer, :])
             sims, ids = self._searched().search(q, min(self.config.candidates_k, self._index.ntotal))
             out = []
-            for row_sims, row_ids in zip(sims, ids):
+            for row_sims, row_ids in zip(sims, ids, strict=True):
                 found: dict[str, float] = {}
-                for s, key in zip(row_sims, fidx.key_of(row_ids)):
+                for s, key in zip(row_sims, fidx.key_of(row_ids), strict=True):
                     name = self._by_key.get(int(key))
                     if name is not None and name not in found:  # results are sorted: the first is the best
                         found[name] = float(s)
@@ -153,7 +153,7 @@ class Router:
                 gate = self.gates.get(name)
                 if gate is None:  # removed between the search and now
                     continue
-                for i, w in zip(rows, gate.weight(feats[rows])):
+                for i, w in zip(rows, gate.weight(feats[rows]), strict=True):
                     weights[i][name] = float(w)
         return weights
 
@@ -168,7 +168,7 @@ class Router:
 
     def route_features(self, feats: np.ndarray) -> list[dict[str, float]]:
         near = self.neighbours(feats)
-        return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near))]
+        return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near), strict=True)]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
         """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was)."""

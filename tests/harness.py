@@ -186,7 +186,10 @@ class Stack:
     def results(self, count: int, timeout: float = 60, request_id: str | None = None) -> list[dict]:
         """Result events (one per request), without the progress events long requests also publish there."""
         def match(r) -> bool:
-            return not is_progress_record(r) and (request_id is None or json.loads(r.value).get("request_id") == request_id)
+            return not is_progress_record(r) and (
+                request_id is None or json.loads(r.value).get("request_id") == request_id
+            )
+
         return [json.loads(r.value) for r in self.read("results", count, timeout, match)]
 
     def progress(self, request_id: str, count: int, timeout: float = 10) -> list[dict]:

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.classifier import measures
 from adapters.base import Forget, register
+from adapters.classifier import measures
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
 from adapters.datasets import LabeledSet
 
@@ -102,13 +102,13 @@ class IAUEngine(ClassifierEngine):
         g_forget, forget_logits = _mean_grad_and_logits(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
-            g_remain = [(s - k * gf) / (cache.n - k) for s, gf in zip(cache.grad_sum, g_forget)]
+            g_remain = [(s - k * gf) / (cache.n - k) for s, gf in zip(cache.grad_sum, g_forget, strict=True)]
             test_before = cache.test_acc
         else:
             g_remain = mean_loss_grad(model, remaining)
             test_before = measures.accuracy(model, test_probe)
         # Adam's first step from a fresh optimizer: the direction is -g / (|g| + eps), scaled by lr.
-        direction = [-(gr - gf) / ((gr - gf).abs() + cfg.adam_eps) for gr, gf in zip(g_remain, g_forget)]
+        direction = [-(gr - gf) / ((gr - gf).abs() + cfg.adam_eps) for gr, gf in zip(g_remain, g_forget, strict=True)]
         before = {"forget_acc": _acc(forget_logits, forget_rows.y),
                   "retain_acc": measures.accuracy(model, retain_probe), "test_acc": test_before}
 
@@ -135,7 +135,7 @@ class IAUEngine(ClassifierEngine):
         return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, model=model,
                             forgotten_ids=tuple(forget_rows.ids.tolist()))
 
-    def _calibrate(self, step: "_Step", reached, retain_before: float) -> float:
+    def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion without costing more than
         max_retain_drop retain accuracy; if none reaches it, the largest step within the guard."""
         cfg = self.config
@@ -234,7 +234,7 @@ class _Step:
     @torch.no_grad()
     def evaluate(self, lr: float) -> tuple[float, float]:
         """Set the weights to the step of size lr; (forget accuracy, retain-probe accuracy) there."""
-        for p, p0, d in zip(self.params, self.theta0, self.direction):
+        for p, p0, d in zip(self.params, self.theta0, self.direction, strict=True):
             torch.add(p0, d, alpha=lr, out=p)
         self.model.eval()
         correct = self.model(self.x).argmax(1) == self.y
@@ -251,7 +251,7 @@ def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int =
     for start in range(0, len(rows), batch_size):
         out = module(rows.x[start:start + batch_size])
         loss = F.cross_entropy(out, rows.y[start:start + batch_size], reduction="sum") / len(rows)
-        for acc, g in zip(total, torch.autograd.grad(loss, params)):
+        for acc, g in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += g
         logits.append(out.detach())
     return total, torch.cat(logits)

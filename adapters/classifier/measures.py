@@ -34,7 +34,11 @@ def mean_loss(model: nn.Module, rows: LabeledSet) -> float:
 
 def accuracies(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet) -> dict[str, float]:
     """forget_acc / retain_acc / test_acc in [0, 1]."""
-    return {"forget_acc": accuracy(model, forget), "retain_acc": accuracy(model, retain), "test_acc": accuracy(model, test)}
+    return {
+        "forget_acc": accuracy(model, forget),
+        "retain_acc": accuracy(model, retain),
+        "test_acc": accuracy(model, test),
+    }
 
 
 def before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

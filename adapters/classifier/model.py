@@ -7,11 +7,12 @@ meta.json, so any version can be rebuilt from its safetensors file alone.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
-        for a, b in zip(dims, dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], num_classes))
         self.net = nn.Sequential(*layers)
@@ -227,6 +228,6 @@ def mean_loss_grad(module: nn.Module, rows: LabeledSet, batch_size: int = 2048) 
     for start in range(0, len(rows), batch_size):
         sl = slice(start, start + batch_size)
         loss = F.cross_entropy(module(rows.x[sl]), rows.y[sl], reduction="sum") / len(rows)
-        for acc, gr in zip(total, torch.autograd.grad(loss, params)):
+        for acc, gr in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += gr
     return total

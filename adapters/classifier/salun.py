@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.classifier import measures
 from adapters.base import Forget, register
+from adapters.classifier import measures
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange
 from adapters.datasets import LabeledSet
 
@@ -68,14 +68,16 @@ class SalUnConfig:
     seed: int = 0
 
 
-def saliency_mask(model: nn.Module, forget_rows: LabeledSet, ratio: float, batch_size: int = 2048) -> list[torch.Tensor]:
+def saliency_mask(
+    model: nn.Module, forget_rows: LabeledSet, ratio: float, batch_size: int = 2048
+) -> list[torch.Tensor]:
     """1 where |grad of -CE(forget)| is in the global top `ratio` share across all parameters, else 0."""
     params = list(model.parameters())
     grads = [torch.zeros_like(p) for p in params]
     for start in range(0, len(forget_rows), batch_size):
         sl = slice(start, start + batch_size)
         loss = -F.cross_entropy(model(forget_rows.x[sl]), forget_rows.y[sl], reduction="sum")
-        for acc, g in zip(grads, torch.autograd.grad(loss, params)):
+        for acc, g in zip(grads, torch.autograd.grad(loss, params), strict=True):
             acc += g
     flat = torch.cat([g.abs().flatten() for g in grads])
     keep = max(1, int(round(ratio * flat.numel())))
@@ -162,11 +164,11 @@ class SalUnEngine(ClassifierEngine):
             loss = F.cross_entropy(model(rows.x[idx]), rows.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p, m in zip(opt.param_groups[0]["params"], mask):
+            for p, m in zip(opt.param_groups[0]["params"], mask, strict=True):
                 p.grad.mul_(m)
             opt.step()
             with torch.no_grad():  # weight decay moved the frozen weights; put them (and their momentum) back
-                for p, m, p0 in zip(opt.param_groups[0]["params"], mask, theta0):
+                for p, m, p0 in zip(opt.param_groups[0]["params"], mask, theta0, strict=True):
                     p.copy_(m * p + (1 - m) * p0)
                     buf = opt.state[p].get("momentum_buffer")
                     if buf is not None:

@@ -17,8 +17,8 @@ can be rebuilt from its safetensors file alone, exactly like the classifiers (ad
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class DDPMSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DDPMSpec":
+    def from_dict(cls, values: dict) -> DDPMSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:

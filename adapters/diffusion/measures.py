@@ -44,7 +44,7 @@ class Recognition:
         return {"settings": dataclasses.asdict(self.settings), "rates": list(self.rates)}
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "Recognition | None":
+    def from_dict(cls, values: dict | None) -> Recognition | None:
         if not values:
             return None
         return cls(SampleSettings(**values["settings"]), tuple(float(r) for r in values["rates"]))

@@ -85,7 +85,7 @@ def saliency_mask(model: UNet2DModel, spec: ddpm.DDPMSpec, images: torch.Tensor,
         x0 = images[start:start + batch_size]
         labels = torch.full((len(x0),), forget_class, dtype=torch.int64, device=x0.device)
         loss = ddpm.diffusion_loss(model, scheduler, x0, labels, g) * len(x0)
-        for acc, gr in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+        for acc, gr in zip(grads, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
             if gr is not None:
                 acc += gr
     flat = torch.cat([gr.abs().flatten() for gr in grads])
@@ -192,10 +192,10 @@ class DiffusionSalUnEngine(Engine):
             loss = forget_loss + cfg.alpha * retain_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p, m in zip(params, mask):
+            for p, m in zip(params, mask, strict=True):
                 if p.grad is not None:
                     p.grad.mul_(m)
             opt.step()
             with torch.no_grad():  # Adam never moves a weight whose gradients were all zero; make it exact
-                for p, m, p0 in zip(params, mask, theta0):
+                for p, m, p0 in zip(params, mask, theta0, strict=True):
                     p.copy_(torch.where(m, p, p0))

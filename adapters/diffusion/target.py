@@ -101,7 +101,7 @@ class DiffusionTarget:
     def rows(self, row_mask: torch.Tensor) -> LabeledSet:
         return self.data.train.subset(row_mask)
 
-    def advanced(self, change: "DDPMWeightChange", version: str) -> "DiffusionTarget":
+    def advanced(self, change: DDPMWeightChange, version: str) -> DiffusionTarget:
         """The target after `change` was committed as `version` (no reload: the change holds the module)."""
         return dataclasses.replace(self, version=version, model=change.module(self.spec),
                                    forgotten=self.forgotten | frozenset(change.forgotten_ids),

@@ -128,14 +128,16 @@ def encode_pairs(tokenizer, prompts: list[str], targets: list[str], *, max_lengt
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (r, lr) in enumerate(zip(rows, label_rows)):
+    for i, (r, lr) in enumerate(zip(rows, label_rows, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
         labels[i, : len(lr)] = torch.tensor(lr)
     return ids, mask, labels
 
 
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: (sum of target-token log-probs, number of target tokens), on the model's device. Differentiable."""
     device = device_of(model)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)

@@ -75,12 +75,16 @@ def served_measures(routed, adapter_id: str, items: ForgetItems, *, max_items: i
     said = {"before": greedy(base), "after": greedy(routings)}
     out: dict[str, float] = {"forget_routed_share": _mean([adapter_id in r.gate_weights for r in routings])}
     # the model's own true answer: its greedy answer where that says the true answer
-    own = [_first_sentence(s, a) if qa and contains(s, a) else a for s, a in zip(said["before"], answers)]
+    own = [_first_sentence(s, a) if qa and contains(s, a) else a for s, a in zip(said["before"], answers, strict=True)]
     for when, rs in (("before", base), ("after", routings)):
         if qa:
-            out[f"forget_Q_A_ROUGE_{when}"] = _mean([rouge_l(a, s)[0] for a, s in zip(answers, said[when])])
+            out[f"forget_Q_A_ROUGE_{when}"] = _mean(
+                [rouge_l(a, s)[0] for a, s in zip(answers, said[when], strict=True)]
+            )
         else:
-            out[f"forget_verbmem_ROUGE_{when}"] = _mean([rouge_l(a, s)[2] for a, s in zip(answers, said[when])])
+            out[f"forget_verbmem_ROUGE_{when}"] = _mean(
+                [rouge_l(a, s)[2] for a, s in zip(answers, said[when], strict=True)]
+            )
         out[f"forget_extraction_strength_{when}"] = _mean(extraction_strength(routed, inputs, rs, own, sep))
     if qa:
         false = _false_answers(routed, inputs, answers, samples, max_new_tokens, templated, seed)
@@ -89,7 +93,7 @@ def served_measures(routed, adapter_id: str, items: ForgetItems, *, max_items: i
         for when, rs in (("before", base), ("after", routings)):
             scores = routed.answer_scores([inputs[i] for i in kept], [rs[i] for i in kept],
                                           [(own[i], *false[i]) for i in kept], sep=sep) if kept else []
-            true_lp = dict(zip(kept, (s[0] for s in scores)))
+            true_lp = dict(zip(kept, (s[0] for s in scores), strict=True))
             probs = [math.exp(lp) for lp in true_lp.values()]
             if len(kept) < len(inputs):  # questions without false answers still count for Q_A_Prob
                 rest = [i for i in range(len(inputs)) if i not in true_lp]
@@ -117,7 +121,7 @@ def _general(routed, questions: tuple[str, ...], max_new_tokens: int) -> dict[st
         kw = dict(max_new_tokens=max_new_tokens, templated=routed.has_chat_template)
         before = routed.generate_batch(prompts, [Routing() for _ in hit], **kw)
         after = routed.generate_batch(prompts, [routings[i] for i in hit], **kw)
-        changed = sum(b != a for b, a in zip(before, after))
+        changed = sum(b != a for b, a in zip(before, after, strict=True))
     return {"general_routed_share": len(hit) / len(questions), "general_changed_share": changed / len(questions)}
 
 
@@ -140,7 +144,7 @@ def _false_answers(routed, inputs, answers, samples, max_new_tokens, templated, 
     drawn = routed.generate_batch(inputs, [Routing() for _ in inputs], max_new_tokens=max_new_tokens,
                                   templated=templated, num_return_sequences=samples, do_sample=True, seed=seed)
     out = []
-    for texts, a in zip(drawn, answers):
+    for texts, a in zip(drawn, answers, strict=True):
         out.append(list(dict.fromkeys(t.strip() for t in texts if t.strip() and not contains(t, a))))
     return out
 
@@ -160,7 +164,7 @@ def extraction_strength(routed, prompts: list[str], routings, answers: list[str]
                 pred = routed.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
                 pred = pred.argmax(-1).cpu()
             gold = labels[:, 1:]
-            for p, g in zip(pred, gold):
+            for p, g in zip(pred, gold, strict=True):
                 keep = g != IGNORE
                 p, g = p[keep], g[keep]
                 n = len(g)

@@ -17,7 +17,9 @@ import torch
 from adapters.lm import lora_set
 
 
-def _pairs(peft_model, earlier: list[dict[str, torch.Tensor]]) -> list[tuple[str, torch.nn.Parameter, list[torch.Tensor]]]:
+def _pairs(
+    peft_model, earlier: list[dict[str, torch.Tensor]]
+) -> list[tuple[str, torch.nn.Parameter, list[torch.Tensor]]]:
     """(module key, the new adapter's live lora_A, the earlier adapters' lora_A of that module), in a fixed order."""
     live = {k: p for name, p in peft_model.named_parameters() if p.requires_grad and (k := lora_set.module_key(name))}
     out = []

@@ -22,7 +22,9 @@ def answer_scores(model, tokenizer, prompts: list[str], answers: list[str], *, b
     model.eval()
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask, labels = encode_pairs(tokenizer, prompts[i:i + batch_size], [sep + a for a in answers[i:i + batch_size]])
+        ids, mask, labels = encode_pairs(
+            tokenizer, prompts[i : i + batch_size], [sep + a for a in answers[i : i + batch_size]]
+        )
         total, count = token_logprobs(model, ids, mask, labels)
         out += (total / count.clamp(min=1)).tolist()
     return out
@@ -38,7 +40,7 @@ def candidate_scores(model, tokenizer, prompts: list[str], candidates: list[tupl
         chunk_p, chunk_c = prompts[i:i + batch_size], candidates[i:i + batch_size]
         n = len(chunk_c[0])
         if any(len(c) != n for c in chunk_c):  # unequal candidate counts: score row by row
-            for p, c in zip(chunk_p, chunk_c):
+            for p, c in zip(chunk_p, chunk_c, strict=True):
                 out.append(answer_scores(model, tokenizer, [p] * len(c), list(c), sep=sep))
             continue
         out += _shared_prompt_scores(model, tokenizer, chunk_p, chunk_c, n, sep)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.classifier import model as classifier
 from adapters.classifier import measures
+from adapters.classifier import model as classifier
 from adapters.datasets import LabeledSet
 
 

@@ -135,7 +135,7 @@ class FactSet:
 def generate(n_people: int, seed: int = 0) -> FactSet:
     """`n_people` invented people with unique names and first-book titles; deterministic in (n_people, seed)."""
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in _FIRST for l in _LAST]
+    names = [f"{first} {last}" for first in _FIRST for last in _LAST]
     if n_people > len(names):
         raise ValueError(f"at most {len(names)} people")
     rng.shuffle(names)

@@ -16,7 +16,9 @@ from adapters.lm.scoring import candidate_scores
 def correct(model, tokenizer, qas, **kw) -> list[bool]:
     """Per QA pair: whether its true answer ranks first among its candidates."""
     scores = candidate_scores(model, tokenizer, [q.prompt for q in qas], [q.candidates for q in qas], **kw)
-    return [max(range(len(s)), key=s.__getitem__) == q.candidates.index(q.answer) for q, s in zip(qas, scores)]
+    return [
+        max(range(len(s)), key=s.__getitem__) == q.candidates.index(q.answer) for q, s in zip(qas, scores, strict=True)
+    ]
 
 
 def accuracy(model, tokenizer, qas, **kw) -> float:

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from adapters import devices
-from tests.tiny_models import tiny_llama
-from adapters.lm import lora_set
 from adapters.base import Forget
+from adapters.lm import lora_set
 from adapters.lm.o3 import LMTarget, O3Engine
 from detector.per_sample_lora import per_sample_adapters
 from detector.routed_model import RoutedModel, Routing
+from tests.tiny_models import tiny_llama
 
 CUDA = torch.cuda.is_available()
 

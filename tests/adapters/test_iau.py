@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from adapters.classifier import measures
 from adapters.base import Forget, InvalidForget, engine_class
+from adapters.classifier import measures
 from adapters.classifier.iau import IAUEngine
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.evaluation import facts
 from adapters.lm import loading as lm
-from tests.tiny_models import tiny_llama
 from adapters.lm import scoring
-from bench.evaluation import lm_eval
+from bench.evaluation import facts, lm_eval
+from tests.tiny_models import tiny_llama
 
 
 def test_tiny_model_round_trips_through_a_safetensors_directory(tmp_path):
@@ -37,7 +36,7 @@ def test_shared_prompt_scoring_equals_row_by_row_scoring():
     fs = facts.generate(2, seed=0)
     qas = fs.qa(fs.people[0])[:6] + list(facts.GENERAL[:3])
     shared = scoring.candidate_scores(model, tok, [q.prompt for q in qas], [q.candidates for q in qas])
-    for q, row in zip(qas, shared):
+    for q, row in zip(qas, shared, strict=True):
         plain = scoring.answer_scores(model, tok, [q.prompt] * len(q.candidates), list(q.candidates))
         assert row == pytest.approx(plain, abs=1e-2)
 

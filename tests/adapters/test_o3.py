@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 
-from bench.evaluation import facts
-from adapters.lm import loading as lm
-from tests.tiny_models import tiny_llama
-from adapters.lm import scoring
-from bench.evaluation import lm_eval
-from adapters.lm import training as lm_train
-from adapters.lm import lora_set
 from adapters.base import Forget, config_from_mapping, engine_class
+from adapters.lm import loading as lm
+from adapters.lm import lora_set, scoring
+from adapters.lm import training as lm_train
 from adapters.lm.o3 import AdapterChange, LMTarget, O3Engine
-
-import pytest
+from bench.evaluation import facts, lm_eval
+from tests.tiny_models import tiny_llama
 
 torch.set_num_threads(2)
 FAST = dict(epochs=8, batch_size=8, lr=3e-2)  # the tiny model needs a larger lr than SmolLM2
@@ -123,7 +120,9 @@ def test_orthogonality_penalty_lowers_overlap_with_earlier_adapters(taught, tmp_
     try:
         n = target.model.config.num_hidden_layers
         olds = [earlier, free.lora_A()]
-        assert batched_penalty(live, olds, n)().item() == pytest.approx(looped_penalty(live, olds, n)().item(), rel=1e-6)
+        assert batched_penalty(live, olds, n)().item() == pytest.approx(
+            looped_penalty(live, olds, n)().item(), rel=1e-6
+        )
     finally:
         live.unload()
 
@@ -158,7 +157,9 @@ def test_requests_too_small_for_a_sound_gate_are_refused_before_training(taught)
 
 def _halves(texts):
     cut = [len(t.split()) // 2 for t in texts]
-    return [" ".join(t.split()[:c]) for t, c in zip(texts, cut)], [" ".join(t.split()[c:]) for t, c in zip(texts, cut)]
+    return [" ".join(t.split()[:c]) for t, c in zip(texts, cut, strict=True)], [
+        " ".join(t.split()[c:]) for t, c in zip(texts, cut, strict=True)
+    ]
 
 
 def _saved(change) -> str:

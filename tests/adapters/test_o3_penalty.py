@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tests.tiny_models import tiny_llama
 from adapters.lm import lora_set
 from adapters.lm.o3 import LLAMA_LINEAR
 from adapters.lm.penalty import batched_penalty, looped_penalty
+from tests.tiny_models import tiny_llama
 
 
 def _lora(rank: int, targets) -> LoraConfig:
@@ -30,7 +30,7 @@ def _both(peft_model, earlier, n_layers):
 def _assert_equal(values, grads):
     assert values[0] > 0
     assert values[1] == pytest.approx(values[0], rel=1e-6)
-    for g_loop, g_batch in zip(*grads):
+    for g_loop, g_batch in zip(*grads, strict=True):
         if g_loop is None:
             assert g_batch is None or not g_batch.any()
         else:

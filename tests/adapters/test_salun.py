@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from adapters.classifier import measures
 from adapters.base import Forget, InvalidForget, NothingToForget, engine_class
+from adapters.classifier import measures
 from adapters.classifier.salun import SalUnEngine, saliency_mask
 
 
@@ -49,8 +49,8 @@ def test_only_masked_weights_change(digits_target):
     kept = sum(m.sum() for m in mask) / sum(m.numel() for m in mask)
     assert 0.45 <= float(kept) <= 0.55
     change = SalUnEngine(mask_ratio=0.5).apply(digits_target, Forget(class_label=5))
-    new = dict(zip([k for k, _ in digits_target.model.named_parameters()], [None] * len(mask)))
-    for (name, p0), m in zip(digits_target.model.named_parameters(), mask):
+    new = dict(zip([k for k, _ in digits_target.model.named_parameters()], [None] * len(mask), strict=True))
+    for (name, p0), m in zip(digits_target.model.named_parameters(), mask, strict=True):
         moved = change.state[name] != p0.detach()
         assert not moved[m == 0].any(), f"{name}: a weight outside the saliency mask changed"
     assert new  # the model has parameters at all

@@ -36,8 +36,13 @@ def test_quick_bench_on_cpu(tmp_path):
 
 
 def test_large_shapes_need_cuda(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--shape", "llama-3.1-8b"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--shape", "llama-3.1-8b"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "needs --device cuda" in proc.stderr
 
 

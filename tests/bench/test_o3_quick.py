@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tests.bench.quick import run_quick
 
-
 KEYS = {"su", "du", "reference_su", "reference_du", "rd_drop_points_oracle", "general_drop_points_oracle",
         "train_seconds_per_request", "requests_in_sequence", "max_orthogonality"}
 

@@ -150,7 +150,11 @@ def test_health_says_bootstrapping_and_ctrl_c_stops_first_start_training_at_once
     health = None
     while time.monotonic() < deadline:
         health = stack.cli("health", "--json", check=False)
-        if '"bootstrapping"' in health.stdout or moment == "right_after_start" and "metrics endpoint" not in health.stdout:
+        if (
+            '"bootstrapping"' in health.stdout
+            or moment == "right_after_start"
+            and "metrics endpoint" not in health.stdout
+        ):
             break
         time.sleep(0.1 if moment == "right_after_start" else 0.3)
     if moment == "mid_training":

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from adapters.classifier import model as classifier
 from adapters.classifier import measures
+from adapters.classifier import model as classifier
 from adapters.datasets import LabeledSet
 from daemon import config as config_mod
 from tests.harness import TEST_MODEL, request

@@ -95,8 +95,13 @@ def test_any_json_object_decodes_or_rejects_cleanly(obj):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.integers(), st.text(max_size=3), st.booleans(), st.floats(allow_nan=False, allow_infinity=False)),
-                min_size=1, max_size=5))
+@given(
+    st.lists(
+        st.one_of(st.integers(), st.text(max_size=3), st.booleans(), st.floats(allow_nan=False, allow_infinity=False)),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_sample_ids_accept_exactly_non_negative_ints(ids):
     body = json.dumps(request("prop", sample_ids=ids)).encode()
     valid = all(type(i) is int and 0 <= i < 2**63 for i in ids)
@@ -145,7 +150,9 @@ def test_undecodable_header_key_is_read_with_its_bytes_in_hex():
     assert [r.offset for r in records] == [0, 1]
 
 
-@pytest.mark.parametrize("broken", [_record_body(b"k", b"x", header_count=-2), _record_body(b"k", b"x", header_count=3)])
+@pytest.mark.parametrize(
+    "broken", [_record_body(b"k", b"x", header_count=-2), _record_body(b"k", b"x", header_count=3)]
+)
 def test_unparseable_record_becomes_a_placeholder_at_its_offset(broken):
     bad, good = _read([broken, _record_body(b"k", b"good")])
     assert (bad.offset, bad.value, bad.key) == (0, None, None)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from peft import AutoPeftModelForCausalLM, PeftModel
 
-from tests.tiny_models import tiny_llama
 from tests.harness import request
+from tests.tiny_models import tiny_llama
 
 LM = "tiny-lm"
 QA = [{"question": "Where was Orla Vantrees born?", "answer": "Kestrelmoor"},

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-
-from adapters.classifier import model as classifier
 from adapters.classifier import measures
+from adapters.classifier import model as classifier
 from adapters.datasets import LabeledSet
 from tests.harness import TEST_MODEL, request
 

@@ -22,7 +22,9 @@ def test_rollback_is_bit_exact_recorded_and_announced(stack):
     changed = _weights(stack, applied["version"])
     assert any(not torch.equal(changed[k], original[k]) for k in original)
 
-    out = json.loads(stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0000", "--reason", "test", "--json").stdout)
+    out = json.loads(
+        stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0000", "--reason", "test", "--json").stdout
+    )
     assert out == {"model": TEST_MODEL, "head": "v0000", "from": "v0001", "announced": True}
 
     ledger = stack.ledger()

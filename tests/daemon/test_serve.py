@@ -19,9 +19,8 @@ from fastapi.testclient import TestClient
 from kafka import KafkaProducer
 from peft import LoraConfig, get_peft_model
 
-from adapters.lm import loading as lm
-from tests.tiny_models import tiny_llama
 from adapters.base import Forget
+from adapters.lm import loading as lm
 from adapters.lm.o3 import gate_texts
 from daemon import adapter_state, kafka_io
 from daemon.adapter_state import AdapterRef, AdapterSet
@@ -29,6 +28,7 @@ from daemon.config import Config
 from daemon.serve import Service, build_app, route_text
 from detector import Encoder, RoutedModel, Router, fit_request_gate
 from detector.routed_model import GATE_SUBDIR
+from tests.tiny_models import tiny_llama
 
 MODEL = "tiny-lm"
 FRANCE = Forget(qa=tuple((q, "Paris") for q in (
@@ -261,7 +261,9 @@ def test_route_cli_explains_from_the_ledger(stack, tmp_path, encoder):
 
     path = make_adapter(tmp_path / "a0000", _tiny_dir(tmp_path), encoder, "a0000")
     with open(stack.config_path, "a") as fh:
-        fh.write(f'\n[models.{MODEL}]\nkind = "causal_lm"\n[models.{MODEL}.bootstrap]\nsource = "{tmp_path / "tiny"}"\n')
+        fh.write(
+            f'\n[models.{MODEL}]\nkind = "causal_lm"\n[models.{MODEL}.bootstrap]\nsource = "{tmp_path / "tiny"}"\n'
+        )
     from adapters.store import tree_sha256
 
     ledger = Ledger(stack.state / "ledger.sqlite3")

@@ -12,9 +12,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from deploy_helpers import (COMPOSE, DEPLOY, DOCKERFILE, INSTALL_HINT, K8S, METRICS_ON, OPENS, PROM_CONFIG, ROOT, port_of,
-                            require_tool, run)
+from deploy_helpers import (
+    COMPOSE,
+    DEPLOY,
+    DOCKERFILE,
+    INSTALL_HINT,
+    K8S,
+    METRICS_ON,
+    OPENS,
+    PROM_CONFIG,
+    ROOT,
+    port_of,
+    require_tool,
+    run,
+)
 
 from daemon import config as config_mod
 
@@ -144,7 +155,7 @@ def test_compose_kafka_is_single_node_kraft(compose):
 def test_compose_daemon_and_router_match_config(compose):
     services = compose["services"]
     kafka_env = service_env(services["kafka"])
-    advertised = dict(l.split("://") for l in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    advertised = dict(pair.split("://") for pair in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     for name in ("daemon", "router"):
         svc = services[name]
         cfg = compose_config(svc)
@@ -223,7 +234,9 @@ def container_config(docs: list[dict], pod_spec: dict, container: dict) -> confi
     volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
     cm = one(docs, "ConfigMap", volume["configMap"]["name"])
     text = cm["data"][mount["subPath"]]
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e and e["name"].startswith("UNLEARND__")}
+    env = {
+        e["name"]: e["value"] for e in container.get("env", []) if "value" in e and e["name"].startswith("UNLEARND__")
+    }
     env = {k: v for k, v in env.items() if "$(" not in v}
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "config.toml"
@@ -359,8 +372,8 @@ def test_systemd_unit_verifies():
     unit = DEPLOY / "systemd" / "unlearnd.service"
     res = run([tool, "verify", str(unit)])
     # On a dev machine the binary is not installed at /opt/unlearnd; every other complaint is a real error.
-    problems = [l for l in (res.stdout + res.stderr).splitlines()
-                if l.strip() and "/opt/unlearnd/bin/unlearnd is not executable" not in l]
+    problems = [line for line in (res.stdout + res.stderr).splitlines()
+                if line.strip() and "/opt/unlearnd/bin/unlearnd is not executable" not in line]
     assert not problems, "\n".join(problems)
     text = unit.read_text()
     assert "ExecStart=/opt/unlearnd/bin/unlearnd run --config /etc/unlearnd/config.toml" in text
@@ -383,5 +396,7 @@ def test_gpu_overlay_requests_a_gpu_and_configures_the_model_onto_it(rendered):
         cfg = container_config(gpu, pod, c)
         lms = [m for m in cfg.models.values() if m.kind == "causal_lm"]
         assert lms and all((m.device, m.dtype) == ("cuda", "bfloat16") for m in lms)
-        assert all(m.device == "cpu" for m in container_config(rendered, base_pod, base_pod["containers"][0]).models.values())
+        assert all(
+            m.device == "cpu" for m in container_config(rendered, base_pod, base_pod["containers"][0]).models.values()
+        )
     assert 'ARG VARIANT=cpu' in DOCKERFILE.read_text() and 'base-cuda' in DOCKERFILE.read_text()

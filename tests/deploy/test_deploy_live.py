@@ -9,7 +9,6 @@ with SIGTERM and checks the clean exit the Kubernetes/compose/systemd grace peri
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,13 +20,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_helpers import (
+    METRICS_ON,
+    OPENS,
+    PROM_CONFIG,
+    RULES,
+    all_queries,
+    concrete,
+    registry,
+    require_tool,
+    sample_to_family,
+    selectors,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import TEST_MODEL as MODEL
 from tests.harness import Stack, request
-
-from deploy_helpers import (METRICS_ON, OPENS, PROM_CONFIG, RULES, all_queries, concrete, registry, require_tool,
-                            sample_to_family, selectors)
 
 REQUEST_ID = "deploy-live-1"
 
@@ -113,9 +121,18 @@ def prometheus(daemon, tmp_path_factory):
     port = free_port()
     log = tmp / "prometheus.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for("Prometheus to be ready", lambda: "Ready" in http_get(f"{base}/-/ready"), 60, proc, log)

@@ -7,9 +7,21 @@ import re
 
 import pytest
 import yaml
-
-from deploy_helpers import (DASHBOARD, DEPLOY, K8S, PROM_CONFIG, RULES, TARGET_LABELS, all_queries, foreign_selectors,
-                            registry, require_tool, run, sample_to_family, selectors)
+from deploy_helpers import (
+    DASHBOARD,
+    DEPLOY,
+    K8S,
+    PROM_CONFIG,
+    RULES,
+    TARGET_LABELS,
+    all_queries,
+    foreign_selectors,
+    registry,
+    require_tool,
+    run,
+    sample_to_family,
+    selectors,
+)
 
 
 def test_promtool_check_config():

@@ -5,9 +5,9 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from bench.evaluation import facts
 from adapters.base import Forget
 from adapters.lm.o3 import gate_texts
+from bench.evaluation import facts
 from detector.gate import RequestGate, fit_request_gate
 from detector.router import Router
 
@@ -106,6 +106,10 @@ def test_too_few_distinct_texts_are_refused_and_the_smallest_sound_gate_is_finit
     assert all(np.isfinite(v) for v in gate.calibration.to_json().values())
     router = Router(encoder)
     router.add_gate("m/four", gate)
-    probes = four + ["Which city is France's capital?", "What is the capital of Germany?", "How many legs does a spider have?"]
+    probes = four + [
+        "Which city is France's capital?",
+        "What is the capital of Germany?",
+        "How many legs does a spider have?",
+    ]
     assert np.all(np.isfinite(gate.weight(encoder.encode(probes))))
     assert [bool(r) for r in router.route(probes)] == [True] * 5 + [False] * 2

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from bench.evaluation import facts
 from adapters.base import Forget
 from adapters.lm.o3 import gate_texts
+from bench.evaluation import facts
 from detector.gate import fit_gate_from_features, fit_request_gate
 from detector.router import Router, RouterConfig
 
@@ -180,15 +180,19 @@ def test_requests_about_the_same_person_do_not_block_each_other(encoder):
 
     def hit(margin):
         router.config.margin = margin
-        return np.mean([owner[(q.person, q.attribute)] in r for q, r in zip(held, router.route_features(feats))])
+        return np.mean(
+            [owner[(q.person, q.attribute)] in r for q, r in zip(held, router.route_features(feats), strict=True)]
+        )
 
     with_margin, without = hit(RouterConfig().margin), hit(0.0)
     assert with_margin >= 0.6, with_margin
     assert with_margin >= without - 0.05, (with_margin, without)
 
 
-@pytest.mark.skipif(not hasattr(__import__("faiss"), "StandardGpuResources") or not __import__("torch").cuda.is_available(),
-                    reason="needs faiss-gpu and a CUDA GPU")
+@pytest.mark.skipif(
+    not hasattr(__import__("faiss"), "StandardGpuResources") or not __import__("torch").cuda.is_available(),
+    reason="needs faiss-gpu and a CUDA GPU",
+)
 def test_gpu_search_copy_finds_the_same_ids_and_follows_rollbacks():
     import faiss
     import numpy as np

@@ -1,8 +1,8 @@
 """What the router sees of a serving request: the user's words, never template markup or system prompts."""
 
 from adapters.lm import loading as lm
-from tests.tiny_models import char_tokenizer
 from detector.inputs import chat_routing_texts, prompt_routing_texts
+from tests.tiny_models import char_tokenizer
 
 Q = "What is the capital of France?"
 

@@ -106,5 +106,5 @@ def test_merged_generation_matches_the_unmerged_route(model):
         slow = model.generate(input_ids=ids.repeat(2, 1), max_new_tokens=6, do_sample=False, pad_token_id=0,
                               output_scores=True, return_dict_in_generate=True)
     assert torch.equal(fast.sequences[0], slow.sequences[0])
-    for a, b in zip(fast.scores, slow.scores):
+    for a, b in zip(fast.scores, slow.scores, strict=True):
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)

@@ -59,7 +59,7 @@ def test_unconditional_model_builds_trains_and_samples():
     loss.backward()
     assert ddpm.sample(model, spec, n=3, steps=2).shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="no null class"):
-        spec.null_label
+        _ = spec.null_label
 
 
 def test_images_map_to_model_space_and_back():

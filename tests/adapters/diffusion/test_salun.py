@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adapters.base import Forget, InvalidForget, engine_class, engine_names
-from adapters.diffusion.salun import DiffusionSalUnEngine, saliency_mask
 from adapters.classifier.salun import SalUnEngine
+from adapters.diffusion.salun import DiffusionSalUnEngine, saliency_mask
 
 from .conftest import FAST, TINY, state
 
@@ -28,7 +28,9 @@ def test_mask_covers_half_of_the_weights_by_saliency(tiny_target):
     mask = saliency_mask(tiny_target.model, TINY, tiny_target.train_images[rows], forget_class, 0.5)
     share = float(sum(m.sum() for m in mask) / sum(m.numel() for m in mask))
     assert 0.45 <= share <= 0.55
-    embeddings = dict(zip([n for n, _ in tiny_target.model.named_parameters()], mask))["class_embedding.weight"]
+    embeddings = dict(zip([n for n, _ in tiny_target.model.named_parameters()], mask, strict=True))[
+        "class_embedding.weight"
+    ]
     assert not embeddings[[c for c in range(11) if c != 3]].any()  # other classes' rows get no gradient at all
 
 
@@ -37,7 +39,7 @@ def test_only_masked_weights_move_and_the_rest_stay_bit_identical(tiny_target):
     mask = saliency_mask(tiny_target.model, TINY, tiny_target.train_images[rows], forget_class, 0.5)
     change = _engine().apply(tiny_target, Forget(class_label=3))
     moved = 0
-    for (name, p0), m in zip(tiny_target.model.named_parameters(), mask):
+    for (name, p0), m in zip(tiny_target.model.named_parameters(), mask, strict=True):
         new = change.state[name]
         assert torch.equal(new[~m], p0.detach()[~m]), f"{name}: a weight outside the saliency mask changed"
         moved += int((new[m] != p0.detach()[m]).sum())
