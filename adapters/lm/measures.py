@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.lm.prompts import format_prompt
+
 #: Everyday questions that no deletion request should reach; result events report whether any does.
 GENERAL_QUESTIONS = (
     "How many days are there in a week?", "What is 2 plus 2?", "What colour is the sky on a clear day?",
@@ -131,8 +133,6 @@ def _asked(routed, questions: list[str], *, chat: bool, layout: bool):
     if chat:
         messages = [[{"role": "user", "content": q}] for q in questions]
         return [routed.chat_prompt(m) for m in messages], routed.route_many([routed.chat_texts(m) for m in messages])
-    from bench.evaluation.facts import format_prompt
-
     prompts = [format_prompt(q) for q in questions] if layout else list(questions)
     return prompts, routed.route_many([routed.prompt_texts(p) for p in prompts])
 
