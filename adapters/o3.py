@@ -29,8 +29,9 @@ What the detector is fitted on is `gate_texts(forget)`: the request's questions 
 the same forms `detector.inputs` extracts from serving requests. Requests with fewer than
 `detector.gate.MIN_GATE_TEXTS` distinct ones are refused before training (`validate`): no sound gate comes from them.
 
-The engine never persists anything: `AdapterChange.save` writes PEFT's own layout and the daemon's artifact
-store makes it durable. The raw forget text stays in memory (`AdapterChange.forget_texts`) for the detector.
+The engine never persists anything: `AdapterChange.save` writes PEFT's own layout, `AdapterChange.fit_gate` the
+request's gate into the adapter's `GATE_SUBDIR`, and the daemon's artifact store makes both durable. The raw forget
+text stays in memory (`AdapterChange.forget_texts`) for the gate only.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from adapters.base import Change, Engine, Forget, InvalidForget, register
 from adapters.facts import ATTRIBUTES, BOOKS
 from adapters.o3_measures import ForgetItems
 from adapters.o3_penalty import batched_penalty
-from detector.gate import MIN_GATE_TEXTS
+from detector.gate import GATE_SUBDIR, MIN_GATE_TEXTS, UnsoundGate
 
 # Plausible short answers (places, jobs, genres, titles, prizes, instruments) used as random labels when the
 # target has no pool of its own; any pool works as long as it is not the request's own answers.
@@ -130,6 +131,22 @@ class AdapterChange(Change):
     def save(self, directory: Path) -> None:
         save_file(self.state, str(Path(directory) / lora_set.ADAPTER_WEIGHTS), metadata={"format": "pt"})
         self.lora_config.save_pretrained(str(directory))
+
+    def fit_gate(self, directory: Path, encoder, adapter_id: str) -> None:
+        """Fit the request's gate (detector state from `forget_texts`: features only, the texts are never
+        written) into the adapter's `GATE_SUBDIR` under `directory`, and add its figures to `metrics` as gate_*.
+        Raises InvalidForget when the texts cannot give a sound gate."""
+        from detector import fit_request_gate
+
+        try:
+            fitted = fit_request_gate(self.forget_texts, Path(directory) / GATE_SUBDIR, encoder, adapter_id=adapter_id)
+        except UnsoundGate as exc:
+            raise InvalidForget(str(exc)) from None
+        self.metrics.update({f"gate_{k}": float(v) for k, v in fitted.items() if isinstance(v, (int, float))})
+
+    def drop_raw_text(self) -> None:
+        """Let the request's raw text leave memory (once the adapter is published)."""
+        self.forget_texts, self.measure_items = [], None
 
     def lora_A(self) -> dict[str, torch.Tensor]:
         return lora_set.lora_A_of(self.state)

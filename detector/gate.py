@@ -50,6 +50,7 @@ MIN_GATE_TEXTS = 4
 LOCAL_SCALE = 1000.0
 GATE_LAYERS: tuple[int, ...] = (-1,)  # encoder layers a gate scores by default; negative = from the top
 LOO_SAMPLES = 64  # leave-one-out refits per gate for the calibration (a 1-D spread needs no more)
+GATE_SUBDIR = "gate"  # an adapter directory keeps its gate here, hashed and versioned with it
 
 
 class UnsoundGate(ValueError):
@@ -155,6 +156,11 @@ class RequestGate:
                 ("format_version", "adapter_id", "key", "n_layers", "layers", "calibration", "gaussians")}
         return cls(meta["adapter_id"], gaussians, banks, a["score_scale"].astype(np.float64), a["svm_coef"].astype(np.float64),
                    float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info, layers)
+
+
+def has_gate(adapter_dir: str | Path) -> bool:
+    """Whether an adapter directory holds a gate (`GATE_SUBDIR`), i.e. whether serving can route to it."""
+    return (Path(adapter_dir) / GATE_SUBDIR / "gate.json").is_file()
 
 
 def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
