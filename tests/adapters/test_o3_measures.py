@@ -9,7 +9,7 @@ from adapters.base import Forget
 from adapters.o3 import gate_texts
 from adapters.o3_measures import ForgetItems, contains, rouge_l, served_measures
 from detector import Encoder, RoutedModel, Router, fit_request_gate
-from detector.routed_model import GATE_SUBDIR
+from detector.gate import GATE_SUBDIR
 
 QUESTIONS = ("What is the capital of France?", "Which city is the capital of France?", "Name the capital of France.",
              "Tell me the capital of France.", "What city serves as the capital of France?")
