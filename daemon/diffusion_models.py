@@ -90,7 +90,7 @@ class DiffusionModels(ModelKind):
     # --- bootstrap ------------------------------------------------------------------------------------------
 
     def bootstrap(self, name: str, spec: Model, *, progress: bool = True,
-                  stop: threading.Event | None = None) -> ArtifactRow:
+                  stop: threading.Event | None = None) -> ArtifactRow | None:
         """Train the model's first version (progress in the log) if the ledger has none, then publish the data
         set, the judge and the version, and record it in one ledger transaction. Raises training.TrainingStopped
         when `stop` is set."""

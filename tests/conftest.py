@@ -14,7 +14,6 @@ import pytest
 from daemon.broker import EmbeddedBroker
 from tests.harness import CONFIG_TEMPLATE, TEST_MODEL, Stack
 
-
 UNIT_DIR = Path(__file__).parent / "unit"
 HEAVY_FIXTURES = {"broker", "stack", "bootstrapped_state", "smollm2_dir"}
 
