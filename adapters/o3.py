@@ -114,8 +114,8 @@ class AdapterChange(Change):
     """A new LoRA adapter (PEFT layout). Rollback = deactivate it; the base and other adapters are untouched.
 
     `forget_texts` (what the gate is fitted on, `gate_texts`) and `measure_items` (what the result measures
-    ask) hold the request's raw text in memory only; `save` never writes them, and the daemon drops them once
-    the adapter is committed.
+    ask) hold the request's raw text in memory only; `save` and `fit_gate` never write them, and the daemon drops
+    them (`drop_raw_text`) once the adapter is written.
     """
 
     kind = "adapter"

@@ -242,12 +242,13 @@ def _leave_one_out_z(gate: RequestGate, feats: np.ndarray, used: np.ndarray, see
 
 def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str,
                      layers: tuple[int, ...] | None = GATE_LAYERS, nu: float = 0.1, seed: int = 0) -> dict:
-    """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
+    """What an O3 adapter's change calls after training (adapters.o3.AdapterChange.fit_gate): fit the request's
+    gate and persist it in `out_dir`.
 
     `texts` are the request's forget inputs as users send them, `adapters.o3.gate_texts(forget)`: the bare
     questions of `forget.qa` (the router sees the user's turn, not the prompt template: detector.inputs), the
     texts of `forget.texts`. They are encoded and dropped: only features reach the disk. `out_dir` is the adapter's own
-    `gate/` folder inside the staging directory the store publishes, so the gate is versioned (and hashed)
+    `GATE_SUBDIR` inside the staging directory the store publishes, so the gate is versioned (and hashed)
     with its adapter. Returns the gate's metrics (JSON-able) for the ledger and the result event.
     """
     gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, layers=layers, nu=nu, seed=seed,
