@@ -120,6 +120,10 @@ class Engine(ABC):
     def apply(self, target: Any, forget: Forget) -> Change:
         """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights."""
 
+    def forget_cache(self, model_name: str) -> None:
+        """Drop what the engine keeps about `model_name` between requests (its versions were rolled back).
+        Engines without a cache have nothing to drop."""
+
 
 _ENGINES: dict[tuple[str, str], type[Engine]] = {}  # (model kind, method) -> engine
 

@@ -93,8 +93,7 @@ def earlier_adapters(model, n: int, root: Path, encoder, people) -> dict[str, Pa
     """`n` saved random LoRA adapters (r=8 on the Llama linears) with a gate each, fitted on a person's questions."""
     from peft import LoraConfig, get_peft_model
 
-    from detector.gate import fit_request_gate
-    from detector.routed_model import GATE_SUBDIR
+    from detector.gate import GATE_SUBDIR, fit_request_gate
 
     out = {}
     for i in range(n):

@@ -31,7 +31,7 @@ from adapters.store import tree_sha256
 from daemon import kafka_io
 from daemon.config import Config, bootstrap_servers
 from daemon.ledger import read_adapters
-from daemon.models import GATE_SUBDIR
+from detector.gate import GATE_SUBDIR, has_gate
 
 log = logging.getLogger("unlearnd.serve")
 
@@ -130,7 +130,7 @@ class AdapterSet:
 
     @staticmethod
     def _check(ref: AdapterRef) -> None:
-        if not (ref.path / GATE_SUBDIR / "gate.json").is_file():
+        if not has_gate(ref.path):
             raise FileNotFoundError(f"no gate at {ref.path / GATE_SUBDIR}")
         if ref.sha256 is not None and tree_sha256(ref.path) != ref.sha256:
             raise ValueError(f"files at {ref.path} do not match their recorded sha256")

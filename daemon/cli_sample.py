@@ -37,7 +37,7 @@ def sample(
         strategy = registry.kind_strategy(model)
     except UnknownModel as exc:
         fail(str(exc), 2)
-    if strategy is None or not hasattr(strategy, "sample_grid"):
+    if not hasattr(strategy, "sample_grid"):
         fail(f"{model} is a {cfg.models[model].kind} model; `sample` draws diffusion models", 2)
     torch.set_num_threads(min(4, torch.get_num_threads()))
     try:

@@ -22,11 +22,11 @@ from pathlib import Path
 from adapters.base import Forget, InvalidForget
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
+from daemon.model_kind import DATASET_ID, ModelKind
 from daemon.transient import Transient
 
 log = logging.getLogger(__name__)
 
-DATASET_ID = "registered"  # = daemon.models.DATASET_ID
 JUDGE = ("judge", "judge")  # (store folder, artifact id) of a model's judge
 PROGRESS_EVERY = 0.1  # log a bootstrap line every 10% of the training steps
 
@@ -58,20 +58,12 @@ def recipe(spec: Model):
                            measure=over(base.measure, b.measure, "measure")) if b.recipe == "ddpm" else None
 
 
-class DiffusionModels:
+class DiffusionModels(ModelKind):
     """Per-kind strategy of ModelRegistry for class-conditional DDPMs."""
 
     def __init__(self, registry):
-        self.registry = registry
+        super().__init__(registry)
         self._cache: dict = {}  # model -> (head id, DiffusionTarget)
-
-    @property
-    def store(self):
-        return self.registry.store
-
-    @property
-    def ledger(self):
-        return self.registry.ledger
 
     def check(self, name: str, spec: Model) -> None:
         """Start-up check of the model's bootstrap settings (raises ValueError)."""
@@ -97,12 +89,17 @@ class DiffusionModels:
 
     # --- bootstrap ------------------------------------------------------------------------------------------
 
-    def bootstrap(self, name: str, spec: Model, stop: threading.Event | None = None) -> ArtifactRow:
-        """Train the model's first version (progress in the log), then publish the data set, the judge and the
-        version, and record it in one ledger transaction. Raises training.TrainingStopped when `stop` is set."""
+    def bootstrap(self, name: str, spec: Model, *, progress: bool = True,
+                  stop: threading.Event | None = None) -> ArtifactRow | None:
+        """Train the model's first version (progress in the log) if the ledger has none, then publish the data
+        set, the judge and the version, and record it in one ledger transaction. Raises training.TrainingStopped
+        when `stop` is set."""
         from adapters import datasets
         from adapters.diffusion import demo, judge
 
+        head = self.ledger.head(name)
+        if head is not None:
+            return head
         r = recipe(spec)
         if r is None:
             raise RuntimeError(f"model {name!r} has no version yet and bootstrap.recipe = {spec.bootstrap.recipe!r} "
@@ -157,14 +154,14 @@ class DiffusionModels:
             self._cache[name] = (row.id, loaded)
         return loaded
 
-    def committed(self, name: str, change, target, artifact_id: str) -> None:
+    def after_commit(self, name: str, change, target, artifact_id: str) -> None:
         """Keep the in-memory target in step with a committed version: no reload for the next request."""
         if hasattr(change, "module"):
             self._cache[name] = (artifact_id, target.advanced(change, artifact_id))
         else:  # files staged by a child process: the next request loads them
             self._cache.pop(name, None)
 
-    def forget_cache(self, name: str) -> None:
+    def on_rollback(self, name: str) -> None:
         self._cache.pop(name, None)
 
     def sample_grid(self, name: str, version: str | None, classes, n: int, seed: int, steps: int) -> tuple[bytes, str]:

@@ -118,7 +118,7 @@ def _child() -> None:
         change = registry.engine(job["method"], job["model"]).apply(target, _forget(job["forget"]))
         # The id the parent's commit will give it: the daemon holds the state lock and commits nothing meanwhile.
         artifact_id = ledger.next_id(job["model"], change.kind)
-        registry.artifact_writer(change, artifact_id, target)(Path(job["out"]))
+        registry.artifact_writer(job["model"], change, artifact_id, target)(Path(job["out"]))
         answer = {"staged": {"kind": change.kind, "metrics": change.metrics,
                              "forgotten_ids": list(change.forgotten_ids), "info": change.info}}
     except NothingToForget as exc:

@@ -48,6 +48,7 @@ MIN_GATE_TEXTS = 4
 LOCAL_SCALE = 1000.0
 GATE_LAYERS: tuple[int, ...] = (-1,)  # encoder layers a gate scores by default; negative = from the top
 LOO_SAMPLES = 64  # leave-one-out refits per gate for the calibration (a 1-D spread needs no more)
+GATE_SUBDIR = "gate"  # an adapter directory keeps its gate here, hashed and versioned with it
 
 
 class UnsoundGate(ValueError):
@@ -155,6 +156,11 @@ class RequestGate:
                    float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info, layers)
 
 
+def has_gate(adapter_dir: str | Path) -> bool:
+    """Whether an adapter directory holds a gate (`GATE_SUBDIR`), i.e. whether serving can route to it."""
+    return (Path(adapter_dir) / GATE_SUBDIR / "gate.json").is_file()
+
+
 def split_used_rest(n: int, *, used_fraction: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """O3's 80/20 split of one request's forget set: fit on D_used, calibrate on D_rest."""
     order = np.random.default_rng(seed).permutation(n)
@@ -233,12 +239,13 @@ def _leave_one_out_z(gate: RequestGate, feats: np.ndarray, used: np.ndarray, see
 
 def fit_request_gate(texts: list[str], out_dir: Path, encoder, *, adapter_id: str,
                      layers: tuple[int, ...] | None = GATE_LAYERS, nu: float = 0.1, seed: int = 0) -> dict:
-    """What the daemon calls after training a request's adapter: fit its gate and persist it in `out_dir`.
+    """What an O3 adapter's change calls after training (adapters.lm.o3.AdapterChange.fit_gate): fit the request's
+    gate and persist it in `out_dir`.
 
     `texts` are the request's forget inputs as users send them, `adapters.lm.o3.gate_texts(forget)`: the bare
     questions of `forget.qa` (the router sees the user's turn, not the prompt template: detector.inputs), the
     texts of `forget.texts`. They are encoded and dropped: only features reach the disk. `out_dir` is the adapter's own
-    `gate/` folder inside the staging directory the store publishes, so the gate is versioned (and hashed)
+    `GATE_SUBDIR` inside the staging directory the store publishes, so the gate is versioned (and hashed)
     with its adapter. Returns the gate's metrics (JSON-able) for the ledger and the result event.
     """
     gate = fit_gate_from_features(encoder.encode(list(texts)), adapter_id, layers=layers, nu=nu, seed=seed,

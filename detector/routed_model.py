@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from adapters.devices import device_of
+from detector.gate import GATE_SUBDIR
 from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
 from detector.per_sample_lora import per_sample_adapters
 from detector.router import Router
 
-GATE_SUBDIR = "gate"  # an adapter directory keeps its gate here, hashed and versioned with it
 FULL_STRENGTH = 1.0
 _SWAP = "unlearnd_swap"  # transient adapter name while the only loaded adapter is replaced
 

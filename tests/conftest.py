@@ -1,4 +1,9 @@
-"""Fixtures: one embedded broker per session, the test model trained once, a fresh `Stack` per test."""
+"""Fixtures: one embedded broker per session, the test model trained once, a fresh `Stack` per test.
+
+Two layers: tests/unit/ is the fast unit layer (no broker, daemon or model: `pytest -m "not integration"` runs
+it in seconds); every other test starts a broker or a daemon, or trains or loads a real model, and is marked
+`integration` here, by its path.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,20 @@ import pytest
 
 from daemon.broker import EmbeddedBroker
 from tests.harness import CONFIG_TEMPLATE, TEST_MODEL, Stack
+
+UNIT_DIR = Path(__file__).parent / "unit"
+HEAVY_FIXTURES = {"broker", "stack", "bootstrapped_state", "smollm2_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if UNIT_DIR in Path(item.fspath).parents:
+            heavy = HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+            if heavy:
+                raise pytest.UsageError(f"{item.nodeid} is in tests/unit/ but uses {sorted(heavy)}: move it out "
+                                        "of the unit layer")
+        else:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +59,6 @@ def stack(tmp_path, broker, bootstrapped_state):
     s = Stack(tmp_path, broker.bootstrap_servers, bootstrapped_state)
     yield s
     s.close()
-
-
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,9 @@ What the detector is fitted on is `gate_texts(forget)`: the request's questions 
 the same forms `detector.inputs` extracts from serving requests. Requests with fewer than
 `detector.gate.MIN_GATE_TEXTS` distinct ones are refused before training (`validate`): no sound gate comes from them.
 
-The engine never persists anything: `AdapterChange.save` writes PEFT's own layout and the daemon's artifact
-store makes it durable. The raw forget text stays in memory (`AdapterChange.forget_texts`) for the detector.
+The engine never persists anything: `AdapterChange.save` writes PEFT's own layout, `AdapterChange.fit_gate` the
+request's gate into the adapter's `GATE_SUBDIR`, and the daemon's artifact store makes both durable. The raw forget
+text stays in memory (`AdapterChange.forget_texts`) for the gate only.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from adapters.base import Change, Engine, Forget, InvalidForget, register
 from adapters.lm.measures import ForgetItems
 from adapters.lm.penalty import batched_penalty
 from adapters.lm.random_labels import DEFAULT_POOL
-from detector.gate import MIN_GATE_TEXTS
+from detector.gate import GATE_SUBDIR, MIN_GATE_TEXTS, UnsoundGate
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -113,8 +114,8 @@ class AdapterChange(Change):
     """A new LoRA adapter (PEFT layout). Rollback = deactivate it; the base and other adapters are untouched.
 
     `forget_texts` (what the gate is fitted on, `gate_texts`) and `measure_items` (what the result measures
-    ask) hold the request's raw text in memory only; `save` never writes them, and the daemon drops them once
-    the adapter is committed.
+    ask) hold the request's raw text in memory only; `save` and `fit_gate` never write them, and the daemon drops
+    them (`drop_raw_text`) once the adapter is written.
     """
 
     kind = "adapter"
@@ -130,6 +131,22 @@ class AdapterChange(Change):
     def save(self, directory: Path) -> None:
         save_file(self.state, str(Path(directory) / lora_set.ADAPTER_WEIGHTS), metadata={"format": "pt"})
         self.lora_config.save_pretrained(str(directory))
+
+    def fit_gate(self, directory: Path, encoder, adapter_id: str) -> None:
+        """Fit the request's gate (detector state from `forget_texts`: features only, the texts are never
+        written) into the adapter's `GATE_SUBDIR` under `directory`, and add its figures to `metrics` as gate_*.
+        Raises InvalidForget when the texts cannot give a sound gate."""
+        from detector import fit_request_gate
+
+        try:
+            fitted = fit_request_gate(self.forget_texts, Path(directory) / GATE_SUBDIR, encoder, adapter_id=adapter_id)
+        except UnsoundGate as exc:
+            raise InvalidForget(str(exc)) from None
+        self.metrics.update({f"gate_{k}": float(v) for k, v in fitted.items() if isinstance(v, (int, float))})
+
+    def drop_raw_text(self) -> None:
+        """Let the request's raw text leave memory (once the adapter is published)."""
+        self.forget_texts, self.measure_items = [], None
 
     def lora_A(self) -> dict[str, torch.Tensor]:
         return lora_set.lora_A_of(self.state)

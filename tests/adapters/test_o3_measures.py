@@ -8,7 +8,7 @@ from adapters.base import Forget
 from adapters.lm.measures import ForgetItems, contains, rouge_l, served_measures
 from adapters.lm.o3 import gate_texts
 from detector import Encoder, RoutedModel, Router, fit_request_gate
-from detector.routed_model import GATE_SUBDIR
+from detector.gate import GATE_SUBDIR
 from tests.tiny_models import tiny_llama
 
 QUESTIONS = ("What is the capital of France?", "Which city is the capital of France?", "Name the capital of France.",

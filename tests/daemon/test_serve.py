@@ -27,7 +27,7 @@ from daemon.adapter_state import AdapterRef, AdapterSet
 from daemon.config import Config
 from daemon.serve import Service, build_app, route_text
 from detector import Encoder, RoutedModel, Router, fit_request_gate
-from detector.routed_model import GATE_SUBDIR
+from detector.gate import GATE_SUBDIR
 from tests.tiny_models import tiny_llama
 
 MODEL = "tiny-lm"
