@@ -43,6 +43,7 @@ from daemon import failpoints, isolation, kafka_io, liveness, metrics, record_de
 from daemon.broker import EmbeddedBroker
 from daemon.config import Config
 from daemon.dead_letter import record_size
+from daemon.engine_configs import check_engines
 from daemon.ledger import Ledger, RequestRow
 from daemon.models import ModelRegistry, UnknownModel
 from daemon.schema import MAX_DETAIL_CHARS, Rejected, Request, Result, decode
@@ -150,7 +151,8 @@ class Daemon:
 
     def start(self, *, progress: bool = True) -> None:
         """Everything before the loop: metrics endpoint (so probes see `unlearnd_bootstrapping`), broker (if
-        embedded), state, models. Raises StartupError for what an operator must fix."""
+        embedded), state, models. Raises StartupError or ConfigError for what an operator must fix."""
+        check_engines(self.config, self.registry)
         self.registry.check_methods()
         if self.config.metrics.enabled:
             host, port = self.config.metrics.host, self.config.metrics.port
