@@ -28,6 +28,8 @@ UNMARKED_MAX_S = 0.5  # answers older than this are flushed and marked before th
 
 
 class Outcomes:
+    """The daemon's one reporter: each public method answers one kind of outcome completely."""
+
     def __init__(self, config: Config, ledger: Ledger):
         self.config = config
         self.ledger = ledger
@@ -56,7 +58,7 @@ class Outcomes:
             metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
             log.info("request %s applied: %s %s in %.3fs", rid, committed.kind, committed.artifact_id, durations[rid])
         model = group[0].request.model
-        self.outbox.artifact_event(model, committed.artifact_id, "published",
+        self._out.artifact_event(model, committed.artifact_id, "published",
                                    {"kind": committed.kind, "parent": getattr(target, "version", None)
                                     if is_version else None,
                                     "request_id": group[0].request.request_id,
@@ -96,8 +98,8 @@ class Outcomes:
                      info.get("eta_s", 0))
         if self.config.requests.progress_events:
             try:
-                self.outbox.progress(rid, a.request.model, a.method, info)
-                self.outbox.producer.flush(5)  # a waiting client should see it now, not with the result
+                self._out.progress(rid, a.request.model, a.method, info)
+                self._out.producer.flush(5)  # a waiting client should see it now, not with the result
             except Exception as exc:  # progress is best effort: it must never fail the request it reports on
                 log.debug("progress event of %s not sent: %s", rid, exc)
 
@@ -145,7 +147,7 @@ class Outcomes:
             if row.status == "failed":
                 self._dead_letter(msg, DeadLetterReason.ENGINE_FAILED, row.error or "", count=False)
             elif artifact is not None and artifact.active and not unchanged:
-                self.outbox.artifact_event(row.model, artifact.id, "published",
+                self._out.artifact_event(row.model, artifact.id, "published",
                                            {"kind": artifact.kind, "parent": artifact.parent,
                                             "request_id": artifact.request_id, "sha256": artifact.sha256,
                                             "path": artifact.path})
@@ -155,7 +157,7 @@ class Outcomes:
 
     def rekeyed(self, msg: Message, model: str, method: str, request_id: str) -> None:
         """An unkeyed (or wrongly keyed) request, re-published keyed by its model for the model's partition owner."""
-        self.outbox.rekey(msg.raw, msg.headers, model=model, source=msg.source)
+        self._out.rekey(msg.raw, msg.headers, model=model, source=msg.source)
         metrics.REQUESTS.labels(model, method, "rekeyed").inc()
         log.info("request %s re-published keyed by its model %s (it came keyed %s)", request_id, model,
                  "by something else" if msg.key else "by nothing")
@@ -168,12 +170,12 @@ class Outcomes:
         count = 0
         for name in self.config.models:
             for row in self.ledger.list_artifacts(name, "adapter"):
-                self.outbox.artifact_event(name, row.id, "announced", {
+                self._out.artifact_event(name, row.id, "announced", {
                     "kind": "adapter", "active": row.active, "path": row.path, "sha256": row.sha256,
                     "request_id": row.request_id})
                 count += 1
         if count:
-            self.outbox.flush()
+            self._out.flush()
             log.info("announced the state of %d adapter(s) on %s", count, self.config.kafka.topics.adapters)
 
     def update_model_gauges(self, model: str) -> None:
@@ -182,19 +184,25 @@ class Outcomes:
 
     # --- the one writer of each kind of record -----------------------------------------------------------------
 
+    @property
+    def _out(self) -> kafka_io.Outbox:
+        if self.outbox is None:
+            raise RuntimeError("no connection to the Kafka cluster: nothing can be answered")
+        return self.outbox
+
     def _record(self, request_id: str, status: str, **row: Any) -> None:
         self.ledger.finish(request_id, status, **row)
 
     def _result(self, key: str | None, *, artifact_id: str | None = None, artifact_kind: str | None = None,
                 completed_at: datetime | None = None, measures: dict | None = None, **fields: Any) -> None:
-        self.outbox.result(Result(version=artifact_id if artifact_kind == "version" else None,
+        self._out.result(Result(version=artifact_id if artifact_kind == "version" else None,
                                   adapter_id=artifact_id if artifact_kind == "adapter" else None,
                                   metrics=measures or {}, completed_at=completed_at or datetime.now(timezone.utc),
                                   **fields), key)
 
     def _dead_letter(self, msg: Message, reason: DeadLetterReason, error: str, *, count: bool = True) -> None:
         """`count`: False when repeating a dead letter already counted (a redelivered record)."""
-        self.outbox.dead_letter(msg.raw, msg.key, msg.headers, reason=reason, error=error, source=msg.source)
+        self._out.dead_letter(msg.raw, msg.key, msg.headers, reason=reason, error=error, source=msg.source)
         if count:
             metrics.DLQ.labels(reason).inc()
 
@@ -212,7 +220,7 @@ class Outcomes:
 
     def flush(self) -> None:
         """Flush the producer, then remember which records are answered (so a redelivery is not answered twice)."""
-        self.outbox.flush()
+        self._out.flush()
         marks, self._unmarked = self._unmarked, []
         if marks:
             try:
