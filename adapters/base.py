@@ -17,7 +17,9 @@ import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 
 class EngineError(Exception):
@@ -97,7 +99,9 @@ class Change(ABC):
 
 
 class Engine(ABC):
-    """One unlearning method. Subclasses set `name`, `model_kinds` and a `Config` dataclass."""
+    """One unlearning method. Subclasses set `name`, `model_kinds` and a `Config` dataclass: typed fields (a
+    Literal for a choice) and a `__post_init__` that raises ValueError("field: problem") for a value out of range,
+    so that `config_from_mapping` refuses a bad setting at start-up with its dotted key."""
 
     name: ClassVar[str]
     model_kinds: ClassVar[frozenset[str]]
@@ -175,10 +179,46 @@ def engine_names(model_kind: str | None = None) -> list[str]:
     return sorted(names)
 
 
-def config_from_mapping(cls: type[Engine], values: dict[str, Any]) -> Any:
-    """Build an engine's Config dataclass from a config.toml table, naming any unknown key."""
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(values) - fields
+def check_fields(config: Any, *, positive: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """For an engine Config's `__post_init__`: every Literal field holds one of its values, the `positive` fields
+    are > 0 and the `fractions` in [0, 1]. Raises ValueError("field: problem")."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            raise ValueError(f"{f.name}: must be one of {list(get_args(hint))}, not {value!r}")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name}: must be > 0, not {getattr(config, name)!r}")
+    for name in fractions:
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"{name}: must be in [0, 1], not {getattr(config, name)!r}")
+
+
+class EngineConfigError(ValueError):
+    """An engine setting that is unknown or invalid; the message names its dotted key, e.g.
+    ``methods.iau.alhpa: unknown key``."""
+
+
+def config_from_mapping(cls: type[Engine], values: dict[str, Any], where: str | None = None) -> Any:
+    """Build an engine's Config dataclass from a config.toml table (`where`, default ``methods.<name>``): every key
+    must be a field, every value must fit the field's type (a Literal field takes only its listed values), and the
+    dataclass's own `__post_init__` checks run. Raises EngineConfigError naming each bad key."""
+    where = where or f"methods.{cls.name}"
+    known = sorted(f.name for f in dataclasses.fields(cls.Config))
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"methods.{cls.name}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return cls.Config(**values)
+        raise EngineConfigError("; ".join(f"{where}.{key}: unknown key (known: {', '.join(known)})"
+                                          for key in unknown))
+    try:
+        return TypeAdapter(cls.Config).validate_python(dict(values))
+    except ValidationError as exc:
+        raise EngineConfigError("; ".join(_config_problem(where, e) for e in exc.errors())) from None
+
+
+def _config_problem(where: str, error: Any) -> str:
+    """One pydantic error as `dotted.key: problem`. A `__post_init__` check raises ValueError("field: problem")."""
+    if error["loc"]:
+        return f"{where}.{'.'.join(map(str, error['loc']))}: {error['msg']}"
+    cause = error.get("ctx", {}).get("error")
+    return f"{where}.{cause}" if cause is not None else f"{where}: {error['msg']}"

@@ -10,8 +10,10 @@ adapters topic only announces changes, and a memory-only broker forgets them on 
   restart, a rollback announced while the router was down) cannot leave a rolled-back adapter in or an active
   one out. The daemon also re-announces every adapter's state whenever it (re)connects to the broker.
 
-Threads: the follower owns its KafkaConsumer (kafka-python's consumer is not thread-safe), the reconciler owns
-the ledger reads; both change the served set only through `AdapterSet.sync`, under one lock. Loaded files are
+Threads: the follower alone touches its KafkaConsumer (kafka-python's consumer is not thread-safe) and publishes
+what others need of it as one immutable `TopicState`; the reconciler owns the ledger reads; both change the served
+set only through `AdapterSet.sync`, under one lock. The follower watches the cluster with the daemon's liveness
+probe (a DescribeCluster round trip, daemon/liveness.py), not a TCP connect that a frozen broker still accepts. Loaded files are
 checked against the sha256 recorded at publish time; an active adapter that cannot be loaded is reported by
 `/healthz` (503: a forgotten answer could come back through it), never skipped silently.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 
 from adapters.store import tree_sha256
-from daemon import kafka_io
+from daemon import kafka_io, liveness
 from daemon.config import Config, bootstrap_servers
 from daemon.ledger import read_adapters
 from detector.gate import GATE_SUBDIR, has_gate
@@ -37,6 +39,14 @@ log = logging.getLogger("unlearnd.serve")
 
 LOAD_EVENTS = ("published", "restored")
 UNLOAD_EVENTS = ("rolled_back",)
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """What the follower thread knows of the adapters topic, replaced whole (so a reader never sees half of it)."""
+
+    connected: bool = False  # the cluster answers and the follower reads the topic
+    caught_up: bool = False  # the topic was replayed to its end since the follower (re)connected
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,7 @@ class AdapterSet:
         self.announced: dict[str, tuple[bool, AdapterRef]] = {}  # the topic's latest word per adapter
         self.ledger_error: str | None = "not read yet"
         self.last_reconcile: float | None = None
-        self.broker_connected = False
-        self.topic_caught_up = False
+        self.topic = TopicState()  # published by the follower thread
         self.changed = threading.Event()  # set by the follower: reconcile now
         self._lock = threading.RLock()
 
@@ -141,16 +150,17 @@ class AdapterSet:
         read within the last three reconcile periods, or else a topic replayed to its end)."""
         with self._lock:
             fresh = self.last_reconcile is not None and time.time() - self.last_reconcile < 3 * self.reconcile_s + 5
+            topic = self.topic
             source = "ledger" if self.ledger_error is None and fresh else \
-                "topic" if self.broker_connected and self.topic_caught_up else None
+                "topic" if topic.connected and topic.caught_up else None
             ok = source is not None and not self.failed
             return ok, {
-                "status": "ok" if ok and self.broker_connected and source == "ledger" else "degraded" if ok
+                "status": "ok" if ok and topic.connected and source == "ledger" else "degraded" if ok
                 else "unavailable",
                 "adapters_loaded": sorted(self.loaded), "adapters_failed": dict(self.failed), "source": source,
                 "ledger": {"readable": self.ledger_error is None, "error": self.ledger_error,
                            "last_reconcile": self.last_reconcile},
-                "broker": {"connected": self.broker_connected, "caught_up": self.topic_caught_up},
+                "broker": {"connected": topic.connected, "caught_up": topic.caught_up},
             }
 
 
@@ -180,7 +190,7 @@ class Reconciler(threading.Thread):
 
 class AdapterFollower(threading.Thread):
     """Replays the compacted adapters topic from the beginning, then follows it; no consumer group (every
-    replica sees everything). Reconnects with a fresh consumer (replaying again) whenever the broker was lost:
+    replica sees everything). Reconnects with a fresh consumer (replaying again) whenever the cluster was lost:
     a restarted memory-only broker starts empty, and the daemon's re-announcement arrives on the new topic."""
 
     def __init__(self, adapters: AdapterSet, cfg: Config):
@@ -193,38 +203,43 @@ class AdapterFollower(threading.Thread):
     def run(self) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
-            consumer = None
+            consumer = watch = None
             try:
-                if not kafka_io.reachable(self.bootstrap):
-                    raise ConnectionError(f"cannot reach {self.bootstrap}")
-                consumer = KafkaConsumer(**kafka_io.connection_settings(self.cfg.kafka, self.bootstrap), group_id=None,
-                                         enable_auto_commit=False, auto_offset_reset="earliest")
-                self._follow(consumer)
+                cluster = liveness.probe(self.cfg.kafka, self.bootstrap)  # raises while the cluster does not answer
+                # No gauge: unlearnd_broker_connected is the daemon's; serving reports the topic in /healthz.
+                watch = liveness.BrokerWatch(self.cfg.kafka, self.bootstrap, cluster, name="adapters-broker-watch")
+                watch.start()
+                consumer = kafka_io.make_reader(self.cfg.kafka, self.bootstrap, auto_offset_reset="earliest")
+                self._follow(consumer, watch)
                 backoff = 0.5
             except Exception as exc:
-                if self.adapters.broker_connected:
+                if self.adapters.topic.connected:
                     log.warning("adapters topic unavailable (%s); following again when the broker is back", exc)
-                self.adapters.broker_connected = self.adapters.topic_caught_up = False
+                self.adapters.topic = TopicState()
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                if watch is not None:
+                    watch.stop()
                 if consumer is not None:
                     try:
                         consumer.close()
                     except Exception:  # closing a client of a dead broker may fail; nothing is lost
                         pass
 
-    def _follow(self, consumer: KafkaConsumer) -> None:
+    def _follow(self, consumer: KafkaConsumer, watch: liveness.BrokerWatch) -> None:
+        """Only this thread calls the consumer; what it learns is published as `adapters.topic`."""
         assigned: list[TopicPartition] = []
-        last_check = time.monotonic()
+        caught_up = False
         while not self.stopping.is_set():
+            if watch.lost.is_set():
+                raise ConnectionError(f"lost {self.bootstrap}: {watch.reason}")
             if not assigned:  # the topic appears when the daemon creates it (e.g. after a broker restart)
                 parts = consumer.partitions_for_topic(self.topic)
                 if parts:
                     assigned = [TopicPartition(self.topic, p) for p in sorted(parts)]
                     consumer.assign(assigned)
                     consumer.seek_to_beginning(*assigned)
-            self.adapters.broker_connected = True
             records = consumer.poll(timeout_ms=200) if assigned else {}
             if not assigned:
                 self.stopping.wait(0.5)
@@ -234,13 +249,11 @@ class AdapterFollower(threading.Thread):
                         self.adapters.on_event(json.loads(rec.value))
                     except Exception:  # one bad event must not stop the follower
                         log.exception("adapters event at offset %s not applied", rec.offset)
-            if assigned and not self.adapters.topic_caught_up:
-                self.adapters.topic_caught_up = all(
-                    (high := consumer.highwater(tp)) is not None and consumer.position(tp) >= high for tp in assigned)
-            if time.monotonic() - last_check > 2.0:
-                last_check = time.monotonic()
-                if not kafka_io.reachable(self.bootstrap):
-                    raise ConnectionError(f"lost {self.bootstrap}")
+            if assigned and not caught_up:  # from positions and fetch high-water marks (end_offsets is unreliable)
+                caught_up = all((high := consumer.highwater(tp)) is not None and consumer.position(tp) >= high
+                                for tp in assigned)
+            if self.adapters.topic != (state := TopicState(connected=True, caught_up=caught_up)):
+                self.adapters.topic = state
 
     def stop(self) -> None:
         self.stopping.set()
@@ -253,7 +266,7 @@ def start(adapters: AdapterSet, cfg: Config, *, wait_s: float = 10.0) -> tuple[R
     follower.start()
     if not adapters.reconcile():
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and not adapters.topic_caught_up:
+        while time.monotonic() < deadline and not adapters.topic.caught_up:
             time.sleep(0.1)
         adapters.reconcile()
     reconciler = Reconciler(adapters)

@@ -146,13 +146,10 @@ def print_metrics(m: dict) -> None:
 
 def announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, payload: dict) -> bool:
     """Publish an adapters-topic event; the ledger is already updated, so failure is reported, not fatal."""
-    from kafka import KafkaProducer
-
     from daemon import kafka_io
 
     try:
-        producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap_servers(cfg)), acks="all",
-                                 max_block_ms=10_000)
+        producer = kafka_io.make_cli_producer(cfg.kafka, bootstrap_servers(cfg), max_block_ms=10_000)
         kafka_io.Outbox(producer, cfg.kafka).artifact_event(model, artifact_id, event, payload)
         producer.flush(10)
         producer.close()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import time
 
+from daemon.schema import DeadLetterReason
+
 HEADER_REASON = "unlearnd.reason"
 HEADER_ERROR = "unlearnd.error"
 HEADER_SOURCE = "unlearnd.source"  # topic/partition/offset the record was read from
@@ -35,8 +37,8 @@ def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int
                                                      for k, v in headers)
 
 
-def build(value: bytes | None, key: bytes | None, headers: Headers, *, reason: str, error: str, source: str,
-          budget: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def build(value: bytes | None, key: bytes | None, headers: Headers, *, reason: DeadLetterReason, error: str,
+          source: str, budget: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
     """(key, value, headers) of the dead letter for a record: unchanged if the record fits in `budget`."""
     nulls = [k for k, v in headers if v is None]
     kept = sendable(headers)

@@ -2,7 +2,8 @@
 
 Everything broker-specific lives here so the same daemon runs against the embedded Tansu broker or any Kafka
 cluster (Apache Kafka, Redpanda, MSK, Confluent): bootstrap servers, SASL and TLS settings pass straight
-through to kafka-python.
+through to kafka-python. Every client unlearnd makes is built by a `make_*` function below, from the address
+`daemon.config.bootstrap_servers` resolves (or the embedded broker's own, in the daemon that started it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 from typing import Any
 
@@ -24,7 +24,7 @@ from kafka.structs import MemberState
 from daemon import dead_letter
 from daemon.config import Kafka
 from daemon.dead_letter import HEADER_ERROR, HEADER_FAILED_AT, HEADER_REASON, HEADER_SOURCE  # noqa: F401 (re-export)
-from daemon.schema import Result
+from daemon.schema import DeadLetterReason, Result
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,26 @@ def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None =
     return consumer
 
 
+def make_reader(cfg: Kafka, bootstrap: str, **settings: Any) -> KafkaConsumer:
+    """A consumer outside any consumer group that reads by assignment, committing nothing: the serving follower,
+    `publish --wait`, the dead-letter lookup of `requests retry`. Not thread-safe: one thread uses it."""
+    return KafkaConsumer(**connection_settings(cfg, bootstrap), group_id=None, enable_auto_commit=False, **settings)
+
+
+def make_cli_producer(cfg: Kafka, bootstrap: str, **settings: Any) -> KafkaProducer:
+    """A producer for the CLI's one-off writes (a request, a re-admitted request, an adapter event): acks=all."""
+    return KafkaProducer(**connection_settings(cfg, bootstrap), acks="all", **settings)
+
+
+def make_admin(cfg: Kafka, bootstrap: str, timeout_s: float | None = None) -> KafkaAdminClient:
+    """An admin client; with `timeout_s`, its requests and its bootstrap give up after that long (a liveness probe
+    must not hang on a frozen broker)."""
+    if timeout_s is None:
+        return KafkaAdminClient(**connection_settings(cfg, bootstrap))
+    ms = max(1000, int(timeout_s * 1000))
+    return KafkaAdminClient(**connection_settings(cfg, bootstrap), request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+
+
 def close_consumer(consumer: KafkaConsumer, *, timeout_ms: int) -> None:
     """Close; leave the group only from a settled membership. A member that leaves while its JoinGroup is pending can
     stay the group's leader on some brokers (Tansu), and every later member then waits for it; one that just goes
@@ -99,7 +119,7 @@ def ensure_topics(cfg: Kafka, bootstrap: str, max_record_bytes: int = DEFAULT_MA
         NewTopic(t.adapters, 1, t.replication_factor, topic_configs={"cleanup.policy": "compact"}),
     ]
     own = admin is None
-    admin = admin or KafkaAdminClient(**connection_settings(cfg, bootstrap))
+    admin = admin or make_admin(cfg, bootstrap)
     try:
         _create_missing(admin, wanted, t.partitions)
     finally:
@@ -154,7 +174,7 @@ class Outbox:
         self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
                            headers=[(HEADER_EVENT, b"progress")])
 
-    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list, *, reason: str, error: str,
+    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list, *, reason: DeadLetterReason, error: str,
                     source: str) -> None:
         """The original bytes, key and headers, plus why: an operator can fix and replay it unchanged (a record
         too large to copy keeps its start, hash and size instead; daemon/dead_letter.py)."""
@@ -176,19 +196,6 @@ class Outbox:
 
     def flush(self, timeout: float = 30.0) -> None:
         self.producer.flush(timeout)
-
-
-def reachable(bootstrap: str) -> bool:
-    """Whether any of the bootstrap servers accepts a TCP connection (kafka-python's clients keep retrying a lost
-    broker in silence; this is how the daemon and the serving follower notice it)."""
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=1.0):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
 
 
 def is_progress(headers, event: dict) -> bool:

@@ -21,109 +21,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    request_id   TEXT PRIMARY KEY,
-    model        TEXT,
-    method       TEXT,
-    subject      TEXT,
-    status       TEXT NOT NULL,          -- processing | readmitted | applied | rejected | failed
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    engine_failures INTEGER NOT NULL DEFAULT 0,  -- tries where the engine raised or its process died
-    body_sha256  TEXT,
-    forget_kind  TEXT,
-    forget_count INTEGER,
-    artifact_id  TEXT,                   -- version or adapter the request produced
-    metrics      TEXT,                   -- JSON
-    reason       TEXT,                   -- DLQ reason code when rejected / failed
-    error        TEXT,
-    source       TEXT,                   -- topic/partition/offset it was read from
-    received_at  REAL NOT NULL,
-    completed_at REAL,
-    duration_s   REAL
-);
-CREATE INDEX IF NOT EXISTS requests_by_model ON requests(model, received_at);
-CREATE TABLE IF NOT EXISTS artifacts (
-    model       TEXT NOT NULL,
-    id          TEXT NOT NULL,
-    kind        TEXT NOT NULL,           -- version | adapter
-    parent      TEXT,                    -- version: the version it was derived from; adapter: the base version
-    request_id  TEXT,
-    created_at  REAL NOT NULL,
-    active      INTEGER NOT NULL,        -- adapters: serving applies it; versions: it is the model's head
-    path        TEXT NOT NULL,
-    sha256      TEXT NOT NULL,
-    metrics     TEXT,
-    info        TEXT,
-    PRIMARY KEY (model, id)
-);
-CREATE INDEX IF NOT EXISTS artifacts_by_state ON artifacts(model, kind, active);
-CREATE TABLE IF NOT EXISTS forgotten (
-    model       TEXT NOT NULL,
-    artifact_id TEXT NOT NULL,
-    sample_id   INTEGER NOT NULL,
-    PRIMARY KEY (model, artifact_id, sample_id)
-);
-CREATE TABLE IF NOT EXISTS answered (    -- records answered and flushed whose offsets may not be committed yet
-    topic       TEXT NOT NULL,
-    partition_  INTEGER NOT NULL,
-    offset_     INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,           -- the same record, not a new one at an offset a wiped broker reused
-    at          REAL NOT NULL,
-    PRIMARY KEY (topic, partition_, offset_)
-);
-CREATE TABLE IF NOT EXISTS events (      -- the audit trail, append-only
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    at          REAL NOT NULL,
-    kind        TEXT NOT NULL,           -- registered | applied | rejected | failed | readmitted | rolled_back | restored
-    model       TEXT,
-    artifact_id TEXT,
-    request_id  TEXT,
-    detail      TEXT                     -- JSON
-);
-"""
+from daemon.ledger_schema import SCHEMA, ArtifactRow, RequestRow, artifact_row, request_row
+
+__all__ = ["ArtifactRow", "Ledger", "RequestRow", "read_adapters"]
 
 TERMINAL = ("applied", "rejected", "failed")
-
-
-@dataclass
-class RequestRow:
-    request_id: str
-    model: str | None
-    method: str | None
-    subject: str | None
-    status: str
-    attempts: int
-    engine_failures: int
-    body_sha256: str | None
-    forget_kind: str | None
-    forget_count: int | None
-    artifact_id: str | None
-    metrics: dict
-    reason: str | None
-    error: str | None
-    source: str | None
-    received_at: float
-    completed_at: float | None
-    duration_s: float | None
-
-
-@dataclass
-class ArtifactRow:
-    model: str
-    id: str
-    kind: str
-    parent: str | None
-    request_id: str | None
-    created_at: float
-    active: bool
-    path: str
-    sha256: str
-    metrics: dict
-    info: dict
 
 
 class Ledger:
@@ -180,7 +84,7 @@ class Ledger:
 
     def get_request(self, request_id: str) -> RequestRow | None:
         row = self._db.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-        return _request(row) if row else None
+        return request_row(row) if row else None
 
     def begin_attempt(self, request_id: str, *, model: str, method: str, subject: str | None, body_sha256: str,
                       forget_kind: str, forget_count: int, source: str) -> int:
@@ -283,7 +187,7 @@ class Ledger:
         if status:
             sql, args = sql + " AND status = ?", args + [status]
         rows = self._db.execute(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit)).fetchall()
-        return [_request(r) for r in rows]
+        return [request_row(r) for r in rows]
 
     # --- artifacts ------------------------------------------------------------------------------------------
 
@@ -308,12 +212,12 @@ class Ledger:
 
     def get_artifact(self, model: str, artifact_id: str) -> ArtifactRow | None:
         row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND id = ?", (model, artifact_id)).fetchone()
-        return _artifact(row) if row else None
+        return artifact_row(row) if row else None
 
     def find_artifact(self, artifact_id: str) -> ArtifactRow | None:
         """An artifact by id alone (ids are unique per model; the first match is returned)."""
         row = self._db.execute("SELECT * FROM artifacts WHERE id = ? ORDER BY created_at", (artifact_id,)).fetchone()
-        return _artifact(row) if row else None
+        return artifact_row(row) if row else None
 
     def list_artifacts(self, model: str | None = None, kind: str | None = None) -> list[ArtifactRow]:
         sql, args = "SELECT * FROM artifacts WHERE 1=1", []
@@ -321,7 +225,7 @@ class Ledger:
             sql, args = sql + " AND model = ?", args + [model]
         if kind:
             sql, args = sql + " AND kind = ?", args + [kind]
-        return [_artifact(r) for r in self._db.execute(sql + " ORDER BY created_at, id", args).fetchall()]
+        return [artifact_row(r) for r in self._db.execute(sql + " ORDER BY created_at, id", args).fetchall()]
 
     def count_artifacts(self, model: str, kind: str, *, active_only: bool = False) -> int:
         sql = "SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?" + (" AND active = 1" if active_only else "")
@@ -330,7 +234,7 @@ class Ledger:
     def head(self, model: str) -> ArtifactRow | None:
         row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'version' AND active = 1",
                                (model,)).fetchone()
-        return _artifact(row) if row else None
+        return artifact_row(row) if row else None
 
     def next_id(self, model: str, kind: str) -> str:
         """Sequential ids (v0001, a0001). Deterministic on retry: the counter moves only when a row commits."""
@@ -397,20 +301,6 @@ class Ledger:
                    (time.time(), kind, model, artifact_id, request_id, json.dumps(detail) if detail else None))
 
 
-def _request(row: sqlite3.Row) -> RequestRow:
-    d = dict(row)
-    d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-    return RequestRow(**d)
-
-
-def _artifact(row: sqlite3.Row) -> ArtifactRow:
-    d = dict(row)
-    d["active"] = bool(d["active"])
-    d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-    d["info"] = json.loads(d["info"]) if d["info"] else {}
-    return ArtifactRow(**d)
-
-
 def read_adapters(path: str | Path, model: str) -> list[ArtifactRow]:
     """Every adapter of `model`, read without creating or writing anything: `unlearnd serve` builds its adapter
     set from this (a router may mount the state read-only). Raises sqlite3.Error or OSError when unreadable."""
@@ -421,4 +311,4 @@ def read_adapters(path: str | Path, model: str) -> list[ArtifactRow]:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'adapter' ORDER BY created_at, id",
                           (model,)).fetchall()
-    return [_artifact(r) for r in rows]
+    return [artifact_row(r) for r in rows]

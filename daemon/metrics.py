@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from daemon.schema import DeadLetterReason
+
 # Request statuses and DLQ reasons are closed sets; dashboards and alerts depend on them.
 # "rekeyed": an unkeyed request re-published keyed by its model (its owner applies it).
 STATUSES = ("applied", "rejected", "failed", "duplicate", "rekeyed")
-DLQ_REASONS = (
-    "oversize", "invalid_utf8", "invalid_json", "schema", "bad_signature", "missing_signature",
-    "unknown_model", "unknown_method", "invalid_forget", "request_id_conflict", "engine_failed",
-    "undecodable_record",
-)
+DLQ_REASONS = tuple(reason.value for reason in DeadLetterReason)
 # Conditions of the environment that pause the pipeline (daemon/transient.py); isolated-run outcomes.
 PAUSE_REASONS = ("disk_full", "ledger_busy", "io_error", "bootstrapping")
 ISOLATED_OUTCOMES = ("ok", "engine_error", "engine_died")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 
 from daemon import kafka_io
 from daemon.config import Config
 from daemon.dead_letter import HEADER_REASON
 from daemon.ledger import Ledger
+from daemon.schema import DeadLetterReason
 
 READ_IDLE_S = 2.0  # the dead-letter topic is read to its end: this long without a record is the end
 
@@ -31,8 +32,7 @@ def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason
     copy = find_dead_letter(cfg, bootstrap, request_id)
     ledger.readmit(request_id, reason=reason)
     if copy is not None:
-        producer = KafkaProducer(**kafka_io.connection_settings(cfg.kafka, bootstrap), acks="all",
-                                 allow_auto_create_topics=False)
+        producer = kafka_io.make_cli_producer(cfg.kafka, bootstrap, allow_auto_create_topics=False)
         try:
             headers = [(k, v) for k, v in copy.headers or [] if not k.startswith("unlearnd.") and v is not None]
             producer.send(cfg.kafka.topics.requests, key=(row.model or "").encode(), value=copy.value,
@@ -44,8 +44,7 @@ def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason
 
 def find_dead_letter(cfg: Config, bootstrap: str, request_id: str):
     """The newest `engine_failed` dead letter of `request_id`, or None."""
-    consumer = KafkaConsumer(**kafka_io.connection_settings(cfg.kafka, bootstrap), enable_auto_commit=False,
-                             allow_auto_create_topics=False)
+    consumer = kafka_io.make_reader(cfg.kafka, bootstrap, allow_auto_create_topics=False)
     try:
         topic = cfg.kafka.topics.dlq
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -58,8 +57,8 @@ def find_dead_letter(cfg: Config, bootstrap: str, request_id: str):
             for records in consumer.poll(timeout_ms=300).values():
                 last_seen = time.monotonic()
                 for rec in records:
-                    if dict(rec.headers or []).get(HEADER_REASON) == b"engine_failed" and _request_id(rec.value) \
-                            == request_id:
+                    reason = dict(rec.headers or []).get(HEADER_REASON)
+                    if reason == DeadLetterReason.ENGINE_FAILED.encode() and _request_id(rec.value) == request_id:
                         found = rec
         return found
     finally:

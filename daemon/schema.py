@@ -10,8 +10,8 @@ A request is a UTF-8 JSON object, at most `requests.max_bytes` long::
 `forget` holds exactly one of: `sample_ids`, `texts`, `qa` ([{"question", "answer"}]), `class`, `concept`, or
 `image` + `mask`. Unknown fields and wrong types are rejected, never guessed at: every field is strict (pydantic
 strict mode), so `"1"`, `true`, `1.0` or `" 7 "` where an integer belongs is a `schema` rejection, not sample 1.
-`decode` turns bytes into a `Request` or raises `Rejected` with a reason from `metrics.DLQ_REASONS`; it raises
-nothing else for any input (tests/daemon/test_hostile_input.py holds it to that).
+`decode` turns bytes into a `Request` or raises `Rejected` with a `DeadLetterReason`; it raises nothing else
+for any input (tests/daemon/test_hostile_input.py holds it to that).
 
 The signature covers the *canonical body*: the object without `signature`, serialised with sorted keys and
 no whitespace (`canonical_body`), so any client can sign it with a few lines of code.
@@ -24,6 +24,7 @@ import hmac
 import json
 import re
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -35,10 +36,28 @@ MAX_SAMPLE_ID = 2**63 - 1  # what the ledger (SQLite INTEGER) can hold
 MAX_DETAIL_CHARS = 1000  # a rejection's detail is bounded: it goes into a header, a result and the ledger
 
 
-class Rejected(Exception):
-    """A message that cannot become a request. `reason` is a bounded code (a metrics label)."""
+class DeadLetterReason(StrEnum):
+    """Why a message went to the dead-letter topic: the `unlearnd.reason` header, the result event's `reason`, the
+    ledger's and the `unlearnd_dlq_total` label. The values are a contract (dashboards, alerts, replay tools)."""
 
-    def __init__(self, reason: str, detail: str, request_id: str | None = None, model: str | None = None):
+    OVERSIZE = "oversize"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    SCHEMA = "schema"
+    BAD_SIGNATURE = "bad_signature"
+    MISSING_SIGNATURE = "missing_signature"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_METHOD = "unknown_method"
+    INVALID_FORGET = "invalid_forget"
+    REQUEST_ID_CONFLICT = "request_id_conflict"
+    ENGINE_FAILED = "engine_failed"
+    UNDECODABLE_RECORD = "undecodable_record"
+
+
+class Rejected(Exception):
+    """A message that cannot become a request, and why."""
+
+    def __init__(self, reason: DeadLetterReason, detail: str, request_id: str | None = None, model: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -137,31 +156,33 @@ def body_sha256(obj: dict[str, Any]) -> str:
 def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tuple[Request, str]:
     """Bytes -> (Request, body hash). Raises Rejected with the first problem found, and nothing else."""
     if raw is None:
-        raise Rejected("invalid_json", "empty message (tombstone)")
+        raise Rejected(DeadLetterReason.INVALID_JSON, "empty message (tombstone)")
     if len(raw) > max_bytes:
-        raise Rejected("oversize", f"{len(raw)} bytes > requests.max_bytes = {max_bytes}")
+        raise Rejected(DeadLetterReason.OVERSIZE, f"{len(raw)} bytes > requests.max_bytes = {max_bytes}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Rejected("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
+        raise Rejected(DeadLetterReason.INVALID_UTF8, f"not UTF-8 at byte {exc.start}") from None
     obj = _parse_json(text)
     if not isinstance(obj, dict):
-        raise Rejected("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+        raise Rejected(DeadLetterReason.INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
     request_id, model = _request_id_label(obj.get("request_id")), _model_label(obj.get("model"))
     # Valid UTF-8 bytes can still spell a lone surrogate (a "\ud800" escape): not Unicode, and neither SQLite nor
     # Kafka headers can store it. Refused here, before anything is written anywhere.
     if not _is_unicode(obj):
-        raise Rejected("schema", "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode",
-                       request_id, model)
+        raise Rejected(DeadLetterReason.SCHEMA, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                       "not valid Unicode", request_id, model)
     try:
         request = Request.model_validate(obj)
     except ValidationError as exc:
-        raise Rejected("schema", _describe(exc), request_id, model) from None
+        raise Rejected(DeadLetterReason.SCHEMA, _describe(exc), request_id, model) from None
     if hmac_key is not None:
         if request.signature is None:
-            raise Rejected("missing_signature", "signatures are required (an HMAC key is configured)", request_id, model)
+            raise Rejected(DeadLetterReason.MISSING_SIGNATURE, "signatures are required (an HMAC key is configured)",
+                           request_id, model)
         if not hmac.compare_digest(sign(obj, hmac_key), request.signature.lower()):
-            raise Rejected("bad_signature", "HMAC-SHA256 of the canonical body does not match", request_id, model)
+            raise Rejected(DeadLetterReason.BAD_SIGNATURE, "HMAC-SHA256 of the canonical body does not match",
+                           request_id, model)
     return request, body_sha256(obj)
 
 
@@ -171,11 +192,11 @@ def _parse_json(text: str) -> Any:
     try:
         return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
-        raise Rejected("invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise Rejected(DeadLetterReason.INVALID_JSON, f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise Rejected("invalid_json", "nested too deeply") from None
+        raise Rejected(DeadLetterReason.INVALID_JSON, "nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal over Python's 4,300-digit limit
-        raise Rejected("invalid_json", _bounded(str(exc))) from None
+        raise Rejected(DeadLetterReason.INVALID_JSON, _bounded(str(exc))) from None
 
 
 def _no_constant(name: str) -> Any:

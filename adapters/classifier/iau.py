@@ -37,12 +37,13 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import Forget, register
+from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
 from adapters.datasets import LabeledSet
@@ -59,8 +60,14 @@ class IAUConfig:
     cached_gradient: bool = True  # keep the remaining-set gradient of the current version (module docstring)
     measure_cap: int = 256  # rows of retain/test for the calibration guard and the result measures
     forget_probe_cap: int = 512  # forget rows the calibration judges the criterion on (all, up to this many)
-    criterion: str = "accuracy"  # when the calibrated step has forgotten enough: "accuracy" or "loss"
+    criterion: Literal["accuracy", "loss"] = "accuracy"  # when the calibrated step has forgotten enough
     adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        check_fields(self, positive=("lr", "lr_min", "lr_max", "calibration_steps", "measure_cap", "forget_probe_cap",
+                                     "adam_eps"), fractions=("max_retain_drop",))
+        if self.lr_min >= self.lr_max:
+            raise ValueError(f"lr_min: must be below lr_max ({self.lr_max}), not {self.lr_min}")
 
 
 @dataclasses.dataclass
@@ -82,8 +89,6 @@ class IAUEngine(ClassifierEngine):
 
     def __init__(self, config: IAUConfig | None = None, **overrides):
         super().__init__(config, **overrides)
-        if self.config.criterion not in ("accuracy", "loss"):
-            raise ValueError(f"methods.iau.criterion must be 'accuracy' or 'loss', not {self.config.criterion!r}")
         self._cache: dict[str, list[Future]] = {}  # model name -> futures of _GradCache, newest last
         self._lock = threading.Lock()
         self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iau-refresh")

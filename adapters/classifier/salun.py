@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import Forget, register
+from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange
 from adapters.datasets import LabeledSet
@@ -66,6 +66,13 @@ class SalUnConfig:
     class_forget_max: float = 0.02  # a whole class counts as erased at this forget accuracy (never-seen: ~0)
     measure_cap: int = 1000  # rows of retain/test used for the early stop and the result measures
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, positive=("lr", "epochs", "batch_size", "mask_ratio", "measure_cap"),
+                     fractions=("momentum", "mask_ratio", "class_forget_max"))
+        for name in ("weight_decay", "retain_cap", "repair_passes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, not {getattr(self, name)!r}")
 
 
 def saliency_mask(

@@ -37,12 +37,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from adapters.base import Engine, Forget, register
+from adapters.base import Engine, Forget, check_fields, register
 from adapters.diffusion import ddpm
 from adapters.diffusion import measures as gen_measures
 from adapters.diffusion.target import MODEL_KIND, DDPMWeightChange, DiffusionTarget
@@ -57,7 +58,8 @@ class DiffusionSalUnConfig:
     mask_ratio: float = 0.5  # share of weights (by |saliency|) that may change
     mask_batch_size: int = 64
     probe_size: int = 64  # forget images on which the objective is reported before/after (fixed noise)
-    redirect_to: str = "original"  # eps(x_t | c') from the frozen "original" model or the "current" one (code)
+    # eps(x_t | c') from the frozen "original" model or the "current" one (code)
+    redirect_to: Literal["original", "current"] = "original"
     label_dropout: float = 0.1  # the retain term's label dropout (as the model was trained)
     measure_per_class: int = 16  # samples per class for the result event's measures
     measure_steps: int = 10  # DDIM steps of those samples
@@ -65,8 +67,12 @@ class DiffusionSalUnConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.redirect_to not in ("original", "current"):
-            raise ValueError(f"redirect_to must be 'original' or 'current', not {self.redirect_to!r}")
+        check_fields(self, positive=("lr", "steps", "batch_size", "mask_ratio", "mask_batch_size", "probe_size",
+                                     "measure_per_class", "measure_steps"),
+                     fractions=("mask_ratio", "label_dropout"))
+        for name in ("alpha", "guidance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, not {getattr(self, name)!r}")
 
     @property
     def sample_settings(self) -> gen_measures.SampleSettings:

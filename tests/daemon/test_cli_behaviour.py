@@ -103,6 +103,23 @@ def test_second_daemon_on_a_taken_port_says_so_in_one_line(stack):
                       "is another unlearnd running? Stop it or set metrics.port"], second.stderr
 
 
+@pytest.mark.parametrize("table, message", [
+    ("[methods.iau]\nalhpa = 0.1", "methods.iau.alhpa: unknown key (known: adam_eps, "),
+    ("[methods.iau]\ncriterion = \"acuracy\"", "methods.iau.criterion: Input should be 'accuracy' or 'loss'"),
+    (f"[models.{TEST_MODEL}.methods.iau]\nlr = -0.5", f"models.{TEST_MODEL}.methods.iau.lr: must be > 0, not -0.5"),
+])
+def test_an_engine_setting_typo_stops_start_up_naming_the_key(stack, table, message):
+    """An operator's mistake in [methods.*] is refused by `unlearnd run` before it serves anything, not
+    dead-lettered as the first requester's invalid_forget nor a crash on the first request."""
+    stack.config_path.write_text(stack.config_path.read_text() + "\n" + table + "\n")
+    out = subprocess.run([*UNLEARND, "run"], cwd=REPO, env=stack.env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("unlearnd:")]
+    assert len(errors) == 1 and errors[0].startswith(f"unlearnd: {message}"), out.stderr
+    assert "metrics on http" not in out.stderr and "connected to" not in out.stderr  # stopped before serving
+
+
 def test_unknown_model_rejection_reads_cleanly(stack):
     """The daemon's own answer (a producer that skipped the CLI's check): no doubled quotes."""
     stack.start()

@@ -1,0 +1,189 @@
+"""`unlearnd publish`: put a deletion request on the requests topic and, with --wait, follow it to its result.
+
+Exit codes: 0 published (with --wait: applied); 1 rejected or failed, or the cluster is unreachable; 2 bad usage;
+3 --wait saw no result in time (the request stays queued and is applied later).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from daemon import config as config_mod
+from daemon.cli_common import ConfigOpt, JsonOpt, dumps, err_console, fail, fmt, load_config, print_result
+from daemon.config import bootstrap_servers
+
+NO_RESULT_EXIT = 3
+
+
+def publish(
+    model: Annotated[str, typer.Option(help="Registered model name (also the message key).")],
+    sample_ids: Annotated[Optional[str], typer.Option(help="Comma-separated training sample ids.")] = None,
+    forget_class: Annotated[Optional[int], typer.Option("--class", help="Forget a whole class.")] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="A text to forget (repeatable).")] = None,
+    qa: Annotated[Optional[Path], typer.Option(help="JSON file: [{\"question\": ..., \"answer\": ...}].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Override the model's default method.")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="Data-subject id, for the audit trail.")] = None,
+    request_id: Annotated[Optional[str], typer.Option(help="Idempotency key (generated when absent).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the request to its result and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds for the whole command with --wait, a daemon still "
+                                           "starting up included.")] = 300.0,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Publish a deletion request to the requests topic (signed if an HMAC key is configured).
+
+    With --wait, progress of long requests (O3 training) goes to stderr and the result to stdout; exit 0 applied,
+    1 rejected or failed, 3 no result within --timeout (the request stays queued and is applied later)."""
+    import os
+
+    from kafka.errors import KafkaError
+
+    from daemon import kafka_io, schema
+
+    cfg = load_config(config)
+    if cfg.models and model not in cfg.models:
+        fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
+    body = {"request_id": request_id or f"req-{uuid.uuid4().hex[:12]}", "model": model,
+            "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(timezone.utc).isoformat()}
+    if method:
+        body["method"] = method
+    if subject:
+        body["subject"] = subject
+    key = os.environ.get(cfg.requests.hmac_key_env)
+    if key:
+        body["signature"] = schema.sign(body, key.encode())
+    deadline = time.monotonic() + timeout  # one budget for everything below
+    bootstrap = bootstrap_servers(cfg)
+    try:
+        if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
+            kafka_io.ensure_topics(cfg.kafka, bootstrap)
+        waiter = _ResultWaiter(cfg, bootstrap, body["request_id"], deadline) if wait else None  # before publishing
+        producer = kafka_io.make_cli_producer(cfg.kafka, bootstrap,
+                                              max_block_ms=int(1000 * max(1.0, deadline - time.monotonic())))
+        producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(
+            max(1.0, deadline - time.monotonic()))
+        producer.close()
+    except KafkaError as exc:
+        hint = (": is the daemon running? `unlearnd run` starts it with its embedded broker"
+                if cfg.kafka.bootstrap_servers == "embedded" else "")
+        fail(f"cannot publish to the Kafka cluster at {bootstrap} ({type(exc).__name__}: {exc}){hint}")
+    if not wait:
+        print(dumps({"request_id": body["request_id"], "published": True}) if as_json
+              else f"published {body['request_id']}")
+        return
+    with _ProgressView(body["request_id"]) as view:
+        result = waiter.wait(view.update)
+    if result is None:
+        fail(f"no result for {body['request_id']} within {timeout:.0f}s; it stays queued on "
+             f"{cfg.kafka.topics.requests} and is applied when the daemon gets to it "
+             f"(`unlearnd requests show {body['request_id']}`)", NO_RESULT_EXIT)
+    print_result(result, as_json)
+    raise typer.Exit(0 if result["status"] == "applied" else 1)
+
+
+def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None, qa: Path | None) -> dict:
+    forget: dict = {}
+    if sample_ids:
+        try:
+            forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
+        except ValueError:
+            fail(f"--sample-ids takes comma-separated integers, got {sample_ids!r}", 2)
+    if forget_class is not None:
+        forget["class"] = forget_class
+    if text:
+        forget["texts"] = list(text)
+    if qa:
+        try:
+            forget["qa"] = json.loads(qa.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"--qa {qa}: {exc}", 2)
+    if len(forget) != 1:
+        fail("give exactly one of --sample-ids, --class, --text, --qa", 2)
+    return forget
+
+
+class _ResultWaiter:
+    """Reads the results topic from its current end for one request's result, showing its progress events."""
+
+    def __init__(self, cfg: config_mod.Config, bootstrap: str, request_id: str, deadline: float):
+        from kafka import TopicPartition
+
+        from daemon import kafka_io
+
+        self.request_id, self.deadline = request_id, deadline
+        topic = cfg.kafka.topics.results
+        self.consumer = kafka_io.make_reader(cfg.kafka, bootstrap)
+        parts = self.consumer.partitions_for_topic(topic)
+        found_by = max(deadline, time.monotonic() + 10)  # a topic created a moment ago may not be in metadata yet
+        while not parts and time.monotonic() < found_by:
+            time.sleep(0.2)
+            parts = self.consumer.partitions_for_topic(topic)
+        if not parts:
+            self.consumer.close()
+            fail(f"the results topic {topic} does not exist on {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in parts]
+        self.consumer.assign(tps)
+        for tp in tps:  # start at the current end; position() forces the lookup now, before we publish
+            self.consumer.seek_to_end(tp)
+            self.consumer.position(tp)
+
+    def wait(self, on_progress) -> dict | None:
+        from daemon import kafka_io
+
+        try:
+            while time.monotonic() < self.deadline:
+                for records in self.consumer.poll(timeout_ms=500).values():
+                    for rec in records:
+                        try:
+                            event = json.loads(rec.value)
+                        except (TypeError, ValueError):
+                            continue
+                        if not isinstance(event, dict) or event.get("request_id") != self.request_id:
+                            continue
+                        if kafka_io.is_progress(rec.headers, event):
+                            on_progress(event)
+                        else:
+                            return event
+        finally:
+            self.consumer.close()
+        return None
+
+
+class _ProgressView:
+    """Progress of the awaited request on stderr: a live status line on a terminal, one line per event otherwise."""
+
+    def __init__(self, request_id: str):
+        self.live = err_console.is_terminal
+        self.status = err_console.status(f"waiting for the daemon to take {request_id}") if self.live else None
+
+    def __enter__(self) -> "_ProgressView":
+        if self.status:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.status:
+            self.status.stop()
+
+    def update(self, event: dict) -> None:
+        text = describe_progress(event)
+        if self.status:
+            self.status.update(text)
+        else:
+            err_console.print(text, highlight=False)
+
+
+def describe_progress(event: dict) -> str:
+    where = f"{event.get('request_id')}: {event.get('method')} on {event.get('model')}"
+    if event.get("stage") == "started":
+        return f"{where}: started (attempt {event.get('attempt')})"
+    eta = event.get("eta_s")
+    return (f"{where}: epoch {event.get('epoch')}/{event.get('epochs')}, loss {fmt(event.get('loss'))}"
+            + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) else ""))
