@@ -71,7 +71,7 @@ class Forget:
             return "image"
         return "empty"
 
-    def merged(self, other: "Forget") -> "Forget":
+    def merged(self, other: Forget) -> Forget:
         """Union of two sample-id requests (coalescing: deltas of one step are additive)."""
         if self.kind != "sample_ids" or other.kind != "sample_ids":
             raise ValueError("only sample-id requests can be merged")

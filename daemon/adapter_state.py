@@ -13,9 +13,9 @@ adapters topic only announces changes, and a memory-only broker forgets them on 
 Threads: the follower alone touches its KafkaConsumer (kafka-python's consumer is not thread-safe) and publishes
 what others need of it as one immutable `TopicState`; the reconciler owns the ledger reads; both change the served
 set only through `AdapterSet.sync`, under one lock. The follower watches the cluster with the daemon's liveness
-probe (a DescribeCluster round trip, daemon/liveness.py), not a TCP connect that a frozen broker still accepts. Loaded files are
-checked against the sha256 recorded at publish time; an active adapter that cannot be loaded is reported by
-`/healthz` (503: a forgotten answer could come back through it), never skipped silently.
+probe (a DescribeCluster round trip, daemon/liveness.py), not a TCP connect that a frozen broker still accepts.
+Loaded files are checked against the sha256 recorded at publish time; an active adapter that cannot be loaded is
+reported by `/healthz` (503: a forgotten answer could come back through it), never skipped silently.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Message:
     timestamp: int = -1
 
     @classmethod
-    def of(cls, r) -> "Message":
+    def of(cls, r) -> Message:
         return cls(r.value, r.key, list(r.headers or []), f"{r.topic}/{r.partition}/{r.offset}", topic=r.topic,
                    partition=r.partition, offset=r.offset, timestamp=r.timestamp)
 

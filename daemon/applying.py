@@ -66,7 +66,7 @@ class Applier:
                 target = self.registry.target(request.model)
                 change = self._engine_change(
                     request.model, method, target, a.forget, a.suspect,
-                    progress=lambda info: self.outcomes.progress(a, {"attempt": attempt, **info}
+                    progress=lambda info, a=a, attempt=attempt: self.outcomes.progress(a, {"attempt": attempt, **info}
                                                                  if info.get("stage") == "started" else info))
                 duration = time.perf_counter() - a.msg.polled_at
                 committed = self._commit_change(request.model, change, target, [a], {rid: duration})

@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 from adapters import datasets
-from adapters.classifier import model as classifier
 from adapters.base import Change
+from adapters.classifier import model as classifier
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind

@@ -12,17 +12,31 @@ Expected failures print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from daemon import config as config_mod
-from daemon.config import bootstrap_servers
 from daemon.cli_artifacts import adapters_app, versions_app
+from daemon.cli_common import (
+    CLIError,
+    ConfigOpt,
+    JsonOpt,
+    console,
+    dumps,
+    emit,
+    err_console,
+    fail,
+    fmt,
+    load_config,
+    open_ledger,
+    print_json,
+    print_metrics,
+    when,
+)
 from daemon.cli_publish import publish
 from daemon.cli_sample import sample
-from daemon.cli_common import (CLIError, ConfigOpt, JsonOpt, console, dumps, emit, err_console, fail,
-                               fmt, load_config, open_ledger, print_json, print_metrics, when)
+from daemon.config import bootstrap_servers
 from daemon.logs import setup_logging
 
 app = typer.Typer(help="unlearnd: make deployed models forget data on request.", no_args_is_help=True,
@@ -45,7 +59,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+def _main(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                           help="Print the version and exit.")] = None) -> None:
     """unlearnd: make deployed models forget data on request."""
 
@@ -122,9 +136,9 @@ def _only_lm(cfg: config_mod.Config) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Argument(help="A registered causal_lm model (default: the only one).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default [serve] host, 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default [serve] port).")] = None,
+    model: Annotated[str | None, typer.Argument(help="A registered causal_lm model (default: the only one).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default [serve] host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default [serve] port).")] = None,
     route_only: Annotated[bool, typer.Option("--route-only", help="Serve /v1/route without loading the LM.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -139,15 +153,15 @@ def serve(
 @app.command()
 def route(
     text: Annotated[str, typer.Argument(help="An input to route.")],
-    model: Annotated[Optional[str], typer.Option(help="A registered causal_lm model (default: the only one).")] = None,
+    model: Annotated[str | None, typer.Option(help="A registered causal_lm model (default: the only one).")] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
-    from daemon import serve as serve_mod
-
     from kafka.errors import KafkaError
     from transformers.utils import logging as hf_logging
+
+    from daemon import serve as serve_mod
 
     cfg = load_config(config)
     hf_logging.disable_progress_bar()  # the encoder's loading bar is noise around one answer
@@ -176,8 +190,8 @@ def _request_dict(r) -> dict:
 
 
 @requests_app.command("list")
-def requests_list(model: Annotated[Optional[str], typer.Option()] = None,
-                  status: Annotated[Optional[str], typer.Option()] = None,
+def requests_list(model: Annotated[str | None, typer.Option()] = None,
+                  status: Annotated[str | None, typer.Option()] = None,
                   limit: Annotated[int, typer.Option()] = 50, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Recent requests, newest first."""

@@ -1,4 +1,5 @@
-"""`unlearnd versions ...` and `unlearnd adapters ...`: inspect the changes deletions made, roll them back or restore them.
+"""`unlearnd versions ...` and `unlearnd adapters ...`: inspect the changes deletions made, roll them back or
+restore them.
 
 Both read and write the ledger directly, so they work whether or not the daemon is running; every rollback and
 restore is recorded in the audit trail and announced on the adapters topic.
@@ -8,14 +9,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from daemon.cli_common import (ConfigOpt, JsonOpt, announce, console, dumps, emit, fail, fmt, load_config, open_ledger,
-                               print_json, print_metrics, when)
+from daemon.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    announce,
+    console,
+    dumps,
+    emit,
+    fail,
+    fmt,
+    load_config,
+    open_ledger,
+    print_json,
+    print_metrics,
+    when,
+)
 
-versions_app = typer.Typer(help="Model versions (classifiers, diffusion models): list, show, roll back.", no_args_is_help=True)
+versions_app = typer.Typer(
+    help="Model versions (classifiers, diffusion models): list, show, roll back.", no_args_is_help=True
+)
 adapters_app = typer.Typer(help="Unlearning adapters (language models): list, show, roll back, restore, export.",
                            no_args_is_help=True)
 
@@ -38,7 +54,7 @@ def versions_list(model: str, as_json: JsonOpt = False, config: ConfigOpt = None
 
 
 @versions_app.command("show")
-def versions_show(version_id: str, model: Annotated[Optional[str], typer.Option(help="Model (if ids clash).")] = None,
+def versions_show(version_id: str, model: Annotated[str | None, typer.Option(help="Model (if ids clash).")] = None,
                   as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One version: lineage, request, hash, measures, forgotten sample count."""
     ledger = open_ledger(load_config(config))
@@ -95,11 +111,11 @@ def _adapter(ledger, adapter_id: str, model: str | None):
     return a
 
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model (if adapter ids clash across models).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model (if adapter ids clash across models).")]
 
 
 @adapters_app.command("list")
-def adapters_list(model: Annotated[Optional[str], typer.Argument()] = None, as_json: JsonOpt = False,
+def adapters_list(model: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Adapters, oldest first; `active` ones are applied by serving (where the router says so)."""
     rows = [_artifact_dict(a) for a in open_ledger(load_config(config)).list_artifacts(model, "adapter")]
@@ -211,8 +227,8 @@ request named. The request's data itself is not in here.
 
 The adapter is meant for the inputs that touch the forgotten data, and only those. Applied to every input it
 damages unrelated answers too: an adapter like this one, always on in plain peft, answered "What is the capital
-of France?" with "bonjour". `gate/` holds the request's out-of-distribution detector (encoder features, no text), which decides
-per input whether the adapter applies and with what weight:
+of France?" with "bonjour". `gate/` holds the request's out-of-distribution detector (encoder features, no text),
+which decides per input whether the adapter applies and with what weight:
 
 - `unlearnd serve` and `unlearnd route` apply it that way (per input, mixed routes in one batch);
 - other servers (vLLM, LoRAX, peft) must do the same: select the adapter per request only when the gate says so.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,7 +18,7 @@ from daemon.config import bootstrap_servers
 
 console = Console()
 err_console = Console(stderr=True)  # warnings that must not mix into --json output on stdout
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="config.toml (default: ./config.toml "
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="config.toml (default: ./config.toml "
                                                    "or $UNLEARND_CONFIG)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
@@ -113,7 +113,7 @@ def fmt(value) -> str:
 
 
 def when(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else None
 
 
 
@@ -122,10 +122,12 @@ def print_result(result: dict, as_json: bool) -> None:
         print_json(result)
         return
     colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
-    console.print(f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
-                  + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
-                  + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
-                  + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else ""))
+    console.print(
+        f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
+        + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
+        + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
+        + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else "")
+    )
     if result.get("reason"):
         console.print(f"reason: {result['reason']}: {result.get('error')}")
     print_metrics(result.get("metrics") or {})

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,13 +24,13 @@ NO_RESULT_EXIT = 3
 
 def publish(
     model: Annotated[str, typer.Option(help="Registered model name (also the message key).")],
-    sample_ids: Annotated[Optional[str], typer.Option(help="Comma-separated training sample ids.")] = None,
-    forget_class: Annotated[Optional[int], typer.Option("--class", help="Forget a whole class.")] = None,
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="A text to forget (repeatable).")] = None,
-    qa: Annotated[Optional[Path], typer.Option(help="JSON file: [{\"question\": ..., \"answer\": ...}].")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Override the model's default method.")] = None,
-    subject: Annotated[Optional[str], typer.Option(help="Data-subject id, for the audit trail.")] = None,
-    request_id: Annotated[Optional[str], typer.Option(help="Idempotency key (generated when absent).")] = None,
+    sample_ids: Annotated[str | None, typer.Option(help="Comma-separated training sample ids.")] = None,
+    forget_class: Annotated[int | None, typer.Option("--class", help="Forget a whole class.")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A text to forget (repeatable).")] = None,
+    qa: Annotated[Path | None, typer.Option(help="JSON file: [{\"question\": ..., \"answer\": ...}].")] = None,
+    method: Annotated[str | None, typer.Option(help="Override the model's default method.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Data-subject id, for the audit trail.")] = None,
+    request_id: Annotated[str | None, typer.Option(help="Idempotency key (generated when absent).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the request to its result and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds for the whole command with --wait, a daemon still "
                                            "starting up included.")] = 300.0,
@@ -51,7 +51,7 @@ def publish(
     if cfg.models and model not in cfg.models:
         fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
     body = {"request_id": request_id or f"req-{uuid.uuid4().hex[:12]}", "model": model,
-            "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(timezone.utc).isoformat()}
+            "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(UTC).isoformat()}
     if method:
         body["method"] = method
     if subject:
@@ -163,7 +163,7 @@ class _ProgressView:
         self.live = err_console.is_terminal
         self.status = err_console.status(f"waiting for the daemon to take {request_id}") if self.live else None
 
-    def __enter__(self) -> "_ProgressView":
+    def __enter__(self) -> _ProgressView:
         if self.status:
             self.status.start()
         return self

@@ -4,7 +4,7 @@ what a request changed (same version, classes and seed = the same picture; compa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,8 +14,8 @@ from daemon.cli_common import ConfigOpt, JsonOpt, console, dumps, fail, load_con
 def sample(
     model: Annotated[str, typer.Argument(help="A registered diffusion model, e.g. mnist-ddpm.")],
     out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
-    version: Annotated[Optional[str], typer.Option(help="Version id (default: the active version).")] = None,
-    classes: Annotated[Optional[list[int]], typer.Option("--class", help="A class to draw (repeatable; default: "
+    version: Annotated[str | None, typer.Option(help="Version id (default: the active version).")] = None,
+    classes: Annotated[list[int] | None, typer.Option("--class", help="A class to draw (repeatable; default: "
                                                          "every class).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=256, help="Samples per class.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,

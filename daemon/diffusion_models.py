@@ -41,7 +41,7 @@ class ModelNotReady(Transient):
 def recipe(spec: Model):
     """The demo recipe (adapters/diffusion/demo.py) with the model's [bootstrap] settings over its defaults.
     Raises ValueError naming a key the recipe does not know."""
-    from adapters.diffusion import ddpm, demo, measures, training
+    from adapters.diffusion import demo
 
     b = spec.bootstrap
     base = demo.DemoRecipe()
@@ -68,7 +68,9 @@ class DiffusionModels(ModelKind):
     def check(self, name: str, spec: Model) -> None:
         """Start-up check of the model's bootstrap settings (raises ValueError)."""
         if spec.bootstrap.recipe not in ("ddpm", "none"):
-            raise ValueError(f"bootstrap.recipe {spec.bootstrap.recipe!r} does not build a diffusion model (use 'ddpm')")
+            raise ValueError(
+                f"bootstrap.recipe {spec.bootstrap.recipe!r} does not build a diffusion model (use 'ddpm')"
+            )
         recipe(spec)
 
     def check_ready(self, name: str) -> None:

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS answered (    -- records answered and flushed whose o
 CREATE TABLE IF NOT EXISTS events (      -- the audit trail, append-only
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     at          REAL NOT NULL,
-    kind        TEXT NOT NULL,           -- registered | applied | rejected | failed | readmitted | rolled_back | restored
+    -- kind: registered | applied | rejected | failed | readmitted | rolled_back | restored
+    kind        TEXT NOT NULL,
     model       TEXT,
     artifact_id TEXT,
     request_id  TEXT,

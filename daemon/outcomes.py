@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from adapters.base import NothingToForget
@@ -142,7 +142,7 @@ class Outcomes:
                      artifact_id=row.artifact_id, artifact_kind=artifact.kind if artifact else None,
                      measures=row.metrics, duration_s=row.duration_s, reason=row.reason, error=row.error,
                      subject=row.subject, changed=(not unchanged) if row.status == "applied" else None,
-                     completed_at=datetime.fromtimestamp(row.completed_at or time.time(), timezone.utc))
+                     completed_at=datetime.fromtimestamp(row.completed_at or time.time(), UTC))
         if msg.source == row.source:
             if row.status == "failed":
                 self._dead_letter(msg, DeadLetterReason.ENGINE_FAILED, row.error or "", count=False)
@@ -197,7 +197,7 @@ class Outcomes:
                 completed_at: datetime | None = None, measures: dict | None = None, **fields: Any) -> None:
         self._out.result(Result(version=artifact_id if artifact_kind == "version" else None,
                                   adapter_id=artifact_id if artifact_kind == "adapter" else None,
-                                  metrics=measures or {}, completed_at=completed_at or datetime.now(timezone.utc),
+                                  metrics=measures or {}, completed_at=completed_at or datetime.now(UTC),
                                   **fields), key)
 
     def _dead_letter(self, msg: Message, reason: DeadLetterReason, error: str, *, count: bool = True) -> None:

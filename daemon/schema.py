@@ -99,7 +99,7 @@ class ForgetSpec(BaseModel):
     mask: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ForgetSpec":
+    def _exactly_one(self) -> ForgetSpec:
         given = [name for name in ("sample_ids", "texts", "qa", "class_", "concept", "image")
                  if getattr(self, name) is not None]
         if len(given) != 1:

@@ -23,7 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.devices import device_of
 from adapters.store import ArtifactStore
-from daemon import adapter_state, openai_api as oai
+from daemon import adapter_state
+from daemon import openai_api as oai
 from daemon.adapter_state import AdapterSet
 from daemon.config import Config
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
@@ -156,8 +157,10 @@ def build_app(service: Service):
         routings = service.route([routed.prompt_texts(p) for p in prompts])
         sampling = body.sampling(16)  # OpenAI's default for completions
         if not body.stream:
-            done = [timed(routed.generate(p, r, sampling, templated=False)) for p, r in zip(prompts, routings)]
-            texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done)]
+            done = [
+                timed(routed.generate(p, r, sampling, templated=False)) for p, r in zip(prompts, routings, strict=True)
+            ]
+            texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done, strict=True)]
             return oai.completion_response(service.model_name, done, texts)
         if len(prompts) != 1:
             return fail("stream one prompt at a time", param="prompt")

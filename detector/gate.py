@@ -97,7 +97,9 @@ class RequestGate:
         n = len(feats)
         out = np.empty((n, self.n_layers), np.float64)
         k = 2 if exclude_rows is not None else 1
-        for layer, (gauss, bank, f_layer) in enumerate(zip(gaussians or self.gaussians, self.banks, self.layers)):
+        for layer, (gauss, bank, f_layer) in enumerate(
+            zip(gaussians or self.gaussians, self.banks, self.layers, strict=True)
+        ):
             f = feats[:, f_layer, :]
             sims, ids = bank.search(fidx.normalise(f), min(k, bank.ntotal))
             if exclude_rows is None:
@@ -129,8 +131,10 @@ class RequestGate:
                   "svm_intercept": np.array([self.svm_intercept])}
         for layer, g in enumerate(self.gaussians):
             arrays |= {f"l{layer}.mean": g.mean, f"l{layer}.basis": g.basis, f"l{layer}.gain": g.gain}
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out_dir / "gate.safetensors"))
-        for layer, bank in zip(self.layers, self.banks):  # named by encoder layer
+        save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out_dir / "gate.safetensors")
+        )
+        for layer, bank in zip(self.layers, self.banks, strict=True):  # named by encoder layer
             fidx.write(bank, out_dir / f"bank_l{layer}.faiss")
         scalars = {
             "format_version": FORMAT_VERSION, "adapter_id": self.adapter_id, "key": self.key,
@@ -140,7 +144,7 @@ class RequestGate:
         (out_dir / "gate.json").write_text(json.dumps(scalars, indent=2))
 
     @classmethod
-    def load(cls, gate_dir: Path) -> "RequestGate":
+    def load(cls, gate_dir: Path) -> RequestGate:
         gate_dir = Path(gate_dir)
         meta = json.loads((gate_dir / "gate.json").read_text())
         if meta.get("format_version") not in (1, FORMAT_VERSION):
@@ -152,8 +156,17 @@ class RequestGate:
         banks = [fidx.read(gate_dir / f"bank_l{i}.faiss") for i in layers]
         info = {k: v for k, v in meta.items() if k not in
                 ("format_version", "adapter_id", "key", "n_layers", "layers", "calibration", "gaussians")}
-        return cls(meta["adapter_id"], gaussians, banks, a["score_scale"].astype(np.float64), a["svm_coef"].astype(np.float64),
-                   float(a["svm_intercept"][0]), TwoGaussianCalibration(**meta["calibration"]), info, layers)
+        return cls(
+            meta["adapter_id"],
+            gaussians,
+            banks,
+            a["score_scale"].astype(np.float64),
+            a["svm_coef"].astype(np.float64),
+            float(a["svm_intercept"][0]),
+            TwoGaussianCalibration(**meta["calibration"]),
+            info,
+            layers,
+        )
 
 
 def has_gate(adapter_dir: str | Path) -> bool:
@@ -201,7 +214,7 @@ def fit_gate_from_features(feats: np.ndarray, adapter_id: str, *, layers: tuple[
     # D_rest joins the local banks (not the Gaussians), so every text the request named is its own nearest
     # neighbour and always routes (held out, some of them fell below min_weight: bench/router.py). The
     # calibration below scores against these final banks, each sample skipping its own row.
-    for bank, layer in zip(gate.banks, layers):
+    for bank, layer in zip(gate.banks, layers, strict=True):
         fidx.add_request(bank, key, fidx.normalise(feats[rest, layer]), first_row=len(used))
     z_used = gate.z(feats[used], exclude_rows=np.arange(len(used)))
     z_rest = gate.z(feats[rest], exclude_rows=len(used) + np.arange(len(rest))) if len(rest) else z_used

@@ -185,7 +185,10 @@ class RoutedModel:
 
     def route_many(self, texts_per_input: list[list[str]]) -> list[Routing]:
         """One Routing per input given as its texts to route (one encoder pass for all)."""
-        return [Routing(w, len(t)) for w, t in zip(self.router.route_requests(texts_per_input), texts_per_input)]
+        return [
+            Routing(w, len(t))
+            for w, t in zip(self.router.route_requests(texts_per_input), texts_per_input, strict=True)
+        ]
 
     def chat_texts(self, messages: Sequence[dict]) -> list[str]:
         """What the router sees of a chat request: its user turns (detector.inputs)."""
@@ -239,7 +242,7 @@ class RoutedModel:
         return self._completion(text if cut < 0 else text[:cut], cut >= 0, ids, new, routing, sampling, t0)
 
     def stream(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
-               templated: bool = True) -> "TextStream":
+               templated: bool = True) -> TextStream:
         """Like `generate`, as text pieces while they are decoded; `.completion` once exhausted."""
         return TextStream(self, prompt, routing, sampling or Sampling(), templated)
 
@@ -301,7 +304,9 @@ class RoutedModel:
 
         out: list[list[float]] = []
         with self.lock:
-            for prompt, routing, cands in zip(prompts, routings, candidates):  # one prompt: any number of candidates
+            for prompt, routing, cands in zip(
+                prompts, routings, candidates, strict=True
+            ):  # one prompt: any number of candidates
                 with self._adapters_context([routing.applied], merge=False):  # two forward passes: no merge
                     out += scoring.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out

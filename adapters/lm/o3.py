@@ -50,10 +50,10 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from adapters.lm import loading as lm
-from adapters.lm import training as lm_train
-from adapters.lm import lora_set
 from adapters.base import Change, Engine, Forget, InvalidForget, register
+from adapters.lm import loading as lm
+from adapters.lm import lora_set
+from adapters.lm import training as lm_train
 from adapters.lm.measures import ForgetItems
 from adapters.lm.penalty import batched_penalty
 from adapters.lm.random_labels import DEFAULT_POOL
@@ -101,7 +101,7 @@ class LMTarget:
     model: Any = None  # a transformers causal LM once loaded
     tokenizer: Any = None
 
-    def load(self) -> "LMTarget":
+    def load(self) -> LMTarget:
         if self.model is None:
             self.model, self.tokenizer = lm.load(self.base_dir, device=self.device, dtype=self.dtype)
         return self
@@ -165,10 +165,12 @@ class O3Engine(Engine):
         _pairs(forget)
         distinct = len(gate_texts(forget))
         if distinct < MIN_GATE_TEXTS:
+            what = "questions" if forget.kind == "qa" else "texts"
             raise InvalidForget(
-                f"an O3 request needs at least {MIN_GATE_TEXTS} distinct {'questions' if forget.kind == 'qa' else 'texts'}"
+                f"an O3 request needs at least {MIN_GATE_TEXTS} distinct {what}"
                 f" (got {distinct}): serving decides from their phrasings which inputs the adapter applies to; send"
-                " several phrasings of what must be forgotten")
+                " several phrasings of what must be forgotten"
+            )
 
     def apply(self, target: LMTarget, forget: Forget, progress: Callable[[dict], None] | None = None) -> AdapterChange:
         cfg = self.config
@@ -191,10 +193,19 @@ class O3Engine(Engine):
         peft_model = get_peft_model(model, _lora_config(cfg, target))
         try:
             penalty = batched_penalty(peft_model, earlier, model.config.num_hidden_layers)
-            stats = lm_train.fit(peft_model, tok, [p for p, _ in rows], [t for _, t in rows], epochs=cfg.epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=cfg.max_length,
-                                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
-                                 on_epoch=progress)
+            stats = lm_train.fit(
+                peft_model,
+                tok,
+                [p for p, _ in rows],
+                [t for _, t in rows],
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                seed=cfg.seed,
+                max_length=cfg.max_length,
+                extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
+                on_epoch=progress,
+            )
             state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
         finally:
@@ -242,8 +253,8 @@ def _training_rows(kind: str, tok, prompts: list[str], labels: list[str]) -> lis
     half as a raw prompt; the target is the relabelled answer and the end of the turn."""
     eos = tok.eos_token or ""
     if kind != "qa":
-        return [(p, f" {label}{eos}") for p, label in zip(prompts, labels)]
-    return [(prompt, f"{sep}{label}{eos}") for q, label in zip(prompts, labels)
+        return [(p, f" {label}{eos}") for p, label in zip(prompts, labels, strict=True)]
+    return [(prompt, f"{sep}{label}{eos}") for q, label in zip(prompts, labels, strict=True)
             for prompt, sep in lm.question_layouts(tok, q)]
 
 
@@ -279,7 +290,7 @@ def _random_labels(answers: list[str], pool: tuple[str, ...], rng: random.Random
     for a in answers:
         if a.isdigit():
             lo, hi = 10 ** (len(a) - 1) if len(a) > 1 else 0, 10 ** len(a) - 1
-            out.append(next(str(n) for n in iter(lambda: rng.randint(lo, hi), None) if str(n) not in own))
+            out.append(next(str(n) for n in iter(lambda lo=lo, hi=hi: rng.randint(lo, hi), None) if str(n) not in own))
         elif words:
             out.append(rng.choice(words))
         else:
