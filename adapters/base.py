@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
@@ -121,8 +122,9 @@ class Engine(ABC):
         keep a bad request out of a coalesced group. Engines without a cheap check accept everything here."""
 
     @abstractmethod
-    def apply(self, target: Any, forget: Forget) -> Change:
-        """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights."""
+    def apply(self, target: Any, forget: Forget, progress: Callable[[dict], None] | None = None) -> Change:
+        """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights. Engines
+        whose `reports_progress` is set call `progress` with stage events; the others never call it."""
 
     def forget_cache(self, model_name: str) -> None:
         """Drop what the engine keeps about `model_name` between requests (its versions were rolled back).

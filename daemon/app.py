@@ -150,7 +150,7 @@ class Daemon:
                     delay = min(2 * delay, 600.0)
                     continue
                 self.outcomes.update_model_gauges(name)
-                log.info("model %s ready at %s", name, head.id)
+                log.info("model %s ready at %s", name, head.id if head is not None else "its base weights")
                 break
 
     def stop(self, *_args) -> None:

@@ -56,7 +56,8 @@ class Applier:
                  request.forget.size(), a.forget.kind, attempt, ", isolated: it was in hand at a crash"
                  if a.suspect else "")
         while True:
-            failures = self.ledger.get_request(rid).engine_failures
+            row = self.ledger.get_request(rid)
+            failures = row.engine_failures if row is not None else 0
             if failures >= cfg.max_attempts:  # e.g. its isolated engine process died again and again
                 self.outcomes.failed(a, f"the engine failed on it {failures} times (requests.max_attempts)")
                 return

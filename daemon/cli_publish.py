@@ -11,7 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -50,7 +50,8 @@ def publish(
     cfg = load_config(config)
     if cfg.models and model not in cfg.models:
         fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
-    body = {"request_id": request_id or f"req-{uuid.uuid4().hex[:12]}", "model": model,
+    rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
+    body: dict[str, Any] = {"request_id": rid, "model": model,
             "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(UTC).isoformat()}
     if method:
         body["method"] = method
@@ -64,7 +65,7 @@ def publish(
     try:
         if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
             kafka_io.ensure_topics(cfg.kafka, bootstrap)
-        waiter = _ResultWaiter(cfg, bootstrap, body["request_id"], deadline) if wait else None  # before publishing
+        waiter = _ResultWaiter(cfg, bootstrap, rid, deadline) if wait else None  # before publishing
         producer = kafka_io.make_cli_producer(cfg.kafka, bootstrap,
                                               max_block_ms=int(1000 * max(1.0, deadline - time.monotonic())))
         producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(
@@ -78,7 +79,8 @@ def publish(
         print(dumps({"request_id": body["request_id"], "published": True}) if as_json
               else f"published {body['request_id']}")
         return
-    with _ProgressView(body["request_id"]) as view:
+    assert waiter is not None  # made above whenever `wait`
+    with _ProgressView(rid) as view:
         result = waiter.wait(view.update)
     if result is None:
         fail(f"no result for {body['request_id']} within {timeout:.0f}s; it stays queued on "

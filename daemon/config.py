@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,16 +233,16 @@ class ConfigError(ValueError):
     pass
 
 
-def locate(path: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+def locate(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Path:
     """The config file `load` reads: `path`, else $UNLEARND_CONFIG, else ./config.toml (which may not exist)."""
-    env = os.environ if env is None else env
-    return Path(path or env.get("UNLEARND_CONFIG", DEFAULT_CONFIG)).absolute()
+    environ = os.environ if env is None else env
+    return Path(path or environ.get("UNLEARND_CONFIG", DEFAULT_CONFIG)).absolute()
 
 
-def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read config.toml (or `path`, or $UNLEARND_CONFIG), apply environment overrides, validate."""
-    env = os.environ if env is None else env
-    path = locate(path, env)
+    environ = os.environ if env is None else env
+    path = locate(path, environ)
     data: dict[str, Any] = {}
     if path.is_file():
         with open(path, "rb") as fh:
@@ -249,9 +250,9 @@ def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> C
                 data = tomllib.load(fh)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
-    elif path.name != DEFAULT_CONFIG or "UNLEARND_CONFIG" in env:
+    elif path.name != DEFAULT_CONFIG or "UNLEARND_CONFIG" in environ:
         raise ConfigError(f"config file {path} not found")
-    for key, raw in env.items():
+    for key, raw in environ.items():
         if key.startswith(ENV_PREFIX):
             _set_path(data, key[len(ENV_PREFIX):].lower().split("__"), _parse_scalar(raw))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 
 from daemon.schema import DeadLetterReason
 
@@ -31,7 +32,7 @@ MAX_ERROR_BYTES = 1000
 Headers = list[tuple[str, bytes | None]]
 
 
-def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
     """Bytes of a record's key, value and headers (what a request's size cap applies to)."""
     return len(key or b"") + len(value or b"") + sum(len(k.encode("utf-8", "replace")) + len(v or b"")
                                                      for k, v in headers)

@@ -83,6 +83,8 @@ class DiffusionModels(ModelKind):
 
         if forget.kind != "class":
             raise InvalidForget(UNSERVABLE.get(forget.kind, f"diffusion models cannot serve forget.{forget.kind}"))
+        if forget.class_label is None:
+            raise InvalidForget("forget.class is required")
         head = self.ledger.head(name)
         num_classes = (head.info.get("spec") or {}).get("num_classes") if head is not None else None
         if num_classes is not None and not 0 <= forget.class_label < num_classes:

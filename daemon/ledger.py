@@ -86,6 +86,12 @@ class Ledger:
         row = self._db.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
         return request_row(row) if row else None
 
+    def _written_request(self, request_id: str) -> RequestRow:
+        row = self.get_request(request_id)
+        if row is None:  # only called right after a transaction wrote it
+            raise KeyError(f"request {request_id} vanished from the ledger")
+        return row
+
     def begin_attempt(self, request_id: str, *, model: str, method: str, subject: str | None, body_sha256: str,
                       forget_kind: str, forget_count: int, source: str) -> int:
         """Record that the request is being applied (again); returns the attempt number.
@@ -150,7 +156,7 @@ class Ledger:
             db.execute("UPDATE requests SET status = 'readmitted', engine_failures = 0 WHERE request_id = ?",
                        (request_id,))
             self._event(db, "readmitted", row.model, None, request_id, {"reason": reason})
-        return self.get_request(request_id)
+        return self._written_request(request_id)
 
     # --- answered records (redelivery after a crash) ---------------------------------------------------------
 
@@ -181,7 +187,7 @@ class Ledger:
             self._event(db, "rejected", model, None, request_id, {"reason": reason, "source": source})
 
     def list_requests(self, model: str | None = None, status: str | None = None, limit: int = 50) -> list[RequestRow]:
-        sql, args = "SELECT * FROM requests WHERE 1=1", []
+        sql, args = "SELECT * FROM requests WHERE 1=1", list[object]()
         if model:
             sql, args = sql + " AND model = ?", args + [model]
         if status:
@@ -214,13 +220,19 @@ class Ledger:
         row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND id = ?", (model, artifact_id)).fetchone()
         return artifact_row(row) if row else None
 
+    def _written_artifact(self, model: str, artifact_id: str) -> ArtifactRow:
+        row = self.get_artifact(model, artifact_id)
+        if row is None:  # only called right after a transaction wrote it
+            raise KeyError(f"{model} artifact {artifact_id} vanished from the ledger")
+        return row
+
     def find_artifact(self, artifact_id: str) -> ArtifactRow | None:
         """An artifact by id alone (ids are unique per model; the first match is returned)."""
         row = self._db.execute("SELECT * FROM artifacts WHERE id = ? ORDER BY created_at", (artifact_id,)).fetchone()
         return artifact_row(row) if row else None
 
     def list_artifacts(self, model: str | None = None, kind: str | None = None) -> list[ArtifactRow]:
-        sql, args = "SELECT * FROM artifacts WHERE 1=1", []
+        sql, args = "SELECT * FROM artifacts WHERE 1=1", list[object]()
         if model:
             sql, args = sql + " AND model = ?", args + [model]
         if kind:
@@ -270,7 +282,7 @@ class Ledger:
             db.execute("UPDATE artifacts SET active = 1 WHERE model = ? AND id = ?", (model, version_id))
             self._event(db, "rolled_back", model, version_id, None,
                         {"from": previous.id if previous else None, "reason": reason})
-        return self.get_artifact(model, version_id)
+        return self._written_artifact(model, version_id)
 
     def set_adapter_active(self, model: str, adapter_id: str, active: bool, *, reason: str) -> ArtifactRow:
         with self.transaction() as db:
@@ -279,7 +291,7 @@ class Ledger:
                 raise KeyError(f"{model} has no adapter {adapter_id}")
             db.execute("UPDATE artifacts SET active = ? WHERE model = ? AND id = ?", (int(active), model, adapter_id))
             self._event(db, "restored" if active else "rolled_back", model, adapter_id, None, {"reason": reason})
-        return self.get_artifact(model, adapter_id)
+        return self._written_artifact(model, adapter_id)
 
     def events(self, model: str | None = None, limit: int = 100) -> list[dict]:
         sql, args = "SELECT * FROM events", []

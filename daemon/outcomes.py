@@ -136,7 +136,7 @@ class Outcomes:
         """A re-sent request, or a redelivery of one whose answer may not have gone out before a crash: repeat the
         recorded answer, change nothing. A redelivery of the very record also repeats what went with the answer:
         the artifact event of an applied request (if still active), the dead letter of a failed one."""
-        artifact = self.ledger.get_artifact(row.model, row.artifact_id) if row.artifact_id else None
+        artifact = self.ledger.get_artifact(row.model, row.artifact_id) if row.model and row.artifact_id else None
         unchanged = row.metrics.get("forgotten") == 0 and "already_forgotten" in row.metrics
         self._result(row.model, request_id=row.request_id, model=row.model, status=row.status, method=row.method,
                      artifact_id=row.artifact_id, artifact_kind=artifact.kind if artifact else None,
@@ -147,7 +147,7 @@ class Outcomes:
             if row.status == "failed":
                 self._dead_letter(msg, DeadLetterReason.ENGINE_FAILED, row.error or "", count=False)
             elif artifact is not None and artifact.active and not unchanged:
-                self._out.artifact_event(row.model, artifact.id, "published",
+                self._out.artifact_event(artifact.model, artifact.id, "published",
                                            {"kind": artifact.kind, "parent": artifact.parent,
                                             "request_id": artifact.request_id, "sha256": artifact.sha256,
                                             "path": artifact.path})
@@ -157,6 +157,7 @@ class Outcomes:
 
     def rekeyed(self, msg: Message, model: str, method: str, request_id: str) -> None:
         """An unkeyed (or wrongly keyed) request, re-published keyed by its model for the model's partition owner."""
+        assert msg.raw is not None  # it decoded to a request, so it has a body
         self._out.rekey(msg.raw, msg.headers, model=model, source=msg.source)
         metrics.REQUESTS.labels(model, method, "rekeyed").inc()
         log.info("request %s re-published keyed by its model %s (it came keyed %s)", request_id, model,

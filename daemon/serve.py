@@ -192,6 +192,7 @@ def build_app(service: Service):
         if body.messages is not None:
             [routing] = service.route([service.routed.chat_texts([m.model_dump() for m in body.messages])])
             return {"routes": [routing.gate_weights], "adapters": routing.report()}
+        assert body.texts is not None  # exactly one of the two, checked above
         routings = service.route([[t] for t in body.texts])
         return {"routes": [r.gate_weights for r in routings]}
 

@@ -36,6 +36,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
@@ -95,7 +96,8 @@ class IAUEngine(ClassifierEngine):
 
     # --- one request --------------------------------------------------------------------------------------
 
-    def apply(self, target: ClassifierTarget, forget: Forget) -> WeightChange:
+    def apply(self, target: ClassifierTarget, forget: Forget, progress: Callable[[dict], None] | None = None
+              ) -> WeightChange:
         t0 = time.perf_counter()
         cfg = self.config
         forget_rows, remaining, skipped = target.split(forget)

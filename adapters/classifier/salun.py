@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,8 @@ class SalUnEngine(ClassifierEngine):
     Config = SalUnConfig
     coalescable = False  # the mask depends on the forget set, so two requests are not additive
 
-    def apply(self, target: ClassifierTarget, forget: Forget) -> WeightChange:
+    def apply(self, target: ClassifierTarget, forget: Forget, progress: Callable[[dict], None] | None = None
+              ) -> WeightChange:
         t0 = time.perf_counter()
         cfg = self.config
         forget_rows, remaining, skipped = target.split(forget)

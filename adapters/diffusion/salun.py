@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -129,7 +130,8 @@ class DiffusionSalUnEngine(Engine):
     def validate(self, target: DiffusionTarget, forget: Forget) -> None:
         target.split(forget)
 
-    def apply(self, target: DiffusionTarget, forget: Forget) -> DDPMWeightChange:
+    def apply(self, target: DiffusionTarget, forget: Forget, progress: Callable[[dict], None] | None = None
+              ) -> DDPMWeightChange:
         t0 = time.perf_counter()
         cfg, spec = self.config, target.spec
         forget_class, forget_rows, remaining = target.split(forget)

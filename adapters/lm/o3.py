@@ -37,6 +37,7 @@ text stays in memory (`AdapterChange.forget_texts`) for the gate only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import string
 import time
@@ -290,7 +291,7 @@ def _random_labels(answers: list[str], pool: tuple[str, ...], rng: random.Random
     for a in answers:
         if a.isdigit():
             lo, hi = 10 ** (len(a) - 1) if len(a) > 1 else 0, 10 ** len(a) - 1
-            out.append(next(str(n) for n in iter(lambda lo=lo, hi=hi: rng.randint(lo, hi), None) if str(n) not in own))
+            out.append(next(str(n) for n in iter(functools.partial(rng.randint, lo, hi), None) if str(n) not in own))
         elif words:
             out.append(rng.choice(words))
         else:
