@@ -32,6 +32,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class Router:
         model = getattr(encoder, "model", None)
         device = device_of(model) if model is not None else None
         self._gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
-        self._search_copy = None
+        self._search_copy: Any = None  # the GPU snapshot of the index (or the index itself) searches read
         self._lock = threading.RLock()  # serve adds/removes adapters while requests are being routed
 
     # --- lifecycle ---------------------------------------------------------------------------------

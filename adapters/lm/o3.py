@@ -45,13 +45,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from adapters.base import Change, Engine, Forget, InvalidForget, register
+from adapters.base import Change, Engine, Forget, InvalidForget, check_fields, register
 from adapters.lm import loading as lm
 from adapters.lm import lora_set
 from adapters.lm import training as lm_train
@@ -70,17 +70,23 @@ class O3Config:
     dropout: float = 0.05
     targets: tuple[str, ...] = LLAMA_LINEAR  # module names; ("all-linear",) lets peft pick every linear layer
     lr: float = 1e-3
-    # 10 (O3's code: 10-15): on SmolLM2 with 21 QA pairs, 5 epochs left S.U. at 0.41 against a reference of 0.21,
-    # 10 reach it, at 26 s instead of 17 s per request on 2 cores (bench/o3.py).
+    # 10 (O3's code: 10-15): on SmolLM2, half as many left forgotten answers well above the never-taught reference
+    # (bench/o3.py).
     epochs: int = 10
     batch_size: int = 8
     orthogonality: float = 0.1  # lambda; 0 turns the penalty off
-    objective: str = "random_label"  # "random_label" | "refusal"
+    objective: Literal["random_label", "refusal"] = "random_label"
     refusal_text: str = "I don't know."
     seed: int = 0
     max_length: int = 128  # tokens per prompt+answer row (a chat template's system turn included)
     # Result-event measures through the router, as serving answers (adapters/lm/measures.py): a few seconds.
     measure: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("rank", "alpha", "lr", "epochs", "batch_size", "max_length"),
+                     fractions=("dropout",))
+        if self.orthogonality < 0:
+            raise ValueError(f"orthogonality: must be >= 0, not {self.orthogonality!r}")
 
 
 @dataclass
