@@ -40,5 +40,9 @@ def test_enough_distinct_texts_pass_validation(target):
 def test_what_o3_cannot_train_on_is_refused_too(target):
     with pytest.raises(InvalidForget, match="forget.qa or forget.texts"):
         O3Engine().validate(target, Forget(texts=("one", "two", "three", "four")))  # no word to continue
-    with pytest.raises(InvalidForget, match="unknown O3 objective"):
-        O3Engine(objective="gradient_ascent").validate(target, Forget(texts=tuple(TEXTS)))
+
+
+
+def test_an_unknown_objective_is_refused_when_the_engine_is_built_not_per_request():
+    with pytest.raises(ValueError, match="objective: must be one of \\['random_label', 'refusal'\\]"):
+        O3Engine(objective="gradient_ascent")
