@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -97,7 +98,7 @@ class AdapterSet:
             self.sync({aid: ref for aid, (active, ref) in self.announced.items() if active})
         return False
 
-    def on_event(self, event: dict) -> None:
+    def on_event(self, event: dict[str, Any]) -> None:
         """One adapters-topic event (the follower's thread): remembered, then a reconcile is due now."""
         if event.get("model") != self.model or not event.get("artifact_id"):
             return

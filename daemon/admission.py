@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters.base import Forget, InvalidForget
 from daemon import metrics, record_decoding
@@ -29,7 +30,7 @@ class Message:
 
     raw: bytes | None
     key: bytes | None
-    headers: list
+    headers: list[Any]
     source: str
     polled_at: float = field(default_factory=time.perf_counter)
     topic: str = ""

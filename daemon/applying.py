@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+from typing import Any
 
 from adapters.base import EngineError, Forget, InvalidForget, NothingToForget
 from adapters.store import ArtifactStore
@@ -179,7 +180,7 @@ class Applier:
         metrics.ISOLATED_RUNS.labels("ok").inc()
         return change
 
-    def _commit_change(self, model: str, change, target, group: list[Admitted], durations: dict):
+    def _commit_change(self, model: str, change, target, group: list[Admitted], durations: dict[str, Any]):
         def finish(artifact_id: str) -> None:
             for a in group:
                 self.outcomes.record_applied(a, artifact_id, change, durations[a.request.request_id])

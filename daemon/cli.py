@@ -12,7 +12,7 @@ Expected failures print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -181,7 +181,7 @@ app.command()(publish)
 # --- requests -----------------------------------------------------------------------------------------------
 
 
-def _request_dict(r) -> dict:
+def _request_dict(r) -> dict[str, Any]:
     return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": r.status,
             "attempts": r.attempts, "artifact_id": r.artifact_id, "forget_kind": r.forget_kind,
             "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason, "error": r.error,

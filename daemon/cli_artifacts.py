@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,7 +36,7 @@ adapters_app = typer.Typer(help="Unlearning adapters (language models): list, sh
                            no_args_is_help=True)
 
 
-def _artifact_dict(a) -> dict:
+def _artifact_dict(a) -> dict[str, Any]:
     return {"id": a.id, "model": a.model, "kind": a.kind, "parent": a.parent, "request_id": a.request_id,
             "created": when(a.created_at), "active": a.active, "sha256": a.sha256, "path": a.path,
             "metrics": a.metrics}

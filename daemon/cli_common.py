@@ -7,7 +7,7 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -117,7 +117,7 @@ def when(ts: float | None) -> str | None:
 
 
 
-def print_result(result: dict, as_json: bool) -> None:
+def print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
@@ -133,7 +133,7 @@ def print_result(result: dict, as_json: bool) -> None:
     print_metrics(result.get("metrics") or {})
 
 
-def print_metrics(m: dict) -> None:
+def print_metrics(m: dict[str, Any]) -> None:
     pairs = sorted({k[: -len("_before")] for k in m if k.endswith("_before")})
     if pairs:
         table = Table("measure", "before", "after")
@@ -146,7 +146,7 @@ def print_metrics(m: dict) -> None:
 
 
 
-def announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, payload: dict) -> bool:
+def announce(cfg: config_mod.Config, model: str, artifact_id: str, event: str, payload: dict[str, Any]) -> bool:
     """Publish an adapters-topic event; the ledger is already updated, so failure is reported, not fatal."""
     from daemon import kafka_io
 

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from adapters.base import Forget, InvalidForget
 from daemon.config import Model
@@ -46,7 +47,7 @@ def recipe(spec: Model):
     b = spec.bootstrap
     base = demo.DemoRecipe()
 
-    def over(obj, values: dict, table: str):
+    def over(obj, values: dict[str, Any], table: str):
         known = {f.name for f in dataclasses.fields(obj)}
         unknown = set(values) - known
         if unknown:
@@ -63,7 +64,7 @@ class DiffusionModels(ModelKind):
 
     def __init__(self, registry):
         super().__init__(registry)
-        self._cache: dict = {}  # model -> (head id, DiffusionTarget)
+        self._cache: dict[str, Any] = {}  # model -> (head id, DiffusionTarget)
 
     def check(self, name: str, spec: Model) -> None:
         """Start-up check of the model's bootstrap settings (raises ValueError)."""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 from daemon.ledger_schema import SCHEMA, ArtifactRow, RequestRow, artifact_row, request_row
 
@@ -116,7 +117,7 @@ class Ledger:
 
     def finish(self, request_id: str, status: str, *, model: str | None = None, method: str | None = None,
                subject: str | None = None, body_sha256: str | None = None, artifact_id: str | None = None,
-               metrics: dict | None = None, reason: str | None = None, error: str | None = None,
+               metrics: dict[str, Any] | None = None, reason: str | None = None, error: str | None = None,
                source: str | None = None, duration_s: float | None = None) -> None:
         """Record a terminal status (and its audit event) for a request, creating the row if needed."""
         assert status in TERMINAL
@@ -198,7 +199,7 @@ class Ledger:
     # --- artifacts ------------------------------------------------------------------------------------------
 
     def add_artifact(self, model: str, artifact_id: str, kind: str, *, parent: str | None, request_id: str | None,
-                     path: str, sha256: str, metrics: dict | None = None, info: dict | None = None,
+                     path: str, sha256: str, metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
                      forgotten_ids: tuple[int, ...] = ()) -> None:
         """Record a new artifact and make it active (a version becomes the head; an adapter is switched on)."""
         with self.transaction() as db:

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from adapters.base import Change
 from adapters.devices import device_of
@@ -30,7 +31,7 @@ class LMModels(ModelKind):
 
     def __init__(self, registry):
         super().__init__(registry)
-        self._targets: dict = {}  # model -> adapters.lm.o3.LMTarget (holds the loaded base model)
+        self._targets: dict[str, Any] = {}  # model -> adapters.lm.o3.LMTarget (holds the loaded base model)
         self._encoder = None  # detector.Encoder, loaded on the first adapter
 
     def base_dir(self, name: str) -> Path:

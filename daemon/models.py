@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters.base import Change, Engine, Forget, config_from_mapping, engine_class
 from adapters.store import ArtifactStore
@@ -97,7 +98,7 @@ class ModelRegistry:
             self._engines[key] = cls(config_from_mapping(cls, self.engine_settings(method, spec)))
         return self._engines[key]
 
-    def engine_settings(self, method: str, spec: Model) -> dict:
+    def engine_settings(self, method: str, spec: Model) -> dict[str, Any]:
         table = dict(self.config.methods.get(method, {}))
         per_kind = {k: table.pop(k) for k in list(table) if k in FORGET_KINDS}  # sub-tables named after a kind
         own = table if engine_class(method) is engine_class(method, spec.kind) else {}

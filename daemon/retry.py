@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from kafka import TopicPartition
 
@@ -23,7 +24,7 @@ from daemon.schema import DeadLetterReason
 READ_IDLE_S = 2.0  # the dead-letter topic is read to its end: this long without a record is the end
 
 
-def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason: str) -> dict:
+def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason: str) -> dict[str, Any]:
     """Re-admit `request_id` (it must be `failed`) and re-publish its dead-letter copy when one is found."""
     row = ledger.get_request(request_id)
     if row is None or row.status != "failed":

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -252,7 +253,7 @@ def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None 
             t.stop()
 
 
-def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -> dict:
+def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -> dict[str, Any]:
     """`unlearnd route "text"`: the router's decision with per-adapter scores, from the ledger's active adapters
     (or, where the ledger is not readable, from the adapters topic)."""
     service = load_service(cfg, model, route_only=True)
