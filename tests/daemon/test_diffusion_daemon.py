@@ -62,17 +62,15 @@ def test_class_request_on_a_diffusion_model_waits_for_bootstrap_forgets_and_roll
         fh.write(TINY_DDPM)
     # One torch thread: the tiny model gains nothing from more, and a shared machine loses a lot to spinning.
     proc = stack.start(UNLEARND__REQUESTS__TRANSIENT_BACKOFF_MAX_S="1", OMP_NUM_THREADS="1")
-    # Sent while the model is still being built: a sample_ids request is refused at once (this kind cannot serve
-    # it), the class request waits for the first version.
+    # Sent while the model may still be being built: a sample_ids request is refused (this kind cannot serve it),
+    # the class request waits for the first version.
     stack.publish(_request("ddpm-ids", {"sample_ids": [1, 2]}), key=DDPM)
     [ids] = stack.results(1, request_id="ddpm-ids", timeout=30)
     assert ids["status"] == "rejected" and ids["reason"] == "invalid_forget"
     assert "forget.class" in ids["error"], ids
+    # That it is refused without waiting for a model that does not exist yet is tested on the registry
+    # (test_diffusion_config.py): here the tiny model can finish before the daemon even reads the request.
     ledger = stack.ledger()
-    # Refused at once, not after waiting for the model: before its first version (the tiny model may finish
-    # while the result is read on a fast machine, so compare the ledger's times, not the state now).
-    refused_at, head = ledger.get_request("ddpm-ids").completed_at, ledger.head(DDPM)
-    assert refused_at is not None and (head is None or refused_at < head.created_at), (refused_at, head)
 
     clf = _independent_classifier()
     # Which class to forget: the one the first version draws best by the independent classifier (so a drop
