@@ -287,7 +287,7 @@ def _check_methods(name: str, model: Model) -> None:
             raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 
 
-def _set_path(data: dict, keys: list[str], value: Any) -> None:
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         data = data.setdefault(k, {})
         if not isinstance(data, dict):

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from adapters.base import Change, EngineError, Forget, InvalidForget, NothingToForget
 from daemon.config import Config
@@ -38,7 +39,8 @@ class EngineProcessDied(EngineError):
 class StagedChange(Change):
     """A change whose files a child process already wrote; `save` moves them into the store's staging dir."""
 
-    def __init__(self, kind: str, files: Path, metrics: dict, forgotten_ids: tuple[int, ...], info: dict):
+    def __init__(self, kind: str, files: Path, metrics: dict[str, Any], forgotten_ids: tuple[int, ...],
+                 info: dict[str, Any]):
         super().__init__(metrics, forgotten_ids=forgotten_ids, info=info)
         self.kind = kind
         self.files = files
@@ -77,7 +79,7 @@ def apply_isolated(config: Config, model: str, method: str, forget: Forget, scra
     raise EngineError(answer["error"], retryable=answer.get("retryable", True))
 
 
-def _last_json_line(out: bytes) -> dict | None:
+def _last_json_line(out: bytes) -> dict[str, Any] | None:
     for line in reversed(out.decode("utf-8", "replace").splitlines()):
         try:
             answer = json.loads(line)
@@ -88,7 +90,7 @@ def _last_json_line(out: bytes) -> dict | None:
     return None
 
 
-def _forget(d: dict) -> Forget:
+def _forget(d: dict[str, Any]) -> Forget:
     return Forget(sample_ids=tuple(d["sample_ids"]), texts=tuple(d["texts"]), qa=tuple(tuple(p) for p in d["qa"]),
                   class_label=d["class_label"], concept=d["concept"], image=d["image"], mask=d["mask"])
 

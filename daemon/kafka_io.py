@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -166,7 +167,7 @@ class Outbox:
         self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes(),
                            headers=[(HEADER_EVENT, b"result")])
 
-    def progress(self, request_id: str, model: str, method: str, info: dict) -> None:
+    def progress(self, request_id: str, model: str, method: str, info: dict[str, Any]) -> None:
         """A non-terminal progress event of a long request (e.g. one O3 training epoch), on the results topic
         with header unlearnd.event=progress and no `status` field; the request's one result follows later."""
         body = {"event": "progress", "request_id": request_id, "model": model, "method": method, "at": time.time(),
@@ -174,21 +175,21 @@ class Outbox:
         self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
                            headers=[(HEADER_EVENT, b"progress")])
 
-    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: list, *, reason: DeadLetterReason, error: str,
-                    source: str) -> None:
+    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]], *,
+                    reason: DeadLetterReason, error: str, source: str) -> None:
         """The original bytes, key and headers, plus why: an operator can fix and replay it unchanged (a record
         too large to copy keeps its start, hash and size instead; daemon/dead_letter.py)."""
         key, value, headers = dead_letter.build(raw, key, list(headers or []), reason=reason, error=error,
                                                 source=source, budget=self.max_record_bytes)
         self.producer.send(self.topics.dlq, key=key, value=value, headers=headers)
 
-    def rekey(self, raw: bytes, headers: list, *, model: str, source: str) -> None:
+    def rekey(self, raw: bytes, headers: list[tuple[str, bytes | None]], *, model: str, source: str) -> None:
         """Re-publish a request keyed by its model, so that the model's partition owner applies it."""
         headers = [(k, v) for k, v in dead_letter.sendable(headers) if k != HEADER_REKEYED_FROM]
         self.producer.send(self.topics.requests, key=model.encode(), value=raw,
                            headers=headers + [(HEADER_REKEYED_FROM, source.encode())])
 
-    def artifact_event(self, model: str, artifact_id: str, event: str, payload: dict) -> None:
+    def artifact_event(self, model: str, artifact_id: str, event: str, payload: dict[str, Any]) -> None:
         """published | rolled_back | restored, keyed model/artifact so compaction keeps the latest state."""
         body = {"model": model, "artifact_id": artifact_id, "event": event, "at": time.time(), **payload}
         self.producer.send(self.topics.adapters, key=f"{model}/{artifact_id}".encode(),
@@ -198,7 +199,7 @@ class Outbox:
         self.producer.flush(timeout)
 
 
-def is_progress(headers, event: dict) -> bool:
+def is_progress(headers: dead_letter.Headers | None, event: dict[str, Any]) -> bool:
     """Whether a results-topic record is a progress event rather than the request's result."""
     return dict(headers or []).get(HEADER_EVENT) == b"progress" or event.get("event") == "progress"
 

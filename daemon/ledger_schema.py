@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -86,7 +87,7 @@ class RequestRow:
     forget_kind: str | None
     forget_count: int | None
     artifact_id: str | None
-    metrics: dict
+    metrics: dict[str, Any]
     reason: str | None
     error: str | None
     source: str | None
@@ -106,8 +107,8 @@ class ArtifactRow:
     active: bool
     path: str
     sha256: str
-    metrics: dict
-    info: dict
+    metrics: dict[str, Any]
+    info: dict[str, Any]
 
 
 def request_row(row: sqlite3.Row) -> RequestRow:

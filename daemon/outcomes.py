@@ -87,7 +87,7 @@ class Outcomes:
                  request.request_id, head)
         self.answered(a.msg)
 
-    def progress(self, a: Admitted, info: dict) -> None:
+    def progress(self, a: Admitted, info: dict[str, Any]) -> None:
         """A long request's progress: a log line and, unless turned off, a progress event on the results topic."""
         rid = a.request.request_id
         if info.get("stage") == "started":
@@ -195,7 +195,7 @@ class Outcomes:
         self.ledger.finish(request_id, status, **row)
 
     def _result(self, key: str | None, *, artifact_id: str | None = None, artifact_kind: str | None = None,
-                completed_at: datetime | None = None, measures: dict | None = None, **fields: Any) -> None:
+                completed_at: datetime | None = None, measures: dict[str, Any] | None = None, **fields: Any) -> None:
         self._out.result(Result(version=artifact_id if artifact_kind == "version" else None,
                                   adapter_id=artifact_id if artifact_kind == "adapter" else None,
                                   metrics=measures or {}, completed_at=completed_at or datetime.now(UTC),

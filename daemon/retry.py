@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from daemon import kafka_io
 from daemon.config import Config
@@ -23,7 +25,7 @@ from daemon.schema import DeadLetterReason
 READ_IDLE_S = 2.0  # the dead-letter topic is read to its end: this long without a record is the end
 
 
-def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason: str) -> dict:
+def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason: str) -> dict[str, Any]:
     """Re-admit `request_id` (it must be `failed`) and re-publish its dead-letter copy when one is found."""
     row = ledger.get_request(request_id)
     if row is None or row.status != "failed":
@@ -42,7 +44,7 @@ def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason
     return {"request_id": request_id, "status": "readmitted", "republished": copy is not None}
 
 
-def find_dead_letter(cfg: Config, bootstrap: str, request_id: str):
+def find_dead_letter(cfg: Config, bootstrap: str, request_id: str) -> ConsumerRecord | None:
     """The newest `engine_failed` dead letter of `request_id`, or None."""
     consumer = kafka_io.make_reader(cfg.kafka, bootstrap, allow_auto_create_topics=False)
     try:
