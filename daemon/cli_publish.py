@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,8 +91,9 @@ def publish(
     raise typer.Exit(0 if result["status"] == "applied" else 1)
 
 
-def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None, qa: Path | None) -> dict:
-    forget: dict = {}
+def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None,
+            qa: Path | None) -> dict[str, Any]:
+    forget: dict[str, Any] = {}
     if sample_ids:
         try:
             forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
@@ -136,7 +138,7 @@ class _ResultWaiter:
             self.consumer.seek_to_end(tp)
             self.consumer.position(tp)
 
-    def wait(self, on_progress) -> dict | None:
+    def wait(self, on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
         from daemon import kafka_io
 
         try:
@@ -170,11 +172,11 @@ class _ProgressView:
             self.status.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.status:
             self.status.stop()
 
-    def update(self, event: dict) -> None:
+    def update(self, event: dict[str, Any]) -> None:
         text = describe_progress(event)
         if self.status:
             self.status.update(text)
@@ -182,7 +184,7 @@ class _ProgressView:
             err_console.print(text, highlight=False)
 
 
-def describe_progress(event: dict) -> str:
+def describe_progress(event: dict[str, Any]) -> str:
     where = f"{event.get('request_id')}: {event.get('method')} on {event.get('model')}"
     if event.get("stage") == "started":
         return f"{where}: started (attempt {event.get('attempt')})"
