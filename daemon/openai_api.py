@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,7 +39,7 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = Field(None, description="not supported")
 
     def sampling(self, default_max_tokens: int) -> Sampling:
@@ -56,13 +56,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    tools: list | None = Field(None, description="not supported")
+    tools: list[Any] | None = Field(None, description="not supported")
 
     def sampling(self, default_max_tokens: int) -> Sampling:
         s = super().sampling(default_max_tokens)
@@ -94,29 +94,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def extra(routing: Routing) -> dict:
+def extra(routing: Routing) -> dict[str, Any]:
     return {"adapters": routing.report()}
 
 
-def usage(completions: list[Completion]) -> dict:
+def usage(completions: list[Completion]) -> dict[str, Any]:
     p = sum(c.prompt_tokens for c in completions)
     c = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def chat_response(model: str, c: Completion) -> dict:
+def chat_response(model: str, c: Completion) -> dict[str, Any]:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                          "finish_reason": c.finish_reason}],
             "usage": usage([c]), "unlearnd": extra(c.routing)}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None, **more) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+               **more: Any) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **more}
 
 
-def completion_response(model: str, completions: list[Completion], texts: list[str]) -> dict:
+def completion_response(model: str, completions: list[Completion], texts: list[str]) -> dict[str, Any]:
     union = Routing({a: w for c in completions for a, w in c.routing.gate_weights.items()})
     return {
         "id": new_id("cmpl"),
@@ -133,16 +134,17 @@ def completion_response(model: str, completions: list[Completion], texts: list[s
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
-                     **more) -> dict:
+                     **more: Any) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], **more}
 
 
-def model_card(model_id: str, *, root: str, parent: str | None, created: float) -> dict:
+def model_card(model_id: str, *, root: str, parent: str | None, created: float) -> dict[str, Any]:
     """One entry of /v1/models, shaped like vLLM's (a LoRA adapter's `parent` is its base model)."""
     return {"id": model_id, "object": "model", "created": int(created), "owned_by": "unlearnd", "root": root,
             "parent": parent, "permission": []}
 
 
-def error(message: str, *, kind: str = "invalid_request_error", code: int = 400, param: str | None = None) -> dict:
+def error(message: str, *, kind: str = "invalid_request_error", code: int = 400,
+          param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
