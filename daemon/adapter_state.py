@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -35,6 +35,9 @@ from daemon import kafka_io, liveness
 from daemon.config import Config, bootstrap_servers
 from daemon.ledger import read_adapters
 from detector.gate import GATE_SUBDIR, has_gate
+
+if TYPE_CHECKING:
+    from detector.routed_model import RoutedModel
 
 log = logging.getLogger("unlearnd.serve")
 
@@ -61,7 +64,8 @@ class AdapterRef:
 class AdapterSet:
     """The adapters a `detector.RoutedModel` serves for one model, and what that set was decided from."""
 
-    def __init__(self, model: str, routed, *, ledger_path: Path | None, reconcile_s: float, lazy: bool = False):
+    def __init__(self, model: str, routed: RoutedModel, *, ledger_path: Path | None, reconcile_s: float,
+                 lazy: bool = False):
         self.model = model
         self.routed = routed
         self.ledger_path = ledger_path
@@ -146,7 +150,7 @@ class AdapterSet:
             raise ValueError(f"files at {ref.path} do not match their recorded sha256")
 
     # --- health ----------------------------------------------------------------------------------
-    def health(self) -> tuple[bool, dict]:
+    def health(self) -> tuple[bool, dict[str, Any]]:
         """(ok, report): ok when every active adapter is loaded and the set comes from a live source (the ledger,
         read within the last three reconcile periods, or else a topic replayed to its end)."""
         with self._lock:

@@ -12,12 +12,13 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+from kafka.consumer.fetcher import ConsumerRecord
 
 from adapters.base import Forget, InvalidForget
 from daemon import metrics, record_decoding
 from daemon.config import Config
-from daemon.dead_letter import record_size
+from daemon.dead_letter import Headers, record_size
 from daemon.ledger import Ledger
 from daemon.models import ModelRegistry, UnknownModel
 from daemon.outcomes import Outcomes
@@ -30,7 +31,7 @@ class Message:
 
     raw: bytes | None
     key: bytes | None
-    headers: list[Any]
+    headers: Headers
     source: str
     polled_at: float = field(default_factory=time.perf_counter)
     topic: str = ""
@@ -39,7 +40,7 @@ class Message:
     timestamp: int = -1
 
     @classmethod
-    def of(cls, r) -> Message:
+    def of(cls, r: ConsumerRecord) -> Message:
         return cls(r.value, r.key, list(r.headers or []), f"{r.topic}/{r.partition}/{r.offset}", topic=r.topic,
                    partition=r.partition, offset=r.offset, timestamp=r.timestamp)
 

@@ -29,6 +29,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kafka import TopicPartition
 from kafka.errors import KafkaError
@@ -50,6 +52,7 @@ from daemon.state_lock import StateLock
 from daemon.transient import Transient
 
 log = logging.getLogger("unlearnd")
+T = TypeVar("T")
 
 KEEPALIVE_S = 1.0  # while the engine works, the main thread polls (partitions paused) this often
 BOOTSTRAP_RETRY_S = 30.0  # first delay before a failed background bootstrap is tried again; doubles
@@ -153,7 +156,7 @@ class Daemon:
                 log.info("model %s ready at %s", name, head.id if head is not None else "its base weights")
                 break
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         """Signal-safe: finish the message in hand, commit, close. During start-up, stop at once: a first-start
         bootstrap trains for minutes, and what it writes is atomic (staging + rename, one ledger transaction),
         so an interrupted one leaves nothing half-written and the next start begins it again."""
@@ -232,7 +235,7 @@ class Daemon:
             conn.close(graceful=graceful)
 
     @property
-    def _consumer(self):
+    def _consumer(self) -> Any:  # a KafkaConsumer, or None while disconnected: the loop reads it only when connected
         return self._conn.consumer if self._conn is not None else None
 
     def _check_broker(self) -> None:
@@ -285,11 +288,11 @@ class Daemon:
         except Exception as exc:  # the marks only save a repeated answer; a full disk must not stop the loop
             log.debug("could not prune answered marks: %s", exc)
 
-    def _while_polling(self, fn, *args):
+    def _while_polling(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` in the worker thread. Meanwhile keep polling with every partition paused: the consumer stays
         in its group however long the engine takes, and heartbeats and rebalances are served."""
         future = self._worker.submit(fn, *args)
-        paused = []
+        paused: list[TopicPartition] = []
         try:
             while True:
                 try:

@@ -13,16 +13,17 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from adapters.base import EngineError, Forget, InvalidForget, NothingToForget
+from adapters.base import Change, EngineError, Forget, InvalidForget, NothingToForget
 from adapters.store import ArtifactStore
 from daemon import failpoints, isolation, metrics, transient
 from daemon.admission import Admitted
 from daemon.config import Config
 from daemon.ledger import Ledger
 from daemon.liveness import BrokerLost
-from daemon.models import ModelRegistry
+from daemon.models import Committed, ModelRegistry
 from daemon.outcomes import Outcomes
 from daemon.schema import MAX_DETAIL_CHARS, DeadLetterReason, Rejected
 
@@ -158,7 +159,9 @@ class Applier:
             body_sha256=a.body_hash, forget_kind=a.forget.kind, forget_count=a.request.forget.size(),
             source=a.msg.source)
 
-    def _engine_change(self, model: str, method: str, target, forget: Forget, isolated: bool, progress=None):
+    def _engine_change(self, model: str, method: str, target: Any, forget: Forget, isolated: bool,
+                       progress: Callable[..., None] | None = None) -> Change:
+        # (progress takes one info dict; `...` because the caller's lambda binds its loop variables as defaults)
         """The engine's change for `forget`: in this process (with progress events, for engines that report
         them), or (a suspect) in a child process."""
         if not isolated:
@@ -180,7 +183,8 @@ class Applier:
         metrics.ISOLATED_RUNS.labels("ok").inc()
         return change
 
-    def _commit_change(self, model: str, change, target, group: list[Admitted], durations: dict[str, Any]):
+    def _commit_change(self, model: str, change: Change, target: Any, group: list[Admitted],
+                       durations: dict[str, float]) -> Committed:
         def finish(artifact_id: str) -> None:
             for a in group:
                 self.outcomes.record_applied(a, artifact_id, change, durations[a.request.request_id])

@@ -34,7 +34,7 @@ def tansu_binary() -> Path:
     return binary
 
 
-def stop_process(process: subprocess.Popen, timeout: float) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; reaped either way."""
     if process.poll() is None:
         process.terminate()
@@ -58,7 +58,8 @@ PR_SET_PDEATHSIG = 1
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # an AF_INET address is (host, port)
+        return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -73,7 +74,7 @@ class EmbeddedBroker:
     def __init__(self, port: int | None = None, log_file: Path | None = None):
         self.port = port or free_port()
         self.log_file = log_file
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -113,5 +114,5 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

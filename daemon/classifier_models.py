@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from adapters import datasets
 from adapters.base import Change
@@ -20,13 +21,16 @@ from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind
 
+if TYPE_CHECKING:
+    from daemon.models import ModelRegistry
+
 log = logging.getLogger("daemon.models")  # the registry's log: bootstrap lines read as they always have
 
 
 class ClassifierModels(ModelKind):
     """Per-kind strategy of ModelRegistry for classifiers."""
 
-    def __init__(self, registry):
+    def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
         self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
 
@@ -93,7 +97,7 @@ class ClassifierModels(ModelKind):
         self._cache[name] = (head.id, target)
         return target
 
-    def after_commit(self, name: str, change: Change, target, artifact_id: str) -> None:
+    def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """Keep the in-memory target in step with a version made here; a staged one is loaded by the next request."""
         if isinstance(change, classifier.WeightChange):
             self._cache[name] = (artifact_id, classifier.ClassifierTarget(

@@ -12,7 +12,7 @@ Expected failures print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -38,6 +38,9 @@ from daemon.cli_publish import publish
 from daemon.cli_sample import sample
 from daemon.config import bootstrap_servers
 from daemon.logs import setup_logging
+
+if TYPE_CHECKING:
+    from daemon.ledger_schema import RequestRow
 
 app = typer.Typer(help="unlearnd: make deployed models forget data on request.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -181,7 +184,7 @@ app.command()(publish)
 # --- requests -----------------------------------------------------------------------------------------------
 
 
-def _request_dict(r) -> dict[str, Any]:
+def _request_dict(r: RequestRow) -> dict[str, Any]:
     return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": r.status,
             "attempts": r.attempts, "artifact_id": r.artifact_id, "forget_kind": r.forget_kind,
             "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason, "error": r.error,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -29,6 +29,10 @@ from daemon.cli_common import (
     when,
 )
 
+if TYPE_CHECKING:
+    from daemon.ledger import Ledger
+    from daemon.ledger_schema import ArtifactRow
+
 versions_app = typer.Typer(
     help="Model versions (classifiers, diffusion models): list, show, roll back.", no_args_is_help=True
 )
@@ -36,7 +40,7 @@ adapters_app = typer.Typer(help="Unlearning adapters (language models): list, sh
                            no_args_is_help=True)
 
 
-def _artifact_dict(a) -> dict[str, Any]:
+def _artifact_dict(a: ArtifactRow) -> dict[str, Any]:
     return {"id": a.id, "model": a.model, "kind": a.kind, "parent": a.parent, "request_id": a.request_id,
             "created": when(a.created_at), "active": a.active, "sha256": a.sha256, "path": a.path,
             "metrics": a.metrics}
@@ -104,7 +108,7 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
 # --- adapters -----------------------------------------------------------------------------------------------
 
 
-def _adapter(ledger, adapter_id: str, model: str | None):
+def _adapter(ledger: Ledger, adapter_id: str, model: str | None) -> ArtifactRow:
     a = ledger.get_artifact(model, adapter_id) if model else ledger.find_artifact(adapter_id)
     if a is None or a.kind != "adapter":
         fail(f"no adapter {adapter_id}")
@@ -209,7 +213,7 @@ def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, as
                                                   soft_wrap=True)
 
 
-def model_card(a, base: Path) -> str:
+def model_card(a: ArtifactRow, base: Path) -> str:
     """The export's README.md (a Hugging Face model card): what the adapter is and how to serve it safely."""
     return f"""---
 library_name: peft

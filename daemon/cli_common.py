@@ -7,7 +7,7 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from daemon import config as config_mod
 from daemon.config import bootstrap_servers
+
+if TYPE_CHECKING:
+    from daemon.ledger import Ledger
 
 console = Console()
 err_console = Console(stderr=True)  # warnings that must not mix into --json output on stdout
@@ -50,7 +53,7 @@ def load_config(path: Path | None) -> config_mod.Config:
         fail(str(exc), 2)
 
 
-def open_ledger(cfg: config_mod.Config):
+def open_ledger(cfg: config_mod.Config) -> Ledger:
     """The daemon's ledger; an error (never a new empty ledger) when the daemon has not run with this config."""
     from daemon.ledger import Ledger
 
@@ -60,12 +63,12 @@ def open_ledger(cfg: config_mod.Config):
     return Ledger(path, cfg.state.ledger_synchronous)
 
 
-def dumps(value, **kwargs) -> str:
+def dumps(value: Any, **kwargs: Any) -> str:
     """Strict JSON (RFC 8259): NaN and infinities become null, which every parser accepts."""
     return json.dumps(_finite(value), allow_nan=False, default=str, **kwargs)
 
 
-def _finite(value):
+def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -75,11 +78,11 @@ def _finite(value):
     return value
 
 
-def print_json(value) -> None:
+def print_json(value: Any) -> None:
     print(dumps(value, indent=2))
 
 
-def emit(rows: list[dict], columns: list[str], as_json: bool, title: str | None = None) -> None:
+def emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str | None = None) -> None:
     if as_json:
         print_json(rows)
         return
@@ -102,7 +105,7 @@ def print_table(table: Table) -> None:
         console.width = width
 
 
-def fmt(value) -> str:
+def fmt(value: Any) -> str:
     if value is None or isinstance(value, float) and not math.isfinite(value):
         return "-"  # as in --json, where a measure that is not a number is null
     if isinstance(value, float):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,9 +91,8 @@ def publish(
     raise typer.Exit(0 if result["status"] == "applied" else 1)
 
 
-def _forget(
-    sample_ids: str | None, forget_class: int | None, text: list[str] | None, qa: Path | None
-) -> dict[str, Any]:
+def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None,
+            qa: Path | None) -> dict[str, Any]:
     forget: dict[str, Any] = {}
     if sample_ids:
         try:
@@ -138,7 +138,7 @@ class _ResultWaiter:
             self.consumer.seek_to_end(tp)
             self.consumer.position(tp)
 
-    def wait(self, on_progress) -> dict[str, Any] | None:
+    def wait(self, on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
         from daemon import kafka_io
 
         try:
@@ -172,7 +172,7 @@ class _ProgressView:
             self.status.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.status:
             self.status.stop()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import MemberState
 
@@ -77,7 +77,7 @@ class Connection:
             log.debug("group did not settle before close: %s", exc)
 
 
-def _close_producer(producer) -> None:
+def _close_producer(producer: KafkaProducer) -> None:
     try:
         producer.close(timeout=2)
     except Exception as exc:

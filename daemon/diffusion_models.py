@@ -17,14 +17,20 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from adapters.base import Forget, InvalidForget
+from adapters.base import Change, Forget, InvalidForget
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind
 from daemon.transient import Transient
+
+if TYPE_CHECKING:  # torch-heavy: imported where used
+    from adapters.diffusion.demo import DemoRecipe
+    from adapters.diffusion.target import DiffusionTarget
+    from daemon.models import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ class ModelNotReady(Transient):
         super().__init__("bootstrapping", f"model {name!r} has no version yet: it is being built in the background")
 
 
-def recipe(spec: Model):
+def recipe(spec: Model) -> DemoRecipe | None:
     """The demo recipe (adapters/diffusion/demo.py) with the model's [bootstrap] settings over its defaults.
     Raises ValueError naming a key the recipe does not know."""
     from adapters.diffusion import demo
@@ -47,7 +53,7 @@ def recipe(spec: Model):
     b = spec.bootstrap
     base = demo.DemoRecipe()
 
-    def over(obj, values: dict[str, Any], table: str):
+    def over(obj: Any, values: dict[str, Any], table: str) -> Any:
         known = {f.name for f in dataclasses.fields(obj)}
         unknown = set(values) - known
         if unknown:
@@ -62,9 +68,9 @@ def recipe(spec: Model):
 class DiffusionModels(ModelKind):
     """Per-kind strategy of ModelRegistry for class-conditional DDPMs."""
 
-    def __init__(self, registry):
+    def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
-        self._cache: dict[str, Any] = {}  # model -> (head id, DiffusionTarget)
+        self._cache: dict[str, tuple[str, DiffusionTarget]] = {}  # model -> (head id, target)
 
     def check(self, name: str, spec: Model) -> None:
         """Start-up check of the model's bootstrap settings (raises ValueError)."""
@@ -133,7 +139,7 @@ class DiffusionModels(ModelKind):
 
     # --- targets --------------------------------------------------------------------------------------------
 
-    def target(self, name: str, version: str | None = None):
+    def target(self, name: str, version: str | None = None) -> DiffusionTarget:
         """The DiffusionTarget of the head (or of `version`). Raises ModelNotReady before the first version."""
         from adapters import datasets
         from adapters.diffusion import judge, target
@@ -159,7 +165,7 @@ class DiffusionModels(ModelKind):
             self._cache[name] = (row.id, loaded)
         return loaded
 
-    def after_commit(self, name: str, change, target, artifact_id: str) -> None:
+    def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """Keep the in-memory target in step with a committed version: no reload for the next request."""
         if hasattr(change, "module"):
             self._cache[name] = (artifact_id, target.advanced(change, artifact_id))
@@ -169,19 +175,22 @@ class DiffusionModels(ModelKind):
     def on_rollback(self, name: str) -> None:
         self._cache.pop(name, None)
 
-    def sample_grid(self, name: str, version: str | None, classes, n: int, seed: int, steps: int) -> tuple[bytes, str]:
+    def sample_grid(self, name: str, version: str | None, classes: Sequence[int] | None, n: int, seed: int,
+                    steps: int) -> tuple[bytes, str]:
         """(PNG bytes, version id) of a sample grid of the head (or `version`): one row per class."""
         from adapters.diffusion import grid
 
         t = self.target(name, version)
         if classes is not None:
-            bad = [c for c in classes if not 0 <= c < t.spec.num_classes]
+            # the daemon's DDPMs are class-conditional: [bootstrap.ddpm] cannot unset num_classes (TOML has no null)
+            num_classes = cast(int, t.spec.num_classes)
+            bad = [c for c in classes if not 0 <= c < num_classes]
             if bad:
-                raise ValueError(f"class(es) {bad} outside 0..{t.spec.num_classes - 1}")
+                raise ValueError(f"class(es) {bad} outside 0..{num_classes - 1}")
         return grid.sample_grid(t.model, t.spec, classes, n=n, seed=seed, steps=steps), t.version
 
 
-def _progress_logger(name: str):
+def _progress_logger(name: str) -> Callable[[str, int, int], None]:
     """on_progress for demo.bootstrap: a log line every PROGRESS_EVERY of the DDPM's steps, one per stage."""
     started = time.monotonic()
     state = {"next": 0.0}

@@ -39,9 +39,8 @@ class EngineProcessDied(EngineError):
 class StagedChange(Change):
     """A change whose files a child process already wrote; `save` moves them into the store's staging dir."""
 
-    def __init__(
-        self, kind: str, files: Path, metrics: dict[str, Any], forgotten_ids: tuple[int, ...], info: dict[str, Any]
-    ):
+    def __init__(self, kind: str, files: Path, metrics: dict[str, Any], forgotten_ids: tuple[int, ...],
+                 info: dict[str, Any]):
         super().__init__(metrics, forgotten_ids=forgotten_ids, info=info)
         self.kind = kind
         self.files = files

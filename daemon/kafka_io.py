@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -174,23 +175,15 @@ class Outbox:
         self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
                            headers=[(HEADER_EVENT, b"progress")])
 
-    def dead_letter(
-        self,
-        raw: bytes | None,
-        key: bytes | None,
-        headers: list[Any],
-        *,
-        reason: DeadLetterReason,
-        error: str,
-        source: str,
-    ) -> None:
+    def dead_letter(self, raw: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]], *,
+                    reason: DeadLetterReason, error: str, source: str) -> None:
         """The original bytes, key and headers, plus why: an operator can fix and replay it unchanged (a record
         too large to copy keeps its start, hash and size instead; daemon/dead_letter.py)."""
         key, value, headers = dead_letter.build(raw, key, list(headers or []), reason=reason, error=error,
                                                 source=source, budget=self.max_record_bytes)
         self.producer.send(self.topics.dlq, key=key, value=value, headers=headers)
 
-    def rekey(self, raw: bytes, headers: list[Any], *, model: str, source: str) -> None:
+    def rekey(self, raw: bytes, headers: list[tuple[str, bytes | None]], *, model: str, source: str) -> None:
         """Re-publish a request keyed by its model, so that the model's partition owner applies it."""
         headers = [(k, v) for k, v in dead_letter.sendable(headers) if k != HEADER_REKEYED_FROM]
         self.producer.send(self.topics.requests, key=model.encode(), value=raw,
@@ -206,7 +199,7 @@ class Outbox:
         self.producer.flush(timeout)
 
 
-def is_progress(headers, event: dict[str, Any]) -> bool:
+def is_progress(headers: dead_letter.Headers | None, event: dict[str, Any]) -> bool:
     """Whether a results-topic record is a progress event rather than the request's result."""
     return dict(headers or []).get(HEADER_EVENT) == b"progress" or event.get("event") == "progress"
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from daemon.ledger_schema import SCHEMA, ArtifactRow, RequestRow, artifact_row, request_row
 
@@ -113,7 +113,9 @@ class Ledger:
                        reason = NULL, error = NULL""",
                 (request_id, model, method, subject, body_sha256, forget_kind, forget_count, source, now),
             )
-            return db.execute("SELECT attempts FROM requests WHERE request_id = ?", (request_id,)).fetchone()[0]
+            # attempts is INTEGER NOT NULL and the row was just written
+            return cast(int, db.execute("SELECT attempts FROM requests WHERE request_id = ?",
+                                        (request_id,)).fetchone()[0])
 
     def finish(self, request_id: str, status: str, *, model: str | None = None, method: str | None = None,
                subject: str | None = None, body_sha256: str | None = None, artifact_id: str | None = None,
@@ -145,7 +147,9 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE requests SET engine_failures = engine_failures + 1, error = ? WHERE request_id = ?",
                        (error, request_id))
-            return db.execute("SELECT engine_failures FROM requests WHERE request_id = ?", (request_id,)).fetchone()[0]
+            # engine_failures is INTEGER NOT NULL (default 0) and the row was just updated
+            return cast(int, db.execute("SELECT engine_failures FROM requests WHERE request_id = ?",
+                                        (request_id,)).fetchone()[0])
 
     def readmit(self, request_id: str, *, reason: str) -> RequestRow:
         """Let a failed request be applied once more (after an operator fixed its cause): its next delivery is
@@ -242,7 +246,7 @@ class Ledger:
 
     def count_artifacts(self, model: str, kind: str, *, active_only: bool = False) -> int:
         sql = "SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?" + (" AND active = 1" if active_only else "")
-        return self._db.execute(sql, (model, kind)).fetchone()[0]
+        return cast(int, self._db.execute(sql, (model, kind)).fetchone()[0])  # COUNT(*) is always an integer
 
     def head(self, model: str) -> ArtifactRow | None:
         row = self._db.execute("SELECT * FROM artifacts WHERE model = ? AND kind = 'version' AND active = 1",
@@ -294,14 +298,14 @@ class Ledger:
             self._event(db, "restored" if active else "rolled_back", model, adapter_id, None, {"reason": reason})
         return self._written_artifact(model, adapter_id)
 
-    def events(self, model: str | None = None, limit: int = 100) -> list[dict]:
+    def events(self, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM events", []
         if model:
             sql, args = sql + " WHERE model = ?", [model]
         rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
         return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
 
-    def events_after(self, seq: int, kinds: tuple[str, ...]) -> list[dict]:
+    def events_after(self, seq: int, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
         """Audit events of the given kinds recorded after `seq`, oldest first (whoever wrote them: daemon or CLI)."""
         marks = ",".join("?" * len(kinds))
         rows = self._db.execute(f"SELECT seq, kind, model, artifact_id FROM events WHERE seq > ? AND kind IN ({marks})"
@@ -309,7 +313,8 @@ class Ledger:
         return [dict(r) for r in rows]
 
     @staticmethod
-    def _event(db, kind, model, artifact_id, request_id, detail) -> None:
+    def _event(db: sqlite3.Connection, kind: str, model: str | None, artifact_id: str | None, request_id: str | None,
+               detail: dict[str, Any] | None) -> None:
         db.execute("INSERT INTO events (at, kind, model, artifact_id, request_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
                    (time.time(), kind, model, artifact_id, request_id, json.dumps(detail) if detail else None))
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.base import Change
 from adapters.devices import device_of
@@ -23,16 +23,22 @@ from daemon.ledger import ArtifactRow
 from daemon.model_kind import ModelKind
 from detector.gate import has_gate
 
+if TYPE_CHECKING:  # torch-heavy: imported where used
+    from adapters.lm.measures import ForgetItems
+    from adapters.lm.o3 import LMTarget
+    from daemon.models import ModelRegistry
+    from detector import Encoder, Router
+
 log = logging.getLogger("daemon.models")  # the registry's log, as before the kinds had modules of their own
 
 
 class LMModels(ModelKind):
     """Per-kind strategy of ModelRegistry for causal LMs served with per-request O3 adapters."""
 
-    def __init__(self, registry):
+    def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
-        self._targets: dict[str, Any] = {}  # model -> adapters.lm.o3.LMTarget (holds the loaded base model)
-        self._encoder = None  # detector.Encoder, loaded on the first adapter
+        self._targets: dict[str, LMTarget] = {}  # model -> adapters.lm.o3.LMTarget (holds the loaded base model)
+        self._encoder: Encoder | None = None  # loaded on the first adapter
 
     def base_dir(self, name: str) -> Path:
         """A causal LM's base weights: a transformers directory, or the bundled SmolLM2 GGUF converted once
@@ -52,7 +58,7 @@ class LMModels(ModelKind):
 
     # --- targets --------------------------------------------------------------------------------------------
 
-    def target(self, name: str):
+    def target(self, name: str) -> LMTarget:
         """The model's LMTarget with the ledger's active adapters; the loaded base model is kept across requests."""
         from adapters.lm.o3 import LMTarget
 
@@ -63,10 +69,10 @@ class LMModels(ModelKind):
         self._targets[name] = target
         return target
 
-    def parent(self, target) -> str | None:
+    def parent(self, target: Any) -> str | None:
         return None  # an adapter stacks on the base, which is no artifact
 
-    def encoder(self, device: str = "cpu"):
+    def encoder(self, device: str = "cpu") -> Encoder:
         """The router's shared frozen encoder (detector.Encoder), loaded on the first adapter, on `device` (the
         device of the model it first routes for)."""
         if self._encoder is None:
@@ -75,7 +81,7 @@ class LMModels(ModelKind):
             self._encoder = Encoder(device=device)
         return self._encoder
 
-    def writer(self, change: Change, artifact_id: str, target) -> Callable[[Path], None]:
+    def writer(self, change: Change, artifact_id: str, target: Any) -> Callable[[Path], None]:
         """An adapter's files plus its gate (`AdapterChange.fit_gate`), in one atomic publish; then the result
         measures, through the router as serving will route (adapters/lm/measures.py). The raw text leaves memory
         once written. A change staged by a child process already holds all of it."""
@@ -95,7 +101,8 @@ class LMModels(ModelKind):
 
         return save
 
-    def _served_measures(self, target, adapter_dir: Path, artifact_id: str, items) -> dict[str, float]:
+    def _served_measures(self, target: LMTarget, adapter_dir: Path, artifact_id: str,
+                         items: ForgetItems) -> dict[str, float]:
         """The result event's forgetting measures: the new adapter and every active one routable, as in serving."""
         from adapters.lm.measures import served_measures
         from detector import RoutedModel
@@ -115,7 +122,7 @@ class LMModels(ModelKind):
             routed.release()  # LoRA layers out: the shared base model is exactly as it was
 
 
-def new_router(config: Config, encoder):
+def new_router(config: Config, encoder: Encoder) -> Router:
     """The router `unlearnd serve` runs, with [serve]'s settings; the daemon's result measures route with it too."""
     from detector import Router, RouterConfig
 

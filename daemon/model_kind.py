@@ -79,7 +79,8 @@ class ModelKind(ABC):
     def parent(self, target: Any) -> str | None:
         """The artifact a change of `target` derives from, recorded as the new artifact's parent: by default the
         target's version."""
-        return target.version
+        version: str | None = target.version
+        return version
 
     def writer(self, change: Change, artifact_id: str, target: Any) -> Callable[[Path], None]:
         """What writes `change` as the artifact `artifact_id` into the store's staging directory: by default its

@@ -125,16 +125,16 @@ class ModelRegistry:
 
     # --- targets and changes --------------------------------------------------------------------------------
 
-    def target(self, name: str):
+    def target(self, name: str) -> Any:
         """What an engine needs to apply a request to this model as it is now."""
         return self.kind_strategy(name).target(name)
 
-    def artifact_writer(self, name: str, change: Change, artifact_id: str, target) -> Callable[[Path], None]:
+    def artifact_writer(self, name: str, change: Change, artifact_id: str, target: Any) -> Callable[[Path], None]:
         """What writes `change` of model `name` as the artifact `artifact_id` into a staging directory: its
         files, and what its kind derives from them (an O3 adapter's gate and result measures)."""
         return self.kind_strategy(name).writer(change, artifact_id, target)
 
-    def commit(self, name: str, change: Change, *, target, request_ids: list[str],
+    def commit(self, name: str, change: Change, *, target: Any, request_ids: list[str],
                finish: Callable[[str], None]) -> Committed:
         """Make a change durable: files first (atomic publish), then ONE ledger transaction that records the
         artifact, activates it, and runs `finish(artifact_id)` (the caller marks its requests applied there).

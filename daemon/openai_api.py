@@ -56,7 +56,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionBody(_Body):
@@ -111,9 +111,8 @@ def chat_response(model: str, c: Completion) -> dict[str, Any]:
             "usage": usage([c]), "unlearnd": extra(c.routing)}
 
 
-def chat_chunk(
-    rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None, **more
-) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+               **more: Any) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **more}
 
@@ -135,7 +134,7 @@ def completion_response(model: str, completions: list[Completion], texts: list[s
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
-                     **more) -> dict[str, Any]:
+                     **more: Any) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], **more}
 
@@ -146,7 +145,6 @@ def model_card(model_id: str, *, root: str, parent: str | None, created: float) 
             "parent": parent, "permission": []}
 
 
-def error(
-    message: str, *, kind: str = "invalid_request_error", code: int = 400, param: str | None = None
-) -> dict[str, Any]:
+def error(message: str, *, kind: str = "invalid_request_error", code: int = 400,
+          param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -21,6 +21,8 @@ real broker.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kafka.errors import CorruptRecordError
 from kafka.record import default_records
 from kafka.record.util import decode_varint, encode_varint
@@ -42,7 +44,8 @@ def install() -> None:
     _installed = True
     read_msg, validate_crc, iterate, next_record = batch._read_msg, batch.validate_crc, batch.__iter__, batch.__next__
 
-    def _read_msg(self, *args, **kwargs):
+    # kafka-python is untyped: its batches and records are Any here
+    def _read_msg(self: Any, *args: Any, **kwargs: Any) -> Any:
         start = self._pos
         try:
             return read_msg(self, *args, **kwargs)
@@ -57,16 +60,16 @@ def install() -> None:
         except (CorruptRecordError, ValueError, IndexError) as exc:
             return _placeholder(self, start, exc)
 
-    def _validate_crc(self):
+    def _validate_crc(self: Any) -> bool:
         if not validate_crc(self):
             last = self.base_offset + self.last_offset_delta
             _failed_crc[id(self)] = f"record batch at offsets {self.base_offset}..{last} failed its CRC check"
         return True
 
-    def _iter(self):
+    def _iter(self: Any) -> Any:
         return self if id(self) in _failed_crc else iterate(self)  # do not decompress what failed its CRC
 
-    def _next(self):
+    def _next(self: Any) -> Any:
         reason = _failed_crc.pop(id(self), None)
         if reason is None:
             return next_record(self)
@@ -77,7 +80,7 @@ def install() -> None:
     batch._read_msg, batch.validate_crc, batch.__iter__, batch.__next__ = _read_msg, _validate_crc, _iter, _next
 
 
-def _placeholder(batch, start: int, exc: Exception):
+def _placeholder(batch: Any, start: int, exc: Exception) -> default_records.DefaultRecord:
     """What is left of an unparseable record: its offset and what was wrong. Raises if it cannot even be
     delimited (then nothing after it in the batch can be found either)."""
     buffer = batch._buffer
@@ -98,7 +101,7 @@ def _placeholder(batch, start: int, exc: Exception):
                    f"{type(exc).__name__}: {exc}")
 
 
-def _record(batch, offset: int, timestamp: int, error: str):
+def _record(batch: Any, offset: int, timestamp: int, error: str) -> default_records.DefaultRecord:
     header = (UNDECODABLE_RECORD_HEADER, error.encode("utf-8", "replace")[:MAX_ERROR_BYTES])
     return default_records.DefaultRecord(0, offset, timestamp, batch.timestamp_type, None, None, [header])
 

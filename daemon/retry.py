@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from daemon import kafka_io
 from daemon.config import Config
@@ -43,7 +44,7 @@ def readmit(cfg: Config, ledger: Ledger, bootstrap: str, request_id: str, reason
     return {"request_id": request_id, "status": "readmitted", "republished": copy is not None}
 
 
-def find_dead_letter(cfg: Config, bootstrap: str, request_id: str):
+def find_dead_letter(cfg: Config, bootstrap: str, request_id: str) -> ConsumerRecord | None:
     """The newest `engine_failed` dead letter of `request_id`, or None."""
     consumer = kafka_io.make_reader(cfg.kafka, bootstrap, allow_auto_create_topics=False)
     try:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,7 +31,11 @@ from daemon.adapter_state import AdapterSet
 from daemon.config import Config
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
 from daemon.models import new_router
-from detector import Encoder, RoutedModel, Routing
+from detector import Completion, Encoder, RoutedModel, Router, Routing
+
+if TYPE_CHECKING:  # imported where used: only `unlearnd serve` needs the web stack
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger("unlearnd.serve")
 
@@ -49,7 +54,7 @@ class Service:
         self.started = time.time()
 
     @property
-    def router(self):
+    def router(self) -> Router:
         return self.routed.router
 
     def route(self, texts_of_inputs: list[list[str]]) -> list[Routing]:
@@ -63,12 +68,12 @@ class Service:
             out.append(routing)
         return out
 
-    def listing(self) -> list[dict]:
+    def listing(self) -> list[dict[str, Any]]:
         return [{"adapter_id": aid, "path": str(ref.path), "sha256": ref.sha256, "created_at": ref.created_at,
                  "vectors": self.router.gates[aid].banks[0].ntotal}
                 for aid, ref in sorted(self.adapters.loaded.items()) if aid in self.router.gates]
 
-    def models(self) -> list[dict]:
+    def models(self) -> list[dict[str, Any]]:
         cards = [oai.model_card(self.model_name, root=self.root, parent=None, created=self.started)]
         for aid, ref in sorted(self.adapters.loaded.items()):
             cards.append(oai.model_card(aid, root=str(ref.path), parent=self.model_name,
@@ -79,23 +84,26 @@ class Service:
         return name in (None, "", self.model_name) or name in self.adapters.loaded
 
 
-def build_app(service: Service):
+def build_app(service: Service) -> FastAPI:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     app = FastAPI(title="unlearnd serve")
+    # Every route says response_model=None: its return annotation is for mypy, not a response model for FastAPI
+    # (handlers return plain dicts or Response objects, serialized as they are).
 
-    def fail(message: str, code: int = 400, kind: str = "invalid_request_error", param: str | None = None):
+    def fail(message: str, code: int = 400, kind: str = "invalid_request_error",
+             param: str | None = None) -> JSONResponse:
         return JSONResponse(oai.error(message, kind=kind, code=code, param=param), status_code=code)
 
     @app.exception_handler(RequestValidationError)
-    def invalid(_request: Request, exc: RequestValidationError):
+    def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return fail(f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
 
-    def refuse(body: oai._Body):
+    def refuse(body: oai._Body) -> JSONResponse | None:
         if service.route_only:
             return fail("route-only server: no model loaded", 409, "conflict_error")
         if not service.knows_model(body.model):
@@ -103,20 +111,20 @@ def build_app(service: Service):
         why = oai.unsupported(body)
         return fail(why) if why else None
 
-    def timed(completion):
+    def timed(completion: Completion) -> Completion:
         GENERATION_SECONDS.labels(service.model_name).observe(completion.seconds)
         return completion
 
-    def sse(events):
-        def body():
+    def sse(events: Iterable[dict[str, Any]]) -> StreamingResponse:
+        def body() -> Iterator[str]:
             for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(body: oai.ChatCompletionBody):
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(body: oai.ChatCompletionBody) -> Response | dict[str, Any]:
         if (refused := refuse(body)) is not None:
             return refused
         routed = service.routed
@@ -132,7 +140,7 @@ def build_app(service: Service):
         stream = routed.stream(prompt, routing, sampling)
         rid, created = oai.new_id("chatcmpl"), int(time.time())
 
-        def events():
+        def events() -> Iterator[dict[str, Any]]:
             yield oai.chat_chunk(rid, service.model_name, created, {"role": "assistant", "content": ""},
                                  unlearnd=oai.extra(routing))
             try:
@@ -140,15 +148,15 @@ def build_app(service: Service):
                     yield oai.chat_chunk(rid, service.model_name, created, {"content": piece})
             finally:
                 stream.close()
-            c = timed(stream.completion)
+            c = timed(cast(Completion, stream.completion))  # read to its end above: its completion is set
             yield oai.chat_chunk(rid, service.model_name, created, {}, c.finish_reason)
             if body.include_usage:
                 yield {**oai.chat_chunk(rid, service.model_name, created, {}), "choices": [], "usage": oai.usage([c])}
 
         return sse(events())
 
-    @app.post("/v1/completions")
-    def completions(body: oai.CompletionBody):
+    @app.post("/v1/completions", response_model=None)
+    def completions(body: oai.CompletionBody) -> Response | dict[str, Any]:
         if (refused := refuse(body)) is not None:
             return refused
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -168,7 +176,7 @@ def build_app(service: Service):
         stream = routed.stream(prompts[0], routings[0], sampling, templated=False)
         rid, created = oai.new_id("cmpl"), int(time.time())
 
-        def events():
+        def events() -> Iterator[dict[str, Any]]:
             yield oai.completion_chunk(rid, service.model_name, created, prompts[0] if body.echo else "",
                                        unlearnd=oai.extra(routings[0]))
             try:
@@ -176,18 +184,18 @@ def build_app(service: Service):
                     yield oai.completion_chunk(rid, service.model_name, created, piece)
             finally:
                 stream.close()
-            c = timed(stream.completion)
+            c = timed(cast(Completion, stream.completion))  # read to its end above: its completion is set
             yield oai.completion_chunk(rid, service.model_name, created, "", c.finish_reason,
                                        **({"usage": oai.usage([c])} if body.include_usage else {}))
 
         return sse(events())
 
-    @app.get("/v1/models")
-    def models():
+    @app.get("/v1/models", response_model=None)
+    def models() -> dict[str, Any]:
         return {"object": "list", "data": service.models()}
 
-    @app.post("/v1/route")
-    def route(body: oai.RouteBody):
+    @app.post("/v1/route", response_model=None)
+    def route(body: oai.RouteBody) -> Response | dict[str, Any]:
         if (body.texts is None) == (body.messages is None):
             return fail("give exactly one of texts, messages")
         if body.messages is not None:
@@ -197,17 +205,17 @@ def build_app(service: Service):
         routings = service.route([[t] for t in body.texts])
         return {"routes": [r.gate_weights for r in routings]}
 
-    @app.get("/v1/adapters")
-    def adapters():
+    @app.get("/v1/adapters", response_model=None)
+    def adapters() -> dict[str, Any]:
         return {"model": service.model_name, "adapters": service.listing()}
 
-    @app.get("/healthz")
-    def healthz():
+    @app.get("/healthz", response_model=None)
+    def healthz() -> JSONResponse:
         ok, report = service.adapters.health()
         return JSONResponse({"ok": ok, "model": service.model_name, **report}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    def metrics():
+    @app.get("/metrics", response_model=None)
+    def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -155,7 +155,7 @@ class RoutedModel:
         """Adapters the router can send inputs to (loaded, or loaded on first use)."""
         return sorted(self.router.gates)
 
-    def release(self):
+    def release(self) -> torch.nn.Module:
         """Remove every LoRA layer and return the plain base model (weights untouched)."""
         from peft import PeftModel
 
