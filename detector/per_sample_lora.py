@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora import LoraLayer
 
+from adapters.devices import device_of
+
 
 def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -36,7 +38,7 @@ def _scale_rows(weights: torch.Tensor):
     def hook(_module, _inputs, output):
         b = output.shape[0]
         w = weights if b == len(weights) else weights.repeat_interleave(b // len(weights))  # beams / n>1
-        return output * w.to(output.dtype).view(b, *([1] * (output.dim() - 1)))
+        return output * w.to(output.device, output.dtype).view(b, *([1] * (output.dim() - 1)))
 
     return hook
 
@@ -69,7 +71,7 @@ def per_sample_adapters(model, routes: Sequence[dict[str, float]], *, merge: boo
     handles = []
     try:
         for name in used:
-            w = torch.tensor([float(r.get(name, 0.0)) for r in routes])
+            w = torch.tensor([float(r.get(name, 0.0)) for r in routes], device=device_of(model))
             for layer in _lora_layers(model):
                 if name in layer.lora_B:
                     handles.append(layer.lora_B[name].register_forward_hook(_scale_rows(w)))

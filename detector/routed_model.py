@@ -328,7 +328,7 @@ class TextStream:
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         self._output: dict = {}
         self._thread = threading.Thread(target=self._run, args=(StoppingCriteriaList([_Cancelled()]),),

@@ -45,7 +45,8 @@ def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
     """
     worst, fro = 0.0, []
     for key in a.keys() & b.keys():
-        x, y = a[key], b[key]
+        x = a[key]
+        y = b[key].to(x.device, x.dtype)  # a saved adapter (CPU) against one just trained (the model's device)
         cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
         worst = max(worst, cos.abs().max().item())
         fro.append(((x @ y.T).norm() / (x.norm() * y.norm()).clamp(min=1e-12)).item())

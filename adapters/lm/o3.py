@@ -211,7 +211,9 @@ class O3Engine(Engine):
                 extra_loss=(lambda: cfg.orthogonality * penalty()) if earlier and cfg.orthogonality else None,
                 on_epoch=progress,
             )
-            state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            # The change leaves the engine on the CPU, whatever the model's device: it is saved, hashed and compared
+            state = {k: v.detach().to("cpu", copy=True).contiguous()
+                     for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
         finally:
             peft_model.unload()  # remove the LoRA layers: the base model is exactly as it was

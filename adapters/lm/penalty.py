@@ -35,7 +35,7 @@ def looped_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers:
     pairs = [(new, old.to(new.device, new.dtype)) for _, new, olds in _pairs(peft_model, earlier) for old in olds]
 
     def penalty() -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=pairs[0][0].device if pairs else None)
         for new, old in pairs:
             total = total + ((old @ new.T) ** 2).sum()
         return total / max(n_layers, 1)
@@ -49,7 +49,7 @@ def batched_penalty(peft_model, earlier: list[dict[str, torch.Tensor]], n_layers
     Returns a zero-argument callable (evaluated every training step; gradients flow into the live lora_A)."""
     groups: dict[tuple, tuple[list[torch.nn.Parameter], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for _, new, olds in _pairs(peft_model, earlier):
-        stacked = torch.cat(olds).to(new.device, new.dtype)  # (sum r_i, in_features), frozen
+        stacked = torch.cat([o.to(new.device, new.dtype) for o in olds])  # (sum r_i, in_features), frozen
         news, frozen = groups[(tuple(stacked.shape), tuple(new.shape))]
         news.append(new)
         frozen.append(stacked)
