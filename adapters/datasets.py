@@ -25,7 +25,13 @@ class LabeledSet:
         return len(self.y)
 
     def subset(self, mask_or_index: torch.Tensor) -> LabeledSet:
-        return LabeledSet(self.x[mask_or_index], self.y[mask_or_index], self.ids[mask_or_index])
+        rows = mask_or_index.to(self.x.device)
+        return LabeledSet(self.x[rows], self.y[rows], self.ids[mask_or_index.to(self.ids.device)])
+
+    def to(self, device: torch.device | str) -> LabeledSet:
+        """The rows with x and y on `device` (a model's, for its forward passes). The ids stay on the CPU: they
+        are bookkeeping that requests, the ledger and `select_ids` compare with CPU tensors."""
+        return LabeledSet(self.x.to(device), self.y.to(device), self.ids)
 
     def select_ids(self, ids) -> LabeledSet:
         return self.subset(torch.isin(self.ids, torch.as_tensor(list(ids), dtype=torch.int64)))
@@ -43,7 +49,7 @@ class LabeledSet:
         return self.subset(torch.randperm(len(self), generator=g)[:n])
 
     def save(self, path: Path) -> None:
-        save_file({"x": self.x.contiguous(), "y": self.y, "ids": self.ids}, str(path))
+        save_file({"x": self.x.cpu().contiguous(), "y": self.y.cpu(), "ids": self.ids.cpu()}, str(path))
 
     @classmethod
     def load(cls, path: Path) -> LabeledSet:

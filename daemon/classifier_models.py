@@ -4,6 +4,9 @@ ModelRegistry (daemon/models.py) hands models of kind "classifier" to this strat
 artifact store, per model: the registered training rows (`dataset/registered`, stable ids that requests name)
 and the versions (`versions/vNNNN/model.safetensors`; the architecture in the ledger's `info`). Every change is a
 new version; rollback makes an earlier one the head again.
+
+Weights and the rows an engine reads live on the model's `device` (models.<name>.device); the files are the same
+whatever the device. Classifiers train and unlearn in float32 (`dtypes`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from adapters import datasets
 from adapters.base import Change
 from adapters.classifier import model as classifier
+from adapters.devices import resolve_device
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind
@@ -33,6 +37,11 @@ class ClassifierModels(ModelKind):
     def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
         self._cache: dict[str, tuple[str, classifier.ClassifierTarget]] = {}  # model -> (head id, target)
+
+    # A classifier's engines step its weights themselves (IAU one calibrated Adam step, SalUn SGD): a bfloat16
+    # weight cannot hold a change below 0.4 % of its value (8 bits of mantissa), so most of such a step would
+    # round away. Its gradient sums (IAU's cache subtracts the forget rows' share from them) need float32 too.
+    dtypes = ("float32",)
 
     # --- bootstrap ------------------------------------------------------------------------------------------
 
@@ -53,7 +62,7 @@ class ClassifierModels(ModelKind):
                             "test_rows": len(split.test)})
         arch = {"arch": b.arch, "input_shape": list(split.input_shape), "hidden": list(b.hidden),
                 "num_classes": split.num_classes, "init_seed": b.seed}
-        module = classifier.build(arch)
+        module = classifier.build(arch).to(resolve_device(spec.device))
         log.info("bootstrapping %s: training a %s on %d %s samples (%d epochs, gradient restriction alpha=%g)",
                  name, b.arch, len(split.train), b.dataset, b.epochs, b.gr_alpha)
         from tqdm import tqdm
@@ -91,8 +100,9 @@ class ClassifierModels(ModelKind):
         data = cached[1].data if cached else datasets.Split.load(
             self.store.path(name, "dataset", DATASET_ID), meta["num_classes"], tuple(meta["input_shape"]))
         arch = head.info["spec"]
+        device = resolve_device(self.registry.spec(name).device)
         target = classifier.ClassifierTarget(name=name, version=head.id, spec=arch,
-                                             model=classifier.load_weights(arch, Path(head.path)), data=data,
+                                             model=classifier.load_weights(arch, Path(head.path), device), data=data,
                                              forgotten=self.ledger.forgotten_ids(name, head.id))
         self._cache[name] = (head.id, target)
         return target

@@ -179,7 +179,8 @@ class Model(_Section):
     # steps = 50. Keys are the engine's Config fields for this model's kind.
     methods: dict[str, dict[str, Any]] = {}
     # Where the model, its engines, the detector encoder and serving run (adapters.devices): "auto" (a CUDA GPU
-    # when torch sees one, else the CPU), "cpu", "cuda", "cuda:N"; and the weights' precision (causal_lm).
+    # when torch sees one, else the CPU), "cpu", "cuda", "cuda:N"; and the weights' precision (causal_lm; the other
+    # kinds take float32 only, ModelKind.dtypes). Both are checked at start-up (ModelRegistry.check_methods).
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

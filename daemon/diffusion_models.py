@@ -9,6 +9,9 @@ the version's recognition in the ledger's `info`). Rollback is the registry's, a
 A DDPM trains for minutes, so by default it is built in the background once the daemon is consuming
 (models.<name>.bootstrap.when); until its first version exists, `target()` raises ModelNotReady, a transient
 condition: the daemon pauses and retries the request, never fails or loses it.
+
+The DDPM, its judge and the rows an engine reads live on the model's `device` (models.<name>.device); the files
+are the same whatever the device. A DDPM trains and unlearns in float32 (`dtypes`, as for classifiers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from adapters.base import Change, Forget, InvalidForget
+from adapters.devices import resolve_device
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind
@@ -67,6 +71,8 @@ def recipe(spec: Model) -> DemoRecipe | None:
 
 class DiffusionModels(ModelKind):
     """Per-kind strategy of ModelRegistry for class-conditional DDPMs."""
+
+    dtypes = ("float32",)  # training steps and SalUn's masked Adam steps on the weights themselves
 
     def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
@@ -119,7 +125,8 @@ class DiffusionModels(ModelKind):
         log.info("bootstrapping %s: training a class-conditional DDPM (%dx%d, channels %s) on %d %s rows for %d steps, "
                  "then its judge; requests for it wait until it is ready", name, r.spec.resolution, r.spec.resolution,
                  list(r.spec.channels), len(split.train), r.dataset, r.train.steps)
-        built = demo.bootstrap(r, data=split, on_progress=_progress_logger(name), stop=stop)
+        built = demo.bootstrap(r, data=split, on_progress=_progress_logger(name), stop=stop,
+                               device=resolve_device(spec.device))
         self.store.publish(name, "dataset", DATASET_ID, split.save,
                            {"dataset": r.dataset, "num_classes": split.num_classes,
                             "input_shape": list(split.input_shape), "train_rows": len(split.train),
@@ -152,15 +159,17 @@ class DiffusionModels(ModelKind):
         cached = self._cache.get(name)
         if cached and cached[0] == row.id:
             return cached[1]
+        device = resolve_device(self.registry.spec(name).device)
         if cached:
             data, judge_model = cached[1].data, cached[1].judge
         else:
             meta = self.store.meta(name, "dataset", DATASET_ID)
             data = datasets.Split.load(self.store.path(name, "dataset", DATASET_ID), meta["num_classes"],
                                        tuple(meta["input_shape"]))
-            judge_model = judge.load_judge(self.store.meta(name, *JUDGE)["spec"], self.store.path(name, *JUDGE))
+            judge_model = judge.load_judge(self.store.meta(name, *JUDGE)["spec"], self.store.path(name, *JUDGE),
+                                           device)
         loaded = target.load_target(name, row.id, Path(row.path), row.info, data, judge_model,
-                                    forgotten=self.ledger.forgotten_ids(name, row.id))
+                                    forgotten=self.ledger.forgotten_ids(name, row.id), device=device)
         if version is None:
             self._cache[name] = (row.id, loaded)
         return loaded

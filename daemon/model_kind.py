@@ -30,6 +30,10 @@ DATASET_ID = "registered"  # the store's id of a model's registered training row
 class ModelKind(ABC):
     """The per-kind strategy of ModelRegistry: one instance per registry, shared by every model of the kind."""
 
+    #: The `models.<name>.dtype` values the kind runs in (checked at start-up): kinds whose engines change the
+    #: served weights themselves keep them float32.
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
 

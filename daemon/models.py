@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Change, Engine, Forget, config_from_mapping, engine_class
+from adapters.devices import resolve_device
 from adapters.store import ArtifactStore
 from daemon import failpoints
 from daemon.classifier_models import ClassifierModels
@@ -69,9 +70,17 @@ class ModelRegistry:
         return requested or self.spec(name).default_method(forget_kind)
 
     def check_methods(self) -> None:
-        """Start-up check: every model's default methods are engines for its kind (raises ConfigError). Not run
-        by CLI commands that build a registry, since it imports every engine named (an LM engine imports peft)."""
+        """Start-up check: every model's default methods are engines for its kind and its device exists here
+        (raises ConfigError). Not run by CLI commands that build a registry, since it imports every engine named
+        (an LM engine imports peft)."""
         for name, spec in self.config.models.items():
+            try:
+                resolve_device(spec.device)  # "cuda" without a GPU fails the start, never runs on the CPU instead
+            except RuntimeError as exc:
+                raise ConfigError(f"models.{name}.device: {exc}") from None
+            if spec.dtype not in self.kind_strategy(name).dtypes:
+                raise ConfigError(f"models.{name}.dtype: {spec.kind} models train and unlearn in "
+                                  f"{' or '.join(self.kind_strategy(name).dtypes)}, not {spec.dtype}")
             for forget_kind in (None, *spec.method_by_forget):
                 method = spec.default_method(forget_kind)
                 where = f"method_by_forget.{forget_kind}" if forget_kind else "method"

@@ -46,8 +46,9 @@ from torch import nn
 
 from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
-from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad
+from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad, state_of
 from adapters.datasets import LabeledSet
+from adapters.devices import device_of
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ class _GradCache:
 
     model: nn.Module  # identity of the version described (a strong reference keeps `is` meaningful)
     forgotten: frozenset[int]
-    grad_sum: list[torch.Tensor]  # sum over the remaining rows of per-row mean-CE gradients
+    grad_sum: list[torch.Tensor]  # sum over the remaining rows of per-row mean-CE gradients (on the model's device)
     n: int  # remaining rows
     test_acc: float  # held-out accuracy of this version on the test probe (the criterion's reference)
 
@@ -101,8 +102,12 @@ class IAUEngine(ClassifierEngine):
         t0 = time.perf_counter()
         cfg = self.config
         forget_rows, remaining, skipped = target.split(forget)
-        retain_probe = remaining.sample(cfg.measure_cap)
-        test_probe = target.data.test.sample(cfg.measure_cap)
+        # The rows every trial step reads go to the model's device once; the remaining set (read once, for its
+        # gradient) moves a batch at a time.
+        device = device_of(target.model)
+        forget_rows = forget_rows.to(device)
+        retain_probe = remaining.sample(cfg.measure_cap).to(device)
+        test_probe = target.data.test.sample(cfg.measure_cap).to(device)
 
         model = target.copy_model()
         cache = self._cached(target)
@@ -139,8 +144,7 @@ class IAUEngine(ClassifierEngine):
         if cfg.cached_gradient:  # the next request's gradient, computed off the request path
             self._refresh(target.name, model, target.forgotten | frozenset(forget_rows.ids.tolist()), remaining,
                           target.data.test.sample(cfg.measure_cap))
-        return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, model=model,
-                            forgotten_ids=tuple(forget_rows.ids.tolist()))
+        return WeightChange(state_of(model), metrics, model=model, forgotten_ids=tuple(forget_rows.ids.tolist()))
 
     def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion without costing more than
@@ -255,9 +259,10 @@ def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int =
     module.eval()
     params = list(module.parameters())
     total, logits = [torch.zeros_like(p) for p in params], []
+    device = device_of(module)
     for start in range(0, len(rows), batch_size):
-        out = module(rows.x[start:start + batch_size])
-        loss = F.cross_entropy(out, rows.y[start:start + batch_size], reduction="sum") / len(rows)
+        out = module(rows.x[start:start + batch_size].to(device))
+        loss = F.cross_entropy(out, rows.y[start:start + batch_size].to(device), reduction="sum") / len(rows)
         for acc, g in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += g
         logits.append(out.detach())

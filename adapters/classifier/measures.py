@@ -11,25 +11,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.datasets import LabeledSet
+from adapters.devices import device_of
 
 
 @torch.no_grad()
 def predict(model: nn.Module, rows: LabeledSet, batch_size: int = 4096) -> torch.Tensor:
+    """The model's logits for `rows`, on the model's device (rows move there a batch at a time)."""
     model.eval()
-    return torch.cat([model(rows.x[i:i + batch_size]) for i in range(0, len(rows), batch_size)]) if len(rows) else \
-        torch.empty(0)
+    device = device_of(model)
+    return torch.cat([model(rows.x[i:i + batch_size].to(device)) for i in range(0, len(rows), batch_size)]) \
+        if len(rows) else torch.empty(0, device=device)
 
 
 def accuracy(model: nn.Module, rows: LabeledSet) -> float:
     if len(rows) == 0:
         return float("nan")
-    return float((predict(model, rows).argmax(1) == rows.y).float().mean())
+    logits = predict(model, rows)
+    return float((logits.argmax(1) == rows.y.to(logits.device)).float().mean())
 
 
 def mean_loss(model: nn.Module, rows: LabeledSet) -> float:
     if len(rows) == 0:
         return float("nan")
-    return float(F.cross_entropy(predict(model, rows), rows.y))
+    logits = predict(model, rows)
+    return float(F.cross_entropy(logits, rows.y.to(logits.device)))
 
 
 def accuracies(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet) -> dict[str, float]:

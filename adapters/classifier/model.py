@@ -21,6 +21,7 @@ from torch import nn
 
 from adapters.base import Change, Engine, Forget, InvalidForget, NothingToForget
 from adapters.datasets import LabeledSet, Split
+from adapters.devices import device_of
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -73,20 +74,22 @@ def _construct(spec: dict) -> nn.Module:
 
 
 def with_weights(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The architecture of `spec` holding exactly `state`. Built on the meta device, so no random
-    initialisation is computed only to be overwritten (it was a third of a request's overhead)."""
+    """The architecture of `spec` holding exactly `state`, on the state's device. Built on the meta device, so no
+    random initialisation is computed only to be overwritten (it was a third of a request's overhead)."""
     with torch.device("meta"):
         module = _construct(spec)  # no seeding either: torch.manual_seed formats stack traces per device type
     module.load_state_dict(state, assign=True)
     return module.eval()
 
 
-def load_weights(spec: dict, directory: Path) -> nn.Module:
-    return with_weights(spec, load_file(str(directory / WEIGHTS_FILE)))
+def load_weights(spec: dict, directory: Path, device: torch.device | str = "cpu") -> nn.Module:
+    """A version's weights, read straight onto `device` (the model's configured device)."""
+    return with_weights(spec, load_file(str(directory / WEIGHTS_FILE), device=str(device)))
 
 
 def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    """A copy of the module's weights on the CPU, as they are saved: the file is the same whatever the device."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
 class WeightChange(Change):
@@ -96,8 +99,9 @@ class WeightChange(Change):
 
     def __init__(self, state: dict[str, torch.Tensor], metrics: dict[str, float], *, model: nn.Module | None = None,
                  **kw):
-        """`model`, when the engine has it, is a module holding exactly `state` that the engine will not touch
-        again; it saves rebuilding one for the next request."""
+        """`state`: the weights on the CPU (`state_of`), as saved. `model`, when the engine has it, is a module on
+        the model's device holding exactly `state` that the engine will not touch again; it saves rebuilding one
+        for the next request."""
         super().__init__(metrics, **kw)
         self.state = state
         self._model = model
@@ -199,9 +203,10 @@ def train_gr(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) \
         if schedule == "cosine" else None
     params = [p for p in module.parameters() if p.requires_grad]
+    train = train.to(device_of(module))
     module.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=g)
+        order = torch.randperm(len(train), generator=g).to(train.x.device)  # drawn on the CPU: same on any device
         total = 0.0
         for start in range(0, len(train), batch_size):
             idx = order[start:start + batch_size]
@@ -222,12 +227,14 @@ def train_gr(
 
 
 def mean_loss_grad(module: nn.Module, rows: LabeledSet, batch_size: int = 2048) -> list[torch.Tensor]:
-    """Gradient of the mean cross-entropy over `rows`, one tensor per parameter (summed over batches)."""
+    """Gradient of the mean cross-entropy over `rows`, one tensor per parameter (summed over batches), on the
+    module's device."""
     params = [p for p in module.parameters()]
     total = [torch.zeros_like(p) for p in params]
-    for start in range(0, len(rows), batch_size):
+    device = device_of(module)
+    for start in range(0, len(rows), batch_size):  # rows move a batch at a time (a no-op when already there)
         sl = slice(start, start + batch_size)
-        loss = F.cross_entropy(module(rows.x[sl]), rows.y[sl], reduction="sum") / len(rows)
+        loss = F.cross_entropy(module(rows.x[sl].to(device)), rows.y[sl].to(device), reduction="sum") / len(rows)
         for acc, gr in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += gr
     return total

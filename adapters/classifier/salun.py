@@ -49,8 +49,9 @@ from torch import nn
 
 from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
-from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange
+from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, state_of
 from adapters.datasets import LabeledSet
+from adapters.devices import device_of
 
 
 @dataclasses.dataclass
@@ -79,12 +80,14 @@ class SalUnConfig:
 def saliency_mask(
     model: nn.Module, forget_rows: LabeledSet, ratio: float, batch_size: int = 2048
 ) -> list[torch.Tensor]:
-    """1 where |grad of -CE(forget)| is in the global top `ratio` share across all parameters, else 0."""
+    """1 where |grad of -CE(forget)| is in the global top `ratio` share across all parameters, else 0 (on the
+    model's device)."""
     params = list(model.parameters())
     grads = [torch.zeros_like(p) for p in params]
+    device = device_of(model)
     for start in range(0, len(forget_rows), batch_size):
         sl = slice(start, start + batch_size)
-        loss = -F.cross_entropy(model(forget_rows.x[sl]), forget_rows.y[sl], reduction="sum")
+        loss = -F.cross_entropy(model(forget_rows.x[sl].to(device)), forget_rows.y[sl].to(device), reduction="sum")
         for acc, g in zip(grads, torch.autograd.grad(loss, params), strict=True):
             acc += g
     flat = torch.cat([g.abs().flatten() for g in grads])
@@ -94,9 +97,10 @@ def saliency_mask(
 
 
 def random_other_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """A uniformly random label different from each true label."""
+    """A uniformly random label different from each true label (drawn by a CPU generator, so the same labels on
+    any device)."""
     shift = torch.randint(1, num_classes, y.shape, generator=generator)
-    return (y + shift) % num_classes
+    return (y + shift.to(y.device)) % num_classes
 
 
 @register
@@ -110,8 +114,12 @@ class SalUnEngine(ClassifierEngine):
         t0 = time.perf_counter()
         cfg = self.config
         forget_rows, remaining, skipped = target.split(forget)
-        retain_probe = remaining.sample(cfg.measure_cap)
-        test_probe = target.data.test.sample(cfg.measure_cap)
+        # Rows go to the model's device once per use: the forget rows and probes for the request, the retain rows
+        # (at most retain_cap) per epoch.
+        device = device_of(target.model)
+        forget_rows = forget_rows.to(device)
+        retain_probe = remaining.sample(cfg.measure_cap).to(device)
+        test_probe = target.data.test.sample(cfg.measure_cap).to(device)
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)
         reference = cfg.class_forget_max if forget.kind == "class" else before["test_acc"]
 
@@ -125,8 +133,8 @@ class SalUnEngine(ClassifierEngine):
         relabeled = LabeledSet(forget_rows.x, random_other_labels(forget_rows.y, target.data.num_classes, g),
                                forget_rows.ids)
         epochs_run, repair_run = 0, 0
-        retain_rows = lambda epoch: remaining if cfg.retain_cap <= 0 else \
-            remaining.sample(cfg.retain_cap, seed=cfg.seed + epoch)  # noqa: E731
+        retain_rows = lambda epoch: (remaining if cfg.retain_cap <= 0 else  # noqa: E731
+                                     remaining.sample(cfg.retain_cap, seed=cfg.seed + epoch)).to(device)
         for epoch in range(cfg.epochs):
             self._masked_pass(model, opt, relabeled, mask, theta0, g)
             self._masked_pass(model, opt, retain_rows(epoch), mask, theta0, g)
@@ -146,8 +154,7 @@ class SalUnEngine(ClassifierEngine):
             "masked_share": float(sum(m.sum() for m in mask) / sum(m.numel() for m in mask)),
             "engine_seconds": time.perf_counter() - t0,
         }
-        return WeightChange({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, model=model,
-                            forgotten_ids=tuple(forget_rows.ids.tolist()))
+        return WeightChange(state_of(model), metrics, model=model, forgotten_ids=tuple(forget_rows.ids.tolist()))
 
     def _repair(self, model, opt, mask, theta0, generator, retain_rows, epoch, forget_rows, retain_probe,
                 reference) -> int:
@@ -167,7 +174,7 @@ class SalUnEngine(ClassifierEngine):
 
     def _masked_pass(self, model, opt, rows: LabeledSet, mask, theta0, generator) -> None:
         model.train()
-        order = torch.randperm(len(rows), generator=generator)
+        order = torch.randperm(len(rows), generator=generator).to(rows.x.device)  # CPU draws: same on any device
         for start in range(0, len(rows), self.config.batch_size):
             idx = order[start:start + self.config.batch_size]
             loss = F.cross_entropy(model(rows.x[idx]), rows.y[idx])

@@ -116,14 +116,16 @@ def with_weights(spec: DDPMSpec, state: dict[str, torch.Tensor]) -> UNet2DModel:
     return module.eval()
 
 
-def load_weights(spec: DDPMSpec, path) -> UNet2DModel:
+def load_weights(spec: DDPMSpec, path, device: torch.device | str = "cpu") -> UNet2DModel:
+    """A version's weights, read straight onto `device` (the model's configured device)."""
     from safetensors.torch import load_file
 
-    return with_weights(spec, load_file(str(path)))
+    return with_weights(spec, load_file(str(path), device=str(device)))
 
 
 def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    """A copy of the module's weights on the CPU, as they are saved: the file is the same whatever the device."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
 # ---- schedules and pixels -------------------------------------------------------------------------------------

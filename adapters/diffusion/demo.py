@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from diffusers import UNet2DModel
 from torch import nn
 
@@ -64,9 +65,9 @@ class DemoModel:
 
 
 def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on_progress: Progress | None = None,
-              stop: threading.Event | None = None) -> DemoModel:
-    """Train the demo DDPM and its judge on the registered rows (`data`, default: the recipe's data set).
-    Raises training.TrainingStopped when `stop` is set before it finishes."""
+              stop: threading.Event | None = None, device: torch.device | str = "cpu") -> DemoModel:
+    """Train the demo DDPM and its judge on the registered rows (`data`, default: the recipe's data set), on
+    `device`. Raises training.TrainingStopped when `stop` is set before it finishes."""
     recipe = recipe or DemoRecipe()
     spec = dataclasses.replace(recipe.spec, init_seed=recipe.seed)
     data = data if data is not None else datasets.DATASETS[recipe.dataset](seed=recipe.seed)
@@ -75,7 +76,7 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
     report = on_progress or (lambda stage, done, total: None)
     t0, cpu0 = time.perf_counter(), time.process_time()
 
-    model = ddpm.build(spec)
+    model = ddpm.build(spec).to(device)  # initialised on the CPU: the same first weights on any device
     losses: list[float] = []
 
     def on_step(step: int, total: int, loss: float) -> None:
@@ -89,7 +90,8 @@ def bootstrap(recipe: DemoRecipe | None = None, *, data: Split | None = None, on
     if stop is not None and stop.is_set():
         raise training.TrainingStopped("stopped before training the judge")
     judge_model = judge.train_judge(spec, data.train, epochs=recipe.judge_epochs, seed=recipe.seed,
-                                    on_epoch=lambda epoch, loss: report("judge", epoch + 1, recipe.judge_epochs))
+                                    on_epoch=lambda epoch, loss: report("judge", epoch + 1, recipe.judge_epochs),
+                                    device=device)
     report("measure", 0, 1)
     recognition = measures.recognition(model, spec, judge_model, recipe.measure)
     report("measure", 1, 1)

@@ -36,10 +36,12 @@ def as_judge_input(rows: LabeledSet, spec: ddpm.DDPMSpec) -> LabeledSet:
 
 
 def train_judge(spec: ddpm.DDPMSpec, rows: LabeledSet, *, epochs: int = 20, seed: int = 0,
-                on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+                on_epoch: Callable[[int, float], None] | None = None,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """The judge, trained on `device` (its DDPM's)."""
     if not spec.conditional:
         raise ValueError("a judge needs a class-conditional model")
-    module = classifier.build(judge_spec(spec, seed))
+    module = classifier.build(judge_spec(spec, seed)).to(device)
     return classifier.train_gr(module, as_judge_input(rows, spec), epochs=epochs, alpha=0.0, seed=seed,
                                on_epoch=on_epoch)
 
@@ -48,8 +50,8 @@ def save_judge(module: nn.Module, directory: Path) -> None:
     save_file(classifier.state_of(module), str(Path(directory) / JUDGE_FILE))
 
 
-def load_judge(spec: dict, directory: Path) -> nn.Module:
-    return classifier.with_weights(spec, load_file(str(Path(directory) / JUDGE_FILE)))
+def load_judge(spec: dict, directory: Path, device: torch.device | str = "cpu") -> nn.Module:
+    return classifier.with_weights(spec, load_file(str(Path(directory) / JUDGE_FILE), device=str(device)))
 
 
 @torch.no_grad()

@@ -117,8 +117,10 @@ class DDPMWeightChange(WeightChange):
 
 
 def load_target(name: str, version: str, version_dir: Path, info: dict, data: Split, judge: nn.Module,
-                forgotten: frozenset[int] = frozenset()) -> DiffusionTarget:
-    """A target from a stored version: its directory (model.safetensors) and its info (spec, recognition)."""
+                forgotten: frozenset[int] = frozenset(), device: torch.device | str = "cpu") -> DiffusionTarget:
+    """A target from a stored version: its directory (model.safetensors) and its info (spec, recognition), with
+    the weights on `device`."""
     spec = ddpm.DDPMSpec.from_dict(info["spec"])
-    return DiffusionTarget(name, version, spec, ddpm.load_weights(spec, Path(version_dir) / ddpm.WEIGHTS_FILE),
+    return DiffusionTarget(name, version, spec,
+                           ddpm.load_weights(spec, Path(version_dir) / ddpm.WEIGHTS_FILE, device),
                            data, judge, frozenset(forgotten), Recognition.from_dict(info.get("recognition")))

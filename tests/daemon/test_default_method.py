@@ -89,3 +89,22 @@ def test_device_and_dtype_keys(tmp_path):
         config_mod.load(_config(tmp_path, 'device = "gpu"'), env={})
     with pytest.raises(config_mod.ConfigError, match="models.m.dtype"):
         config_mod.load(_config(tmp_path, 'dtype = "int8"'), env={})
+
+
+def test_a_classifier_device_is_checked_at_start_up_and_its_weights_stay_float32(tmp_path):
+    import torch
+
+    from adapters.store import ArtifactStore
+    from daemon.ledger import Ledger
+    from daemon.models import ModelRegistry
+
+    def registry(lines: str) -> ModelRegistry:
+        cfg = config_mod.load(_config(tmp_path, lines), env={})
+        return ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+
+    registry('device = "cpu"\ndtype = "float32"').check_methods()
+    with pytest.raises(config_mod.ConfigError, match="models.m.dtype: classifier models train and unlearn in float32"):
+        registry('dtype = "bfloat16"').check_methods()
+    if not torch.cuda.is_available():  # never a silent CPU instead
+        with pytest.raises(config_mod.ConfigError, match="models.m.device: .*no CUDA GPU"):
+            registry('device = "cuda"').check_methods()

@@ -53,6 +53,7 @@ def test_engine_settings_per_kind_and_per_model(tmp_path):
     ("ddpm = { resolutoin = 8 }", "", r"models.gen.bootstrap.ddpm: unknown key\(s\) \['resolutoin'\]"),
     ("[models.gen.methods.salun]\nepochs = 2", "", "models.gen: .*unknown key"),
     ("", 'method_by_forget = { sample_ids = "salun" }', "not forget kinds of a diffusion model"),
+    ("", 'dtype = "float16"', "models.gen.dtype: diffusion models train and unlearn in float32, not float16"),
 ])
 def test_bad_diffusion_settings_stop_start_up(tmp_path, extra, model_extra, message):
     with pytest.raises(config_mod.ConfigError, match=message):
