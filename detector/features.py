@@ -41,7 +41,10 @@ class Encoder:
                  model: torch.nn.Module | None = None, tokenizer=None, device: str | None = None):
         """`device` (adapters.devices): where a loaded encoder runs; None keeps a given `model` where it is and
         puts a loaded one on the CPU. Features always come back as float32 numpy arrays."""
-        path = Path(path) if path is not None else minilm_path()  # a label only when model+tokenizer given
+        given = model is not None and tokenizer is not None  # then `path` is only a label, and MiniLM not needed
+        if path is None and given:
+            path = Path(type(model).__name__)
+        path = Path(path) if path is not None else minilm_path()
         self.name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.model: Any = model if model is not None else AutoModel.from_pretrained(path)
