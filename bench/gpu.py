@@ -20,14 +20,15 @@ shape with random weights, which routes as fast as the trained one (the JSON's `
 Everything runs through the project's own code: `O3Engine.apply` for a request (21 QA pairs in both prompt layouts,
 LoRA r=8 on q,k,v,o,gate,up,down, the penalty against `--earlier` earlier adapters), `RoutedModel` for serving
 (route_chat + generate, as `unlearnd serve` does for a chat request; generate_batch for a mixed batch). Decode
-timings are medians over `--reps`, base measured before the adapters are loaded and again after they are released,
-the routed cases in between, interleaved. On CPU the O3 ratio uses process CPU seconds (one torch thread: immune to
-other processes on a shared machine); on CUDA wall seconds after a synchronise.
+timings are medians over `--reps`; every repetition times the base model (a copy that never gets an adapter) next to
+each routed case, so the machine's drift falls on both sides of a ratio. On CPU timings are process CPU seconds
+(one torch thread: immune to other processes on a shared machine); on CUDA wall seconds after a synchronise.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -195,8 +196,12 @@ def penalty_step_seconds(model, earlier, clock: Clock, reps: int) -> dict:
         peft_model.unload()
 
 
-def decode(routed, clock: Clock, args, dirs: dict[str, Path]) -> dict:
-    """Median seconds of `new_tokens` greedy tokens at batch 1 (and a batch of `batch`) per routing case."""
+def decode(routed, base, clock: Clock, args, dirs: dict[str, Path]) -> dict:
+    """Median seconds of `new_tokens` greedy tokens at batch 1 (and a batch of `batch`) per routing case.
+
+    `base` serves a copy of the model that never gets an adapter; every repetition times it next to the routed
+    cases (base, unrouted, one adapter, base batch, mixed batch), so drift of the machine (clocks, other
+    processes) falls on both sides of each ratio alike."""
     from detector.routed_model import Routing, Sampling
 
     messages = [{"role": "user", "content": QUESTION}]
@@ -204,59 +209,50 @@ def decode(routed, clock: Clock, args, dirs: dict[str, Path]) -> dict:
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=0)
     prompts = [routed.chat_prompt([{"role": "user", "content": f"{QUESTION} ({i})"}]) for i in range(args.batch)]
 
-    def one(routing):
+    def one(model, routing):
         t0 = clock.now()
-        c = routed.generate(prompt, routing, sampling)
+        c = model.generate(prompt, routing, sampling)
         assert c.completion_tokens == args.new_tokens, c.completion_tokens
         return clock.now() - t0, c.text
 
-    def batch(routings):
+    def batch(model, routings):
         t0 = clock.now()
-        texts = routed.generate_batch(prompts, routings, max_new_tokens=args.new_tokens)
+        texts = model.generate_batch(prompts, routings, max_new_tokens=args.new_tokens)
         return clock.now() - t0, texts
 
-    def base_phase(samples, texts):
-        for _ in range(args.reps):
-            s, text = one(Routing())
-            samples["base"].append(s)
-            texts["base"] = text
-            s, batch_texts = batch([Routing()] * args.batch)
-            samples["base_batch"].append(s)
-            texts["base_batch"] = batch_texts
-
-    samples = {k: [] for k in ("base", "base_batch", "unrouted", "one_adapter", "mixed_batch", "route")}
-    texts: dict = {}
-    # Warm-up: a GPU's clocks (and the host's) take seconds to settle; until then each decode is faster than the
-    # last, and whatever is timed first looks slow (the first H100 run drifted 1.21 s -> 0.62 s over ten decodes).
-    t_warm = time.perf_counter()
-    one(Routing())
-    while time.perf_counter() - t_warm < args.warmup_s:
-        one(Routing())
-        batch([Routing()] * args.batch)
-    base_phase(samples, texts)
     adapter_ids = list(dirs)
     for adapter_id, path in dirs.items():
         routed.add_adapter(adapter_id, path)
+    single = Routing({adapter_ids[0]: 1.0})
     mixed = [Routing({adapter_ids[i % len(adapter_ids)]: 1.0}) if i % 2 == 0 else Routing() for i in range(args.batch)]
-    one(Routing({adapter_ids[0]: 1.0}))  # warm-up of every routed path
-    one(Routing())
-    batch(mixed)
+    cases = {  # name -> one timed call; the order of a repetition
+        "base": lambda: one(base, Routing()),
+        "unrouted": lambda: one(routed, Routing()),
+        "one_adapter": lambda: one(routed, single),
+        "base_batch": lambda: batch(base, [Routing()] * args.batch),
+        "mixed_batch": lambda: batch(routed, mixed),
+    }
+    # Warm-up: every path once, then base decodes for `warmup_s` (a GPU's clocks take seconds to settle; the first
+    # H100 run drifted 1.21 s -> 0.62 s over its first ten decodes).
+    for case in cases.values():
+        case()
+    t_warm = time.perf_counter()
+    while time.perf_counter() - t_warm < args.warmup_s:
+        cases["base"]()
+    samples: dict[str, list[float]] = {k: [] for k in (*cases, "route")}
+    texts: dict = {}
     for _ in range(args.reps):
-        s, texts["unrouted"] = one(Routing())
-        samples["unrouted"].append(s)
+        for name, case in cases.items():
+            seconds, texts[name] = case()
+            samples[name].append(seconds)
         t0 = clock.now()
         routing = routed.route_chat(messages)
         samples["route"].append(clock.now() - t0)
-        s, _ = one(Routing({adapter_ids[0]: 1.0}))
-        samples["one_adapter"].append(s)
-        s, texts["mixed"] = batch(mixed)
-        samples["mixed_batch"].append(s)
     routed.release()
-    base_phase(samples, texts)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"seconds": med, "samples": samples, "routed_to": sorted(routing.gate_weights),
             "unrouted_token_identical": texts["unrouted"] == texts["base"],
-            "mixed_unrouted_rows_token_identical": all(texts["mixed"][i] == texts["base_batch"][i]
+            "mixed_unrouted_rows_token_identical": all(texts["mixed_batch"][i] == texts["base_batch"][i]
                                                        for i in range(1, args.batch, 2))}
 
 
@@ -316,8 +312,9 @@ def main(argv=None) -> dict:
             o3 = o3_runs(target, forget, args.o3_epochs, clock)
             _log(f"O3 requests: {json.dumps(o3)}", t_start)
             penalty = penalty_step_seconds(model, target.earlier_lora_A(), clock, reps=10 if args.quick else 30)
+        base = RoutedModel(copy.deepcopy(model), tok, Router(encoder))  # never gets an adapter
         routed = RoutedModel(model, tok, Router(encoder))
-        dec = decode(routed, clock, args, dirs)
+        dec = decode(routed, base, clock, args, dirs)
         _log(f"decode: {json.dumps(dec['seconds'])}", t_start)
     s = dec["seconds"]
     result = {
