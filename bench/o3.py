@@ -17,6 +17,7 @@ base model's by construction; the router decides how close real routing comes).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -192,11 +193,19 @@ def main(argv=None) -> dict:
 def run_paths(cache_root: Path, quick: bool, seed: int, p: dict) -> dict:
     """Where a run keeps its taught/reference models and its adapters (one per request, in request order);
     bench/router.py reads the same paths to measure routing end to end on this run's adapters."""
-    cache = cache_root / ("quick" if quick else "smollm2")
+    # The quick base is built by tests/tiny_models.py: a change there (its tokenizer, its chat template) must not
+    # reuse models taught on the old one, so its source's hash is part of the cache's name.
+    cache = cache_root / (f"quick-{_tiny_fingerprint()}" if quick else "smollm2")
     key = f"s{seed}-f{p['forget']}-r{p['retain']}-e{p['teach_epochs']}-lr{p['teach_lr']:g}"
     run = cache / f"run-{key}-o3e{p['o3_epochs']}-lr{p['o3_lr']:g}"
     return {"cache": cache, "reference": cache / f"reference-{key}", "taught": cache / f"taught-{key}", "run": run,
             "adapters": [run / "adapters" / f"r{i:02d}" for i in range(p["forget"])]}
+
+
+def _tiny_fingerprint() -> str:
+    import tests.tiny_models
+
+    return hashlib.sha256(Path(tests.tiny_models.__file__).read_bytes()).hexdigest()[:10]
 
 
 def _tiny_base(cache: Path) -> Path:
