@@ -34,6 +34,7 @@ from adapters.store import tree_sha256
 from daemon import kafka_io, liveness
 from daemon.config import Config, bootstrap_servers
 from daemon.ledger import read_adapters
+from daemon.ledger_backends import PostgresTarget
 from detector.gate import GATE_SUBDIR, has_gate
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class AdapterRef:
 class AdapterSet:
     """The adapters a `detector.RoutedModel` serves for one model, and what that set was decided from."""
 
-    def __init__(self, model: str, routed: RoutedModel, *, ledger_path: Path | None, reconcile_s: float,
+    def __init__(self, model: str, routed: RoutedModel, *, ledger_path: Path | PostgresTarget | None,
+                 reconcile_s: float,
                  lazy: bool = False):
         self.model = model
         self.routed = routed

@@ -44,11 +44,11 @@ from daemon.broker import EmbeddedBroker
 from daemon.config import Config, bootstrap_servers
 from daemon.connection import Connection
 from daemon.engine_configs import check_engines
-from daemon.ledger import Ledger
+from daemon.ledger import open_ledger
 from daemon.liveness import BrokerLost
 from daemon.models import ModelRegistry
 from daemon.outcomes import Outcomes
-from daemon.state_lock import StateLock
+from daemon.state_lock import state_lock
 from daemon.transient import Transient
 
 log = logging.getLogger("unlearnd")
@@ -72,9 +72,9 @@ class StopDuringStartup(BaseException):
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
-        self._state_lock = StateLock(config.state.ledger_path).acquire()  # first: nothing is touched before it
+        self._state_lock = state_lock(config.state).acquire()  # first: nothing is touched before it
         self.store = ArtifactStore(config.state.artifacts_path)
-        self.ledger = Ledger(config.state.ledger_path, config.state.ledger_synchronous)
+        self.ledger = open_ledger(config.state)
         self.registry = ModelRegistry(config, self.store, self.ledger)
         self.broker: EmbeddedBroker | None = None
         self.bootstrap_servers = bootstrap_servers(config)  # the embedded broker's loopback port, or the cluster

@@ -5,6 +5,10 @@ IAU): one engine step, one artifact, one ledger transaction, still one answer pe
 hand when a daemon died (a *suspect*) runs in a child process (daemon/isolation.py). An engine failure is retried
 with backoff up to `requests.max_attempts`; a transient condition (a full disk, a busy ledger) is raised as
 Transient for the loop to pause on, and counts against nothing.
+
+On a ledger shared by several replicas, another replica may get there first (a partition moved mid-request): a
+lost race on the head is rebuilt on the new head; a request another replica finished is answered from the ledger,
+never applied again.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from adapters.store import ArtifactStore
 from daemon import failpoints, isolation, metrics, transient
 from daemon.admission import Admitted
 from daemon.config import Config
-from daemon.ledger import Ledger
+from daemon.ledger import Ledger, LedgerConflict
 from daemon.liveness import BrokerLost
 from daemon.models import Committed, ModelRegistry
 from daemon.outcomes import Outcomes
@@ -53,7 +57,11 @@ class Applier:
         if attempt is None:
             self.registry.check_ready(request.model)  # still bootstrapping: pause, and no attempt is recorded
         self.outcomes.flush_before_engine(a.suspect or self.registry.engine(method, request.model).reports_progress)
-        attempt = attempt or self._begin_attempt(a)
+        try:
+            attempt = attempt or self._begin_attempt(a)
+        except LedgerConflict:
+            self._answer_from_ledger(a)
+            return
         log.info("request %s: %s on %s, forget %d %s (attempt %d%s)", rid, method, request.model,
                  request.forget.size(), a.forget.kind, attempt, ", isolated: it was in hand at a crash"
                  if a.suspect else "")
@@ -75,6 +83,12 @@ class Applier:
                 committed = self._commit_change(request.model, change, target, [a], {rid: duration})
                 failpoints.hit("after_ledger")
                 break
+            except LedgerConflict as exc:  # another replica sharing the ledger got there first
+                metrics.LEDGER_CONFLICTS.labels(request.model, type(exc).__name__).inc()
+                if self._answer_from_ledger(a):
+                    return
+                log.info("request %s: %s; rebuilding on the new head", rid, exc)
+                continue
             except NothingToForget as exc:
                 self.outcomes.unchanged(a, target, exc)
                 return
@@ -111,8 +125,13 @@ class Applier:
         isolated = any(a.suspect for a in group)  # one child for the group; if it dies, one child each
         model, method = group[0].request.model, group[0].method
         self.outcomes.flush_before_engine(isolated)
-        with self.ledger.transaction():
-            attempts = [self._begin_attempt(a) for a in group]
+        try:
+            with self.ledger.transaction():
+                attempts = [self._begin_attempt(a) for a in group]
+        except LedgerConflict:  # one of them was finished by another replica meanwhile: each on its own
+            for a in group:
+                self.apply(a)
+            return
         try:
             failpoints.hit("before_engine")
             target = self.registry.target(model)
@@ -142,6 +161,9 @@ class Applier:
             committed = self._commit_change(model, change, target, group, durations)
             failpoints.hit("after_ledger")
         except Exception as exc:  # e.g. one request names an unknown sample: let each succeed or fail alone
+            # (a LedgerConflict too: each request then re-reads the ledger and rebuilds, or answers from it)
+            if isinstance(exc, LedgerConflict):
+                metrics.LEDGER_CONFLICTS.labels(model, type(exc).__name__).inc()
             kind = transient.kind_of(exc)
             if kind is not None:
                 raise transient.as_transient(exc, kind) from exc
@@ -152,6 +174,17 @@ class Applier:
             return
         log.info("coalesced %d requests on %s into %s", len(group), model, committed.artifact_id)
         self.outcomes.applied(group, committed, change, target, durations)
+
+    def _answer_from_ledger(self, a: Admitted) -> bool:
+        """After a lost race on a shared ledger: if another replica finished the request, answer as it recorded
+        (never apply it again) and return True; False: it is still this replica's to apply, on the new head."""
+        row = self.ledger.get_request(a.request.request_id)
+        if row is None or row.status not in ("applied", "failed"):
+            return False
+        log.info("request %s was %s by another replica meanwhile; answering from the ledger",
+                 a.request.request_id, row.status)
+        self.outcomes.duplicate(row, a.msg)
+        return True
 
     def _begin_attempt(self, a: Admitted) -> int:
         return self.ledger.begin_attempt(

@@ -77,7 +77,7 @@ class ClassifierModels(ModelKind):
 
         metrics = {"train_acc": measures.accuracy(module, split.train),
                    "test_acc": measures.accuracy(module, split.test)}
-        version = self.ledger.next_id(name, "version")
+        version = self.ledger.allocate_id(name, "version")
         change = classifier.WeightChange(classifier.state_of(module), metrics)
         art = self.store.publish(name, "versions", version, change.save,
                                  {"spec": arch, "parent": None, "metrics": metrics})

@@ -55,12 +55,12 @@ def load_config(path: Path | None) -> config_mod.Config:
 
 def open_ledger(cfg: config_mod.Config) -> Ledger:
     """The daemon's ledger; an error (never a new empty ledger) when the daemon has not run with this config."""
-    from daemon.ledger import Ledger
+    from daemon.ledger import open_ledger
 
     path = cfg.state.ledger_path
-    if not path.is_file():
+    if not cfg.state.ledger_url and not path.is_file():
         fail(f"no ledger at {path}: the daemon has not run with {cfg.source} yet (`unlearnd run` creates it)")
-    return Ledger(path, cfg.state.ledger_synchronous)
+    return open_ledger(cfg.state)
 
 
 def dumps(value: Any, **kwargs: Any) -> str:

@@ -105,6 +105,23 @@ class State(_Section):
     ledger: Path | None = None
     artifacts: Path | None = None
     ledger_synchronous: Literal["FULL", "NORMAL"] = "FULL"  # FULL survives power loss, NORMAL only crashes
+    # A PostgreSQL ledger shared by several replicas, e.g. "postgresql://unlearnd@db:5432/unlearnd?sslmode=require"
+    # (no password in it: it is read from the variable named by ledger_password_env). Unset: the SQLite file.
+    ledger_url: str | None = None
+    ledger_password_env: str = "UNLEARND_LEDGER_PASSWORD"
+    # Further libpq connection parameters, passed through: sslmode, sslrootcert, sslcert, sslkey, connect_timeout...
+    ledger_options: dict[str, str | int] = {}
+    ledger_pool_min: int = Field(1, ge=1)
+    ledger_pool_max: int = Field(4, ge=1)  # the engine thread, the poll thread, the isolated child has its own
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it unset for the embedded SQLite ledger)")
+        if url and ":" in url.split("://", 1)[1].split("@", 1)[0] and "@" in url:
+            raise ValueError("must not hold a password: set it in the variable named by state.ledger_password_env")
+        return url or None
 
     @property
     def ledger_path(self) -> Path:

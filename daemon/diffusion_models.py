@@ -133,7 +133,7 @@ class DiffusionModels(ModelKind):
                             "test_rows": len(split.test)})
         self.store.publish(name, *JUDGE, lambda d: judge.save_judge(built.judge, d), {"spec": built.judge_spec})
         change = built.first_version()
-        version = self.ledger.next_id(name, "version")
+        version = self.ledger.allocate_id(name, "version")
         art = self.store.publish(name, "versions", version, change.save,
                                  {"parent": None, "metrics": change.metrics, **change.info})
         self.ledger.add_artifact(name, version, "version", parent=None, request_id=None, path=str(art.path),

@@ -40,10 +40,11 @@ class StagedChange(Change):
     """A change whose files a child process already wrote; `save` moves them into the store's staging dir."""
 
     def __init__(self, kind: str, files: Path, metrics: dict[str, Any], forgotten_ids: tuple[int, ...],
-                 info: dict[str, Any]):
+                 info: dict[str, Any], artifact_id: str | None = None):
         super().__init__(metrics, forgotten_ids=forgotten_ids, info=info)
         self.kind = kind
         self.files = files
+        self.artifact_id = artifact_id  # the id the child wrote into the files (an adapter's gate names it)
 
     def save(self, directory: Path) -> None:
         for entry in self.files.iterdir():
@@ -67,7 +68,8 @@ def apply_isolated(config: Config, model: str, method: str, forget: Forget, scra
         raise EngineProcessDied(f"the engine process {how} while applying the request")
     if "staged" in answer:
         s = answer["staged"]
-        return StagedChange(s["kind"], scratch, s["metrics"], tuple(s["forgotten_ids"]), s["info"])
+        return StagedChange(s["kind"], scratch, s["metrics"], tuple(s["forgotten_ids"]), s["info"],
+                            s.get("artifact_id"))
     if "nothing_to_forget" in answer:
         raise NothingToForget(answer["nothing_to_forget"])
     if "invalid_forget" in answer:
@@ -104,24 +106,25 @@ def _child() -> None:
     job = json.loads(sys.stdin.read())
     from adapters.store import ArtifactStore
     from daemon import failpoints
-    from daemon.ledger import Ledger
+    from daemon.ledger import open_ledger
     from daemon.logs import setup_logging
     from daemon.models import ModelRegistry
     from daemon.transient import kind_of
 
     config = Config.model_validate(job["config"])
     setup_logging(config.logging)
-    ledger = Ledger(config.state.ledger_path, config.state.ledger_synchronous)
+    ledger = open_ledger(config.state)  # the parent's backend: its SQLite file, or the shared PostgreSQL
     registry = ModelRegistry(config, ArtifactStore(config.state.artifacts_path), ledger)
     answer: dict[str, object]
     try:
         target = registry.target(job["model"])
         failpoints.hit("in_engine")
         change = registry.engine(job["method"], job["model"]).apply(target, _forget(job["forget"]))
-        # The id the parent's commit will give it: the daemon holds the state lock and commits nothing meanwhile.
-        artifact_id = ledger.next_id(job["model"], change.kind)
+        # The id the parent's commit gives it: on SQLite the next in line (the daemon holds the state lock and
+        # commits nothing meanwhile); on a shared ledger one handed out to this try alone.
+        artifact_id = ledger.allocate_id(job["model"], change.kind)
         registry.artifact_writer(job["model"], change, artifact_id, target)(Path(job["out"]))
-        answer = {"staged": {"kind": change.kind, "metrics": change.metrics,
+        answer = {"staged": {"kind": change.kind, "artifact_id": artifact_id, "metrics": change.metrics,
                              "forgotten_ids": list(change.forgotten_ids), "info": change.info}}
     except NothingToForget as exc:
         answer = {"nothing_to_forget": exc.already_forgotten}

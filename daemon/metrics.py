@@ -49,6 +49,9 @@ ISOLATED_RUNS = Counter("unlearnd_isolated_runs_total", "Requests that were in h
                         "process, by outcome (engine_died counts against the request).", ["outcome"])
 REDELIVERED = Counter("unlearnd_redelivered_total", "Redelivered records already answered before a crash, "
                       "skipped (not answered twice).")
+LEDGER_CONFLICTS = Counter("unlearnd_ledger_conflicts_total", "Races lost to another replica sharing the ledger "
+                           "(HeadMoved: rebuilt on the new head; AppliedElsewhere: answered from the ledger).",
+                           ["model", "conflict"])
 # Exported at 0 from the start, so alerts and dashboards see the series (and increase() sees the first one).
 for _reason in PAUSE_REASONS:
     PAUSED.labels(_reason).set(0)

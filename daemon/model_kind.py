@@ -96,5 +96,6 @@ class ModelKind(ABC):
         request). A change staged by a child process (daemon.isolation) carries files only."""
 
     def on_rollback(self, name: str) -> None:
-        """The model's head moved to an earlier version: drop what is cached about the later one."""
+        """The model's head moved (a rollback, or another replica's commit on a shared ledger): drop what is cached
+        about the head it left."""
 

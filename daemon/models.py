@@ -9,6 +9,7 @@ engine or change it holds.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from daemon import failpoints
 from daemon.classifier_models import ClassifierModels
 from daemon.config import FORGET_KINDS, Config, ConfigError, Model
 from daemon.diffusion_models import DiffusionModels
-from daemon.ledger import ArtifactRow, Ledger
+from daemon.ledger import ArtifactRow, Ledger, LedgerConflict
 from daemon.lm_models import LMModels
 from daemon.lm_models import new_router as new_router  # serve builds its router here
 from daemon.model_kind import ModelKind
@@ -129,8 +130,10 @@ class ModelRegistry:
 
     def ensure_bootstrapped(self, name: str, progress: bool = True,
                             stop: threading.Event | None = None) -> ArtifactRow | None:
-        """Build the model's first version if the ledger has none (first start); later starts reuse it."""
-        return self.kind_strategy(name).bootstrap(name, self.spec(name), progress=progress, stop=stop)
+        """Build the model's first version if the ledger has none (first start); later starts reuse it. Replicas
+        sharing a ledger that start together take turns: one builds it, the others then find it there."""
+        with self.ledger.exclusive(f"bootstrap:{name}"):
+            return self.kind_strategy(name).bootstrap(name, self.spec(name), progress=progress, stop=stop)
 
     # --- targets and changes --------------------------------------------------------------------------------
 
@@ -147,22 +150,32 @@ class ModelRegistry:
                finish: Callable[[str], None]) -> Committed:
         """Make a change durable: files first (atomic publish), then ONE ledger transaction that records the
         artifact, activates it, and runs `finish(artifact_id)` (the caller marks its requests applied there).
-        A crash between the two leaves an orphan directory that a retry overwrites; nothing is applied twice."""
+        A crash between the two leaves an orphan directory that a retry overwrites; nothing is applied twice.
+        On a shared ledger, raises HeadMoved / AppliedElsewhere (ledger.LedgerConflict) when another replica got
+        there first; the caller re-reads the ledger and rebuilds on the new head, or answers from it."""
         kind = self.kind_strategy(name)
         parent = kind.parent(target)
         if change.kind == "version":
             change.info.setdefault("spec", target.spec)
         folder = "versions" if change.kind == "version" else "adapters"
-        artifact_id = self.ledger.next_id(name, change.kind)
+        # a change staged by a child process (daemon.isolation) carries the id its files were written for
+        artifact_id = getattr(change, "artifact_id", None) or self.ledger.allocate_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
         write = self.artifact_writer(name, change, artifact_id, target)
         art = self.store.publish(name, folder, artifact_id, write, meta)
         failpoints.hit("after_artifact")
-        with self.ledger.transaction():
-            self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
-                                     path=str(art.path), sha256=art.sha256, metrics=change.metrics,
-                                     info=change.info, forgotten_ids=change.forgotten_ids)
-            finish(artifact_id)
+        try:
+            with self.ledger.transaction():
+                self.ledger.claim_unapplied(request_ids)
+                self.ledger.add_artifact(name, artifact_id, change.kind, parent=parent, request_id=request_ids[0],
+                                         path=str(art.path), sha256=art.sha256, metrics=change.metrics,
+                                         info=change.info, forgotten_ids=change.forgotten_ids)
+                finish(artifact_id)
+        except LedgerConflict:  # another replica moved the head or applied the request: this attempt left no row
+            kind.on_rollback(name)  # the head is not what the cached target was built on
+            if self.ledger.shared:  # its id was handed out to this attempt alone: nobody else reads the files
+                shutil.rmtree(art.path, ignore_errors=True)
+            raise
         kind.after_commit(name, change, target, artifact_id)
         return Committed(artifact_id, change.kind, art.path, art.sha256)
 

@@ -29,6 +29,7 @@ from daemon import adapter_state
 from daemon import openai_api as oai
 from daemon.adapter_state import AdapterSet
 from daemon.config import Config
+from daemon.ledger_backends import ledger_location
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
 from daemon.models import new_router
 from detector import Completion, Encoder, RoutedModel, Router, Routing
@@ -238,7 +239,7 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
     # the router's encoder runs next to the model it routes for (a route-only service: where it is configured)
     encoder = Encoder(device=str(device_of(lm)) if lm is not None else cfg.model(model).device)
     routed = RoutedModel(lm, tok, new_router(cfg, encoder), context_turns=cfg.serve.context_turns)
-    ledger = cfg.state.ledger_path
+    ledger = ledger_location(cfg.state)  # the SQLite file or the shared PostgreSQL, read-only
     adapters = AdapterSet(model, routed, ledger_path=ledger, reconcile_s=cfg.serve.reconcile_s, lazy=route_only)
     return Service(model, routed, adapters, root=root, max_new_tokens=cfg.serve.max_new_tokens,
                    route_only=route_only)

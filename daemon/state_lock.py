@@ -1,9 +1,13 @@
-"""One state directory, one daemon: an exclusive lock next to the ledger.
+"""One state directory, one daemon: an exclusive lock next to the SQLite ledger.
 
 Two daemons on one ledger fork version chains and apply requests twice, so the second refuses to start and names
 the holder. The lock is `flock(2)` on `<ledger>.lock`: the kernel releases it when the holder exits, even by
 SIGKILL, so a crash never leaves a stale lock behind. The file's text (pid, host, start time) is only for the
 message. The ledger must live on a local filesystem anyway (SQLite WAL), where flock is reliable.
+
+A PostgreSQL ledger (`state.ledger_url`) is shared by design: several replicas write it at once, and what keeps
+them from forking a chain or applying a request twice is the ledger's own guarded transactions
+(daemon/ledger.py), so no lock is taken for it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from daemon.config import State
 
 
 class StateLocked(RuntimeError):
@@ -44,3 +52,18 @@ class StateLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+class SharedLedger:
+    """The lock of a shared (PostgreSQL) ledger: nothing to hold."""
+
+    def acquire(self) -> SharedLedger:
+        return self
+
+    def release(self) -> None:
+        pass
+
+
+def state_lock(state: State) -> StateLock | SharedLedger:
+    """The lock a daemon takes on its state (`state` is config.State): exclusive for SQLite, none when shared."""
+    return SharedLedger() if state.ledger_url else StateLock(state.ledger_path)

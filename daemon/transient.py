@@ -1,4 +1,5 @@
-"""Conditions of the environment, not of a request: a full disk, a ledger another process holds locked.
+"""Conditions of the environment, not of a request: a full disk, a ledger another process holds locked, a shared
+ledger's database out of reach (`ledger_busy` too).
 
 The daemon never counts these against a request and never fails one because of them. It pauses its pipeline,
 retries the message with backoff (unlearnd_paused{reason}, unlearnd_transient_errors_total{kind}), and carries on
@@ -50,8 +51,17 @@ def kind_of(exc: BaseException | None) -> str | None:
                 return "ledger_busy"
             if "disk i/o error" in text or "readonly" in text or "unable to open" in text:
                 return "io_error"
+        if _is_postgres_unavailable(exc):  # a shared ledger's server restarting or out of reach
+            return "ledger_busy"
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _is_postgres_unavailable(exc: BaseException) -> bool:
+    """psycopg's OperationalError (connection lost or refused, server shutting down) or the pool's timeout;
+    checked by class name so that SQLite-only installs never import psycopg."""
+    names = {c.__module__.split(".")[0] + "." + c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"psycopg.OperationalError", "psycopg_pool.PoolTimeout"})
 
 
 def as_transient(exc: BaseException, kind: str) -> Transient:

@@ -62,6 +62,45 @@ def stack(tmp_path, broker, bootstrapped_state):
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session (tests/postgres.py). Skipped only when the binaries
+    are not installed (`make test` installs them: deploy/ci/install-tools.sh)."""
+    from tests.postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (initdb, pg_ctl): run `bash deploy/ci/install-tools.sh`")
+    with PostgresServer(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_state(postgres, bootstrapped_state) -> str:
+    """A new PostgreSQL database holding what `bootstrapped_state`'s ledger holds (the test model's first
+    version, whose files stay where that state keeps them); returns its URL."""
+    from daemon.ledger import Ledger
+    from daemon.ledger_backends import PostgresTarget
+    from daemon.ledger_copy import copy_ledger
+
+    url = postgres.new_database()
+    source, target = Ledger(bootstrapped_state / "ledger.sqlite3"), Ledger(PostgresTarget(url))
+    copy_ledger(source, target)
+    source.close()
+    target.close()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_location(request, tmp_path):
+    """Where a fresh ledger lives, once per backend: an SQLite file, or a new database on the test server."""
+    if request.param == "sqlite":
+        return tmp_path / "ledger.sqlite3"
+    from daemon.ledger_backends import PostgresTarget
+
+    return PostgresTarget(request.getfixturevalue("postgres").new_database())
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted once per session from the bundled GGUF (safetensors directory)."""
     from adapters.lm import loading as lm

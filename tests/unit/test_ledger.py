@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
-from daemon.ledger import Ledger, read_adapters
+from daemon.ledger import HeadMoved, Ledger, read_adapters
 
 M = "m"
 
@@ -129,9 +127,9 @@ def test_rollback_refuses_what_is_not_a_version(ledger):
 
 def test_an_artifact_id_is_recorded_once(ledger):
     _version(ledger)
-    with pytest.raises(sqlite3.IntegrityError):
-        ledger.add_artifact(M, "v0000", "version", parent=None, request_id="r2", path="/b", sha256="y")
-    assert ledger.get_artifact(M, "v0000").path == "/a/v0000"
+    with pytest.raises(HeadMoved):  # the id is taken (built on the head or not): the transaction keeps nothing
+        ledger.add_artifact(M, "v0000", "version", parent="v0000", request_id="r2", path="/b", sha256="y")
+    assert ledger.get_artifact(M, "v0000").path == "/a/v0000" and ledger.head(M).id == "v0000"
 
 
 def test_adapters_switch_on_and_off_without_touching_each_other_or_the_head(ledger, tmp_path):

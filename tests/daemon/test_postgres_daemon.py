@@ -1,0 +1,64 @@
+"""Daemons on a shared PostgreSQL ledger (issue 17): real daemon processes, a real broker, a real server.
+
+Two replicas in one group share one ledger and one artifact store. A replica is killed (-9) while requests flow
+and its partitions move to the other, which finds the dedupe history and the head where the dead one left them:
+every request is applied exactly once, on one unforked chain. The CLI reads the same ledger.
+"""
+
+from __future__ import annotations
+
+import json
+
+from daemon.broker import free_port
+from daemon.ledger import Ledger
+from daemon.ledger_backends import PostgresTarget
+from tests.harness import TEST_MODEL, request
+
+
+def test_two_replicas_share_one_ledger_through_a_kill(stack, postgres_state):
+    url = postgres_state
+    shared = {"UNLEARND__STATE__LEDGER_URL": url}
+    first = stack.start(**shared)
+    other_port = free_port()
+    second = stack.start(wait_ready=False, UNLEARND__METRICS__PORT=str(other_port), **shared)
+    stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=90, proc=second, port=other_port)
+
+    ids = [f"pg-{i}" for i in range(16)]
+    samples = {rid: [600 + 2 * i, 601 + 2 * i] for i, rid in enumerate(ids)}
+    for i, rid in enumerate(ids[:8]):
+        stack.publish(request(rid, sample_ids=samples[rid]), key=None if i % 2 else TEST_MODEL)
+    assert len(stack.results(4, timeout=120)) >= 4
+    first.kill()  # kill -9: its partitions move to the second replica
+    first.wait()
+    for i, rid in enumerate(ids[8:]):
+        stack.publish(request(rid, sample_ids=samples[rid]), key=None if i % 2 else TEST_MODEL)
+    stack.publish(request(ids[0], sample_ids=samples[ids[0]]))  # a re-sent request: answered, not re-applied
+    results = stack.results(len(ids) + 1, timeout=180)
+    assert {r["request_id"] for r in results} == set(ids) and all(r["status"] == "applied" for r in results)
+
+    ledger = Ledger(PostgresTarget(url))
+    head = ledger.head(TEST_MODEL)
+    versions = ledger.list_artifacts(TEST_MODEL, "version")
+    assert len(ledger.lineage(TEST_MODEL, head.id)) == len(versions)  # one chain, nothing beside it
+    lineage = {v.id for v in versions}
+    rows = {rid: ledger.get_request(rid) for rid in ids}
+    assert all(r.status == "applied" and r.artifact_id in lineage for r in rows.values())
+    # Applied once: each sample was forgotten by exactly one version of the chain.
+    per_version = [ledger.forgotten_ids(TEST_MODEL, v.id) - ledger.forgotten_ids(TEST_MODEL, v.parent)
+                   if v.parent else frozenset() for v in versions]
+    wanted = sorted(s for rid in ids for s in samples[rid])
+    assert sorted(s for ids_ in per_version for s in ids_) == wanted
+    ledger.close()
+    listed = _cli_json(stack, shared, "models", "list", "--json")
+    assert listed[0]["head"] == head.id and listed[0]["requests"] == len(ids)
+
+
+def _cli_json(stack, env: dict, *args: str):
+    import subprocess
+
+    from tests.harness import REPO, UNLEARND
+
+    out = subprocess.run([*UNLEARND, *args], cwd=REPO, env=stack.env(**env), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
