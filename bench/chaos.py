@@ -118,7 +118,7 @@ class Collector(threading.Thread):
         while not self.stop.is_set():
             epoch = self.epoch
             try:
-                self.read_rows(epoch)
+                self._read(epoch)
             except Exception:  # the broker is down or frozen: try again
                 time.sleep(0.5)
 

@@ -165,7 +165,7 @@ class RawProducer:
         req = struct.pack(">hhih", 0, 3, self.correlation, 3) + b"raw" + struct.pack(">hhi", -1, -1, 30000)
         req += struct.pack(">ih", 1, len(t)) + t + struct.pack(">iii", 1, partition, len(batch)) + batch
         self.sock.sendall(struct.pack(">i", len(req)) + req)
-        resp = self.read_rows()
+        resp = self._read()
         # ProduceResponse v3: [topic [partition error_code base_offset log_append_time]] throttle
         pos = 4 + 4
         (name_len,) = struct.unpack_from(">h", resp, pos)
