@@ -44,6 +44,7 @@ from daemon.broker import EmbeddedBroker
 from daemon.config import Config, bootstrap_servers
 from daemon.connection import Connection
 from daemon.engine_configs import check_engines
+from daemon.group_watch import GroupStalled
 from daemon.ledger import open_ledger
 from daemon.liveness import BrokerLost
 from daemon.models import ModelRegistry
@@ -193,6 +194,10 @@ class Daemon:
                 self._connect()
                 backoff = 0.5
                 self._consume()
+            except GroupStalled as exc:  # in the group, given nothing, while requests wait: join with a new consumer
+                metrics.GROUP_REJOINS.inc()
+                log.warning("rejoining the consumer group: %s", exc)
+                self._close_clients(graceful=True)
             except (BrokerLost, KafkaError, OSError) as exc:
                 if self._stop.is_set():
                     break

@@ -14,6 +14,7 @@ from kafka.structs import MemberState
 
 from daemon import kafka_io, liveness, metrics, record_decoding
 from daemon.config import Config
+from daemon.group_watch import UnassignedWatch
 from daemon.liveness import BrokerLost
 
 log = logging.getLogger("unlearnd")
@@ -21,11 +22,12 @@ log = logging.getLogger("unlearnd")
 
 class Connection:
     def __init__(self, consumer: KafkaConsumer, outbox: kafka_io.Outbox, watch: liveness.BrokerWatch,
-                 session_timeout_ms: int):
+                 session_timeout_ms: int, unassigned: UnassignedWatch):
         self.consumer = consumer
         self.outbox = outbox
         self.watch = watch
         self._session_timeout_ms = session_timeout_ms
+        self.unassigned = unassigned
 
     @classmethod
     def open(cls, config: Config, bootstrap: str) -> Connection:
@@ -47,12 +49,15 @@ class Connection:
             raise
         watch = liveness.BrokerWatch(cfg, bootstrap, cluster, gauge=metrics.BROKER_CONNECTED)
         watch.start()
-        return cls(consumer, kafka_io.Outbox(producer, cfg, max_bytes), watch, cfg.session_timeout_ms)
+        return cls(consumer, kafka_io.Outbox(producer, cfg, max_bytes), watch, cfg.session_timeout_ms,
+                   UnassignedWatch(cfg.topics.requests, cfg.unassigned_rejoin_s))
 
     def check(self) -> None:
-        """Raise BrokerLost once the watch has seen the cluster go."""
+        """Raise BrokerLost once the watch has seen the cluster go; GroupStalled (a BrokerLost) when this member has
+        held no partition too long while requests wait (daemon/group_watch.py)."""
         if self.watch.lost.is_set():
             raise BrokerLost(self.watch.reason)
+        self.unassigned.check(self.consumer)
 
     def close(self, *, graceful: bool) -> None:
         self.watch.stop()

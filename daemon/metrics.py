@@ -39,6 +39,8 @@ BOOTSTRAPPING = Gauge("unlearnd_bootstrapping", "1 while the daemon builds or lo
                       "(the first start trains them), else 0; `unlearnd health` reports it.")
 BROKER_CONNECTED = Gauge("unlearnd_broker_connected", "1 while the daemon can reach the Kafka cluster, else 0.")
 BROKER_DISCONNECTS = Counter("unlearnd_broker_disconnects_total", "Times the daemon lost the Kafka cluster.")
+GROUP_REJOINS = Counter("unlearnd_group_rejoins_total", "Times the daemon left and rejoined its consumer group "
+                        "because it held no partition while requests waited (kafka.unassigned_rejoin_s).")
 LAST_APPLIED = Gauge("unlearnd_last_applied_timestamp_seconds", "Unix time of the last applied request.", ["model"])
 IN_FLIGHT = Gauge("unlearnd_requests_in_flight", "Requests polled but not yet committed.")
 PAUSED = Gauge("unlearnd_paused", "1 while the pipeline is paused by a transient condition (a full disk, a busy "

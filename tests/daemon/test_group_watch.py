@@ -1,0 +1,130 @@
+"""The unassigned-member watch (daemon/group_watch.py) on a real broker: a member of the group that holds no
+partition while records wait and nobody's offsets move is told to rejoin; one that is idle because nothing waits,
+or because its partner is consuming, is left alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.structs import MemberState
+
+from daemon.group_watch import GroupStalled, UnassignedWatch
+
+WINDOW_S = 4.0
+
+
+def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                             max_poll_interval_ms=20_000)
+    consumer.subscribe(pattern=f"^{topic}$")
+    return consumer
+
+
+class Owner(threading.Thread):
+    """The member holding the topic's one partition: it polls (so it stays in the group) and, when `consume` is
+    set, commits what it reads; otherwise its partition stays paused, as a wedged owner's would."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, consume: bool):
+        super().__init__(daemon=True)
+        self.consumer = _consumer(bootstrap, group, topic)
+        self.consume = consume
+        self.stop = threading.Event()
+        self.holds = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.consume and self.consumer.assignment():
+                self.consumer.pause(*self.consumer.assignment())
+            if self.consumer.poll(timeout_ms=100) and self.consume:
+                self.consumer.commit()
+            if self.consumer.assignment():
+                self.holds.set()
+        self.consumer.close(autocommit=False)
+
+
+@pytest.fixture
+def group(broker):
+    topic, name = f"requests-{uuid.uuid4().hex[:8]}", f"group-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    return broker.bootstrap_servers, name, topic
+
+
+def _publish(bootstrap: str, topic: str, n: int, pause_s: float = 0.0, stop: threading.Event | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for i in range(n):
+        if stop is not None and stop.is_set():
+            break
+        producer.send(topic, f"r{i}".encode())
+        producer.flush()
+        time.sleep(pause_s)
+    producer.close()
+
+
+def _watch_second_member(bootstrap: str, group: str, topic: str, owner: Owner, seconds: float) -> float | None:
+    """Poll a second member next to `owner` with the watch for up to `seconds`: when it said rejoin, or None."""
+    assert owner.holds.wait(30), "the first member never got the partition"
+    second = _consumer(bootstrap, group, topic)
+    deadline = time.monotonic() + 30
+    while second.group_metadata().state != MemberState.STABLE:  # its join's rebalance is not what is tested
+        second.poll(timeout_ms=100)
+        assert time.monotonic() < deadline, "the second member never joined"
+    watch, start = UnassignedWatch(topic, WINDOW_S), time.monotonic()
+    try:
+        while time.monotonic() - start < seconds:
+            second.poll(timeout_ms=100)
+            try:
+                watch.check(second)
+            except GroupStalled:
+                return time.monotonic() - start
+        return None
+    finally:
+        second.close(autocommit=False)
+
+
+def test_a_member_given_nothing_while_requests_wait_and_nothing_moves_rejoins(group):
+    bootstrap, name, topic = group
+    _publish(bootstrap, topic, 3)
+    owner = Owner(bootstrap, name, topic, consume=False)
+    owner.start()
+    try:
+        after = _watch_second_member(bootstrap, name, topic, owner, 6 * WINDOW_S)
+    finally:
+        owner.stop.set()
+        owner.join()
+    assert after is not None, "the watch never told the unassigned member to rejoin"
+    assert after >= WINDOW_S  # never before a whole window
+
+
+def test_an_idle_member_is_left_alone_when_nothing_waits(group):
+    bootstrap, name, topic = group
+    owner = Owner(bootstrap, name, topic, consume=True)
+    owner.start()
+    try:
+        assert _watch_second_member(bootstrap, name, topic, owner, 3 * WINDOW_S) is None
+    finally:
+        owner.stop.set()
+        owner.join()
+
+
+def test_an_idle_member_is_left_alone_while_its_partner_consumes(group):
+    bootstrap, name, topic = group
+    owner = Owner(bootstrap, name, topic, consume=True)
+    owner.start()
+    done = threading.Event()
+    feeder = threading.Thread(target=_publish, args=(bootstrap, topic, 10_000, 0.2, done), daemon=True)
+    feeder.start()
+    try:
+        assert _watch_second_member(bootstrap, name, topic, owner, 3 * WINDOW_S) is None
+    finally:
+        done.set()
+        feeder.join()
+        owner.stop.set()
+        owner.join()
