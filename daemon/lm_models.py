@@ -127,4 +127,5 @@ def new_router(config: Config, encoder: Encoder) -> Router:
     from detector import Router, RouterConfig
 
     serve = config.serve
-    return Router(encoder, RouterConfig(min_weight=serve.min_weight, margin=serve.margin, min_support=serve.min_support))
+    return Router(encoder, RouterConfig(min_weight=serve.min_weight, margin=serve.margin,
+                                        min_support=serve.min_support))
