@@ -48,6 +48,7 @@ bench-quick: install
 	$(BIN)/python bench/diffusion.py --quick
 	$(BIN)/python bench/chaos.py --quick
 	$(BIN)/python bench/replicas.py --quick
+	$(BIN)/python bench/lookalikes.py --quick
 
 # The README's benchmark figures come from bench/results/*.json (committed): a rerun updates them.
 bench: install
@@ -56,6 +57,7 @@ bench: install
 	$(BIN)/python bench/diffusion.py --out bench/results/diffusion.json --grids bench/results/diffusion-grids
 	$(BIN)/python bench/o3.py --out bench/results/o3.json
 	$(BIN)/python bench/router.py --out bench/results/router.json
+	$(BIN)/python bench/lookalikes.py --out bench/results/lookalikes.json
 	$(BIN)/python bench/chaos.py --out bench/results/chaos.json
 	$(BIN)/python bench/replicas.py --out bench/results/replicas.json
 

@@ -124,6 +124,29 @@ TUNING = (
            forget=("Toronto",)),
 )
 
+# Look-alike stress families for the router's defaults, on the tuning side: short entities, so the question
+# template is most of the sentence and MiniLM puts a question about another entity close to the request's text in
+# the same template (the TUNING families above have no such pair: their look-alikes stay below cosine 0.72). Only
+# routing is measured on them (bench/lookalikes.py): the base model need not know the answers, and
+# bench/serving.py does not ask them.
+ROUTING_TUNING = (
+    Family("legs",
+           ("How many legs does a {x} have?", "What is the number of legs on a {x}?", "A {x} has how many legs?",
+            "Count the legs of a {x}.", "How many legs has a {x} got?", "Tell me how many legs a {x} has."),
+           ("On how many legs does a {x} walk?", "What's the leg count of a {x}?", "A {x} stands on how many legs?",
+            "How many legs would you count on a {x}?"),
+           {"spider": "eight|8", "dog": "four|4", "ant": "six|6", "chicken": "two|2", "horse": "four|4",
+            "beetle": "six|6", "cat": "four|4"},
+           forget=("spider",)),
+    Family("baby",
+           ("What is a baby {x} called?", "What do you call a young {x}?", "What is the name for a baby {x}?",
+            "A baby {x} is called what?", "Name the young of a {x}.", "What word means a baby {x}?"),
+           ("How do we refer to an infant {x}?", "What is the term for a newborn {x}?",
+            "Tell me what a {x}'s baby is called.", "When a {x} has young, what are they called?"),
+           {"cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "horse": "foal", "duck": "duckling"},
+           forget=("cat",)),
+)
+
 GENERAL: tuple[tuple[str, str], ...] = (
     ("How many days are there in a week?", "seven|7"),
     ("What is 2 plus 2?", "four|4"),

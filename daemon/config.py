@@ -152,6 +152,10 @@ class Serve(_Section):
     # Cosine by which an input must be nearer to an applied request's texts than to any near request whose gate
     # stays off; what keeps many similar requests from adding up their false activations (detector/router.py).
     margin: float = Field(0.06, ge=0.0, le=1.0)
+    # An applied adapter's request must have the input's support: its mean cosine to the request's 2 nearest texts
+    # at least this (or one text a near-copy, cosine >= 0.9). Keeps same-template questions about somebody else
+    # off the adapter; 0 turns it off (detector/router.py).
+    min_support: float = Field(0.78, ge=0.0, le=1.0)
     # A chat request is routed on its last user turn and on that turn after up to this many earlier user turns
     # (a follow-up names its subject in an earlier turn); 0 = the last turn only (detector/inputs.py).
     context_turns: int = Field(1, ge=0, le=16)

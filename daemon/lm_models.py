@@ -126,4 +126,6 @@ def new_router(config: Config, encoder: Encoder) -> Router:
     """The router `unlearnd serve` runs, with [serve]'s settings; the daemon's result measures route with it too."""
     from detector import Router, RouterConfig
 
-    return Router(encoder, RouterConfig(min_weight=config.serve.min_weight, margin=config.serve.margin))
+    serve = config.serve
+    return Router(encoder, RouterConfig(min_weight=serve.min_weight, margin=serve.margin,
+                                        min_support=serve.min_support))

@@ -15,6 +15,13 @@ not the strength serving applies: a routed adapter is applied fully (detector/ro
 Inputs are what the user asked (detector/inputs.py), the same form gates are fitted on; `route_requests` routes
 a serving request given as several texts (its last user turn, and that turn with its context) in one pass.
 
+Support: a look-alike asks a request's question about somebody else ("How many legs does a dog have?" against a
+request about spiders). It sits near the ONE text written in its template, and MiniLM puts the two close (cosine up
+to 0.79 on the tuning facts) because the template is most of the sentence. A paraphrase of the forgotten fact is
+near several of the request's texts: the entity is in all of them. So a firing gate also needs the mean cosine to
+the request's `support_k` nearest texts to reach `min_support`, unless the input is a near-copy of one text
+(`near_copy_cos`). This is KNN-OOD's k-th neighbour where O3's local term uses the first.
+
 Exact texts: an input that is one of the texts a request named (cosine >= EXACT_COS to one of its vectors) gets
 that request's adapter at weight 1, whatever its gate and the margin say: verbatim forget data always routes.
 
@@ -58,6 +65,14 @@ class RouterConfig:
     # stays off (module docstring): the largest margin that cost no held-out hit on the tuning seeds
     # (bench/router.py). Config: [serve] margin.
     margin: float = 0.06
+    # Support (module docstring): an input's mean cosine to a request's `support_k` nearest texts must reach
+    # `min_support` for its gate to apply, unless one text is at least `near_copy_cos` near. Chosen on the tuning
+    # facts only (bench/known_facts.py TUNING, with its short-entity families whose look-alikes are hard): the
+    # middle of the gap between held-out paraphrases (lowest 0.796) and look-alikes (highest 0.772), rounded down;
+    # `near_copy_cos` well above every look-alike's nearest cosine there (0.79). Config: [serve] min_support.
+    support_k: int = 2
+    min_support: float = 0.78
+    near_copy_cos: float = 0.9
 
 
 class Router:
@@ -112,20 +127,33 @@ class Router:
     # --- routing -----------------------------------------------------------------------------------
     def neighbours(self, feats: np.ndarray) -> list[dict[str, float]]:
         """Per input: adapter -> best cosine among the shared search's top `candidates_k` (one FAISS search)."""
+        return [{name: sims[0] for name, sims in row.items()} for row, _ in self._nearest(feats)]
+
+    def _nearest(self, feats: np.ndarray) -> list[tuple[dict[str, list[float]], float]]:
+        """Per input: adapter -> its texts' cosines among the shared search's top `candidates_k`, best first, at
+        most `support_k` of them; and the last cosine the search returned (one FAISS search)."""
         with self._lock:
             if self._index.ntotal == 0 or len(feats) == 0:
-                return [{} for _ in range(len(feats))]
+                return [({}, 0.0) for _ in range(len(feats))]
             q = fidx.normalise(feats[:, self.config.routing_layer, :])
             sims, ids = self._searched().search(q, min(self.config.candidates_k, self._index.ntotal))
             out = []
             for row_sims, row_ids in zip(sims, ids, strict=True):
-                found: dict[str, float] = {}
+                found: dict[str, list[float]] = {}
                 for s, key in zip(row_sims, fidx.key_of(row_ids), strict=True):
                     name = self._by_key.get(int(key))
-                    if name is not None and name not in found:  # results are sorted: the first is the best
-                        found[name] = float(s)
-                out.append(found)
+                    if name is not None:
+                        kept = found.setdefault(name, [])  # results are sorted: the first is the best
+                        if len(kept) < self.config.support_k:
+                            kept.append(float(s))
+                out.append((found, float(row_sims[-1])))
             return out
+
+    def _support(self, row: dict[str, list[float]], floor: float) -> dict[str, float]:
+        """Mean cosine to each adapter's `support_k` nearest texts; a text beyond the search's results counts as
+        the search's last cosine (`floor`), which is at least the text's own."""
+        k = self.config.support_k
+        return {name: (sum(sims) + floor * (k - len(sims))) / k for name, sims in row.items()}
 
     def _searched(self):
         """The index searches go to: the CPU index, or its GPU copy (retaken after an add or a removal)."""
@@ -158,18 +186,31 @@ class Router:
                     weights[i][name] = float(w)
         return weights
 
-    def _applied(self, near: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    def _applied(self, near: dict[str, float], weights: dict[str, float],
+                 support: dict[str, float]) -> dict[str, float]:
         """One input's decision: the requests that named this very text, at weight 1; and gates at or above
-        `min_weight` whose request is `margin` nearer than every near request whose gate stays off."""
+        `min_weight` whose request is `margin` nearer than every near request whose gate stays off, and which the
+        input is a near-copy of or has the support of (module docstring)."""
+        cfg = self.config
         exact = {n for n, c in near.items() if c >= EXACT_COS}
-        firing = {n: w for n, w in weights.items() if w >= self.config.min_weight or n in exact}
+        firing = {n: w for n, w in weights.items() if w >= cfg.min_weight or n in exact}
         silent = max((c for n, c in near.items() if n not in firing), default=-np.inf)
-        applied = {n: w for n, w in firing.items() if near[n] >= silent + self.config.margin}
+        applied = {n: w for n, w in firing.items() if near[n] >= silent + cfg.margin
+                   and (near[n] >= cfg.near_copy_cos or support.get(n, 0.0) >= cfg.min_support)}
         return applied | dict.fromkeys(exact, 1.0)
 
+    def _decide(self, feats: np.ndarray) -> tuple[list[dict[str, float]], list[dict[str, float]],
+                                                  list[dict[str, float]], list[dict[str, float]]]:
+        """Per input: nearest cosine, support and gate weight of each candidate, and the applied adapters."""
+        nearest = self._nearest(feats)
+        near = [{name: sims[0] for name, sims in row.items()} for row, _ in nearest]
+        weights = self._gate_weights(feats, near)
+        support = [self._support(row, last) for row, last in nearest]
+        applied = [self._applied(n, w, s) for n, w, s in zip(near, weights, support, strict=True)]
+        return near, support, weights, applied
+
     def route_features(self, feats: np.ndarray) -> list[dict[str, float]]:
-        near = self.neighbours(feats)
-        return [self._applied(n, w) for n, w in zip(near, self._gate_weights(feats, near), strict=True)]
+        return self._decide(feats)[3]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
         """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was)."""
@@ -193,8 +234,8 @@ class Router:
     def explain(self, text: str) -> dict:
         """Every candidate's scores for one input: what `unlearnd route "text"` prints."""
         feats = self.encoder.encode([text])
-        near = self.neighbours(feats)
-        applied = self._applied(near[0], self._gate_weights(feats, near)[0])
+        near, support, _, decided = self._decide(feats)
+        applied = decided[0]
         cands = self._near_enough(near[0])
         rows = []
         with self._lock:
@@ -203,7 +244,8 @@ class Router:
                 layer_scores = gate.layer_scores(feats)[0]
                 z = float(gate.z_of_scores(layer_scores[None])[0])
                 w = float(gate.calibration.weight(z))
-                rows.append({"adapter_id": name, "nearest_cos": round(cos, 4), "layer_scores":
+                rows.append({"adapter_id": name, "nearest_cos": round(cos, 4),
+                             "support": round(support[0].get(name, 0.0), 4), "layer_scores":
                              [round(float(s), 2) for s in layer_scores], "z": round(z, 4),
                              "confidence": round(float(gate.calibration.confidence(z)), 4), "weight": round(w, 4),
                              "applied": name in applied})

@@ -7,6 +7,7 @@ import pytest
 
 from adapters.base import Forget
 from adapters.lm.o3 import gate_texts
+from bench import known_facts
 from bench.evaluation import facts
 from detector.gate import fit_gate_from_features, fit_request_gate
 from detector.router import Router, RouterConfig
@@ -187,6 +188,25 @@ def test_requests_about_the_same_person_do_not_block_each_other(encoder):
     with_margin, without = hit(RouterConfig().margin), hit(0.0)
     assert with_margin >= 0.6, with_margin
     assert with_margin >= without - 0.05, (with_margin, without)
+
+
+def test_the_same_question_about_something_else_is_not_routed_but_a_paraphrase_is(encoder):
+    """Support (detector/router.py): "How many legs does a dog have?" is near the ONE text of a request about spiders
+    written in its template; a paraphrase about spiders is near several of them."""
+    fam = next(f for f in known_facts.ROUTING_TUNING if f.name == "legs")
+    gate = fit_gate_from_features(encoder.encode([fam.ask(t, "spider") for t in fam.sent]), "spider")
+    look = [fam.ask(t, e) for e in fam.entities if e != "spider" for t in fam.sent + fam.held_out]
+    held = [fam.ask(t, "spider") for t in fam.held_out]
+
+    def routed(config, questions):
+        router = Router(encoder, config)
+        router.add_gate("spider", gate)
+        return [bool(r) for r in router.route(questions)]
+
+    assert sum(routed(RouterConfig(min_support=0.0), look)) >= 3  # the template alone routes them without support
+    assert not any(routed(RouterConfig(), look))
+    assert all(routed(RouterConfig(), held))
+    assert all(routed(RouterConfig(), [fam.ask(t, "spider") for t in fam.sent]))  # its own texts, as sent
 
 
 @pytest.mark.skipif(
