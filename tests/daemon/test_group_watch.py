@@ -13,9 +13,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.structs import MemberState
 
+from daemon.broker import EmbeddedBroker
 from daemon.group_watch import GroupStalled, UnassignedWatch
 
-WINDOW_S = 4.0
+# Long enough that a partner slowed by a busy machine still commits within half a window (a false stall).
+WINDOW_S = 8.0
 
 
 def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
@@ -48,13 +50,21 @@ class Owner(threading.Thread):
         self.consumer.close(autocommit=False)
 
 
+@pytest.fixture(scope="module")
+def own_broker():
+    """A broker of these tests' own: group coordination on the suite's shared broker carries every earlier test's
+    groups and topics, and these tests time a group's rebalances."""
+    with EmbeddedBroker() as b:
+        yield b
+
+
 @pytest.fixture
-def group(broker):
+def group(own_broker):
     topic, name = f"requests-{uuid.uuid4().hex[:8]}", f"group-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=own_broker.bootstrap_servers)
     admin.create_topics([NewTopic(topic, 1, 1)])
     admin.close()
-    return broker.bootstrap_servers, name, topic
+    return own_broker.bootstrap_servers, name, topic
 
 
 def _publish(bootstrap: str, topic: str, n: int, pause_s: float = 0.0, stop: threading.Event | None = None) -> None:
