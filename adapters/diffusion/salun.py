@@ -21,7 +21,13 @@ What we do, and where it follows the released code:
   itself is only held in place by the retain term, not chased. `redirect_to = "current"` gives the code's choice;
   on mnist-ddpm it forgot as well, but measured against the frozen c' its objective did not fall (the target
   drifted with the weights).
-- Loss scales: both terms are means over pixels. The code's retain term is summed over pixels (3,072 on
+- Classes forgotten earlier along the lineage [ours; the code serves one request per model]: a request's masked
+  steps move weights that every class shares, and nothing in the objective above pins the conditioning of a class
+  forgotten before (its rows are never retained data). So a share of each retained batch (`hold_share`) is
+  noised, labelled with a random earlier-forgotten class and held to what the pre-request model predicts for that
+  label (which already draws another class): || eps(x_t | c_e) - eps_before(x_t | c_e) ||^2. The batch size, and
+  so a request's cost, stays the same; the first request of a lineage has nothing to hold and is unchanged.
+- Loss scales: all terms are means over pixels. The code's retain term is summed over pixels (3,072 on
   CIFAR-10) while its forget term is a mean, so its alpha = 1e-3 weighs the retain term about 3x; alpha here
   is on the mean scale.
 - Calibration (on mnist-ddpm, forgetting classes 0 and 5 only, so the benchmark's classes stay unseen; the
@@ -62,6 +68,8 @@ class DiffusionSalUnConfig:
     # eps(x_t | c') from the frozen "original" model or the "current" one (code)
     redirect_to: Literal["original", "current"] = "original"
     label_dropout: float = 0.1  # the retain term's label dropout (as the model was trained)
+    hold_share: float = 0.25  # share of each retained batch that holds earlier-forgotten classes (when any)
+    hold_weight: float = 1.0  # weight of that hold term (mean scale, like the forgetting term)
     measure_per_class: int = 16  # samples per class for the result event's measures
     measure_steps: int = 10  # DDIM steps of those samples
     guidance: float = 2.0  # classifier-free guidance of those samples
@@ -70,8 +78,8 @@ class DiffusionSalUnConfig:
     def __post_init__(self):
         check_fields(self, positive=("lr", "steps", "batch_size", "mask_ratio", "mask_batch_size", "probe_size",
                                      "measure_per_class", "measure_steps"),
-                     fractions=("mask_ratio", "label_dropout"))
-        for name in ("alpha", "guidance"):
+                     fractions=("mask_ratio", "label_dropout", "hold_share"))
+        for name in ("alpha", "guidance", "hold_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, not {getattr(self, name)!r}")
 
@@ -99,6 +107,20 @@ def saliency_mask(model: UNet2DModel, spec: ddpm.DDPMSpec, images: torch.Tensor,
     keep = max(1, int(round(ratio * flat.numel())))
     threshold = torch.topk(flat, keep, sorted=True).values[-1]
     return [(gr.abs() >= threshold) & (gr != 0) for gr in grads]
+
+
+@torch.no_grad()
+def hold_drift(model: UNet2DModel, before: UNet2DModel, spec: ddpm.DDPMSpec, images: torch.Tensor,
+               held: frozenset[int], *, seed: int = 0) -> float:
+    """How far the conditioning of earlier-forgotten classes moved, on fixed noise and timesteps: mean over those
+    classes of || eps_model(x_t | c_e) - eps_before(x_t | c_e) ||^2 on `images` (0.0 when nothing is held)."""
+    if not held:
+        return 0.0
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    x_t, t, _ = ddpm.noised(ddpm.noise_scheduler(spec), images, g)
+    labels = [torch.full_like(t, c) for c in sorted(held)]
+    drifts = [F.mse_loss(ddpm.eps(model, x_t, t, c), ddpm.eps(before, x_t, t, c)) for c in labels]
+    return float(torch.stack(drifts).mean())
 
 
 @torch.no_grad()
@@ -150,12 +172,13 @@ class DiffusionSalUnEngine(Engine):
                              seed=cfg.seed)
         probe = forget_x[:cfg.probe_size]
         loss_before = redirect_loss(model, target.model, spec, probe, forget_class, redirect, seed=cfg.seed)
-        self._unlearn(model, target.model, spec, forget_x, forget_class, redirect, retain_x, retain_y, mask)
+        earlier = target.forgotten_classes
+        self._unlearn(model, target.model, spec, forget_x, forget_class, redirect, retain_x, retain_y, mask, earlier)
         model.eval()
         loss_after = redirect_loss(model, target.model, spec, probe, forget_class, redirect, seed=cfg.seed)
+        drift = hold_drift(model, target.model, spec, retain_x[:cfg.probe_size], earlier, seed=cfg.seed)
         after = gen_measures.recognition(model, spec, target.judge, settings)
 
-        earlier = target.forgotten_classes
         m_before = gen_measures.forgetting_measures(before.rates, forget_class, earlier)
         m_after = gen_measures.forgetting_measures(after.rates, forget_class, earlier)
         metrics = {
@@ -168,6 +191,8 @@ class DiffusionSalUnEngine(Engine):
             "steps": float(cfg.steps),
             "forget_loss_before": loss_before,
             "forget_loss_after": loss_after,
+            "held_classes": float(len(earlier)),
+            "held_drift_after": drift,
             "measure_samples_per_class": float(settings.per_class),
             "engine_seconds": time.perf_counter() - t0,
         }
@@ -175,8 +200,9 @@ class DiffusionSalUnEngine(Engine):
         return DDPMWeightChange(ddpm.state_of(model), metrics, model=model, info=info,
                                 forgotten_ids=tuple(target.data.train.ids[forget_rows].tolist()))
 
-    def _unlearn(self, model, original, spec, forget_x, forget_class, redirect, retain_x, retain_y, mask) -> None:
-        """The masked SalUn steps, in place on `model`."""
+    def _unlearn(self, model, original, spec, forget_x, forget_class, redirect, retain_x, retain_y, mask,
+                 held: frozenset[int]) -> None:
+        """The masked SalUn steps, in place on `model` (`original` is the pre-request model, never mutated)."""
         cfg = self.config
         device = forget_x.device
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -187,7 +213,10 @@ class DiffusionSalUnEngine(Engine):
         theta0 = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=cfg.lr)
         forget_batches = _cycle(len(forget_x), min(cfg.batch_size, len(forget_x)), g, device)
-        retain_batches = _cycle(len(retain_x), min(cfg.batch_size, len(retain_x)), g, device)
+        retain_batch = min(cfg.batch_size, len(retain_x))
+        retain_batches = _cycle(len(retain_x), retain_batch, g, device)
+        held_labels = torch.tensor(sorted(held), dtype=torch.int64, device=device)
+        n_hold = min(round(cfg.hold_share * retain_batch), retain_batch - 1) if held else 0
         for _ in range(cfg.steps):
             x0 = forget_x[next(forget_batches)]
             x_t, t, _noise = ddpm.noised(scheduler, x0, g)
@@ -195,9 +224,16 @@ class DiffusionSalUnEngine(Engine):
                 target_eps = ddpm.eps(reference, x_t, t, torch.full_like(t, redirect))
             forget_loss = F.mse_loss(ddpm.eps(model, x_t, t, torch.full_like(t, forget_class)), target_eps)
             idx = next(retain_batches)
+            hold_idx, idx = idx[:n_hold], idx[n_hold:]
             retain_loss = ddpm.diffusion_loss(model, scheduler, retain_x[idx],
                                               ddpm.drop_labels(retain_y[idx], spec, dropout, g), g)
             loss = forget_loss + cfg.alpha * retain_loss
+            if n_hold:
+                x_h, t_h, _noise = ddpm.noised(scheduler, retain_x[hold_idx], g)
+                c_h = held_labels[torch.randint(len(held_labels), (n_hold,), generator=g, device=device)]
+                with torch.no_grad():
+                    held_eps = ddpm.eps(original, x_h, t_h, c_h)
+                loss = loss + cfg.hold_weight * F.mse_loss(ddpm.eps(model, x_h, t_h, c_h), held_eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, m in zip(params, mask, strict=True):

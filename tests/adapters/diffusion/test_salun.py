@@ -113,3 +113,15 @@ def test_forgetting_every_class_is_refused(tiny_target):
 def test_config_rejects_an_unknown_redirect_source():
     with pytest.raises(ValueError, match="redirect_to"):
         DiffusionSalUnEngine(redirect_to="nowhere")
+
+
+def test_a_later_request_holds_the_classes_forgotten_before_it(tiny_target):
+    first = _engine().apply(tiny_target, Forget(class_label=3))
+    target = tiny_target.advanced(first, "v2")
+    assert first.metrics["held_classes"] == 0 and first.metrics["held_drift_after"] == 0.0
+    # a high lr moves the shared weights a lot, so the hold term's effect is plain
+    free = _engine(steps=30, lr=3e-3, hold_share=0.0).apply(target, Forget(class_label=7))
+    held = _engine(steps=30, lr=3e-3).apply(target, Forget(class_label=7))  # the default hold
+    assert held.metrics["held_classes"] == 1 == free.metrics["held_classes"]
+    assert held.metrics["held_drift_after"] < 0.5 * free.metrics["held_drift_after"]
+    assert held.metrics["forget_class"] == 7 and set(held.forgotten_ids) == set(free.forgotten_ids)
