@@ -270,7 +270,7 @@ class Daemon:
             self._report_lag()
             if time.monotonic() - last_check > 2.0:
                 last_check = time.monotonic()
-                self._count_rollbacks()
+                self._housekeeping(self._count_rollbacks)
             if self._transient is not None:
                 self._pause_for(self._transient)
                 self._transient = None
@@ -315,8 +315,13 @@ class Daemon:
                 except KafkaError as exc:  # the worker's outcome decides; a lost broker shows in the watch
                     log.debug("keep-alive poll failed: %s", exc)
         finally:
-            if paused and self._consumer is not None:
-                self._consumer.resume(*paused)
+            self._resume(paused)
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        """Resume what this loop paused and still holds: a rebalance meanwhile may have taken some away."""
+        consumer = self._consumer
+        if partitions and consumer is not None:
+            consumer.resume(*(set(partitions) & consumer.assignment()))
 
     def _pause_for(self, exc: Transient) -> None:
         """A transient condition: keep the consumer alive, wait with backoff, then retry the same message. The
@@ -337,8 +342,19 @@ class Daemon:
                 for tp, records in self._consumer.poll(timeout_ms=200).items():
                     self._consumer.seek(tp, records[0].offset)
         finally:
-            self._consumer.resume(*assigned)
+            self._resume(assigned)
         self._transient_backoff = min(delay * 2 or 0.1, self.config.requests.transient_backoff_max_s)
+
+    def _housekeeping(self, fn: Callable[[], None]) -> None:
+        """Run a chore the loop does between batches. A transient condition (the shared ledger's server gone, a full
+        disk) skips it until the next round: requests meet the same condition themselves and pause the pipeline."""
+        try:
+            fn()
+        except Exception as exc:
+            kind = transient.kind_of(exc)
+            if kind is None:
+                raise
+            log.debug("%s skipped this round (%s: %s)", fn.__name__, kind, exc)
 
     def _count_rollbacks(self) -> None:
         """unlearnd_rollbacks_total from the ledger's audit trail: the CLI rolls back and restores in its own

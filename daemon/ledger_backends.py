@@ -167,6 +167,9 @@ class _PgConnection:
                 cur.executemany(_pg_sql(sql), rows)
 
 
+POOL_WAIT_S = 10.0
+
+
 class PostgresBackend:
     dialect = "postgresql"
 
@@ -176,9 +179,12 @@ class PostgresBackend:
 
         self.target = target
         self._local = threading.local()  # the connection of this thread's open transaction
+        # `timeout`: how long a ledger call waits for a connection before it fails as the ledger being away (the
+        # daemon then pauses and retries: daemon/transient.py); psycopg_pool's own default is 30 s.
         self.pool: Any = ConnectionPool(target.conninfo(), min_size=target.pool_min, max_size=target.pool_max,
                                         kwargs={"autocommit": True, "row_factory": dict_row},
-                                        check=ConnectionPool.check_connection, name="unlearnd-ledger", open=False)
+                                        check=ConnectionPool.check_connection, name="unlearnd-ledger", open=False,
+                                        timeout=POOL_WAIT_S)
         self.pool.open(wait=True, timeout=30)
 
     def _current(self) -> _PgConnection | None:

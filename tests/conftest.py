@@ -75,19 +75,22 @@ def postgres():
 
 
 @pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of the test's own, which it may halt and resume (the session's server stays up)."""
+    from tests.postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (initdb, pg_ctl): run `bash deploy/ci/install-tools.sh`")
+    with PostgresServer(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
 def postgres_state(postgres, bootstrapped_state) -> str:
     """A new PostgreSQL database holding what `bootstrapped_state`'s ledger holds (the test model's first
     version, whose files stay where that state keeps them); returns its URL."""
-    from daemon.ledger import Ledger
-    from daemon.ledger_backends import PostgresTarget
-    from daemon.ledger_copy import copy_ledger
-
-    url = postgres.new_database()
-    source, target = Ledger(bootstrapped_state / "ledger.sqlite3"), Ledger(PostgresTarget(url))
-    copy_ledger(source, target)
-    source.close()
-    target.close()
-    return url
+    return postgres.database_from(bootstrapped_state)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -58,21 +58,33 @@ class PostgresServer:
             os.chmod(self.root, 0o755)
             shutil.chown(self.root, user=self._as[2])
 
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*self._as, *args], check=True, capture_output=True, text=True, cwd=self.root,
+                              timeout=120)
+
     def start(self) -> PostgresServer:
-        run = lambda *args: subprocess.run([*self._as, *args], check=True, capture_output=True, text=True,  # noqa: E731
-                                           cwd=self.root, timeout=120)
-        run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", USER, "-E", "UTF8",
-            "--no-sync", "--no-instructions")
-        # fsync stays on: the crash tests kill daemons, not the server, but the settings are the product's.
+        """A new cluster, started."""
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", USER, "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the cluster's server (again, after `halt`), on the same port and data."""
+        # fsync stays on: the crash tests kill daemons and servers, and the settings are the product's.
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200 "
                    "-c shared_buffers=32MB")
         try:
-            run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
-                "-w", "-t", "60", "start")
+            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
+                      str(self.root / "log"), "-w", "-t", "60", "start")
         except subprocess.CalledProcessError as exc:
             log = (self.root / "log").read_text() if (self.root / "log").exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {exc.stderr}\n{log}") from None
         return self
+
+    def halt(self, mode: str = "immediate") -> None:
+        """Stop the server, keeping its data (`immediate`: no shutdown checkpoint, as after a crash)."""
+        subprocess.run([*self._as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+                       capture_output=True, cwd=self.root, timeout=60)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
@@ -86,9 +98,23 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def database_from(self, state: Path) -> str:
+        """A new database holding what the SQLite ledger of state directory `state` holds (its versions' files
+        stay where that state keeps them); returns its URL."""
+        from daemon.ledger import Ledger
+        from daemon.ledger_backends import PostgresTarget
+        from daemon.ledger_copy import copy_ledger
+
+        url = self.new_database()
+        source, target = Ledger(state / "ledger.sqlite3"), Ledger(PostgresTarget(url))
+        copy_ledger(source, target)
+        source.close()
+        target.close()
+        return url
+
     def stop(self) -> None:
-        subprocess.run([*self._as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, cwd=self.root, timeout=60)
+        """Stop the server and delete the cluster."""
+        self.halt("fast")
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:

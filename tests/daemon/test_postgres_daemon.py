@@ -2,12 +2,15 @@
 
 Two replicas in one group share one ledger and one artifact store. A replica is killed (-9) while requests flow
 and its partitions move to the other, which finds the dedupe history and the head where the dead one left them:
-every request is applied exactly once, on one unforked chain. The CLI reads the same ledger.
+every request is applied exactly once, on one unforked chain. The CLI reads the same ledger. When the database
+server itself goes away, the daemon pauses (it never fails or drops a request for it) and carries on once the
+server is back.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 from daemon.broker import free_port
 from daemon.ledger import Ledger
@@ -51,6 +54,38 @@ def test_two_replicas_share_one_ledger_through_a_kill(stack, postgres_state):
     ledger.close()
     listed = _cli_json(stack, shared, "models", "list", "--json")
     assert listed[0]["head"] == head.id and listed[0]["requests"] == len(ids)
+
+
+def test_losing_the_ledger_server_pauses_the_daemon_and_loses_nothing(stack, own_postgres, bootstrapped_state):
+    url = own_postgres.database_from(bootstrapped_state)
+    env = {"UNLEARND__STATE__LEDGER_URL": url}
+    proc = stack.start(**env)
+    stack.publish(request("pgloss-0", sample_ids=[700, 701]))
+    assert stack.results(1, timeout=120)[0]["status"] == "applied"
+
+    own_postgres.halt()  # as a crash: no shutdown checkpoint, every connection cut
+    for i in (1, 2):
+        stack.publish(request(f"pgloss-{i}", sample_ids=[700 + 2 * i, 701 + 2 * i]))
+    stack.wait_metric("unlearnd_paused", 1.0, timeout=120, proc=proc, reason="ledger_busy")
+    time.sleep(3)  # some retries against the absent server
+    assert proc.poll() is None, stack.log()
+    assert len(stack.results(2, timeout=2)) == 1  # nothing answered (or failed) while the ledger is away
+
+    own_postgres.resume()
+    results = stack.results(3, timeout=180)
+    assert sorted(r["request_id"] for r in results) == ["pgloss-0", "pgloss-1", "pgloss-2"]
+    assert all(r["status"] == "applied" for r in results), results
+    stack.wait_metric("unlearnd_paused", 0.0, timeout=30, proc=proc, reason="ledger_busy")
+    assert (stack.metric("unlearnd_transient_errors_total", kind="ledger_busy") or 0) >= 1
+
+    ledger = Ledger(PostgresTarget(url))
+    head = ledger.head(TEST_MODEL)
+    chain = ledger.lineage(TEST_MODEL, head.id)
+    assert len(chain) == len(ledger.list_artifacts(TEST_MODEL, "version"))  # one chain (the two waiting may coalesce)
+    in_chain = {v.id for v in chain}
+    assert all(ledger.get_request(f"pgloss-{i}").artifact_id in in_chain for i in range(3))
+    assert ledger.forgotten_ids(TEST_MODEL, head.id) == frozenset(range(700, 706))
+    ledger.close()
 
 
 def _cli_json(stack, env: dict, *args: str):
