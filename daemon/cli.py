@@ -34,6 +34,7 @@ from daemon.cli_common import (
     print_metrics,
     when,
 )
+from daemon.cli_ledger import ledger_app
 from daemon.cli_publish import publish
 from daemon.cli_sample import sample
 from daemon.config import bootstrap_servers
@@ -50,6 +51,7 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(requests_app, name="requests")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(ledger_app, name="ledger")
 app.command()(sample)
 
 

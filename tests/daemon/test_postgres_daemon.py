@@ -10,6 +10,7 @@ server is back.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 from daemon.broker import free_port
@@ -88,9 +89,37 @@ def test_losing_the_ledger_server_pauses_the_daemon_and_loses_nothing(stack, own
     ledger.close()
 
 
-def _cli_json(stack, env: dict, *args: str):
-    import subprocess
+def test_ledger_copy_moves_a_single_daemons_ledger_onto_postgres_once(stack, postgres):
+    from daemon.state_lock import StateLock
+    from tests.harness import REPO, UNLEARND
 
+    url = postgres.new_database()
+    source = stack.state / "ledger.sqlite3"
+    shared = {"UNLEARND__STATE__LEDGER_URL": url}
+
+    def copy(*args: str):
+        return subprocess.run([*UNLEARND, "ledger", "copy", *args], cwd=REPO, env=stack.env(**shared),
+                              capture_output=True, text=True, timeout=120)
+
+    lock = StateLock(source).acquire()  # as a running daemon holds it
+    refused = copy(str(source))
+    lock.release()
+    assert refused.returncode == 1 and "in use by another unlearnd daemon" in refused.stderr
+
+    done = copy(str(source), "--json")
+    assert done.returncode == 0, done.stderr
+    copied = json.loads(done.stdout)["copied"]
+    local = Ledger(source)
+    assert copied["artifacts"] == len(local.list_artifacts(TEST_MODEL)) >= 1
+    local_head = local.head(TEST_MODEL).id
+    local.close()
+    assert _cli_json(stack, shared, "models", "list", "--json")[0]["head"] == local_head
+
+    again = copy(str(source))
+    assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def _cli_json(stack, env: dict, *args: str):
     from tests.harness import REPO, UNLEARND
 
     out = subprocess.run([*UNLEARND, *args], cwd=REPO, env=stack.env(**env), capture_output=True, text=True,
