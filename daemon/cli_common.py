@@ -143,7 +143,8 @@ def print_metrics(m: dict[str, Any]) -> None:
         for name in pairs:
             table.add_row(name, fmt(m.get(f"{name}_before")), fmt(m.get(f"{name}_after")))
         print_table(table)
-    rest = {k: v for k, v in m.items() if not k.endswith(("_before", "_after"))}
+    paired = {f"{name}_{when}" for name in pairs for when in ("before", "after")}
+    rest = {k: v for k, v in m.items() if k not in paired}
     if rest:
         console.print("  ".join(f"{k}={fmt(v)}" for k, v in sorted(rest.items())))
 
