@@ -1,6 +1,6 @@
-"""The unassigned-member watch (daemon/group_watch.py) on a real broker: a member that is idle because nothing
-waits, or because its partner is consuming, is left alone. (Its positive case, a member told to rejoin behind a
-wedged owner, passes alone but failed inside the full suite, cause not found; it is out until it is reliable.)"""
+"""The unassigned-member watch (daemon/group_watch.py) on a real broker: a member of the group that holds no
+partition while records wait and nobody's offsets move is told to rejoin; one that is idle because nothing waits,
+or because its partner is consuming, is left alone."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import uuid
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.structs import MemberState
 
 from daemon.broker import EmbeddedBroker
@@ -21,9 +22,11 @@ WINDOW_S = 8.0
 
 
 def _consumer(bootstrap: str, group: str, topic: str) -> KafkaConsumer:
+    # Sticky: the member that holds the one partition keeps it when the second joins. With the default range
+    # assignor the partition goes to whichever member id sorts first, so the watched member held it half the time.
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                             max_poll_interval_ms=20_000)
+                             max_poll_interval_ms=20_000, partition_assignment_strategy=(StickyPartitionAssignor,))
     consumer.subscribe(pattern=f"^{topic}$")
     return consumer
 
@@ -86,6 +89,7 @@ def _watch_second_member(bootstrap: str, group: str, topic: str, owner: Owner, s
     while second.group_metadata().state != MemberState.STABLE:  # its join's rebalance is not what is tested
         second.poll(timeout_ms=100)
         assert time.monotonic() < deadline, "the second member never joined"
+    assert not second.assignment() and owner.consumer.assignment(), "the first member lost the partition"
     watch, start = UnassignedWatch(topic, WINDOW_S), time.monotonic()
     try:
         while time.monotonic() - start < seconds:
@@ -97,6 +101,20 @@ def _watch_second_member(bootstrap: str, group: str, topic: str, owner: Owner, s
         return None
     finally:
         second.close(autocommit=False)
+
+
+def test_a_member_given_nothing_while_requests_wait_and_nothing_moves_rejoins(group):
+    bootstrap, name, topic = group
+    _publish(bootstrap, topic, 3)
+    owner = Owner(bootstrap, name, topic, consume=False)
+    owner.start()
+    try:
+        after = _watch_second_member(bootstrap, name, topic, owner, 6 * WINDOW_S)
+    finally:
+        owner.stop.set()
+        owner.join()
+    assert after is not None, "the watch never told the unassigned member to rejoin"
+    assert after >= WINDOW_S  # never before a whole window
 
 
 def test_an_idle_member_is_left_alone_when_nothing_waits(group):
