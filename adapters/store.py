@@ -10,20 +10,32 @@ Every artifact is published atomically: written into a staging directory on the 
 and the directory fsynced, then renamed into place. A crash leaves either the old state or the new one, never
 half a directory; a retried request may publish the same id again and replaces the orphan of a crashed try.
 Which artifact is *active* is not the store's business: the ledger records that.
+
+Several processes may share one store (replicas on a shared volume, and the child process of an isolated run).
+Each stages under a directory of its own in `<root>/.staging/`, next to a lock file it holds (flock) for as long as
+it lives; `clean_staging` removes only what writers that no longer run left behind, never a live replica's write
+in progress.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 META_FILE = "meta.json"
+LOCK_SUFFIX = ".lock"
+# A lock file this young may belong to a writer between creating and locking it; and staging entries without a
+# lock file (the layout before per-process staging) are removed once this old.
+UNLOCKED_GRACE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +51,29 @@ class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()  # recorded paths (ledger, events, exports) work from any directory
         self.root.mkdir(parents=True, exist_ok=True)
-        self._staging = self.root / ".staging"
-        self._staging.mkdir(exist_ok=True)
+        self._staging_root = self.root / ".staging"
+        self._staging_root.mkdir(exist_ok=True)
+        self._mine: Path | None = None  # this process's staging directory, made on first use
+        self._lock_fd: int | None = None
+
+    @property
+    def _staging(self) -> Path:
+        """This process's staging directory: created on first use, its lock file held until `close` or exit."""
+        if self._mine is None or self._lock_fd is None:
+            name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            fd = os.open(self._staging_root / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd, self._mine = fd, self._staging_root / name
+        self._mine.mkdir(exist_ok=True)  # also after another process removed it as empty
+        return self._mine
+
+    def close(self) -> None:
+        """Give up this process's staging directory (its unfinished writes with it) and its lock."""
+        if self._mine is not None and self._lock_fd is not None:
+            shutil.rmtree(self._mine, ignore_errors=True)
+            Path(f"{self._mine}{LOCK_SUFFIX}").unlink(missing_ok=True)
+            os.close(self._lock_fd)
+        self._mine, self._lock_fd = None, None
 
     def path(self, model: str, kind: str, artifact_id: str) -> Path:
         return self.root / model / kind / artifact_id
@@ -85,11 +118,47 @@ class ArtifactStore:
         return tree_sha256(path) == self.meta(model, kind, artifact_id)["sha256"]
 
     def clean_staging(self) -> int:
-        """Remove leftovers of publishes interrupted by a crash; returns how many."""
-        leftovers = list(self._staging.iterdir())
-        for p in leftovers:
-            shutil.rmtree(p, ignore_errors=True)
-        return len(leftovers)
+        """Remove what writers that no longer run left in the staging area (a crash mid-publish); returns how many
+        staging directories went. A live writer's directory, this process's or another replica's, is left alone."""
+        removed = 0
+        for entry in list(self._staging_root.iterdir()):
+            if entry.name.endswith(LOCK_SUFFIX) or entry == self._mine:
+                continue
+            lock = entry.with_name(entry.name + LOCK_SUFFIX)
+            if lock.exists() and not _owner_gone(lock) or not lock.exists() and _age_s(entry) < UNLOCKED_GRACE_S:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed += 1
+        for lock in self._staging_root.glob(f"*{LOCK_SUFFIX}"):  # writers gone that never staged anything
+            if not lock.with_suffix("").exists() and lock != Path(f"{self._mine}{LOCK_SUFFIX}") and _owner_gone(lock):
+                lock.unlink(missing_ok=True)
+        return removed
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _owner_gone(lock: Path) -> bool:
+    """Whether the process that held `lock` is gone: its flock can be taken (and a young lock file is given the
+    benefit of the doubt: its writer may not have locked it yet)."""
+    if _age_s(lock) < UNLOCKED_GRACE_S / 10:
+        return False
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return True
 
 
 def tree_sha256(directory: Path) -> str:

@@ -81,7 +81,6 @@ class Daemon:
         self.bootstrap_servers = bootstrap_servers(config)  # the embedded broker's loopback port, or the cluster
         self._stop = threading.Event()
         self._starting = False  # during start(): a stop signal interrupts at once (bootstrap can take minutes)
-        self._rollback_seq = 0  # last audit event counted into unlearnd_rollbacks_total
         self._conn: Connection | None = None  # the consumer, the producer and the broker watch, while connected
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unlearnd-engine")
         self._not_suspect: set[str] = set()  # ids this process interrupted cleanly (a pause, a stop): no crash
@@ -126,7 +125,7 @@ class Daemon:
             head = self.registry.ensure_bootstrapped(name, progress=progress)
             self.outcomes.update_model_gauges(name)
             log.info("model %s ready at %s", name, head.id if head else "its base weights")
-        self._count_rollbacks()
+        self.outcomes.count_rollbacks()
         metrics.BOOTSTRAPPING.set(0)
         if later:
             log.info("model(s) %s have no version yet: built in the background while the daemon consumes; their "
@@ -215,6 +214,7 @@ class Daemon:
             self._stop.set()
             self._bootstrapper.join()  # stops within one training step
         self.ledger.close()
+        self.store.close()
         if self.broker:
             self.broker.stop()
         self._state_lock.release()
@@ -270,7 +270,7 @@ class Daemon:
             self._report_lag()
             if time.monotonic() - last_check > 2.0:
                 last_check = time.monotonic()
-                self._housekeeping(self._count_rollbacks)
+                transient.unless_transient(self.outcomes.count_rollbacks)
             if self._transient is not None:
                 self._pause_for(self._transient)
                 self._transient = None
@@ -344,26 +344,6 @@ class Daemon:
         finally:
             self._resume(assigned)
         self._transient_backoff = min(delay * 2 or 0.1, self.config.requests.transient_backoff_max_s)
-
-    def _housekeeping(self, fn: Callable[[], None]) -> None:
-        """Run a chore the loop does between batches. A transient condition (the shared ledger's server gone, a full
-        disk) skips it until the next round: requests meet the same condition themselves and pause the pipeline."""
-        try:
-            fn()
-        except Exception as exc:
-            kind = transient.kind_of(exc)
-            if kind is None:
-                raise
-            log.debug("%s skipped this round (%s: %s)", fn.__name__, kind, exc)
-
-    def _count_rollbacks(self) -> None:
-        """unlearnd_rollbacks_total from the ledger's audit trail: the CLI rolls back and restores in its own
-        process, so this daemon's metric (the one Prometheus scrapes) counts what the ledger recorded. The first
-        call counts the whole history: the counter equals the ledger's totals, and a restart is a plain reset."""
-        for event in self.ledger.events_after(self._rollback_seq, ("rolled_back", "restored")):
-            metrics.ROLLBACKS.labels(event["model"], event["kind"]).inc()
-            self._rollback_seq = event["seq"]
-            self.outcomes.update_model_gauges(event["model"])
 
     def _report_lag(self) -> None:
         for tp, lag in kafka_io.lag_by_partition(self._consumer).items():

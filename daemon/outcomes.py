@@ -36,6 +36,7 @@ class Outcomes:
         self.outbox: kafka_io.Outbox | None = None  # the current connection's (set on every connect)
         self._unmarked: list[Message] = []  # answered, answers not yet flushed and marked in the ledger
         self._unmarked_since = 0.0
+        self._rollback_seq = 0  # last audit event counted into unlearnd_rollbacks_total
 
     # --- applied ----------------------------------------------------------------------------------------------
 
@@ -178,6 +179,15 @@ class Outcomes:
         if count:
             self._out.flush()
             log.info("announced the state of %d adapter(s) on %s", count, self.config.kafka.topics.adapters)
+
+    def count_rollbacks(self) -> None:
+        """unlearnd_rollbacks_total from the ledger's audit trail: the CLI rolls back and restores in its own
+        process, so this daemon's metric (the one Prometheus scrapes) counts what the ledger recorded. The first
+        call counts the whole history: the counter equals the ledger's totals, and a restart is a plain reset."""
+        for event in self.ledger.events_after(self._rollback_seq, ("rolled_back", "restored")):
+            metrics.ROLLBACKS.labels(event["model"], event["kind"]).inc()
+            self._rollback_seq = event["seq"]
+            self.update_model_gauges(event["model"])
 
     def update_model_gauges(self, model: str) -> None:
         metrics.MODEL_VERSIONS.labels(model).set(self.ledger.count_artifacts(model, "version"))

@@ -9,8 +9,12 @@ when the condition clears. `kind_of` names the condition of an exception, or Non
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
+from collections.abc import Callable
+
+log = logging.getLogger("unlearnd")
 
 KINDS = ("disk_full", "ledger_busy", "io_error", "bootstrapping")  # bootstrapping: a model still being built
 
@@ -66,3 +70,15 @@ def _is_postgres_unavailable(exc: BaseException) -> bool:
 
 def as_transient(exc: BaseException, kind: str) -> Transient:
     return exc if isinstance(exc, Transient) else Transient(kind, f"{type(exc).__name__}: {exc}")
+
+
+def unless_transient(chore: Callable[[], None]) -> None:
+    """Run a chore the daemon does between messages; a transient condition (a shared ledger's server gone, a full
+    disk) skips it this round. The messages themselves meet the same condition and pause the pipeline."""
+    try:
+        chore()
+    except Exception as exc:
+        kind = kind_of(exc)
+        if kind is None:
+            raise
+        log.debug("%s skipped this round (%s: %s)", getattr(chore, "__name__", "a chore"), kind, exc)
