@@ -61,28 +61,28 @@ def stack(tmp_path, broker, bootstrapped_state):
     s.close()
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A real PostgreSQL server on loopback for the session (tests/postgres.py). Skipped only when the binaries
-    are not installed (`make test` installs them: deploy/ci/install-tools.sh)."""
+def _postgres_server():
+    """A PostgreSQL server on loopback (tests/postgres.py), for `with`: started, then stopped and deleted. Skips only
+    when the binaries are not installed (`make test` installs them: deploy/ci/install-tools.sh)."""
     from tests.postgres import PostgresServer, find_bin_dir
 
     bin_dir = find_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (initdb, pg_ctl): run `bash deploy/ci/install-tools.sh`")
-    with PostgresServer(bin_dir) as server:
+    return PostgresServer(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session."""
+    with _postgres_server() as server:
         yield server
 
 
 @pytest.fixture
 def own_postgres():
     """A PostgreSQL server of the test's own, which it may halt and resume (the session's server stays up)."""
-    from tests.postgres import PostgresServer, find_bin_dir
-
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (initdb, pg_ctl): run `bash deploy/ci/install-tools.sh`")
-    with PostgresServer(bin_dir) as server:
+    with _postgres_server() as server:
         yield server
 
 
