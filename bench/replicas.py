@@ -135,8 +135,8 @@ class Results(threading.Thread):
 class Replicas:
     """The replica processes: started, killed, stopped, each with its own metrics port and log."""
 
-    def __init__(self, root: Path, config: Path):
-        self.root, self.config = root, config
+    def __init__(self, root: Path, config: Path, log_level: str = "INFO"):
+        self.root, self.config, self.log_level = root, config, log_level
         self.procs: dict[str, tuple[subprocess.Popen, int]] = {}
         self.started = 0
         self.most_alive = 0  # the most replicas running at once
@@ -144,7 +144,8 @@ class Replicas:
     def start(self, name: str, wait: bool = True) -> None:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND")}
-        env.update(UNLEARND_CONFIG=str(self.config), UNLEARND__METRICS__PORT=str(port), PYTHONUNBUFFERED="1")
+        env.update(UNLEARND_CONFIG=str(self.config), UNLEARND__METRICS__PORT=str(port), PYTHONUNBUFFERED="1",
+                   UNLEARND__LOGGING__LEVEL=self.log_level)
         log = open(self.root / f"{name}.{self.started}.log", "wb")
         self.started += 1
         proc = subprocess.Popen(UNLEARND, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -219,7 +220,7 @@ class Bench:
         self.bootstrap = bootstrap
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
         self.results = Results(bootstrap, f"{self.prefix}.results")
-        self.replicas = Replicas(root, self.config)
+        self.replicas = Replicas(root, self.config, plan.get("log_level", "INFO"))
         self.published: dict[str, dict] = {}
         self.next_sample = {m: 0 for m in self.models}
         self.kills = 0
@@ -469,11 +470,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO"),
+                    help="the replicas' log level (DEBUG includes kafka-python's group protocol, to see a stall)")
     args = ap.parse_args()
     bin_dir = find_bin_dir()
     if bin_dir is None:
         sys.exit("bench/replicas.py: PostgreSQL is not installed (initdb, pg_ctl): bash deploy/ci/install-tools.sh")
-    plan = QUICK if args.quick else FULL
+    plan = {**(QUICK if args.quick else FULL), "log_level": args.log_level}
     root = Path(tempfile.mkdtemp(prefix="unlearnd-replicas-"))
     result = None
     try:
