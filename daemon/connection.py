@@ -6,11 +6,8 @@ is new (an idempotent producer is fenced once a broker has lost its state).
 from __future__ import annotations
 
 import logging
-import time
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
-from kafka.structs import MemberState
 
 from daemon import kafka_io, liveness, metrics, record_decoding
 from daemon.config import Config
@@ -22,11 +19,10 @@ log = logging.getLogger("unlearnd")
 
 class Connection:
     def __init__(self, consumer: KafkaConsumer, outbox: kafka_io.Outbox, watch: liveness.BrokerWatch,
-                 session_timeout_ms: int, unassigned: UnassignedWatch):
+                 unassigned: UnassignedWatch):
         self.consumer = consumer
         self.outbox = outbox
         self.watch = watch
-        self._session_timeout_ms = session_timeout_ms
         self.unassigned = unassigned
 
     @classmethod
@@ -49,7 +45,7 @@ class Connection:
             raise
         watch = liveness.BrokerWatch(cfg, bootstrap, cluster, gauge=metrics.BROKER_CONNECTED)
         watch.start()
-        return cls(consumer, kafka_io.Outbox(producer, cfg, max_bytes), watch, cfg.session_timeout_ms,
+        return cls(consumer, kafka_io.Outbox(producer, cfg, max_bytes), watch,
                    UnassignedWatch(cfg.topics.requests, cfg.unassigned_rejoin_s))
 
     def check(self) -> None:
@@ -62,24 +58,10 @@ class Connection:
     def close(self, *, graceful: bool) -> None:
         self.watch.stop()
         try:
-            if graceful:
-                self._settle_group()
             kafka_io.close_consumer(self.consumer, timeout_ms=5000 if graceful else 1000)
         except Exception as exc:  # closing a client of a dead broker may fail; nothing is lost by it
             log.debug("error while closing the consumer: %s", exc)
         _close_producer(self.outbox.producer)
-
-    def _settle_group(self) -> None:
-        """Before leaving the group, let a join in flight complete, so the stop is a clean leave (the next daemon
-        gets the partitions at once) rather than an expiry after session_timeout_ms (kafka_io.close_consumer)."""
-        consumer = self.consumer
-        deadline = time.monotonic() + self._session_timeout_ms / 1000 + 5
-        try:
-            while consumer.group_metadata().state == MemberState.REBALANCING and time.monotonic() < deadline:
-                consumer.pause(*consumer.assignment())
-                consumer.poll(timeout_ms=200)  # nothing is handled: offsets are not committed, records come again
-        except KafkaError as exc:
-            log.debug("group did not settle before close: %s", exc)
 
 
 def _close_producer(producer: KafkaProducer) -> None:

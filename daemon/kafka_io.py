@@ -20,7 +20,6 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError, UnsupportedVersionError
-from kafka.structs import MemberState
 
 from daemon import dead_letter
 from daemon.config import Kafka
@@ -96,11 +95,13 @@ def make_admin(cfg: Kafka, bootstrap: str, timeout_s: float | None = None) -> Ka
 
 
 def close_consumer(consumer: KafkaConsumer, *, timeout_ms: int) -> None:
-    """Close; leave the group only from a settled membership. A member that leaves while its JoinGroup is pending can
-    stay the group's leader on some brokers (Tansu), and every later member then waits for it; one that just goes
-    is expired after session_timeout_ms instead."""
-    if consumer.group_metadata().state != MemberState.STABLE:
-        consumer._coordinator.reset_generation()  # kafka-python 3.0: no member id, so close() sends no LeaveGroup
+    """Close without leaving the group: the broker expires this member after session_timeout_ms and hands its
+    partitions on then, as it does for a member that was killed.
+
+    A LeaveGroup sent while the group rebalances makes Tansu 0.6.0 (the embedded broker) keep the departed member
+    recorded as the group's leader, and no member is given a partition again (tests/daemon/test_consumer_group.py).
+    On Kafka the price of not leaving is one session timeout before a stopped replica's partitions move."""
+    consumer._coordinator.reset_generation()  # kafka-python 3.0: no member id, so close() sends no LeaveGroup
     consumer.close(autocommit=False, timeout_ms=timeout_ms)
 
 
