@@ -197,6 +197,11 @@ class Replicas:
             proc.kill()
             proc.wait()
 
+    def rejoins(self) -> int:
+        """How often a replica's watch found it holding nothing while requests waited (daemon/group_watch.py)."""
+        return sum(log.read_text(errors="replace").count("rejoining the consumer group")
+                   for log in self.root.glob("*.log"))
+
     def alive(self) -> list[str]:
         return [n for n, (p, _) in self.procs.items() if p.poll() is None]
 
@@ -370,7 +375,8 @@ class Bench:
                    "replicas": self.replicas.most_alive, "replica_starts": self.replicas.started,
                    "throughput_1_vs_3_replicas": throughput["ratio"],
                    "unanswered_at_end": len(checks["lost_detail"]),
-                   "unanswered_still_in_topic": len(checks["unanswered_still_in_topic"])}
+                   "unanswered_still_in_topic": len(checks["unanswered_still_in_topic"]),
+                   "group_rejoins": self.replicas.rejoins()}
         summary["targets_met"] = (summary["lost"] == summary["applied_twice"] == summary["forked_chains"]
                                   == summary["applied_not_in_head_lineage"] == summary["artifacts_unverified"]
                                   == summary["unanswered_at_end"] == 0

@@ -74,8 +74,8 @@ class Kafka(_Section):
     ssl_keyfile: str | None = None
     reconnect_backoff_max_s: float = Field(30.0, gt=0)
     # A member of the group that holds no partition of the requests topic this long, while records wait there and
-    # the group's committed offsets do not move, leaves and joins the group anew (a wedged group, e.g. after a
-    # replica died mid-rebalance). Keep it above the longest request of an over-provisioned group; 0: never.
+    # the group's committed offsets do not move, joins the group anew with a new consumer (a wedged group:
+    # daemon/group_watch.py). Keep it above the longest request of an over-provisioned group; 0: never.
     unassigned_rejoin_s: float = Field(60.0, ge=0)
     topics: Topics = Topics()
 

@@ -1,13 +1,15 @@
-"""A consumer that is in its group but given nothing to do while requests wait: leave and join anew.
+"""A consumer that is in its group but given nothing to do while requests wait: close it and join anew.
 
-A consumer group can wedge: after a member dies during a rebalance (kill -9 mid-join), the embedded Tansu broker
-has been seen to keep every live member connected, heartbeating and `STABLE` with no partition assigned, for
-minutes, while requests pile up in the topic. Nothing in the client notices (its heartbeats succeed), so the daemon
-watches for it: no partition of the requests topic assigned to this member for `kafka.unassigned_rejoin_s`, while
-records wait past the group's committed offsets and those offsets have not moved over that time (so a replica that
-is idle because the group has more members than partitions, and the others are working, stays as it is). Then the
-daemon closes its clients and joins with a new consumer (daemon/app.py), counted in `unlearnd_group_rejoins_total`.
-A member still rebalancing counts as unassigned too: a rebalance that never ends is the same stall.
+A consumer group can wedge: a broker's group coordinator can keep every live member connected, heartbeating and
+`STABLE` with no partition assigned while requests pile up in the topic. Tansu 0.6.0 (the embedded broker) did so
+for good whenever the group's leader sent LeaveGroup during a rebalance; the daemon no longer sends one
+(kafka_io.close_consumer), and this watch is the safety net for any other such wedge. Nothing in the client
+notices (its heartbeats succeed), so the daemon watches for it: no partition of the requests topic assigned to
+this member for `kafka.unassigned_rejoin_s`, while records wait past the group's committed offsets and those
+offsets have not moved over that time (so a replica that is idle because the group has more members than
+partitions, and the others are working, stays as it is). Then the daemon closes its clients and joins with a new
+consumer (daemon/app.py), counted in `unlearnd_group_rejoins_total`. A member still rebalancing counts as
+unassigned too: a rebalance that never ends is the same stall.
 """
 
 from __future__ import annotations
