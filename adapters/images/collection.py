@@ -123,10 +123,15 @@ class ImageCollection:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         (self.root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-        index = self.root / INDEX_FILE
-        self._index: dict[str, dict] = json.loads(index.read_text()) if index.is_file() else {}
+        self._index: dict[str, dict] = {}
+        self.refresh()
 
     # ---- reading ----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the index from disk: what another process (an earlier owner of the collection) wrote since."""
+        index = self.root / INDEX_FILE
+        self._index = json.loads(index.read_text()) if index.is_file() else {}
 
     def ids(self) -> list[str]:
         return sorted(self._index)
