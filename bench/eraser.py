@@ -54,16 +54,18 @@ class Plan:
     detector: box_detector.DetectorRecipe
     eraser: eraser.EraserConfig
     canvases: int
-    other_strengths: tuple[float, ...] = ()  # also compared at these start strengths (outcome rates only)
+    # both methods also run at these named settings on the same canvases (outcome rates only)
+    other_settings: tuple[tuple[str, eraser.EraserConfig], ...] = ()
 
 
-FULL = Plan(demo.Recipe(), box_detector.DetectorRecipe(), eraser.EraserConfig(), 200)
+FULL = Plan(demo.Recipe(), box_detector.DetectorRecipe(), demo.ERASER, 200,
+            other_settings=(("paper_defaults", eraser.EraserConfig()),))
 QUICK = Plan(
     demo.Recipe(spec=dataclasses.replace(demo.SPEC, channels=(8, 16, 16), attention_head_dim=8),
                 canvases=256, train=training.TrainConfig(steps=40, batch_size=16, lr=2e-3, warmup_steps=5,
                                                          label_dropout=0.0, ema_decay=0.0, seed=0)),
     box_detector.DetectorRecipe(canvases=300, epochs=3),
-    eraser.EraserConfig(steps=10, suppression_steps=2, batch_size=16),
+    dataclasses.replace(demo.ERASER, steps=10, suppression_steps=2, batch_size=16),
     16)
 
 
@@ -238,11 +240,11 @@ def main(argv=None) -> dict:
     for m, r in results.items():
         measured[m].update(seconds_per_image=r["wall_s"] / n, cpu_seconds_per_image=r["cpu_s"] / n)
     sweep = {}
-    for strength in plan.other_strengths:
-        cfg = dataclasses.replace(plan.eraser, strength=strength)
+    for name, cfg in plan.other_settings:
         other = run_methods(model, plan.recipe.spec, cases, cfg, log)
-        sweep[str(strength)] = {m: {k: v for k, v in judge(detector, cases, r["images"], cfg.dilate_px).items()
-                                    if k in OUTCOMES} for m, r in other.items()}
+        outcomes = {m: {k: v for k, v in judge(detector, cases, r["images"], cfg.dilate_px).items() if k in OUTCOMES}
+                    for m, r in other.items()}
+        sweep[name] = {"eraser": dataclasses.asdict(cfg), **outcomes}
     check = detector_check(detector, cases)
     if args.figure:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +256,7 @@ def main(argv=None) -> dict:
         "model": model_info,
         "detector": {**detector_info, **check},
         "methods": measured,
-        "other_strengths": sweep,
+        "other_settings": sweep,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_start": load_start, "load_average_end": os.getloadavg(),
                     "wall_s": round(time.perf_counter() - started, 1)},

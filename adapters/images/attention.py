@@ -35,12 +35,14 @@ class Redirection:
     """What the AAS processors read while the eraser runs: the object masks of the AAS half of the batch
     (B, H, W) at the model's input resolution, and whether in-mask queries are flattened at this step."""
 
-    def __init__(self, mask: torch.Tensor, similarity_scale: float = 0.3):
+    def __init__(self, mask: torch.Tensor, similarity_scale: float = 0.3, with_plain: bool = True):
         if mask.ndim != 3 or mask.dtype != torch.bool:
             raise ValueError(f"Redirection needs a bool mask (B, H, W), got {tuple(mask.shape)} {mask.dtype}")
         self.mask = mask
         self.similarity_scale = float(similarity_scale)
         self.suppress = False
+        # False: the batch is the AAS branch alone (SARG at guidance 1 needs no plain prediction)
+        self.with_plain = with_plain
         self._grids: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -89,8 +91,10 @@ class AASProcessor:
         else:
             height, width = self.redirection.grid_of(hidden_states.shape[1])
         batch, tokens, _ = hidden_states.shape
-        if batch != 2 * self.redirection.batch:
-            raise ValueError(f"AAS expects a doubled batch of {2 * self.redirection.batch} (plain + AAS), got {batch}")
+        branches = 2 if self.redirection.with_plain else 1
+        if batch != branches * self.redirection.batch:
+            raise ValueError(f"AAS expects a batch of {branches * self.redirection.batch} "
+                             f"({'plain + AAS' if branches == 2 else 'AAS only'}), got {batch}")
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -113,12 +117,14 @@ class AASProcessor:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                inside: torch.Tensor) -> torch.Tensor:
-        """Attention of a doubled batch (2B, heads, N, d): plain for the first half, AAS for the second.
-        `inside` (B, N) marks the tokens inside each sample's mask."""
-        q_wo, q_w = query.chunk(2)
-        k_wo, k_w = key.chunk(2)
-        v_wo, v_w = value.chunk(2)
-        plain = F.scaled_dot_product_attention(q_wo, k_wo, v_wo, scale=scale)
+        """Attention of a doubled batch (2B, heads, N, d): plain for the first half, AAS for the second (or of
+        the AAS branch alone, (B, heads, N, d), without `with_plain`). `inside` (B, N) marks the tokens inside
+        each sample's mask."""
+        if self.redirection.with_plain:
+            (q_wo, q_w), (k_wo, k_w), (v_wo, v_w) = query.chunk(2), key.chunk(2), value.chunk(2)
+            plain = [F.scaled_dot_product_attention(q_wo, k_wo, v_wo, scale=scale)]
+        else:
+            q_w, k_w, v_w, plain = query, key, value, []
         redirectable = ~inside.all(dim=1, keepdim=True)  # a sample with no background token here runs plain
         blocked = inside & redirectable
         bias = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device)
@@ -129,7 +135,7 @@ class AASProcessor:
                                                        scale=self.redirection.similarity_scale * scale)
             queries = blocked.to(query.device)[:, None, :, None]  # (B, 1, N, 1): queries inside the mask
             redirected = torch.where(queries, flattened, redirected)
-        return torch.cat([plain, redirected])
+        return torch.cat([*plain, redirected])
 
 
 def decoder_self_attention(unet: nn.Module) -> list[tuple[str, Attention]]:

@@ -6,7 +6,8 @@ Both run the same loop on the same model, steps, strength and blending; only the
 2. Each step, predict the noise. Attentive Eraser: the UNet runs on a doubled batch, the plain branch "wo"
    and the AAS branch "w" (adapters/images/attention.py: object keys masked in decoder self-attention,
    in-mask queries flattened for the first `suppression_steps`); Self-Attention Redirection Guidance mixes
-   them, ``eps = eps_wo + guidance * (eps_w - eps_wo)``. Inpainting: one plain prediction.
+   them, ``eps = eps_wo + guidance * (eps_w - eps_wo)``; at guidance 1 that is eps_w, so only the AAS branch
+   runs (half the cost). Inpainting: one plain prediction.
 3. After every step, blend the background back: ``x = (1 - m) * noised(source, t_next) + m * x`` with the
    same noise as the start (the source itself after the last step), m the dilated object mask.
 4. Composite the result onto the source: pixels outside the dilated mask are the source's bytes, unchanged;
@@ -79,13 +80,16 @@ def denoise(unet: nn.Module, x0: torch.Tensor, region: torch.Tensor, scheduler, 
                          for _ in range(batch)]).to(x0)
     m = region[:, None].to(x0.dtype)
     x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(batch))
-    redirection = Redirection(region.to(x0.device), config.similarity_scale)
+    # SARG at guidance 1 is the AAS branch's own prediction: the plain branch is then not run at all
+    doubled = attentive and config.guidance != 1
+    redirection = Redirection(region.to(x0.device), config.similarity_scale, with_plain=doubled)
     with redirected(unet, redirection) if attentive else contextlib.nullcontext():
-        if attentive:
+        if doubled:
             kwargs = _doubled(kwargs, batch)
         for i, t in enumerate(timesteps):
             if attentive:
                 redirection.suppress = i < config.suppression_steps
+            if doubled:
                 e_wo, e_w = unet(torch.cat([x, x]), t, **kwargs).sample.chunk(2)
                 e = sarg(e_wo, e_w, config.guidance)
             else:

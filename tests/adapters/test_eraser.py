@@ -172,6 +172,27 @@ def test_doubled_batch_and_sarg(unet):
     assert (full - plain).abs().max() > 1e-2
 
 
+def test_guidance_one_runs_the_aas_branch_alone(unet):
+    """At guidance 1 SARG's eps is eps_w: the UNet sees B (not 2B) latents, and the result is what the doubled
+    run's AAS half gives (which guidance 1 + a hair, still doubled, reproduces)."""
+    seen = []
+    hook = unet.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    x0 = torch.rand(2, 1, 16, 16) * 2 - 1
+    region = box_masks(2)
+    scheduler = ddpm.sampling_scheduler(TINY, FAST.steps)
+    one = eraser.EraserConfig(**{**FAST.__dict__, "guidance": 1.0})
+    try:
+        alone = eraser.denoise(unet, x0, region, scheduler, one, attentive=True)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {2}
+    doubled = eraser.denoise(unet, x0, region, scheduler,
+                             eraser.EraserConfig(**{**FAST.__dict__, "guidance": 1.0 + 1e-9}), attentive=True)
+    torch.testing.assert_close(alone, doubled, atol=1e-4, rtol=0)
+    plain = eraser.denoise(unet, x0, region, scheduler, one, attentive=False)
+    assert (alone - plain).abs().max() > 1e-2  # the AAS branch, not the plain one
+
+
 def test_background_is_blended_back_every_step(unet):
     x0 = torch.rand(1, 1, 16, 16) * 2 - 1
     region = box_masks(1)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adapters.base import Forget, InvalidForget
-from adapters.images import demo
+from adapters.images import demo, eraser
 from adapters.store import ArtifactStore
 from daemon import config as config_mod
 from daemon import image_models
@@ -88,3 +90,13 @@ def test_requests_this_kind_cannot_serve_are_refused_before_the_model_exists(tmp
             registry.precheck("pics", forget)
         assert refused.value.reason == reason
     registry.precheck("pics", Forget(image="canvas-0001", mask='{"box": [0, 0, 4, 4]}'))  # waits for the model
+
+
+def test_the_shipped_demo_model_erases_with_the_settings_the_benchmark_measures(tmp_path):
+    """config.toml's `canvases` serves the eraser with adapters/images/demo.py's ERASER, the settings
+    bench/eraser.py reports as the demo model's (not ALGORITHMS.md's Stable Diffusion defaults)."""
+    cfg = config_mod.load(Path(__file__).resolve().parents[2] / config_mod.DEFAULT_CONFIG, env={})
+    registry = ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+    engine = registry.engine("attentive_eraser", "canvases")
+    assert engine.config == demo.ERASER
+    assert demo.ERASER != eraser.EraserConfig()
