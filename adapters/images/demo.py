@@ -8,8 +8,7 @@
   what makes the model's self-attention carry the background's texture (as SD's highest-resolution
   attention does); without it, redirecting attention barely moved the prediction (bench notes in the README).
   Trained by the shared loop (progress callback, stop event, EMA) on canvases drawn from the same rows with
-  other seeds; sized to train within the 15-minute budget on 2 CPU cores (bench/results/eraser.json gives
-  the measured time).
+  other seeds; sized for about 15 minutes on 2 CPU cores (bench/results/eraser.json gives the measured time).
 
 Seeds of the canvases: training draws from TRAINING_SEED, the collection from COLLECTION_SEED; held-out
 evaluation canvases (bench/eraser.py) come from the registered *test* rows, which neither ever sees.
