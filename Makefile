@@ -46,6 +46,7 @@ bench-quick: install
 	$(BIN)/python bench/daemon.py --quick
 	$(BIN)/python bench/classifier.py --quick
 	$(BIN)/python bench/diffusion.py --quick
+	$(BIN)/python bench/eraser.py --quick
 	$(BIN)/python bench/chaos.py --quick
 	$(BIN)/python bench/replicas.py --quick
 	$(BIN)/python bench/lookalikes.py --quick
@@ -55,6 +56,7 @@ bench: install
 	$(BIN)/python bench/daemon.py --out bench/results/daemon.json
 	$(BIN)/python bench/classifier.py --out bench/results/classifier.json
 	$(BIN)/python bench/diffusion.py --out bench/results/diffusion.json --grids bench/results/diffusion-grids
+	$(BIN)/python bench/eraser.py --threads 1 --out bench/results/eraser.json --figure bench/results/eraser.png
 	$(BIN)/python bench/o3.py --out bench/results/o3.json
 	$(BIN)/python bench/router.py --out bench/results/router.json
 	$(BIN)/python bench/lookalikes.py --out bench/results/lookalikes.json

@@ -32,10 +32,13 @@ class EngineError(Exception):
 
 
 class InvalidForget(EngineError):
-    """The request is well-formed but cannot apply to this model (e.g. unknown sample ids). Never retried."""
+    """The request is well-formed but cannot apply to this model (e.g. unknown sample ids). Never retried.
+    `reason` is the dead-letter reason it is filed under: a short fixed code (the daemon's closed set,
+    daemon.schema.DeadLetterReason, lists the ones engines use; any other is filed as "invalid_forget")."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str = "invalid_forget"):
         super().__init__(message, retryable=False)
+        self.reason = reason
 
 
 class NothingToForget(EngineError):
@@ -151,6 +154,7 @@ BUILTIN_ENGINES = {
     "iau": {"classifier": "adapters.classifier.iau"},
     "salun": {"classifier": "adapters.classifier.salun", "diffusion": "adapters.diffusion.salun"},
     "o3": {"causal_lm": "adapters.lm.o3"},
+    "attentive_eraser": {"images": "adapters.images.erasure"},
 }
 
 

@@ -22,7 +22,7 @@ from daemon.dead_letter import Headers, record_size
 from daemon.ledger import Ledger
 from daemon.models import ModelRegistry, UnknownModel
 from daemon.outcomes import Outcomes
-from daemon.schema import DeadLetterReason, Rejected, Request, decode
+from daemon.schema import DeadLetterReason, Rejected, Request, decode, forget_reason
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Admission:
         try:
             self.registry.precheck(request.model, forget)
         except InvalidForget as exc:
-            raise Rejected(DeadLetterReason.INVALID_FORGET, str(exc), request.request_id, request.model) from None
+            raise Rejected(forget_reason(exc), str(exc), request.request_id, request.model) from None
         if spec.kind not in engine.model_kinds:
             raise Rejected(DeadLetterReason.UNKNOWN_METHOD, f"method {method!r} does not apply to {spec.kind} models",
                            request.request_id, request.model)

@@ -29,7 +29,7 @@ from daemon.ledger import Ledger, LedgerConflict
 from daemon.liveness import BrokerLost
 from daemon.models import Committed, ModelRegistry
 from daemon.outcomes import Outcomes
-from daemon.schema import MAX_DETAIL_CHARS, DeadLetterReason, Rejected
+from daemon.schema import MAX_DETAIL_CHARS, Rejected, forget_reason
 
 log = logging.getLogger("unlearnd")
 
@@ -93,7 +93,7 @@ class Applier:
                 self.outcomes.unchanged(a, target, exc)
                 return
             except InvalidForget as exc:
-                self.outcomes.rejected(a.msg, Rejected(DeadLetterReason.INVALID_FORGET, str(exc), rid, request.model),
+                self.outcomes.rejected(a.msg, Rejected(forget_reason(exc), str(exc), rid, request.model),
                                        method=method, body_hash=a.body_hash)
                 return
             except Exception as exc:
@@ -144,8 +144,7 @@ class Applier:
                 except NothingToForget as exc:
                     self.outcomes.unchanged(a, target, exc)
                 except InvalidForget as exc:
-                    self.outcomes.rejected(a.msg, Rejected(DeadLetterReason.INVALID_FORGET, str(exc),
-                                                           a.request.request_id, model),
+                    self.outcomes.rejected(a.msg, Rejected(forget_reason(exc), str(exc), a.request.request_id, model),
                                            method=method, body_hash=a.body_hash)
             if len(valid) <= 1:
                 for a, attempt in valid:

@@ -34,6 +34,7 @@ from daemon.cli_common import (
     print_metrics,
     when,
 )
+from daemon.cli_images import images_app
 from daemon.cli_ledger import ledger_app
 from daemon.cli_publish import publish
 from daemon.cli_sample import sample
@@ -52,6 +53,7 @@ app.add_typer(requests_app, name="requests")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(images_app, name="images")
 app.command()(sample)
 
 

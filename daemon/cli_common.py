@@ -125,14 +125,18 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
         print_json(result)
         return
     colour = {"applied": "green", "rejected": "yellow", "failed": "red"}.get(result["status"], "white")
+    receipt = result.get("receipt") or {}
+    made = result.get("version") or result.get("adapter_id") or receipt.get("erasure")
     console.print(
         f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
-        + (f" -> {result.get('version') or result.get('adapter_id')}" if result["status"] == "applied" else "")
+        + (f" -> {made}" if result["status"] == "applied" else "")
         + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
         + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else "")
     )
     if result.get("reason"):
         console.print(f"reason: {result['reason']}: {result.get('error')}")
+    if receipt:
+        console.print("receipt: " + "  ".join(f"{k}={v}" for k, v in receipt.items()), highlight=False)
     print_metrics(result.get("metrics") or {})
 
 

@@ -29,6 +29,8 @@ def publish(
     forget_class: Annotated[int | None, typer.Option("--class", help="Forget a whole class.")] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to forget (repeatable).")] = None,
     qa: Annotated[Path | None, typer.Option(help="JSON file: [{\"question\": ..., \"answer\": ...}].")] = None,
+    image: Annotated[str | None, typer.Option(help="An image id to erase an object from (with --box).")] = None,
+    box: Annotated[str | None, typer.Option(help="The object's box x0,y0,x1,y1 in pixels, ends exclusive.")] = None,
     method: Annotated[str | None, typer.Option(help="Override the model's default method.")] = None,
     subject: Annotated[str | None, typer.Option(help="Data-subject id, for the audit trail.")] = None,
     request_id: Annotated[str | None, typer.Option(help="Idempotency key (generated when absent).")] = None,
@@ -53,7 +55,8 @@ def publish(
         fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
     rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
     body: dict[str, Any] = {"request_id": rid, "model": model,
-            "forget": _forget(sample_ids, forget_class, text, qa), "issued_at": datetime.now(UTC).isoformat()}
+            "forget": _forget(sample_ids, forget_class, text, qa, image, box),
+            "issued_at": datetime.now(UTC).isoformat()}
     if method:
         body["method"] = method
     if subject:
@@ -92,8 +95,15 @@ def publish(
 
 
 def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | None,
-            qa: Path | None) -> dict[str, Any]:
+            qa: Path | None, image: str | None = None, box: str | None = None) -> dict[str, Any]:
     forget: dict[str, Any] = {}
+    if (image is None) != (box is None):
+        fail("--image and --box go together", 2)
+    if image is not None and box is not None:
+        try:
+            forget["image"], forget["mask"] = image, {"box": [int(v) for v in box.split(",")]}
+        except ValueError:
+            fail(f"--box takes four comma-separated integers x0,y0,x1,y1, got {box!r}", 2)
     if sample_ids:
         try:
             forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]
@@ -108,8 +118,8 @@ def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | 
             forget["qa"] = json.loads(qa.read_text())
         except (OSError, ValueError) as exc:
             fail(f"--qa {qa}: {exc}", 2)
-    if len(forget) != 1:
-        fail("give exactly one of --sample-ids, --class, --text, --qa", 2)
+    if len(set(forget) - {"mask"}) != 1:  # the mask goes with the image: one forget kind
+        fail("give exactly one of --sample-ids, --class, --text, --qa, --image", 2)
     return forget
 
 

@@ -27,7 +27,7 @@ def sample(
     import torch
 
     from adapters.store import ArtifactStore
-    from daemon.diffusion_models import ModelNotReady
+    from daemon.bootstrapping import ModelNotReady
     from daemon.models import ModelRegistry, UnknownModel
 
     cfg = load_config(config)

@@ -9,9 +9,9 @@ environment variable *named* in the config, never stored in the file.
 A bad value fails at start-up with the dotted path of the key, e.g. ``kafka.session_timeout_ms: Input should
 be a valid integer``.
 
-Relative state paths (``state.dir``, ``state.ledger``, ``state.artifacts``) are relative to the config file's
-directory, so the daemon and the CLI find the same ledger from any working directory; every path recorded in
-the ledger and on the adapters topic is absolute.
+Relative state paths (``state.dir``, ``state.ledger``, ``state.artifacts``, an images model's ``collection``) are
+relative to the config file's directory, so the daemon and the CLI find the same ledger from any working directory;
+every path recorded in the ledger and on the adapters topic is absolute.
 """
 
 from __future__ import annotations
@@ -172,10 +172,11 @@ class Logging(_Section):
 class Bootstrap(_Section):
     """How to build a model on first start when the store has no version of it yet."""
 
-    recipe: Literal["none", "classifier", "causal_lm", "ddpm"] = "none"
+    # "images": the demo image collection (MNIST canvases) and the unconditional DDPM its erasures run on.
+    recipe: Literal["none", "classifier", "causal_lm", "ddpm", "images"] = "none"
     # "start": built before the daemon consumes (a start waits for it); "background": built in a background thread
     # once the daemon is consuming, and requests for the model wait (the pipeline pauses) until it is ready.
-    # Default: "background" for diffusion models (minutes of training), "start" for the others.
+    # Default: "background" for diffusion and images models (minutes of training), "start" for the others.
     when: Literal["start", "background"] | None = None
     dataset: Literal["mnist", "digits"] = "mnist"
     arch: Literal["mlp", "cnn"] = "mlp"
@@ -184,17 +185,22 @@ class Bootstrap(_Section):
     gr_alpha: float = Field(0.005, ge=0)  # IAU's gradient-restriction weight
     seed: int = 0
     source: str | None = None  # causal_lm: a transformers directory, or "smollm2" for the bundled GGUF
-    # ddpm: the UNet (adapters.diffusion.ddpm.DDPMSpec keys, e.g. resolution, channels, attention_levels), its
-    # training (adapters.diffusion.training.TrainConfig keys, e.g. steps, batch_size, lr), the judge's epochs and
-    # the per-version recognition samples (adapters.diffusion.measures.SampleSettings keys). Empty = the demo's.
+    # ddpm and images: the UNet (adapters.diffusion.ddpm.DDPMSpec keys, e.g. resolution, channels,
+    # attention_levels) and its training (adapters.diffusion.training.TrainConfig keys, e.g. steps, batch_size,
+    # lr); ddpm only: the judge's epochs and the per-version recognition samples
+    # (adapters.diffusion.measures.SampleSettings keys). Empty = the demo recipe's own values.
     ddpm: dict[str, Any] = {}
     train: dict[str, Any] = {}
     judge_epochs: int = Field(20, ge=1)
     measure: dict[str, Any] = {}
+    # images (adapters/images/demo.py Recipe): canvases stored in the demo collection (ids canvas-0000, ...) and
+    # distinct canvases the DDPM trains on. Unset = the recipe's own values.
+    collection_size: int | None = Field(None, ge=1)
+    train_canvases: int | None = Field(None, ge=1)
 
 
 class Model(_Section):
-    kind: Literal["classifier", "causal_lm", "diffusion"]
+    kind: Literal["classifier", "causal_lm", "diffusion", "images"]
     method: str | None = None  # default method for this model's requests; None = the kind's default
     # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
     # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
@@ -208,6 +214,12 @@ class Model(_Section):
     # kinds take float32 only, ModelKind.dtypes). Both are checked at start-up (ModelRegistry.check_methods).
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # images: the collection's folder (PNG + index.json, adapters/images/collection.py), relative to the config
+    # file. Unset: <artifacts>/<model>/collection, where bootstrap.recipe = "images" builds the demo one.
+    collection: Path | None = None
+    # images: seconds an erased image's original is kept (under <artifacts>/<model>/originals) for review or
+    # restore by an operator before it is deleted. 0, the default: deleted as soon as the erasure is durable.
+    retain_originals_s: float = Field(0.0, ge=0)
 
     @field_validator("device")
     @classmethod
@@ -245,14 +257,17 @@ class Config(_Section):
         return self._source
 
 
-DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3", "diffusion": "salun"}
+DEFAULT_METHOD = {"classifier": "iau", "causal_lm": "o3", "diffusion": "salun", "images": "attentive_eraser"}
 #: Per model kind, the forget kinds whose default is not the model's `method`: a whole class goes to SalUn, which
 #: erases it (bench/classifier.py, "class" scenario); IAU's single step is for samples.
-DEFAULT_METHOD_BY_FORGET = {"classifier": {"class": "salun"}, "causal_lm": {}, "diffusion": {}}
+DEFAULT_METHOD_BY_FORGET: dict[str, dict[str, str]] = {"classifier": {"class": "salun"}, "causal_lm": {},
+                                                       "diffusion": {}, "images": {}}
 #: The forget kinds each model kind accepts (the keys `method_by_forget` may use).
-FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa"), "diffusion": ("class",)}
+FORGET_KINDS = {"classifier": ("sample_ids", "class"), "causal_lm": ("texts", "qa"), "diffusion": ("class",),
+                "images": ("image",)}
 #: When a model without a version is built, per kind (Bootstrap.when): a DDPM trains for minutes.
-DEFAULT_BOOTSTRAP_WHEN = {"classifier": "start", "causal_lm": "start", "diffusion": "background"}
+DEFAULT_BOOTSTRAP_WHEN = {"classifier": "start", "causal_lm": "start", "diffusion": "background",
+                          "images": "background"}
 
 
 class ConfigError(ValueError):
@@ -297,6 +312,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     state.dir = base / state.dir  # an absolute path stays as it is
     state.ledger = base / state.ledger if state.ledger else None
     state.artifacts = base / state.artifacts if state.artifacts else None
+    for model in config.models.values():
+        model.collection = base / model.collection if model.collection else None
     return config
 
 

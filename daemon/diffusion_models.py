@@ -8,7 +8,8 @@ the version's recognition in the ledger's `info`). Rollback is the registry's, a
 
 A DDPM trains for minutes, so by default it is built in the background once the daemon is consuming
 (models.<name>.bootstrap.when); until its first version exists, `target()` raises ModelNotReady, a transient
-condition: the daemon pauses and retries the request, never fails or loses it.
+condition: the daemon pauses and retries the request, never fails or loses it (daemon/bootstrapping.py, shared
+with the images kind).
 
 The DDPM, its judge and the rows an engine reads live on the model's `device` (models.<name>.device); the files
 are the same whatever the device. A DDPM trains and unlearns in float32 (`dtypes`, as for classifiers).
@@ -16,20 +17,18 @@ are the same whatever the device. A DDPM trains and unlearns in float32 (`dtypes
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from adapters.base import Change, Forget, InvalidForget
 from adapters.devices import resolve_device
+from daemon.bootstrapping import ModelNotReady, override, progress_logger
 from daemon.config import Model
 from daemon.ledger import ArtifactRow
 from daemon.model_kind import DATASET_ID, ModelKind
-from daemon.transient import Transient
 
 if TYPE_CHECKING:  # torch-heavy: imported where used
     from adapters.diffusion.demo import DemoRecipe
@@ -39,14 +38,6 @@ if TYPE_CHECKING:  # torch-heavy: imported where used
 log = logging.getLogger(__name__)
 
 JUDGE = ("judge", "judge")  # (store folder, artifact id) of a model's judge
-PROGRESS_EVERY = 0.1  # log a bootstrap line every 10% of the training steps
-
-
-class ModelNotReady(Transient):
-    """A request (or a command) needs a model whose first version is still being built."""
-
-    def __init__(self, name: str):
-        super().__init__("bootstrapping", f"model {name!r} has no version yet: it is being built in the background")
 
 
 def recipe(spec: Model) -> DemoRecipe | None:
@@ -56,17 +47,9 @@ def recipe(spec: Model) -> DemoRecipe | None:
 
     b = spec.bootstrap
     base = demo.DemoRecipe()
-
-    def over(obj: Any, values: dict[str, Any], table: str) -> Any:
-        known = {f.name for f in dataclasses.fields(obj)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"bootstrap.{table}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return dataclasses.replace(obj, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    return demo.DemoRecipe(dataset=b.dataset, seed=b.seed, spec=over(base.spec, b.ddpm, "ddpm"),
-                           train=over(base.train, b.train, "train"), judge_epochs=b.judge_epochs,
-                           measure=over(base.measure, b.measure, "measure")) if b.recipe == "ddpm" else None
+    return demo.DemoRecipe(dataset=b.dataset, seed=b.seed, spec=override(base.spec, b.ddpm, "ddpm"),
+                           train=override(base.train, b.train, "train"), judge_epochs=b.judge_epochs,
+                           measure=override(base.measure, b.measure, "measure")) if b.recipe == "ddpm" else None
 
 
 class DiffusionModels(ModelKind):
@@ -125,7 +108,7 @@ class DiffusionModels(ModelKind):
         log.info("bootstrapping %s: training a class-conditional DDPM (%dx%d, channels %s) on %d %s rows for %d steps, "
                  "then its judge; requests for it wait until it is ready", name, r.spec.resolution, r.spec.resolution,
                  list(r.spec.channels), len(split.train), r.dataset, r.train.steps)
-        built = demo.bootstrap(r, data=split, on_progress=_progress_logger(name), stop=stop,
+        built = demo.bootstrap(r, data=split, on_progress=progress_logger(name, log), stop=stop,
                                device=resolve_device(spec.device))
         self.store.publish(name, "dataset", DATASET_ID, split.save,
                            {"dataset": r.dataset, "num_classes": split.num_classes,
@@ -197,25 +180,3 @@ class DiffusionModels(ModelKind):
             if bad:
                 raise ValueError(f"class(es) {bad} outside 0..{num_classes - 1}")
         return grid.sample_grid(t.model, t.spec, classes, n=n, seed=seed, steps=steps), t.version
-
-
-def _progress_logger(name: str) -> Callable[[str, int, int], None]:
-    """on_progress for demo.bootstrap: a log line every PROGRESS_EVERY of the DDPM's steps, one per stage."""
-    started = time.monotonic()
-    state = {"next": 0.0}
-
-    def report(stage: str, done: int, total: int) -> None:
-        elapsed = time.monotonic() - started
-        if stage == "ddpm":
-            share = done / total
-            if share + 1e-9 >= state["next"] or done == total:
-                state["next"] = share + PROGRESS_EVERY
-                left = elapsed / share * (1 - share) if share else float("nan")
-                log.info("bootstrapping %s: DDPM step %d/%d (%.0f%%), %.0fs elapsed, about %.0fs left", name, done,
-                         total, 100 * share, elapsed, left)
-        elif stage == "judge" and done == total:
-            log.info("bootstrapping %s: judge trained (%d epochs)", name, total)
-        elif stage == "measure" and done == 0:
-            log.info("bootstrapping %s: measuring what each class's samples look like to the judge", name)
-
-    return report

@@ -12,8 +12,8 @@ ledger exactly as for an in-process change.
   still a suspect on the next start.
 
 Job in (stdin, JSON): the config, model, method, forget and scratch directory. Answer out (the last
-line of stdout, JSON): one of `staged`, `nothing_to_forget`, `invalid_forget`, `error`. Raw forget data travels
-only through the pipe, never through a file.
+line of stdout, JSON): one of `staged`, `nothing_to_forget`, `invalid_forget` (with its dead-letter `reason`),
+`error`. Raw forget data travels only through the pipe, never through a file.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def apply_isolated(config: Config, model: str, method: str, forget: Forget, scra
     if "nothing_to_forget" in answer:
         raise NothingToForget(answer["nothing_to_forget"])
     if "invalid_forget" in answer:
-        raise InvalidForget(answer["invalid_forget"])
+        raise InvalidForget(answer["invalid_forget"], answer.get("reason", "invalid_forget"))
     from daemon.transient import Transient
 
     if answer.get("transient"):
@@ -129,7 +129,7 @@ def _child() -> None:
     except NothingToForget as exc:
         answer = {"nothing_to_forget": exc.already_forgotten}
     except InvalidForget as exc:
-        answer = {"invalid_forget": str(exc)}
+        answer = {"invalid_forget": str(exc), "reason": exc.reason}
     except Exception as exc:  # reported to the parent, which decides: retry, fail, or pause
         answer = {"error": f"{type(exc).__name__}: {exc}"[:1000], "retryable": getattr(exc, "retryable", True),
                   "transient": kind_of(exc)}

@@ -11,6 +11,8 @@ that window is not answered twice.
 
 Raw forget data is never stored: only ids, counts and a hash of the body. Sample ids forgotten by a version
 are stored because they are what keeps a sample from being forgotten twice or trained on again.
+An image erasure's artifact records its receipt (the image id, the hashes of the source file, the result
+file and the mask, the mask's size and box): what proves the erasure, never the pixels or the mask itself.
 
 Several replicas may share one PostgreSQL ledger (daemon/ledger_backends.py). What keeps them from forking a
 chain or applying a request twice is here, in the transaction that records an outcome: a new version moves the
@@ -38,6 +40,9 @@ __all__ = ["AppliedElsewhere", "ArtifactRow", "HeadMoved", "Ledger", "LedgerConf
            "read_adapters"]
 
 TERMINAL = ("applied", "rejected", "failed")
+#: The first letter of each kind of artifact's ids: versions, LoRA adapters, image erasures (an images model's
+#: edited images and their receipts; an erasure is recorded active and never moves the head).
+ID_PREFIX = {"version": "v", "adapter": "a", "erasure": "e"}
 
 
 class LedgerConflict(RuntimeError):
@@ -300,9 +305,10 @@ class Ledger:
         return artifact_row(row) if row else None
 
     def next_id(self, model: str, kind: str) -> str:
-        """Sequential ids (v0001, a0001). Deterministic on retry: the counter moves only when a row commits."""
+        """Sequential ids (v0001, a0001, e0001 for image erasures). Deterministic on retry: the counter moves only
+        when a row commits."""
         n = self.count_artifacts(model, kind)
-        return f"{'v' if kind == 'version' else 'a'}{n:04d}"
+        return f"{ID_PREFIX.get(kind, 'a')}{n:04d}"
 
     def allocate_id(self, model: str, kind: str) -> str:
         """The id a new artifact's files are written under. One writer (SQLite, behind the state lock): `next_id`,
@@ -316,7 +322,7 @@ class Ledger:
                    VALUES (?, ?, (SELECT COUNT(*) FROM artifacts WHERE model = ? AND kind = ?))
                    ON CONFLICT (model, kind) DO UPDATE SET next = id_counters.next + 1
                    RETURNING next""", (model, kind, model, kind)).fetchone()
-        return f"{'v' if kind == 'version' else 'a'}{row['next']:04d}"
+        return f"{ID_PREFIX.get(kind, 'a')}{row['next']:04d}"
 
     def lineage(self, model: str, version_id: str) -> list[ArtifactRow]:
         """The version and its ancestors, newest first."""

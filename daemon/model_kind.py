@@ -2,10 +2,11 @@
 must provide.
 
 A model kind (config `models.<name>.kind`) decides how a model gets its first state, what an engine is handed
-(its *target*), which files a change adds to its artifact, and what in-memory state a commit or a rollback must
-refresh. The registry stays the same for every kind: it looks a model's kind up in `daemon.models.KINDS` and calls
-these methods; it never asks which kind, engine or change it holds. A new kind subclasses `ModelKind`, implements
-`bootstrap` and `target`, overrides what differs from the defaults below, and is added to `KINDS`.
+(its *target*), which files a change adds to its artifact, what in-memory (or stored) state a commit or a rollback
+must refresh, and what a result event says about a change beyond its id. The registry stays the same for every
+kind: it looks a model's kind up in `daemon.models.KINDS` and calls these methods; it never asks which kind, engine
+or change it holds. A new kind subclasses `ModelKind`, implements `bootstrap` and `target`, overrides what differs
+from the defaults below, and is added to `KINDS`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from daemon.models import ModelRegistry
 
 DATASET_ID = "registered"  # the store's id of a model's registered training rows (classifier, diffusion)
+#: The store folder of each kind of artifact (Change.kind): weights, LoRA adapters, edited images.
+ARTIFACT_FOLDERS = {"version": "versions", "adapter": "adapters", "erasure": "erasures"}
 
 
 class ModelKind(ABC):
@@ -94,6 +97,12 @@ class ModelKind(ABC):
     def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """`change` is committed as `artifact_id`: keep in-memory targets in step (no reload for the next
         request). A change staged by a child process (daemon.isolation) carries files only."""
+
+    def receipt(self, name: str, change: Change, artifact_id: str) -> dict[str, Any] | None:
+        """What the result event of the committed `change` carries besides its version or adapter id (an image
+        erasure's receipt); None for kinds whose changes have none. Reads `change.info`, which a change staged by
+        a child process carries too."""
+        return None
 
     def on_rollback(self, name: str) -> None:
         """The model's head moved (a rollback, or another replica's commit on a shared ledger): drop what is cached

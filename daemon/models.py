@@ -23,14 +23,15 @@ from daemon import failpoints
 from daemon.classifier_models import ClassifierModels
 from daemon.config import FORGET_KINDS, Config, ConfigError, Model
 from daemon.diffusion_models import DiffusionModels
+from daemon.image_models import ImagesModels
 from daemon.ledger import ArtifactRow, Ledger, LedgerConflict
 from daemon.lm_models import LMModels
 from daemon.lm_models import new_router as new_router  # serve builds its router here
-from daemon.model_kind import ModelKind
+from daemon.model_kind import ARTIFACT_FOLDERS, ModelKind
 
 #: The strategy of each model kind (config `models.<name>.kind`).
 KINDS: dict[str, type[ModelKind]] = {"classifier": ClassifierModels, "causal_lm": LMModels,
-                                     "diffusion": DiffusionModels}
+                                     "diffusion": DiffusionModels, "images": ImagesModels}
 
 
 class UnknownModel(KeyError):
@@ -44,6 +45,7 @@ class Committed:
     kind: str
     path: Path
     sha256: str
+    receipt: dict[str, Any] | None = None  # what the kind reports of it besides its id (an image erasure's receipt)
 
 
 class ModelRegistry:
@@ -157,7 +159,7 @@ class ModelRegistry:
         parent = kind.parent(target)
         if change.kind == "version":
             change.info.setdefault("spec", target.spec)
-        folder = "versions" if change.kind == "version" else "adapters"
+        folder = ARTIFACT_FOLDERS.get(change.kind, "adapters")
         # a change staged by a child process (daemon.isolation) carries the id its files were written for
         artifact_id = getattr(change, "artifact_id", None) or self.ledger.allocate_id(name, change.kind)
         meta = {"parent": parent, "request_ids": request_ids, "metrics": change.metrics, **change.info}
@@ -177,7 +179,7 @@ class ModelRegistry:
                 shutil.rmtree(art.path, ignore_errors=True)
             raise
         kind.after_commit(name, change, target, artifact_id)
-        return Committed(artifact_id, change.kind, art.path, art.sha256)
+        return Committed(artifact_id, change.kind, art.path, art.sha256, kind.receipt(name, change, artifact_id))
 
     def set_adapter(self, name: str, adapter_id: str, active: bool, *, reason: str) -> ArtifactRow:
         """Rollback (active=False) or restore of one adapter; the base and other adapters are untouched."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.base import NothingToForget
 from daemon import kafka_io, metrics
 from daemon.config import Config
-from daemon.ledger import Ledger, RequestRow
+from daemon.ledger import ArtifactRow, Ledger, RequestRow
 from daemon.schema import DeadLetterReason, Rejected, Result
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ class Outcomes:
             rid = a.request.request_id
             self._result(a.request.model, request_id=rid, model=a.request.model, status="applied", method=a.method,
                          artifact_id=committed.artifact_id, artifact_kind=committed.kind, measures=change.metrics,
-                         duration_s=durations[rid], subject=a.request.subject, changed=True)
+                         duration_s=durations[rid], subject=a.request.subject, changed=True,
+                         receipt=committed.receipt)
             metrics.REQUESTS.labels(a.request.model, a.method, "applied").inc()
             metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
             log.info("request %s applied: %s %s in %.3fs", rid, committed.kind, committed.artifact_id, durations[rid])
@@ -143,6 +144,7 @@ class Outcomes:
                      artifact_id=row.artifact_id, artifact_kind=artifact.kind if artifact else None,
                      measures=row.metrics, duration_s=row.duration_s, reason=row.reason, error=row.error,
                      subject=row.subject, changed=(not unchanged) if row.status == "applied" else None,
+                     receipt=_receipt(artifact),
                      completed_at=datetime.fromtimestamp(row.completed_at or time.time(), UTC))
         if msg.source == row.source:
             if row.status == "failed":
@@ -245,3 +247,10 @@ class Outcomes:
         meanwhile does not have them repeated on redelivery. Short engine steps share the flush at the commit."""
         if self._unmarked and (long or time.monotonic() - self._unmarked_since > UNMARKED_MAX_S):
             self.flush()
+
+
+def _receipt(artifact: ArtifactRow | None) -> dict[str, Any] | None:
+    """The receipt a repeated answer carries, as the ledger recorded it (an image erasure's: its id and hashes)."""
+    if artifact is None or "receipt" not in artifact.info:
+        return None
+    return {artifact.kind: artifact.id, **artifact.info["receipt"]}

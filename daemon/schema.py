@@ -8,8 +8,10 @@ A request is a UTF-8 JSON object, at most `requests.max_bytes` long::
      "signature": "<hex HMAC-SHA256 of the canonical body>"}
 
 `forget` holds exactly one of: `sample_ids`, `texts`, `qa` ([{"question", "answer"}]), `class`, `concept`, or
-`image` + `mask`. Unknown fields and wrong types are rejected, never guessed at: every field is strict (pydantic
-strict mode), so `"1"`, `true`, `1.0` or `" 7 "` where an integer belongs is a `schema` rejection, not sample 1.
+`image` + `mask` (an image id of an images model and the region to erase: {"box": [x0, y0, x1, y1]} or
+{"rle": {"size": [h, w], "counts": ...}}). Unknown fields and wrong types are rejected, never guessed at: every
+field is strict (pydantic strict mode), so `"1"`, `true`, `1.0` or `" 7 "` where an integer belongs is a `schema`
+rejection, not sample 1.
 `decode` turns bytes into a `Request` or raises `Rejected` with a `DeadLetterReason`; it raises nothing else
 for any input (tests/daemon/test_hostile_input.py holds it to that).
 
@@ -29,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.base import Forget
+from adapters.base import Forget, InvalidForget
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 MAX_SAMPLE_ID = 2**63 - 1  # what the ledger (SQLite INTEGER) can hold
@@ -52,6 +54,19 @@ class DeadLetterReason(StrEnum):
     REQUEST_ID_CONFLICT = "request_id_conflict"
     ENGINE_FAILED = "engine_failed"
     UNDECODABLE_RECORD = "undecodable_record"
+    # Image erasure requests an images model refuses (adapters/images/erasure.py; InvalidForget.reason):
+    UNKNOWN_IMAGE = "unknown_image"  # no such image in the model's collection (or not a valid image id)
+    WRONG_COLLECTION = "wrong_collection"  # the image belongs to another images model's collection
+    INVALID_MASK = "invalid_mask"  # empty, outside the image, the whole image, or unusable on it
+
+
+def forget_reason(exc: InvalidForget) -> DeadLetterReason:
+    """The dead-letter reason of an engine's InvalidForget: the one it names when it is in the closed set,
+    else `invalid_forget` (an engine cannot add labels to the metric)."""
+    try:
+        return DeadLetterReason(exc.reason)
+    except ValueError:
+        return DeadLetterReason.INVALID_FORGET
 
 
 class Rejected(Exception):
@@ -88,6 +103,33 @@ class QAPair(BaseModel):
     answer: str = Field(min_length=1)
 
 
+class RunLengthMask(BaseModel):
+    """COCO run-length encoding (adapters/images/masks.py reads it): counts as run lengths or COCO's string."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    size: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(min_length=2, max_length=2)
+    counts: list[Annotated[int, Field(ge=0, le=1 << 32)]] | str = Field(min_length=1)
+
+
+class MaskSpec(BaseModel):
+    """The region of `forget.image` to erase: exactly one of a box [x0, y0, x1, y1] (ends exclusive) or an RLE.
+    Whether it fits the image (empty, outside, the whole image) is the engine's check: `invalid_mask`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    box: list[int] | None = Field(None, min_length=4, max_length=4)
+    rle: RunLengthMask | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MaskSpec:
+        if (self.box is None) == (self.rle is None):
+            raise ValueError("mask must hold exactly one of box or rle")
+        return self
+
+    def canonical(self) -> str:
+        """The mask as compact JSON text (what an engine parses; hashable inside a Forget)."""
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+
 class ForgetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     sample_ids: list[SampleId] | None = Field(None, min_length=1)
@@ -95,8 +137,8 @@ class ForgetSpec(BaseModel):
     qa: list[QAPair] | None = Field(None, min_length=1)
     class_: int | None = Field(None, alias="class", ge=0, le=2**31 - 1)
     concept: str | None = Field(None, min_length=1)
-    image: str | None = Field(None, min_length=1)
-    mask: str | None = Field(None, min_length=1)
+    image: str | None = Field(None, min_length=1, max_length=128)
+    mask: MaskSpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ForgetSpec:
@@ -123,7 +165,7 @@ class ForgetSpec(BaseModel):
             class_label=self.class_,
             concept=self.concept,
             image=self.image,
-            mask=self.mask,
+            mask=self.mask.canonical() if self.mask is not None else None,
         )
 
 
@@ -257,6 +299,10 @@ class Result(BaseModel):
     # False when the request was already satisfied (every named sample already forgotten): applied, no new
     # version, `version` is the current head. Absent for other outcomes.
     changed: bool | None = None
+    # An image erasure's receipt: the erasure artifact, the image id, the SHA-256 of the source file, of the
+    # result file and of the mask, the mask's pixel count and box, and (when applied now) whether the original
+    # was deleted or retained. Absent otherwise.
+    receipt: dict[str, Any] | None = None
     completed_at: datetime
 
     def to_bytes(self) -> bytes:

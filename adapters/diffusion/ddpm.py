@@ -31,13 +31,16 @@ WEIGHTS_FILE = "model.safetensors"
 @dataclasses.dataclass(frozen=True)
 class DDPMSpec:
     """Architecture and noise schedule of one DDPM. `attention_levels` are the UNet levels (0 = full
-    resolution) whose blocks carry self-attention; the middle block has attention whenever any level does."""
+    resolution) whose blocks carry self-attention; the middle block has attention whenever any level does.
+    `decoder_attention_levels`, when set, gives the decoder (up path) its own levels, e.g. attention at full
+    resolution on the way up only (what attention editing such as the Attentive Eraser acts on)."""
 
     resolution: int = 16
     in_channels: int = 1
     channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     attention_levels: tuple[int, ...] = (2,)
+    decoder_attention_levels: tuple[int, ...] | None = None  # None: the same as attention_levels
     attention_head_dim: int = 8
     norm_groups: int = 8
     num_classes: int | None = 10  # None: an unconditional model
@@ -64,7 +67,12 @@ class DDPMSpec:
         return self.classes
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as JSON-able values. An unset `decoder_attention_levels` is left out, so the specs recorded
+        before it existed (ledger infos, saved metas) read back and compare the same."""
+        values = dataclasses.asdict(self)
+        if values["decoder_attention_levels"] is None:
+            del values["decoder_attention_levels"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> DDPMSpec:
@@ -79,8 +87,10 @@ class DDPMSpec:
 def _construct(spec: DDPMSpec) -> UNet2DModel:
     levels = range(len(spec.channels))
     attn = set(spec.attention_levels)
-    if not attn <= set(levels):
-        raise ValueError(f"attention_levels {sorted(attn)} outside the UNet's levels 0..{len(spec.channels) - 1}")
+    up_attn = attn if spec.decoder_attention_levels is None else set(spec.decoder_attention_levels)
+    for key, chosen in (("attention_levels", attn), ("decoder_attention_levels", up_attn)):
+        if not chosen <= set(levels):
+            raise ValueError(f"{key} {sorted(chosen)} outside the UNet's levels 0..{len(spec.channels) - 1}")
     if spec.resolution % 2 ** (len(spec.channels) - 1):
         raise ValueError(f"resolution {spec.resolution} must be divisible by 2^{len(spec.channels) - 1}")
     embeds = None
@@ -92,9 +102,9 @@ def _construct(spec: DDPMSpec) -> UNet2DModel:
         out_channels=spec.in_channels,
         block_out_channels=tuple(spec.channels),
         down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in levels),
-        up_block_types=tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(levels)),
+        up_block_types=tuple("AttnUpBlock2D" if i in up_attn else "UpBlock2D" for i in reversed(levels)),
         layers_per_block=spec.layers_per_block,
-        add_attention=bool(attn),
+        add_attention=bool(attn | up_attn),
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=spec.norm_groups,
         num_class_embeds=embeds,

@@ -37,3 +37,13 @@ def random_ids():
     def pick(n_train: int, k: int, seed: int = 1) -> tuple[int, ...]:
         return tuple(torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:k].tolist())
     return pick
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall behind other jobs' threads on a shared machine
+    (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

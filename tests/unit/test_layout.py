@@ -45,5 +45,5 @@ def test_served_modules_stay_small():
 
 
 def test_every_model_kind_has_its_own_engine_folder():
-    for kind in ("classifier", "lm", "diffusion"):
+    for kind in ("classifier", "lm", "diffusion", "images"):
         assert (REPO / "adapters" / kind / "__init__.py").is_file(), kind

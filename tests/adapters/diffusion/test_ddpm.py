@@ -75,3 +75,18 @@ def test_bad_architectures_are_refused():
         ddpm.build(dataclasses.replace(TINY, attention_levels=(5,)))
     with pytest.raises(ValueError, match="divisible"):
         ddpm.build(dataclasses.replace(TINY, resolution=9))
+
+
+def test_decoder_attention_levels_default_to_the_encoders_and_can_differ():
+    assert "decoder_attention_levels" not in TINY.to_dict()  # specs recorded before the field read the same
+    same = dataclasses.replace(TINY, decoder_attention_levels=TINY.attention_levels)
+    assert state(ddpm.build(same)).keys() == state(ddpm.build(TINY)).keys()
+    decoder_only = dataclasses.replace(TINY, attention_levels=(), decoder_attention_levels=(0, 1))
+    model = ddpm.build(decoder_only)
+    assert [type(b).__name__ for b in model.down_blocks] == ["DownBlock2D", "DownBlock2D"]
+    assert [type(b).__name__ for b in model.up_blocks] == ["AttnUpBlock2D", "AttnUpBlock2D"]
+    values = decoder_only.to_dict()
+    values["decoder_attention_levels"] = list(values["decoder_attention_levels"])
+    assert ddpm.DDPMSpec.from_dict(values) == decoder_only
+    with pytest.raises(ValueError, match="outside the UNet's levels"):
+        ddpm.build(dataclasses.replace(TINY, decoder_attention_levels=(2,)))

@@ -1,0 +1,1 @@
+"""Stored images and the Attentive Eraser: collections, masks, the attention redirection, the demo recipe."""

@@ -1,0 +1,64 @@
+"""What the model kinds whose first version trains for minutes share (diffusion, images: both train a DDPM).
+
+Such a model is built in the background once the daemon is consuming (models.<name>.bootstrap.when, default
+"background" for these kinds; the thread is the daemon's, see daemon/app.py). Until its first version exists,
+requests for it raise `ModelNotReady`, a transient condition: the daemon pauses (`unlearnd_paused{reason=
+"bootstrapping"}`) and retries the request, never fails or loses it. The training reports its progress in the log
+(`progress_logger`), and the recipe it follows is the demo's dataclass with the model's [bootstrap] tables over it
+(`override`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from daemon.transient import Transient
+
+PROGRESS_EVERY = 0.1  # log a bootstrap line every 10% of the training steps
+T = TypeVar("T")
+
+
+class ModelNotReady(Transient):
+    """A request (or a command) needs a model whose first version is still being built."""
+
+    def __init__(self, name: str):
+        super().__init__("bootstrapping", f"model {name!r} has no version yet: it is being built in the background")
+
+
+def override(obj: T, values: dict[str, Any], table: str) -> T:
+    """`obj` (a recipe's dataclass) with `values` (a [bootstrap] table) over its fields; TOML lists become tuples.
+    Raises ValueError naming `bootstrap.<table>` and the keys the dataclass does not know."""
+    known = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]  # a dataclass instance
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"bootstrap.{table}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]  # a dataclass instance
+
+
+def progress_logger(name: str, log: logging.Logger) -> Callable[[str, int, int], None]:
+    """on_progress(stage, done, total) for a bootstrap: a line in `log` (the kind's own logger) every
+    PROGRESS_EVERY of the DDPM's steps (stage "ddpm"), one per other stage (a diffusion model's judge and
+    measures)."""
+    started = time.monotonic()
+    state = {"next": 0.0}
+
+    def report(stage: str, done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        if stage == "ddpm":
+            share = done / total
+            if share + 1e-9 >= state["next"] or done == total:
+                state["next"] = share + PROGRESS_EVERY
+                left = elapsed / share * (1 - share) if share else float("nan")
+                log.info("bootstrapping %s: DDPM step %d/%d (%.0f%%), %.0fs elapsed, about %.0fs left", name, done,
+                         total, 100 * share, elapsed, left)
+        elif stage == "judge" and done == total:
+            log.info("bootstrapping %s: judge trained (%d epochs)", name, total)
+        elif stage == "measure" and done == 0:
+            log.info("bootstrapping %s: measuring what each class's samples look like to the judge", name)
+
+    return report
