@@ -19,7 +19,11 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.store import ArtifactStore
+from daemon import config as config_mod
 from daemon.broker import free_port, stop_process
+from daemon.ledger import Ledger
+from daemon.models import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 UNLEARND = [sys.executable, "-m", "daemon.cli"]
@@ -233,3 +237,12 @@ def request(request_id: str | None = None, **forget) -> dict:
     """A valid request body for the test model."""
     return {"request_id": request_id or f"r-{uuid.uuid4().hex[:10]}", "model": TEST_MODEL,
             "forget": forget or {"sample_ids": [1, 2, 3]}}
+
+
+def registry_from(tmp_path: Path, toml: str) -> ModelRegistry:
+    """A ModelRegistry over the config.toml text `toml`, with its own artifact store and SQLite ledger in tmp_path
+    (no environment overrides)."""
+    path = tmp_path / "config.toml"
+    path.write_text(toml)
+    cfg = config_mod.load(path, env={})
+    return ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))

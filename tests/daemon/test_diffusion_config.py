@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from adapters.base import Forget, InvalidForget
-from adapters.store import ArtifactStore
 from daemon import config as config_mod
-from daemon.ledger import Ledger
 from daemon.models import ModelRegistry
+from tests.harness import registry_from
 
 BASE = """
 [models.clf]
@@ -24,10 +23,7 @@ dataset = "digits"
 
 
 def _registry(tmp_path, extra: str = "", model_extra: str = "") -> ModelRegistry:
-    path = tmp_path / "config.toml"
-    path.write_text(BASE.format(extra=extra, model_extra=model_extra))
-    cfg = config_mod.load(path, env={})
-    return ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+    return registry_from(tmp_path, BASE.format(extra=extra, model_extra=model_extra))
 
 
 def test_diffusion_defaults_salun_in_the_background(tmp_path):

@@ -14,6 +14,7 @@ from daemon import image_models
 from daemon.engine_configs import check_engines
 from daemon.ledger import Ledger
 from daemon.models import ModelRegistry
+from tests.harness import registry_from
 
 BASE = """
 [models.pics]
@@ -26,10 +27,7 @@ recipe = "images"
 
 
 def _registry(tmp_path, extra: str = "", model_extra: str = "") -> ModelRegistry:
-    path = tmp_path / "config.toml"
-    path.write_text(BASE.format(extra=extra, model_extra=model_extra))
-    cfg = config_mod.load(path, env={})
-    return ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+    return registry_from(tmp_path, BASE.format(extra=extra, model_extra=model_extra))
 
 
 def test_images_defaults_attentive_eraser_in_the_background(tmp_path):
