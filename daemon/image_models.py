@@ -13,7 +13,8 @@ ModelRegistry (daemon/models.py) hands models of kind "images" to this strategy.
 - Erasure: the engine's artifact (`erasures/eNNNN/image.png` + `receipt.json`) is published and recorded first;
   then (`after_commit`) the collection's file is swapped for the edited one (`apply_erasures`). The original is
   deleted, or, with `retain_originals_s > 0`, moved to `<artifacts>/<name>/originals/` and deleted once that many
-  seconds have passed. `apply_erasures` also runs at start and before every request, so a crash between the
+  seconds have passed. The collection is also synced at start and before every request (`sync_collection`: a
+  full sweep when the ledger's erasures or the collection changed since the last one), so a crash between the
   ledger and the swap only delays the deletion, never skips it. An erasure edits data, not weights: the head
   version stays where it is.
 """
@@ -80,6 +81,8 @@ class ImagesModels(ModelKind):
     def __init__(self, registry: ModelRegistry):
         super().__init__(registry)
         self._cache: dict[str, tuple[str, ImagesTarget]] = {}  # model -> (head id, target)
+        # model -> (erasure rows, collection stamp) at its last full sweep (see `sync_collection`)
+        self._swept: dict[str, tuple[int, tuple[int, int, int] | None]] = {}
         self._collections: dict[str, ImageCollection] = {}  # model -> its collection (one writer: this process)
 
     def check(self, name: str, spec: Model) -> None:
@@ -159,7 +162,7 @@ class ImagesModels(ModelKind):
         from adapters.images import demo
 
         collection = self.collection(name)
-        apply_erasures(self.store, self.ledger, name, spec, collection)
+        self.sync_collection(name, collection)
         head = self.ledger.head(name)
         if head is not None:
             return head
@@ -208,12 +211,25 @@ class ImagesModels(ModelKind):
             target = ImagesTarget(name=name, version=head.id, collection=collection, model=model, spec=spec)
             self._cache[name] = (head.id, target)
         target.others = self._others(name)
-        apply_erasures(self.store, self.ledger, name, self.registry.spec(name), collection)
+        self.sync_collection(name, collection)
         return target
 
     def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """The erasure is durable and recorded: now the collection's original goes (or is set aside)."""
-        apply_erasures(self.store, self.ledger, name, self.registry.spec(name), target.collection)
+        self.sync_collection(name, target.collection)
+
+    def sync_collection(self, name: str, collection: ImageCollection) -> None:
+        """Make the collection hold every recorded erasure and no expired original. The full sweep
+        (`apply_erasures`) reads every erasure row of the ledger, so it runs only when the number of rows or the
+        collection's files changed since this process's last sweep (a new erasure, one recorded by another
+        process, a crash before the swap, an operator's restore); otherwise only expired originals are purged."""
+        spec = self.registry.spec(name)
+        recorded = self.ledger.count_artifacts(name, "erasure")
+        if self._swept.get(name) == (recorded, collection.stamp()):
+            purge_originals(self.store, name, spec.retain_originals_s)
+            return
+        apply_erasures(self.store, self.ledger, name, spec, collection)
+        self._swept[name] = (recorded, collection.stamp())
 
     def receipt(self, name: str, change: Change, artifact_id: str) -> dict[str, Any] | None:
         receipt = change.info.get("receipt")

@@ -133,6 +133,15 @@ class ImageCollection:
         index = self.root / INDEX_FILE
         self._index = json.loads(index.read_text()) if index.is_file() else {}
 
+    def stamp(self) -> tuple[int, int, int] | None:
+        """Identifies the index file's current state (inode, mtime, size); any change to the collection, this
+        process's or another's (atomic writes make a new file), gives a new stamp. None before the first image."""
+        try:
+            st = (self.root / INDEX_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def ids(self) -> list[str]:
         return sorted(self._index)
 

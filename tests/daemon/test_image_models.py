@@ -5,6 +5,7 @@ the swap is idempotent (a crash between the ledger and the swap only delays it),
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from typer.testing import CliRunner
@@ -15,6 +16,7 @@ from daemon import config as config_mod
 from daemon import image_models
 from daemon.cli import app
 from daemon.ledger import Ledger
+from daemon.models import ModelRegistry
 
 MODEL = "album"
 
@@ -78,3 +80,31 @@ def test_without_retention_the_original_is_deleted_at_once(tmp_path):
         not any(image_models.originals_root(store, MODEL).iterdir())
     assert not any(f.read_bytes() == encode_png(source) for f in tmp_path.rglob("*.png"))
     assert _show(cfg_path, tmp_path / "d.png")["rendered"] == "result (original deleted)"
+
+
+def test_sync_sweeps_when_the_ledger_or_the_collection_changes_and_purges_every_time(tmp_path):
+    """`sync_collection` runs before every request: it reads the erasure rows only when their number or the
+    collection changed since its last sweep, yet an original restored from a backup is erased again, and a
+    retained original is purged once its window ends, without a new erasure."""
+    cfg, cfg_path, store, ledger, collection, source, png = _setup(tmp_path, retain_s=3600)
+    kind = ModelRegistry(cfg, store, ledger).kind_strategy(MODEL)
+    assert isinstance(kind, image_models.ImagesModels)
+    sweeps = []
+    list_artifacts = ledger.list_artifacts
+    ledger.list_artifacts = lambda *a, **k: sweeps.append(a) or list_artifacts(*a, **k)  # type: ignore[method-assign]
+
+    kind.sync_collection(MODEL, collection)
+    assert collection.read_bytes("p1") == png and len(sweeps) == 1
+    kind.sync_collection(MODEL, collection)
+    assert len(sweeps) == 1  # nothing changed: no sweep
+
+    collection.replace("p1", encode_png(source), collection.entry("p1").objects)  # an operator's restore
+    kind.sync_collection(MODEL, collection)
+    assert collection.read_bytes("p1") == png and len(sweeps) == 2
+
+    kept = list(image_models.originals_root(store, MODEL).glob("*.png"))
+    assert kept
+    cfg.models[MODEL].retain_originals_s = 0.001  # the window ends
+    time.sleep(0.01)
+    kind.sync_collection(MODEL, collection)
+    assert len(sweeps) == 2 and not any(p.exists() for p in kept)
