@@ -59,7 +59,12 @@ class Plan:
 
 
 FULL = Plan(demo.Recipe(), box_detector.DetectorRecipe(), demo.ERASER, 200,
-            other_settings=(("paper_defaults", eraser.EraserConfig()),))
+            other_settings=(("paper_defaults", eraser.EraserConfig()),
+                            # the served settings with AAS in the decoder only, as the paper places it
+                            ("decoder_only", dataclasses.replace(demo.ERASER, layers="decoder")),
+                            # ... and with the paper's flattening (0.3, first 9 steps) in every layer
+                            ("paper_flattening", dataclasses.replace(demo.ERASER, suppression_steps=9,
+                                                                     similarity_scale=0.3))))
 QUICK = Plan(
     demo.Recipe(spec=dataclasses.replace(demo.SPEC, channels=(8, 16, 16), attention_head_dim=8),
                 canvases=256, train=training.TrainConfig(steps=40, batch_size=16, lr=2e-3, warmup_steps=5,

@@ -1,9 +1,14 @@
 """Attention Activation and Suppression (AAS) as a diffusers attention processor.
 
 The eraser runs the UNet on a doubled batch: the first half is the plain branch ("wo"), the second the AAS
-branch ("w"). In every *decoder* self-attention layer (found by walking the UNet's `up_blocks`, so any
-diffusers UNet with self-attention works: UNet2DModel's attention blocks, UNet2DConditionModel's transformer
-blocks) the processor leaves the plain half as it is and, in the AAS half:
+branch ("w"). Any diffusers UNet with self-attention works (UNet2DModel's attention blocks,
+UNet2DConditionModel's transformer blocks). The redirected layers are found by walking the UNet:
+
+- `layers="decoder"` (the default): the self-attention of its `up_blocks`, the paper's choice on Stable Diffusion;
+- `layers="all"`: also the encoder's and the middle block's. A small pixel DDPM decides what fills the hole in
+  its encoder, so redirecting its decoder alone leaves the object's shape free to come back.
+
+In each redirected layer the processor leaves the plain half as it is and, in the AAS half:
 
 - adds -inf to the logits of every key inside the object mask (the mask max-pooled to the layer's token
   grid), so no query attends to the object and its attention mass moves to the background;
@@ -11,8 +16,8 @@ blocks) the processor leaves the plain half as it is and, in the AAS half:
   flattened logits ``similarity_scale * q.k / sqrt(d)`` (plus the same key mask): flatter attention, less
   copying of object-like patches. Background queries keep ``q.k / sqrt(d)``.
 
-Cross-attention, the encoder and the middle block are never changed. A layer whose whole token grid lies
-inside a sample's mask has no background to redirect to; that sample runs plain attention there.
+Cross-attention is never changed. A layer whose whole token grid lies inside a sample's mask has no
+background to redirect to; that sample runs plain attention there.
 Reference: Anonym0u3/AttentiveEraser, `AAS/AAS.py` (an einsum re-implementation hooked into every attention
 module); here the key mask is an additive bias to `scaled_dot_product_attention`, as ALGORITHMS.md suggests.
 """
@@ -138,30 +143,43 @@ class AASProcessor:
         return torch.cat([*plain, redirected])
 
 
-def decoder_self_attention(unet: nn.Module) -> list[tuple[str, Attention]]:
-    """The self-attention layers of a diffusers UNet's decoder (its `up_blocks`), in forward order."""
-    up_blocks = getattr(unet, "up_blocks", None)
-    if up_blocks is None:
-        raise ValueError(f"{type(unet).__name__} has no decoder (up_blocks); the eraser needs a diffusers UNet")
-    layers = [(f"up_blocks.{name}", module) for name, module in up_blocks.named_modules()
-              if isinstance(module, Attention) and not module.is_cross_attention]
-    if not layers:
-        raise ValueError(f"{type(unet).__name__} has no self-attention in its decoder: the Attentive Eraser "
-                         "redirects decoder self-attention (use a UNet with attention blocks in its up path)")
-    return layers
+LAYERS = ("decoder", "all")  # which self-attention layers AAS redirects (EraserConfig.layers)
+
+
+def self_attention_layers(unet: nn.Module, layers: str = "decoder") -> list[tuple[str, Attention]]:
+    """The self-attention layers of a diffusers UNet that AAS redirects, in module order: those of its decoder
+    (`up_blocks`; the paper's choice for Stable Diffusion) for "decoder", those of the encoder, middle block
+    and decoder for "all". Cross-attention is never among them."""
+    if layers not in LAYERS:
+        raise ValueError(f"layers: must be one of {', '.join(LAYERS)}, not {layers!r}")
+    if layers == "decoder":
+        root = getattr(unet, "up_blocks", None)
+        if root is None:
+            raise ValueError(f"{type(unet).__name__} has no decoder (up_blocks); the eraser needs a diffusers UNet")
+        prefix = "up_blocks."
+    else:
+        root, prefix = unet, ""
+    found = [(f"{prefix}{name}", module) for name, module in root.named_modules()
+             if isinstance(module, Attention) and not module.is_cross_attention]
+    if not found:
+        where = "its decoder" if layers == "decoder" else "any block"
+        raise ValueError(f"{type(unet).__name__} has no self-attention in {where}: the Attentive Eraser "
+                         "redirects self-attention (use a UNet with attention blocks)")
+    return found
 
 
 @contextlib.contextmanager
-def redirected(unet: nn.Module, redirection: Redirection) -> Iterator[list[str]]:
-    """Install the AAS processor on the decoder's self-attention layers for the duration of the block (the
-    layers' own processors come back afterwards, also on error); yields the names of the layers changed."""
-    layers = decoder_self_attention(unet)
-    saved = [(module, module.processor) for _, module in layers]
+def redirected(unet: nn.Module, redirection: Redirection, layers: str = "decoder") -> Iterator[list[str]]:
+    """Install the AAS processor on the UNet's self-attention `layers` (see `self_attention_layers`) for the
+    duration of the block (the layers' own processors come back afterwards, also on error); yields the names
+    of the layers changed."""
+    found = self_attention_layers(unet, layers)
+    saved = [(module, module.processor) for _, module in found]
     processor = AASProcessor(redirection)
     try:
-        for _, module in layers:
+        for _, module in found:
             module.set_processor(processor)
-        yield [name for name, _ in layers]
+        yield [name for name, _ in found]
     finally:
         for module, original in saved:
             module.set_processor(original)

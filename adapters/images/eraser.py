@@ -4,10 +4,10 @@ Both run the same loop on the same model, steps, strength and blending; only the
 
 1. Start from the source forward-noised to the step `strength` of the way into the schedule (DDIM, eta = 0).
 2. Each step, predict the noise. Attentive Eraser: the UNet runs on a doubled batch, the plain branch "wo"
-   and the AAS branch "w" (adapters/images/attention.py: object keys masked in decoder self-attention,
-   in-mask queries flattened for the first `suppression_steps`); Self-Attention Redirection Guidance mixes
-   them, ``eps = eps_wo + guidance * (eps_w - eps_wo)``; at guidance 1 that is eps_w, so only the AAS branch
-   runs (half the cost). Inpainting: one plain prediction.
+   and the AAS branch "w" (adapters/images/attention.py: object keys masked in the decoder's self-attention,
+   or in all of it with `layers="all"`; in-mask queries flattened for the first `suppression_steps`).
+   Self-Attention Redirection Guidance mixes them, ``eps = eps_wo + guidance * (eps_w - eps_wo)``; at
+   guidance 1 that is eps_w, so only the AAS branch runs (half the cost). Inpainting: one plain prediction.
 3. After every step, blend the background back: ``x = (1 - m) * noised(source, t_next) + m * x`` with the
    same noise as the start (the source itself after the last step), m the dilated object mask.
 4. Composite the result onto the source: pixels outside the dilated mask are the source's bytes, unchanged;
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.images import masks as masks_mod
-from adapters.images.attention import Redirection, redirected
+from adapters.images.attention import LAYERS, Redirection, redirected
 
 
 @dataclasses.dataclass
@@ -38,6 +38,7 @@ class EraserConfig:
     guidance: float = 9.0  # SARG scale s
     suppression_steps: int = 9  # first steps in which in-mask queries get flattened logits
     similarity_scale: float = 0.3  # the flattening factor of those logits
+    layers: str = "decoder"  # self-attention AAS redirects: "decoder" (the paper's) or "all" (encoder, middle too)
     dilate_px: int = 1  # the object mask grows by this much before anything else uses it
     seed: int = 0  # of the noise; the same seed, image and mask always give the same result
     batch_size: int = 16  # images denoised together (benchmarks); results do not depend on it
@@ -52,6 +53,8 @@ class EraserConfig:
         for name in ("suppression_steps", "dilate_px"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, not {getattr(self, name)!r}")
+        if self.layers not in LAYERS:
+            raise ValueError(f"layers: must be one of {', '.join(LAYERS)}, not {self.layers!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, not {self.batch_size!r}")
 
@@ -83,7 +86,7 @@ def denoise(unet: nn.Module, x0: torch.Tensor, region: torch.Tensor, scheduler, 
     # SARG at guidance 1 is the AAS branch's own prediction: the plain branch is then not run at all
     doubled = attentive and config.guidance != 1
     redirection = Redirection(region.to(x0.device), config.similarity_scale, with_plain=doubled)
-    with redirected(unet, redirection) if attentive else contextlib.nullcontext():
+    with redirected(unet, redirection, config.layers) if attentive else contextlib.nullcontext():
         if doubled:
             kwargs = _doubled(kwargs, batch)
         for i, t in enumerate(timesteps):

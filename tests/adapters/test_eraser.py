@@ -107,7 +107,7 @@ def test_layer_whose_tokens_are_all_masked_runs_plain():
 
 def test_finds_decoder_self_attention_and_restores_processors(unet, cond_unet):
     for model, expected in ((unet, 2), (cond_unet, 2)):  # attention blocks per up level: layers_per_block + 1
-        layers = attention.decoder_self_attention(model)
+        layers = attention.self_attention_layers(model)
         assert len(layers) == expected and all(n.startswith("up_blocks.") for n, _ in layers)
         assert not any(m.is_cross_attention for _, m in layers)
         with attention.redirected(model, attention.Redirection(box_masks(1))) as names:
@@ -118,11 +118,27 @@ def test_finds_decoder_self_attention_and_restores_processors(unet, cond_unet):
     assert cross and all(isinstance(m.processor, AttnProcessor2_0) for m in cross)
 
 
+def test_all_layers_adds_the_encoder_and_middle_self_attention(unet, cond_unet):
+    for model in (unet, cond_unet):
+        self_attention = {n for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention}
+        decoder = {n for n, _ in attention.self_attention_layers(model, "decoder")}
+        names = [n for n, _ in attention.self_attention_layers(model, "all")]
+        assert set(names) == self_attention and decoder < self_attention
+        assert {n.split(".")[0] for n in names} == {"down_blocks", "mid_block", "up_blocks"}
+        with attention.redirected(model, attention.Redirection(box_masks(1)), "all"):
+            assert all(isinstance(model.get_submodule(n).processor, attention.AASProcessor) for n in names)
+        assert all(isinstance(model.get_submodule(n).processor, AttnProcessor2_0) for n in names)
+
+
 def test_model_without_decoder_attention_is_refused():
     no_attention = ddpm.build(ddpm.DDPMSpec(resolution=16, channels=(8, 16), attention_levels=(), norm_groups=4,
                                             num_classes=None))
     with pytest.raises(ValueError, match="no self-attention in its decoder"):
-        attention.decoder_self_attention(no_attention)
+        attention.self_attention_layers(no_attention)
+    with pytest.raises(ValueError, match="no self-attention in any block"):
+        attention.self_attention_layers(no_attention, "all")
+    with pytest.raises(ValueError, match="layers: must be one of decoder, all, not 'encoder'"):
+        eraser.EraserConfig(layers="encoder")
 
 
 # ---- the method -----------------------------------------------------------------------------------------------
@@ -191,6 +207,28 @@ def test_guidance_one_runs_the_aas_branch_alone(unet):
     torch.testing.assert_close(alone, doubled, atol=1e-4, rtol=0)
     plain = eraser.denoise(unet, x0, region, scheduler, one, attentive=False)
     assert (alone - plain).abs().max() > 1e-2  # the AAS branch, not the plain one
+
+
+def test_layers_setting_reaches_the_encoder(unet):
+    """`layers="all"` runs AAS in the encoder's self-attention during denoising; the default leaves it plain."""
+    encoder = next(m for n, m in unet.named_modules() if n.startswith("down_blocks") and isinstance(m, Attention))
+    seen: list[bool] = []
+    hook = encoder.register_forward_pre_hook(
+        lambda m, args: seen.append(isinstance(m.processor, attention.AASProcessor)))
+    x0 = torch.rand(2, 1, 16, 16) * 2 - 1
+    region = box_masks(2)
+    scheduler = ddpm.sampling_scheduler(TINY, FAST.steps)
+    try:
+        outs = {}
+        for layers in ("decoder", "all"):
+            seen.clear()
+            config = eraser.EraserConfig(**{**FAST.__dict__, "layers": layers})
+            outs[layers] = eraser.denoise(unet, x0, region, scheduler, config)
+            assert seen and set(seen) == {layers == "all"}
+    finally:
+        hook.remove()
+    assert (outs["all"] - outs["decoder"]).abs().max() > 1e-3
+    torch.testing.assert_close(outs["all"][:, :, ~region[0]], x0[:, :, ~region[0]])
 
 
 def test_background_is_blended_back_every_step(unet):

@@ -61,6 +61,7 @@ def test_the_demo_recipe_takes_its_overrides_from_bootstrap(tmp_path):
     ("", 'method_by_forget = { class = "salun" }', "not forget kinds of a images model"),
     ("", 'dtype = "bfloat16"', "models.pics.dtype: images models train and unlearn in float32"),
     ("[models.pics.methods.attentive_eraser]\nsteps = 0", "", "steps: must be >= 1"),
+    ('[models.pics.methods.attentive_eraser]\nlayers = "encoder"', "", "layers: must be one of decoder, all"),
 ])
 def test_bad_images_settings_stop_start_up(tmp_path, extra, model_extra, message):
     with pytest.raises(config_mod.ConfigError, match=message):
