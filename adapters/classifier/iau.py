@@ -46,7 +46,14 @@ from torch import nn
 
 from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
-from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, mean_loss_grad, state_of
+from adapters.classifier.model import (
+    ClassifierEngine,
+    ClassifierTarget,
+    WeightChange,
+    copy_of,
+    mean_loss_grad,
+    state_of,
+)
 from adapters.datasets import LabeledSet
 from adapters.devices import device_of
 
@@ -130,9 +137,9 @@ class IAUEngine(ClassifierEngine):
                                      before["retain_acc"])
         else:
             chosen = cfg.lr
-        _, retain_acc = step.evaluate(chosen)
-        after = {"forget_acc": measures.accuracy(model, forget_rows), "retain_acc": retain_acc,
-                 "test_acc": measures.accuracy(model, test_probe)}
+        probe_forget_acc, retain_acc = step.evaluate(chosen)  # the weights of the chosen step (measured already)
+        forget_acc = probe_forget_acc if step.k == len(forget_rows) else measures.accuracy(model, forget_rows)
+        after = {"forget_acc": forget_acc, "retain_acc": retain_acc, "test_acc": measures.accuracy(model, test_probe)}
         metrics = {
             **measures.before_after(before, after),
             "forgotten": float(len(forget_rows)),
@@ -142,8 +149,8 @@ class IAUEngine(ClassifierEngine):
             "engine_seconds": time.perf_counter() - t0,
         }
         if cfg.cached_gradient:  # the next request's gradient, computed off the request path
-            self._refresh(target.name, model, target.forgotten | frozenset(forget_rows.ids.tolist()), remaining,
-                          target.data.test.sample(cfg.measure_cap))
+            self._refresh(target.name, target.spec, model, target.forgotten | frozenset(forget_rows.ids.tolist()),
+                          remaining, target.data.test.sample(cfg.measure_cap))
         return WeightChange(state_of(model), metrics, model=model, forgotten_ids=tuple(forget_rows.ids.tolist()))
 
     def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
@@ -188,10 +195,10 @@ class IAUEngine(ClassifierEngine):
                 return cache
         return None
 
-    def _refresh(self, name: str, model: nn.Module, forgotten: frozenset[int], remaining: LabeledSet,
+    def _refresh(self, name: str, spec: dict, model: nn.Module, forgotten: frozenset[int], remaining: LabeledSet,
                  test_probe: LabeledSet) -> None:
         """Compute the cache for `model` (the version this request produced) in the background."""
-        snapshot = _frozen_copy(model)  # the refresh never touches the module the daemon serves and copies
+        snapshot = copy_of(spec, model)  # the refresh never touches the module the daemon serves and copies
 
         def compute() -> _GradCache:
             grads = mean_loss_grad(snapshot, remaining)
@@ -210,7 +217,7 @@ class IAUEngine(ClassifierEngine):
         registered, or in a benchmark before timing a request)."""
         if self.config.cached_gradient:
             remaining = target.remaining
-            self._refresh(target.name, target.model, target.forgotten, remaining,
+            self._refresh(target.name, target.spec, target.model, target.forgotten, remaining,
                           target.data.test.sample(self.config.measure_cap))
             self.wait_for_refresh()
 
@@ -230,7 +237,8 @@ class IAUEngine(ClassifierEngine):
 
 
 class _Step:
-    """theta0 + lr * direction, evaluated on the forget rows and a retain probe in one forward pass."""
+    """theta0 + lr * direction, evaluated on the forget rows and a retain probe in one forward pass (once per lr:
+    the step finally taken is one the calibration measured)."""
 
     def __init__(self, model: nn.Module, direction: list[torch.Tensor], forget_rows: LabeledSet,
                  retain_probe: LabeledSet):
@@ -241,16 +249,20 @@ class _Step:
         self.x = torch.cat([forget_rows.x, retain_probe.x])
         self.y = torch.cat([forget_rows.y, retain_probe.y])
         self.k = len(forget_rows)
+        self._measured: dict[float, tuple[float, float]] = {}
 
     @torch.no_grad()
     def evaluate(self, lr: float) -> tuple[float, float]:
         """Set the weights to the step of size lr; (forget accuracy, retain-probe accuracy) there."""
         for p, p0, d in zip(self.params, self.theta0, self.direction, strict=True):
             torch.add(p0, d, alpha=lr, out=p)
-        self.model.eval()
-        correct = self.model(self.x).argmax(1) == self.y
-        retain = correct[self.k:]
-        return float(correct[:self.k].float().mean()), float(retain.float().mean()) if len(retain) else 1.0
+        if lr not in self._measured:
+            self.model.eval()
+            correct = self.model(self.x).argmax(1) == self.y
+            retain = correct[self.k:]
+            self._measured[lr] = (float(correct[:self.k].float().mean()),
+                                  float(retain.float().mean()) if len(retain) else 1.0)
+        return self._measured[lr]
 
 
 def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048
@@ -271,9 +283,3 @@ def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int =
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).eval()

@@ -97,3 +97,37 @@ def test_calibration_searches_below_the_codes_lr_and_stays_in_range(digits_targe
 def test_unknown_criterion_is_a_clear_error(digits_target):
     with pytest.raises(ValueError, match="criterion"):
         IAUEngine(criterion="vibes").apply(digits_target, Forget(sample_ids=(1,)))
+
+
+def test_each_trial_step_is_measured_once_and_the_result_reuses_it(digits_target, random_ids):
+    """The calibration's trials are forward passes; the step finally taken is one of them, so the engine does not
+    measure it again, and the forget accuracy it reports is that trial's when the probe holds every forget row."""
+    ids = random_ids(len(digits_target.data.train), 60)
+    engine = IAUEngine(cached_gradient=False)
+    passes = []
+    original_copy = digits_target.copy_model
+
+    def counted_copy():
+        model = original_copy()
+        model.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
+        return model
+
+    target = dataclasses.replace(digits_target)
+    object.__setattr__(target, "copy_model", counted_copy)
+    change = engine.apply(target, Forget(sample_ids=ids))
+    trial_rows = 60 + min(engine.config.measure_cap, len(digits_target.data.train) - 60)
+    trials = [n for n in passes if n == trial_rows]
+    assert len(trials) == engine.config.calibration_steps  # no trial repeated for the chosen step
+    model = change.module(digits_target.spec)
+    forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
+    assert change.metrics["forget_acc_after"] == pytest.approx(measures.accuracy(model, forget_rows))
+
+
+def test_copy_model_is_an_independent_module_with_the_same_weights(digits_target):
+    copy_ = digits_target.copy_model()
+    assert copy_ is not digits_target.model and not copy_.training
+    for (name, a), (_, b) in zip(copy_.state_dict().items(), digits_target.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert all(p.requires_grad for p in copy_.parameters())
+    x = digits_target.data.test.x[:8]
+    torch.testing.assert_close(copy_(x), digits_target.model.eval()(x))
