@@ -17,7 +17,11 @@ before and after (same label), and the largest byte change outside the dilated m
 Cost: wall and CPU seconds per image of each method, measured batch by batch side by side; the load average
 of the machine is recorded with them (other jobs share its cores).
 
+`--judge-daemon STATE_DIR` judges, the same way, the erasures a daemon applied to the demo collection through
+requests (the user's path; the demo canvases come from the training rows, so this is not a held-out measure).
+
 Usage: python bench/eraser.py [--quick] [--out FILE] [--figure PNG] [--canvases N] [--cache DIR]
+       python bench/eraser.py --judge-daemon var [--out FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from adapters.images import demo, eraser, render  # noqa: E402
 from adapters.images.canvas import CanvasMaker  # noqa: E402
 from adapters.images.masks import dilate, parse_mask  # noqa: E402
 from bench.evaluation import box_detector  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 EVAL_SEED = 7_000_000
 OUTCOMES = ("removal_rate", "hallucination_rate", "residual_rate", "mean_p_digit_in_box", "box_mae_to_truth")
@@ -190,6 +195,34 @@ def judge(detector, cases, results: torch.Tensor, dilate_px: int) -> dict:
     }
 
 
+def daemon_erasures(state_dir: Path, plan: Plan, rows, model: str = "canvases") -> tuple[list[dict], torch.Tensor]:
+    """The erasures a daemon applied to the demo collection (the user's path): (cases, result images) for
+    `judge`, from `<state_dir>/artifacts/<model>/erasures/*/` (each result image and its receipt). The demo
+    canvases are seeded, so each erased canvas and the ground truth behind its digit are drawn again here."""
+    from adapters.images.collection import decode_png
+    from adapters.images.erasure import IMAGE_FILE
+
+    maker = CanvasMaker(rows, plan.recipe.canvas)
+    cases, results = [], []
+    for receipt_file in sorted((state_dir / "artifacts" / model / "erasures").glob("*/receipt.json")):
+        receipt = json.loads(receipt_file.read_text())
+        index = int(receipt["image"].removeprefix("canvas-"))
+        canvas = maker.canvas(demo.COLLECTION_SEED + index)
+        if canvas.image.shape[-2:] != (plan.recipe.canvas.size,) * 2:
+            raise ValueError(f"{receipt_file}: not a canvas of the demo recipe")
+        erased = [k for k, o in enumerate(canvas.objects) if list(o.box) == list(receipt["mask_box"])]
+        if not erased:  # a mask that is not one object's box has no ground truth to judge against
+            continue
+        k = erased[0]
+        cases.append({"canvas": canvas, "image": canvas.image, "target": k,
+                      "mask": parse_mask({"box": list(receipt["mask_box"])}, canvas.image.shape),
+                      "truth": canvas.render(without=k)})
+        results.append(decode_png((receipt_file.parent / IMAGE_FILE).read_bytes()))
+    if not cases:
+        raise SystemExit(f"no erasure of a demo canvas's object under {state_dir}/artifacts/{model}/erasures")
+    return cases, torch.stack(results)
+
+
 def detector_check(detector, cases) -> dict:
     """The judge on the held-out canvases themselves: digit boxes before erasure (should read their digit)
     and the true background behind them (should read "no digit")."""
@@ -221,6 +254,9 @@ def main(argv=None) -> dict:
                         help="where trained models are kept between runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--train-only", action="store_true", help="train and cache the models, then stop")
+    parser.add_argument("--judge-daemon", type=Path, metavar="STATE_DIR",
+                        help="instead of erasing, judge the erasures a daemon with this state dir (e.g. var) applied "
+                             "to the demo `canvases` collection through requests")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +269,13 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
     split = datasets.mnist(seed=0)
+    if args.judge_daemon:
+        detector, _ = cached_detector(plan, split.train, plan.recipe.canvas, args.cache)
+        cases, results = daemon_erasures(args.judge_daemon, plan, split.train)
+        measured = judge(detector, cases, results, plan.eraser.dilate_px)
+        report = {"state_dir": str(args.judge_daemon), "summary": {"erasures": len(cases), **measured}}
+        emit(report, args.out, indent=2)
+        return report
     model, model_info = cached_model(plan, split.train, args.cache, log)
     detector, detector_info = cached_detector(plan, split.train, plan.recipe.canvas, args.cache)
     log(f"models ready: {json.dumps({'model': model_info, 'detector': detector_info})}")
@@ -288,12 +331,7 @@ def main(argv=None) -> dict:
             "load_average_1min": [load_start[0], os.getloadavg()[0]],
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out, indent=2)
 
 
 if __name__ == "__main__":
