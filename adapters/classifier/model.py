@@ -38,6 +38,10 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.net(x)
 
+    def linear_entry(self) -> tuple[nn.Module, nn.Module]:
+        """(entry, rest): self(x) == rest(entry(x)), entry's output linear in entry's own parameters."""
+        return self.net[:2], self.net[2:]
+
 
 class SmallCNN(nn.Module):
     """LeNet-style, as in IAU's released code (conv 6-16, fc 120-84), sized for 28x28 or 8x8 inputs."""
@@ -55,6 +59,10 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+    def linear_entry(self) -> tuple[nn.Module, nn.Module]:
+        """(entry, rest): self(x) == rest(entry(x)), entry's output linear in entry's own parameters."""
+        return self.features[:1], nn.Sequential(self.features[1:], self.head)
 
 
 def build(spec: dict) -> nn.Module:

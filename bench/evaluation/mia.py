@@ -11,6 +11,8 @@ from adapters.datasets import LabeledSet
 
 #: The measures SalUn's tables compare with Retrain ("Avg. Gap"), in the order they report them.
 GAP_KEYS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy")
+#: Independent member draws the MIA-efficacy averages over (see `mia_efficacy`).
+ATTACKS = 16
 
 
 @torch.no_grad()
@@ -23,23 +25,37 @@ def mia_features(model: nn.Module, rows: LabeledSet) -> torch.Tensor:
 
 
 def mia_efficacy(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet, *,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, attacks: int = ATTACKS) -> dict:
     """MIA-efficacy as SalUn reports it: the share of forget rows a membership attack calls *non-members*.
 
     The attack (as in SalUn's code, `SVC_MIA`): an RBF SVM on true-label confidence (and entropy), trained on
     retain rows = members vs held-out test rows = non-members, balanced by sampling as many retain rows as there
     are test rows. Higher = the forget rows look less like training data. Returns OpenUnlearning's shape.
+
+    SalUn draws that member sample once. On small, well-generalising models members and non-members barely
+    differ, the SVM's boundary then hangs on which retain rows were drawn, and one draw can call nearly every
+    forget row a member or nearly none: two retrains of the same recipe came out up to 20 points apart. So the
+    value here is the mean over `attacks` independent draws (the attack's expected verdict), with their
+    spread; `attacks=1` is SalUn's single draw.
     """
     from sklearn.svm import SVC
 
     if len(forget) == 0:
         return {"agg_value": float("nan")}
-    members = retain.sample(len(test), seed=seed)
-    x = torch.cat([mia_features(model, members), mia_features(model, test)]).numpy()
-    y = torch.cat([torch.ones(len(members)), torch.zeros(len(test))]).numpy()
-    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
-    judged_member = attack.predict(mia_features(model, forget).numpy())
-    return {"agg_value": float(1.0 - judged_member.mean()), "attack_train_acc": float(attack.score(x, y))}
+    member_pool, non_members = mia_features(model, retain), mia_features(model, test)
+    on_forget = mia_features(model, forget).numpy()
+    verdicts, train_acc = [], []
+    for draw in range(attacks):
+        picked = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed * 1000 + draw))
+        members = member_pool[picked[:len(non_members)]]
+        x = torch.cat([members, non_members]).numpy()
+        y = torch.cat([torch.ones(len(members)), torch.zeros(len(non_members))]).numpy()
+        attack = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+        verdicts.append(1.0 - float(attack.predict(on_forget).mean()))
+        train_acc.append(float(attack.score(x, y)))
+    spread = torch.tensor(verdicts)
+    return {"agg_value": float(spread.mean()), "draw_std": float(spread.std()) if attacks > 1 else 0.0,
+            "attack_train_acc": sum(train_acc) / len(train_acc)}
 
 
 def unlearning_measures(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet, *,

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ def test_registered_under_its_method_name():
 def test_random_forgetting_raises_forget_loss_and_keeps_retain(digits_target, random_ids):
     ids = random_ids(len(digits_target.data.train), 140)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
-    change = IAUEngine().apply(digits_target, Forget(sample_ids=ids))
+    # by accuracy: by the default criterion these rows of the small fixture model already look unseen (below)
+    change = IAUEngine(criterion="accuracy").apply(digits_target, Forget(sample_ids=ids))
     model = change.module(digits_target.spec)
     assert measures.mean_loss(model, forget_rows) > measures.mean_loss(digits_target.model, forget_rows)
     assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"] - 0.03
@@ -101,26 +103,42 @@ def test_unknown_criterion_is_a_clear_error(digits_target):
 
 def test_each_trial_step_is_measured_once_and_the_result_reuses_it(digits_target, random_ids):
     """The calibration's trials are forward passes; the step finally taken is one of them, so the engine does not
-    measure it again, and the forget accuracy it reports is that trial's when the probe holds every forget row."""
+    measure it again, and the forget accuracy it reports is that trial's when the probe holds every forget row.
+    The retain probe is read only for trials that forgot enough (the guard decides whether such a step counts)."""
     ids = random_ids(len(digits_target.data.train), 60)
-    engine = IAUEngine(cached_gradient=False)
+    engine = IAUEngine(cached_gradient=False, criterion="accuracy")  # rows these need a step for (see below)
     passes = []
     original_copy = digits_target.copy_model
 
     def counted_copy():
         model = original_copy()
-        model.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
+        last = list(model.modules())[-1]  # the output layer: trials may skip the first (see _Step)
+        last.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
         return model
 
     target = dataclasses.replace(digits_target)
     object.__setattr__(target, "copy_model", counted_copy)
     change = engine.apply(target, Forget(sample_ids=ids))
-    trial_rows = 60 + min(engine.config.measure_cap, len(digits_target.data.train) - 60)
-    trials = [n for n in passes if n == trial_rows]
-    assert len(trials) == engine.config.calibration_steps  # no trial repeated for the chosen step
+    steps, probe = engine.config.calibration_steps, engine.config.measure_cap
+    assert passes.count(60) == steps + 1  # the gradient's forward, then one per trial: none repeated for the result
+    # probe-sized passes: retain before, test after, one per trial that reached the criterion, and where none
+    # did, a bisection over the trials for the largest within the guard: fewer than one per trial either way
+    assert 3 <= passes.count(probe) < steps + 2
     model = change.module(digits_target.spec)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
     assert change.metrics["forget_acc_after"] == pytest.approx(measures.accuracy(model, forget_rows))
+
+
+def test_a_step_range_that_never_forgets_enough_takes_its_largest_step_within_the_guard(digits_target, random_ids):
+    # steps this small never bring the forget rows down to held-out accuracy: no trial reaches the criterion, so
+    # the step taken is the largest trial (bisection went up every time) once the guard has been checked there
+    ids = random_ids(len(digits_target.data.train), 60)
+    cfg = IAUEngine.Config(lr_min=1e-8, lr_max=1e-7, calibration_steps=4, max_retain_drop=0.0, criterion="accuracy")
+    change = IAUEngine(cfg, cached_gradient=False).apply(digits_target, Forget(sample_ids=ids))
+    largest_trial = math.exp(math.log(cfg.lr_max) - (math.log(cfg.lr_max) - math.log(cfg.lr_min)) / 2 ** 4)
+    assert change.metrics["step_lr"] == pytest.approx(largest_trial)
+    assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"]
+    assert change.metrics["forget_acc_after"] > change.metrics["test_acc_before"]
 
 
 def test_copy_model_is_an_independent_module_with_the_same_weights(digits_target):
@@ -131,3 +149,33 @@ def test_copy_model_is_an_independent_module_with_the_same_weights(digits_target
     assert all(p.requires_grad for p in copy_.parameters())
     x = digits_target.data.test.x[:8]
     torch.testing.assert_close(copy_(x), digits_target.model.eval()(x))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_trial_logits_through_the_linear_entry_match_a_whole_forward_pass(digits_split, arch):
+    from adapters.classifier import model as classifier
+    from adapters.classifier.iau import _Step
+
+    spec = {"arch": arch, "input_shape": list(digits_split.input_shape), "num_classes": 10, "init_seed": 0}
+    model = classifier.build(spec)
+    direction = [torch.randn_like(p) for p in model.parameters()]
+    rows, probe = digits_split.train.sample(40, seed=1), digits_split.test.sample(30, seed=2)
+    step = _Step(model, direction, rows, probe)
+    assert set(step._entry_terms) == {"forget", "retain"}
+    for lr in (0.0, 3e-3, 0.1):
+        step._set(lr)
+        for which, part in (("forget", rows), ("retain", probe)):
+            torch.testing.assert_close(step._logits(which, part), model(part.x), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_already_look_unseen_get_no_step(digits_target, random_ids):
+    # these 60 rows are, on average, less confidently right than held-out rows: by the default criterion a
+    # retrain would not move them, so the version keeps its weights; by accuracy (coarser) they still need a step
+    forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 60))
+    change = IAUEngine(cached_gradient=False).apply(digits_target, forget)
+    assert change.metrics["step_lr"] == 0.0
+    for name, weights in digits_target.model.state_dict().items():
+        assert torch.equal(change.state[name], weights), name
+    assert set(change.forgotten_ids) == set(forget.sample_ids)
+    by_accuracy = IAUEngine(cached_gradient=False, criterion="accuracy").apply(digits_target, forget)
+    assert by_accuracy.metrics["step_lr"] > 0

@@ -38,3 +38,15 @@ def test_gaps_are_absolute_points_and_their_mean():
 def test_before_after_flattening_unchanged():
     assert measures.before_after({"forget_acc": 1.0}, {"forget_acc": 0.5}) == {
         "forget_acc_before": 1.0, "forget_acc_after": 0.5}
+
+
+def test_mia_efficacy_averages_member_draws_into_a_steadier_verdict(digits_split, digits_model):
+    # one draw of the attack's member sample is SalUn's measure; the mean over draws varies less between seeds
+    forget, train, test = digits_split.train.sample(60, seed=5), digits_split.train, digits_split.test
+    single = torch.tensor([mia.mia_efficacy(digits_model, forget, train, test, seed=s, attacks=1)["agg_value"]
+                           for s in range(6)])
+    averaged = torch.tensor([mia.mia_efficacy(digits_model, forget, train, test, seed=s, attacks=8)["agg_value"]
+                             for s in range(6)])
+    assert averaged.std() < single.std()
+    out = mia.mia_efficacy(digits_model, forget, train, test, seed=0, attacks=8)
+    assert out["draw_std"] > 0.0 and 0.5 <= out["attack_train_acc"] <= 1.0
