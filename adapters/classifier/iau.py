@@ -93,6 +93,12 @@ class _GradCache:
     n: int  # remaining rows
     held_out: _Scores  # this version on the test probe (the criterion's reference)
     cpu_seconds: float  # CPU time the refresh thread spent computing it
+    spare: nn.Module | None  # a copy of the version no one else holds: the next request's working copy
+
+    def take_spare(self) -> nn.Module | None:
+        """The spare copy, once (a second request on the same version copies the module itself)."""
+        spare, self.spare = self.spare, None
+        return spare
 
 
 @register
@@ -121,8 +127,10 @@ class IAUEngine(ClassifierEngine):
         retain_probe = remaining.sample(cfg.measure_cap).to(device)
         test_probe = target.data.test.sample(cfg.measure_cap).to(device)
 
-        model = target.copy_model()
         cache = self._cached(target)
+        with self._lock:
+            spare = cache.take_spare() if cache is not None else None
+        model = spare if spare is not None else target.copy_model()
         g_forget, forget_logits = _mean_grad_and_logits(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
@@ -234,9 +242,11 @@ class IAUEngine(ClassifierEngine):
             # made here rather than on the request path (nothing writes a version's weights once it is returned).
             snapshot = copy_of(spec, model)
             grads = mean_loss_grad(snapshot, remaining)
-            return _GradCache(model, forgotten, [g * len(remaining) for g in grads], len(remaining),
-                              _Scores.of(measures.predict(snapshot, test_probe), test_probe.y),
-                              time.thread_time() - started)
+            held_out = _Scores.of(measures.predict(snapshot, test_probe), test_probe.y)
+            # The snapshot's weights are the version's, untouched (gradients were taken, not applied): it becomes
+            # the next request's working copy, which then need not be built on the request path.
+            return _GradCache(model, forgotten, [g * len(remaining) for g in grads], len(remaining), held_out,
+                              time.thread_time() - started, snapshot)
 
         with self._lock:
             futures = self._cache.setdefault(name, [])

@@ -179,3 +179,18 @@ def test_rows_that_already_look_unseen_get_no_step(digits_target, random_ids):
     assert set(change.forgotten_ids) == set(forget.sample_ids)
     by_accuracy = IAUEngine(cached_gradient=False, criterion="accuracy").apply(digits_target, forget)
     assert by_accuracy.metrics["step_lr"] > 0
+
+
+def test_the_refresh_copy_serves_one_request_and_a_second_on_the_version_copies_again(digits_target, random_ids):
+    engine = IAUEngine(criterion="accuracy")
+    engine.warm_cache(digits_target)
+    forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 30, seed=7))
+    first = engine.apply(digits_target, forget)  # takes the refresh's copy as its working module
+    second = engine.apply(digits_target, forget)  # the same version again (e.g. a change that failed to commit)
+    engine.wait_for_refresh()
+    spec = digits_target.spec
+    assert first.module(spec) is not second.module(spec) and first.module(spec) is not digits_target.model
+    assert second.metrics["gradient_cached"] == 1.0
+    for name, weights in first.state.items():
+        assert torch.equal(weights, second.state[name]), name
+    assert first.metrics["step_lr"] > 0
