@@ -20,9 +20,8 @@ convolutions costs ~2x per epoch, and made no difference to IAU on the converged
 its retrains do not fit a full run on 2 shared CPU cores.
 
 Times are CPU seconds of the thread doing the work (robust to other jobs on the machine), for IAU the median of 3
-requests; `iau`'s request time
-excludes the background refresh, which runs in its own thread and is reported separately (`refresh_seconds`, and
-`speedup_incl_refresh`).
+requests; `iau`'s request time excludes the background refresh, which runs in its own thread and is reported
+separately (`refresh_seconds`, and `speedup_incl_refresh`).
 
 Usage: python bench/classifier.py [--quick] [--out FILE]
 """
