@@ -367,9 +367,8 @@ class _Scores:
     def of(cls, logits: torch.Tensor, y: torch.Tensor) -> _Scores:
         if not len(y):
             return cls(float("nan"), float("nan"))
-        y = y.to(logits.device)
-        confidence = F.softmax(logits, dim=1).gather(1, y[:, None]).mean()
-        return cls(float((logits.argmax(1) == y).float().mean()), float(confidence))
+        confidence = measures.true_label_probability(logits, y).mean()
+        return cls(float((logits.argmax(1) == y.to(logits.device)).float().mean()), float(confidence))
 
 
 def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048

@@ -37,6 +37,17 @@ def mean_loss(model: nn.Module, rows: LabeledSet) -> float:
     return float(F.cross_entropy(logits, rows.y.to(logits.device)))
 
 
+def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row, the probability the model gives the row's own label (IAU's default criterion averages it)."""
+    return F.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).squeeze(1)
+
+
+def mean_confidence(model: nn.Module, rows: LabeledSet) -> float:
+    if len(rows) == 0:
+        return float("nan")
+    return float(true_label_probability(predict(model, rows), rows.y).mean())
+
+
 def accuracies(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet) -> dict[str, float]:
     """forget_acc / retain_acc / test_acc in [0, 1]."""
     return {

@@ -12,19 +12,15 @@ from tests.harness import TEST_MODEL, request
 FORGET_IDS = list(range(100, 160))
 
 
-def _accuracy_on(stack, version: str, ids: list[int]) -> float:
+def _confidence_on(stack, version: str, ids: list[int] | None = None) -> float:
+    """Mean true-label probability of a stored version on registered training rows, or on the test rows."""
     base = stack.state / "artifacts" / TEST_MODEL
     meta = json.loads((base / "versions" / version / "meta.json").read_text())
     model = classifier.load_weights(meta["spec"], base / "versions" / version)
+    if ids is None:
+        return measures.mean_confidence(model, LabeledSet.load(base / "dataset" / "registered" / "test.safetensors"))
     train = LabeledSet.load(base / "dataset" / "registered" / "train.safetensors")
-    return measures.accuracy(model, train.select_ids(ids))
-
-
-def _held_out_accuracy(stack, version: str) -> float:
-    base = stack.state / "artifacts" / TEST_MODEL
-    meta = json.loads((base / "versions" / version / "meta.json").read_text())
-    model = classifier.load_weights(meta["spec"], base / "versions" / version)
-    return measures.accuracy(model, LabeledSet.load(base / "dataset" / "registered" / "test.safetensors"))
+    return measures.mean_confidence(model, train.select_ids(ids))
 
 
 def test_request_becomes_a_new_version_that_forgets(stack):
@@ -40,11 +36,11 @@ def test_request_becomes_a_new_version_that_forgets(stack):
     assert result["duration_s"] > 0
 
     # The served weights really changed where it matters, measured independently from the stored files: the
-    # forgotten rows lost accuracy, down to about what the model scores on rows it never saw (IAU's criterion;
-    # the tolerance is one standard error of an accuracy over 60 rows).
-    before, after = _accuracy_on(stack, "v0000", FORGET_IDS), _accuracy_on(stack, "v0001", FORGET_IDS)
-    held_out = _held_out_accuracy(stack, "v0000")
-    assert after < before and after <= held_out + 0.04, (before, after, held_out)
+    # model became less sure of the forgotten rows, down to about how sure it is of rows it never saw (IAU's
+    # criterion, judged on a 256-row test probe; the tolerance covers that probe's sampling error).
+    before, after = _confidence_on(stack, "v0000", FORGET_IDS), _confidence_on(stack, "v0001", FORGET_IDS)
+    held_out = _confidence_on(stack, "v0000")
+    assert after < before and after <= held_out + 0.03, (before, after, held_out)
 
     ledger = stack.ledger()
     row = ledger.get_request("gdpr-1")
