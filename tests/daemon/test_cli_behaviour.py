@@ -105,7 +105,8 @@ def test_second_daemon_on_a_taken_port_says_so_in_one_line(stack):
 
 @pytest.mark.parametrize("table, message", [
     ("[methods.iau]\nalhpa = 0.1", "methods.iau.alhpa: unknown key (known: adam_eps, "),
-    ("[methods.iau]\ncriterion = \"acuracy\"", "methods.iau.criterion: Input should be 'accuracy' or 'loss'"),
+    ("[methods.iau]\ncriterion = \"acuracy\"",
+     "methods.iau.criterion: Input should be 'confidence', 'accuracy' or 'loss'"),
     (f"[models.{TEST_MODEL}.methods.iau]\nlr = -0.5", f"models.{TEST_MODEL}.methods.iau.lr: must be > 0, not -0.5"),
 ])
 def test_an_engine_setting_typo_stops_start_up_naming_the_key(stack, table, message):
