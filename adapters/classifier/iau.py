@@ -321,21 +321,18 @@ class _Step:
         at_theta0, along_direction = self._entry_terms[which]
         return self._rest(torch.add(at_theta0, along_direction, alpha=self._at or 0.0))
 
-    @torch.no_grad()
     def forget_scores(self, lr: float) -> _Scores:
-        if ("forget", lr) not in self._measured:
-            self._set(lr)
-            self._measured["forget", lr] = _Scores.of(self._logits("forget", self.forget_rows), self.forget_rows.y)
-        return self._measured["forget", lr]
+        return self._scores("forget", self.forget_rows, lr)
+
+    def retain_acc(self, lr: float) -> float:
+        return self._scores("retain", self.retain_probe, lr).accuracy if len(self.retain_probe) else 1.0
 
     @torch.no_grad()
-    def retain_acc(self, lr: float) -> float:
-        if not len(self.retain_probe):
-            return 1.0
-        if ("retain", lr) not in self._measured:
+    def _scores(self, which: str, rows: LabeledSet, lr: float) -> _Scores:
+        if (which, lr) not in self._measured:
             self._set(lr)
-            self._measured["retain", lr] = _Scores.of(self._logits("retain", self.retain_probe), self.retain_probe.y)
-        return self._measured["retain", lr].accuracy
+            self._measured[which, lr] = _Scores.of(self._logits(which, rows), rows.y)
+        return self._measured[which, lr]
 
     def measured_at_theta0(self, forget_scores: _Scores) -> None:
         """The forget rows' scores at the unchanged weights, when the caller has them from a pass of its own."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.classifier.measures import accuracies, predict, true_label_probability
+from adapters.classifier.measures import accuracies, predict
 from adapters.datasets import LabeledSet
 
 #: The measures SalUn's tables compare with Retrain ("Avg. Gap"), in the order they report them.
@@ -18,9 +18,8 @@ ATTACKS = 16
 @torch.no_grad()
 def mia_features(model: nn.Module, rows: LabeledSet) -> torch.Tensor:
     """Per row: true-label confidence and prediction entropy, the signals a confidence-based attack reads."""
-    logits = predict(model, rows)
-    probs = F.softmax(logits, dim=1)
-    confidence = true_label_probability(logits, rows.y)
+    probs = F.softmax(predict(model, rows), dim=1)
+    confidence = probs.gather(1, rows.y[:, None]).squeeze(1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     return torch.stack([confidence, entropy], 1)
 
