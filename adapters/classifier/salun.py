@@ -24,17 +24,22 @@ Our choices (the daemon must answer in seconds, and the paper's lr is tuned per 
 - lr = 0.005, not the code's 0.013 (tuned for ResNet-18 on CIFAR-10): with 0.013 one forget pass over 10% of
   MNIST-4k costs the MLP about 5 points of retain accuracy. Chosen from {0.013, 0.005} on one MNIST-MLP run;
   set it per model in config.toml (`[methods.salun] lr`).
-- Early stop on principle, not on a tuned lr: after each epoch we compare forget accuracy with what a model
-  that never saw those rows would show. For sample ids that is the accuracy on held-out rows (the test probe,
-  same distribution); for a whole class it is ~0 (a model never trained on a class never predicts it), checked
-  as forget accuracy <= `class_forget_max` (0.02). We stop at the first epoch that reaches it, which keeps
-  random labeling from over-forgetting (driving forget accuracy far below test accuracy, itself a membership
-  signal). `early_stop = false` runs every epoch as the code does.
+- Early stop on principle, not on a tuned lr: after each epoch we ask whether the forget rows look like rows
+  the model never saw. For sample ids, by `criterion` (IAU's): "confidence" (the default), their mean
+  true-label probability is at most the held-out rows' (the test probe, same distribution) before the request;
+  "accuracy", their accuracy is at most the held-out accuracy; "loss", their mean loss at least the held-out
+  loss. For a whole class, whatever the criterion, forget accuracy <= `class_forget_max` (0.02): a model never
+  trained on a class never predicts it. We stop at the first epoch that reaches it, which keeps random labeling
+  from over-forgetting (a membership signal of its own). By accuracy that is too late where the model
+  generalises well: the rows are no more right than held-out rows before the first epoch, the criterion asks
+  for fewer, and random labeling runs on until their confidence is far below a retrain's. `early_stop = false`
+  runs every epoch as the code does.
 - Repair (ours): after the early stop, up to `repair_passes` retain-only passes; the model keeps the best of
-  them by retain accuracy (on the probe) among those that leave the forget rows at or below the reference,
-  stopping after `repair_patience` passes without a new best. The forget pass of the last epoch can cost the
-  other classes more than one retain pass gives back, most on a small CNN, and the first pass often dips
-  before later ones recover.
+  them by retain accuracy (on the probe) among those that keep the forget rows forgotten (the criterion),
+  stopping once retain accuracy is back at the original's, and for sample ids after `repair_patience` passes
+  without a new best (`_repair` says why a class is different). The forget pass of the last epoch can cost the
+  other classes more than one retain pass gives back, most on a small CNN (a whole class's random labels once
+  cost it 16 points, won back over 19 passes), and the first passes often dip before later ones recover.
 - The result carries the same before/after measures IAU reports (on capped retain/test samples).
 """
 
@@ -44,6 +49,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +72,10 @@ class SalUnConfig:
     mask_ratio: float = 0.5  # share of weights (by |saliency|) that may change
     retain_cap: int = 4096  # remaining rows per epoch's retain pass (a fresh sample each epoch); 0 = all
     early_stop: bool = True
-    repair_passes: int = 10  # after the early stop: at most this many retain-only passes (see _repair)
-    repair_patience: int = 2  # ... ending after this many in a row without a new best
+    repair_passes: int = 20  # after the early stop: at most this many retain-only passes (see _repair)
+    repair_patience: int = 2  # ... for sample ids, ending after this many in a row without a new best
     class_forget_max: float = 0.02  # a whole class counts as erased at this forget accuracy (never-seen: ~0)
+    criterion: Literal["confidence", "accuracy", "loss"] = "confidence"  # when sample ids look unseen (docstring)
     measure_cap: int = 1000  # rows of retain/test used for the early stop and the result measures
     seed: int = 0
 
@@ -124,7 +131,7 @@ class SalUnEngine(ClassifierEngine):
         retain_probe = remaining.sample(cfg.measure_cap).to(device)
         test_probe = target.data.test.sample(cfg.measure_cap).to(device)
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)
-        reference = cfg.class_forget_max if forget.kind == "class" else before["test_acc"]
+        forgotten = self._forgotten(forget, target.model, test_probe, before["test_acc"])
 
         model = target.copy_model()
         model.train()
@@ -142,9 +149,9 @@ class SalUnEngine(ClassifierEngine):
             self._masked_pass(model, opt, relabeled, mask, theta0, g)
             self._masked_pass(model, opt, retain_rows(epoch), mask, theta0, g)
             epochs_run = epoch + 1
-            if cfg.early_stop and measures.accuracy(model, forget_rows) <= reference:
+            if cfg.early_stop and forgotten(model, forget_rows):
                 repair_run = self._repair(model, opt, mask, theta0, g, retain_rows, epochs_run, forget_rows,
-                                          retain_probe, reference)
+                                          retain_probe, forgotten, before["retain_acc"], forget.kind == "class")
                 break
         model.eval()
         after = measures.accuracies(model, forget_rows, retain_probe, test_probe)
@@ -159,23 +166,41 @@ class SalUnEngine(ClassifierEngine):
         }
         return WeightChange(state_of(model), metrics, model=model, forgotten_ids=tuple(forget_rows.ids.tolist()))
 
+    def _forgotten(self, forget: Forget, model: nn.Module, test_probe: LabeledSet, test_acc: float
+                   ) -> Callable[[nn.Module, LabeledSet], bool]:
+        """When the forget rows look like rows the model never saw (the early stop's test; IAU's criteria)."""
+        if forget.kind == "class":
+            return lambda m, rows: measures.accuracy(m, rows) <= self.config.class_forget_max
+        if self.config.criterion == "confidence":
+            held_out = measures.mean_confidence(model, test_probe)
+            return lambda m, rows: measures.mean_confidence(m, rows) <= held_out
+        if self.config.criterion == "loss":
+            held_out_loss = measures.mean_loss(model, test_probe)
+            return lambda m, rows: measures.mean_loss(m, rows) >= held_out_loss
+        return lambda m, rows: measures.accuracy(m, rows) <= test_acc
+
     def _repair(self, model, opt, mask, theta0, generator, retain_rows, epoch, forget_rows, retain_probe,
-                reference) -> int:
-        """Retain-only passes after the forget rows reached the reference; the model ends as the best of them by
-        retain accuracy (on the probe) among those that keep the forget rows at or below the reference. A pass
-        can dip before the next one recovers (the momentum of the last forget pass carries into the first), so
-        this stops only after `repair_patience` passes in a row without a new best."""
+                forgotten, recovered: float, whole_class: bool) -> int:
+        """Retain-only passes after the forget rows reached the criterion; the model ends as the best of them by
+        retain accuracy (on the probe) among those that keep the forget rows forgotten. It stops once a pass is
+        back at `recovered` (the original's retain accuracy), at `repair_passes`, and for sample ids after
+        `repair_patience` passes in a row without a new best. A pass can dip before later ones recover (the
+        momentum of the last forget pass carries into the first ones). For a whole class the other classes'
+        accuracy is all that is at stake, and a small CNN can take many passes to win back what one random-label
+        pass over a class cost them, so there the repair runs on until recovered. For sample ids a retain pass
+        also pulls the forgotten rows back toward the training data, so it stops once it stops paying."""
+        cfg = self.config
+        patience = cfg.repair_passes if whole_class else cfg.repair_patience
         best, best_state = measures.accuracy(model, retain_probe), copy.deepcopy(model.state_dict())
-        best_at, stale, done = 0, 0, 0
-        for done in range(1, self.config.repair_passes + 1):
-            self._masked_pass(model, opt, retain_rows(epoch + done - 1), mask, theta0, generator)
+        best_at = done = stale = 0
+        while done < cfg.repair_passes and stale < patience and best < recovered:
+            self._masked_pass(model, opt, retain_rows(epoch + done), mask, theta0, generator)
+            done += 1
             now = measures.accuracy(model, retain_probe)
-            if now > best and measures.accuracy(model, forget_rows) <= reference:
+            if now > best and forgotten(model, forget_rows):
                 best, best_state, best_at, stale = now, copy.deepcopy(model.state_dict()), done, 0
-                continue
-            stale += 1
-            if stale >= self.config.repair_patience:
-                break
+            else:
+                stale += 1
         if best_at != done:  # the last pass is not the best: go back to the best (or to the start)
             model.load_state_dict(best_state)
         return best_at

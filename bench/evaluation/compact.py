@@ -30,8 +30,10 @@ def compact(report: dict) -> dict:
             seq = {k: v for k, v in seq.items() if k not in ("after_each", "retrain")}
             seq["checkpoints"] = {step: {k: round(v, 4) for k, v in cp.items()}
                                   for step, cp in seq["checkpoints"].items()}
+        of_means = {sc: {m: {k: round(v, 4) for k, v in gaps.items()} for m, gaps in ms.items()}
+                    for sc, ms in b.get("gap_of_means", {}).items()}
         blocks.append({**{k: b[k] for k in ("dataset", "arch", "epochs", "alpha", "schedule", "seeds")},
-                       "aggregate": table, "sequence": seq})
+                       "aggregate": table, "gap_of_means": of_means, "sequence": seq})
     return {"mode": report["mode"], "threads": report["threads"], "wall_seconds": round(report["wall_seconds"]),
             "stats": ["mean", "std", "min", "max"], "blocks": blocks, "summary": report["summary"]}
 

@@ -35,6 +35,28 @@ def test_gaps_are_absolute_points_and_their_mean():
     assert math.isclose(gaps["agg_value"], (4 + 1 + 0 + 6) / 4)
 
 
+def test_gaps_of_means_compare_seed_means_as_salun_tables_do():
+    from bench.evaluation.seeds import aggregate
+
+    # two seeds on which the method lands 2 points either side of the retrain: 2 points apart per seed, none
+    # apart on average
+    def run(seed_shift):
+        retrain = {"forget_acc": 0.90, "retain_acc": 0.99, "test_acc": 0.95, "mia_efficacy": 0.20}
+        method = {**retrain, "forget_acc": 0.90 + seed_shift, "mia_efficacy": 0.20 - seed_shift}
+        return {"scenario": "random_5pct", "results": {"retrain": retrain, "iau": method}}
+
+    table = aggregate([run(0.02), run(-0.02)])
+    gaps = mia.gaps_of_means(table)["random_5pct"]["iau"]
+    assert math.isclose(gaps["forget_acc_gap"], 0.0, abs_tol=1e-9)
+    assert math.isclose(gaps["avg_gap"], 0.0, abs_tol=1e-9)
+    per_seed = [mia.gaps_to_retrain(r["results"]["iau"], r["results"]["retrain"])["agg_value"]
+                for r in (run(0.02), run(-0.02))]
+    assert all(math.isclose(g, 1.0) for g in per_seed)  # (2 + 0 + 0 + 2) / 4 on each seed
+    shifted = mia.gaps_of_means(aggregate([run(0.02), run(0.02)]))["random_5pct"]["iau"]
+    assert math.isclose(shifted["mia_efficacy_gap"], 2.0) and math.isclose(shifted["avg_gap"], 1.0)
+    assert "retrain" not in mia.gaps_of_means(table)["random_5pct"]
+
+
 def test_before_after_flattening_unchanged():
     assert measures.before_after({"forget_acc": 1.0}, {"forget_acc": 0.5}) == {
         "forget_acc_before": 1.0, "forget_acc_after": 0.5}

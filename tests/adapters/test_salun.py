@@ -36,6 +36,23 @@ def test_random_forgetting_lowers_forget_accuracy_toward_held_out(digits_target,
     assert set(change.forgotten_ids) == set(ids)
 
 
+def test_random_forgetting_stops_once_the_rows_are_as_unsure_as_held_out_rows(digits_target, random_ids):
+    # the default criterion: the forget rows' mean true-label probability down to the held-out rows' (the test
+    # probe is all of the fixture's test rows), judged after every epoch and kept through the repair passes
+    ids = random_ids(len(digits_target.data.train), 140, seed=3)
+    forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
+    held_out = measures.mean_confidence(digits_target.model, digits_target.data.test)
+    assert measures.mean_confidence(digits_target.model, forget_rows) > held_out  # the step has work to do
+    change = SalUnEngine().apply(digits_target, Forget(sample_ids=ids))
+    assert measures.mean_confidence(change.module(digits_target.spec), forget_rows) <= held_out
+    assert change.metrics["epochs_run"] < SalUnEngine.Config().epochs  # it stopped early, on the criterion
+
+
+def test_unknown_criterion_is_a_clear_error():
+    with pytest.raises(ValueError, match="criterion"):
+        SalUnEngine(criterion="vibes")
+
+
 def test_does_not_mutate_the_target_model(digits_target):
     before = _state(digits_target.model)
     SalUnEngine().apply(digits_target, Forget(class_label=1))

@@ -17,6 +17,10 @@ def test_quick_benchmark_prints_and_writes_summary(tmp_path):
     assert summary["speedup_vs_retrain_min_iau"] > 0
     for key in ("max_avg_gap_points_5_10pct", "max_mia_gap_points_5_10pct", "sequence_max_gap_points_served_default"):
         assert 0 <= summary[key] <= 100, key
+    # the gap of the seed means never exceeds the mean of the per-seed gaps (|mean of d| <= mean of |d|)
+    for key in ("max_avg_gap_points_5_10pct", "max_mia_gap_points_5_10pct"):
+        assert summary[key] <= summary[f"{key}_per_seed"] + 1e-9, key
+    assert "random_5pct" in printed["blocks"][0]["gap_of_means"]
     assert 0 <= summary["class_forget_accuracy_default_method"] <= 1
     assert summary["class_default_method"] == "salun"
     block = printed["blocks"][0]
