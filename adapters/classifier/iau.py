@@ -10,8 +10,8 @@ Step size: the code's fixed lr = 1e-3 forgets nothing on an MNIST MLP and oversh
 that matches retraining there is several times smaller; README, classifier benchmark), so the step is calibrated
 per request instead: a bisection on log(lr) in [`lr_min`, `lr_max`] for the smallest lr at which the forget rows
 look like rows the model never saw, never taking a step that costs more than `max_retain_drop` accuracy on a
-probe of remaining rows. Each trial is one forward pass over the forget rows, plus one over that
-probe where the step forgot enough.
+probe of remaining rows. Each trial is one forward pass over the forget rows; the probe is read at the step the
+bisection settles on (and, only where that step costs too much, at a few smaller ones).
 `calibrate = false` gives the code's behaviour (one step of `lr`).
 
 Criterion (`criterion`): when the forget rows look like rows the model never saw. A whole class is forgotten
@@ -170,36 +170,35 @@ class IAUEngine(ClassifierEngine):
         return change
 
     def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
-        """Smallest lr in [lr_min, lr_max] whose step reaches the criterion without costing more than
-        max_retain_drop retain accuracy; if none reaches it, the largest step tried that stays within the guard;
-        0 (no step) if the rows meet the criterion already.
+        """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it costs at most max_retain_drop
+        retain accuracy; otherwise the largest step tried that does; 0 (no step) if the rows meet the criterion
+        already.
 
-        A trial reads the forget rows first and the retain probe only where the criterion is reached: a step
-        that has not forgotten enough is not taken, so bisection goes up from it whatever it costs, and a step
-        that has is checked against the guard before it counts (too much damage: smaller steps only)."""
+        The bisection reads the forget rows only: whether a step forgot enough does not depend on what it cost,
+        so the search takes the same path whatever the guard says, and the retain probe is read once, at the
+        step it found. The damage grows with the step: if the smallest step that forgets enough costs too much,
+        every larger one does too, and only then are the smaller trials searched (a bisection over them) for
+        the largest within the guard."""
         cfg = self.config
         if reached(step.model, step.forget_scores(0.0)):
             return 0.0  # the rows already look unseen (e.g. ones the model is unsure of): a retrain would not move
+        within_guard = lambda lr: step.retain_acc(lr) >= retain_before - cfg.max_retain_drop  # noqa: E731
         lo, hi = math.log(cfg.lr_min), math.log(cfg.lr_max)
         reached_at, short = None, []
         for _ in range(cfg.calibration_steps):
             lr = math.exp((lo + hi) / 2)
-            if not reached(step.model, step.forget_scores(lr)):
-                lo = math.log(lr)
-                short.append(lr)
-            elif step.retain_acc(lr) < retain_before - cfg.max_retain_drop:
-                hi = math.log(lr)
-            else:
+            if reached(step.model, step.forget_scores(lr)):
                 hi, reached_at = math.log(lr), lr
-        if reached_at is not None:
+            else:
+                lo = math.log(lr)
+                short.append(lr)  # every trial that fell short lies below every one that reached the criterion
+        if reached_at is not None and within_guard(reached_at):
             return reached_at
-        # None reached it: the largest step tried within the guard, by bisection over the trials (the damage
-        # grows with the step), lr_min if none is.
         short.sort()
         lo_i, hi_i, chosen = 0, len(short) - 1, cfg.lr_min
         while lo_i <= hi_i:
             mid = (lo_i + hi_i) // 2
-            if step.retain_acc(short[mid]) >= retain_before - cfg.max_retain_drop:
+            if within_guard(short[mid]):
                 chosen, lo_i = short[mid], mid + 1
             else:
                 hi_i = mid - 1

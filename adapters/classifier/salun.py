@@ -35,9 +35,9 @@ Our choices (the daemon must answer in seconds, and the paper's lr is tuned per 
   for fewer, and random labeling runs on until their confidence is far below a retrain's. `early_stop = false`
   runs every epoch as the code does.
 - Repair (ours): after the early stop, up to `repair_passes` retain-only passes; the model keeps the best of
-  them by retain accuracy (on the probe) among those that keep the forget rows forgotten (the criterion),
-  stopping once retain accuracy is back at the original's, and for sample ids after `repair_patience` passes
-  without a new best (`_repair` says why a class is different). The forget pass of the last epoch can cost the
+  them by retain accuracy (on the probe) among those that keep the forget rows forgotten (the criterion). For
+  sample ids they stop after `repair_patience` passes without a new best; for a whole class once retain accuracy
+  is back at the original's (`_repair` says why). The forget pass of the last epoch can cost the
   other classes more than one retain pass gives back, most on a small CNN (a whole class's random labels once
   cost it 16 points, won back over 19 passes), and the first passes often dip before later ones recover.
 - The result carries the same before/after measures IAU reports (on capped retain/test samples).
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -182,15 +183,16 @@ class SalUnEngine(ClassifierEngine):
     def _repair(self, model, opt, mask, theta0, generator, retain_rows, epoch, forget_rows, retain_probe,
                 forgotten, recovered: float, whole_class: bool) -> int:
         """Retain-only passes after the forget rows reached the criterion; the model ends as the best of them by
-        retain accuracy (on the probe) among those that keep the forget rows forgotten. It stops once a pass is
-        back at `recovered` (the original's retain accuracy), at `repair_passes`, and for sample ids after
-        `repair_patience` passes in a row without a new best. A pass can dip before later ones recover (the
-        momentum of the last forget pass carries into the first ones). For a whole class the other classes'
-        accuracy is all that is at stake, and a small CNN can take many passes to win back what one random-label
-        pass over a class cost them, so there the repair runs on until recovered. For sample ids a retain pass
-        also pulls the forgotten rows back toward the training data, so it stops once it stops paying."""
+        retain accuracy (on the probe) among those that keep the forget rows forgotten, after at most
+        `repair_passes`. A pass can dip before later ones recover (the momentum of the last forget pass carries
+        into the first ones). For a whole class the other classes' accuracy is all that is at stake, and a small
+        CNN can take many passes to win back what one random-label pass over a class cost them: the repair runs
+        on until retain accuracy is back at `recovered` (the original's). For sample ids a retain pass also pulls
+        the forgotten rows back toward the training data: it stops after `repair_patience` passes in a row
+        without a new best."""
         cfg = self.config
         patience = cfg.repair_passes if whole_class else cfg.repair_patience
+        recovered = recovered if whole_class else math.inf
         best, best_state = measures.accuracy(model, retain_probe), copy.deepcopy(model.state_dict())
         best_at = done = stale = 0
         while done < cfg.repair_passes and stale < patience and best < recovered:
