@@ -134,13 +134,13 @@ class IAUEngine(ClassifierEngine):
         g_forget, forget_logits = _mean_grad_and_logits(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
-            g_remain = [(s - k * gf) / (cache.n - k) for s, gf in zip(cache.grad_sum, g_forget, strict=True)]
+            g_remain = list(torch._foreach_add(cache.grad_sum, g_forget, alpha=-k))  # (S - k g_f) / (n - k)
+            torch._foreach_div_(g_remain, cache.n - k)
             held_out = cache.held_out
         else:
             g_remain = mean_loss_grad(model, remaining)
             held_out = _Scores.of(measures.predict(model, test_probe), test_probe.y)
-        # Adam's first step from a fresh optimizer: the direction is -g / (|g| + eps), scaled by lr.
-        direction = [-(gr - gf) / ((gr - gf).abs() + cfg.adam_eps) for gr, gf in zip(g_remain, g_forget, strict=True)]
+        direction = _adam_first_step(list(torch._foreach_sub(g_remain, g_forget)), cfg.adam_eps)
         step = _Step(model, direction, forget_rows.sample(cfg.forget_probe_cap), retain_probe)
         forget_before = _Scores.of(forget_logits, forget_rows.y)
         if step.k == len(forget_rows):
@@ -365,6 +365,17 @@ class _Scores:
             return cls(float("nan"), float("nan"))
         confidence = measures.true_label_probability(logits, y).mean()
         return cls(float((logits.argmax(1) == y.to(logits.device)).float().mean()), float(confidence))
+
+
+def _adam_first_step(grads: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """The direction of Adam's first step from a fresh optimizer, -g / (|g| + eps) (the step is lr times it), in
+    place over `grads`. torch._foreach_* ops, as torch.optim's own: one call per op for all the tensors, where a
+    small model's request would otherwise pay the per-op overhead once per tensor."""
+    denominators = torch._foreach_abs(grads)
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_div_(grads, denominators)
+    torch._foreach_neg_(grads)
+    return grads
 
 
 def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048

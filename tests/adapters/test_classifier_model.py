@@ -1,0 +1,31 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.classifier import model as classifier
+from adapters.classifier.model import MaxPool2x2
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 8, 8), (3, 16, 7, 9), (2, 1, 28, 28)])
+def test_max_pool_matches_torch_in_inference_and_in_training(shape):
+    x = torch.randn(*shape)
+    pool = MaxPool2x2()
+    with torch.no_grad():  # the strided path (inference, IAU's trial steps)
+        torch.testing.assert_close(pool(x), F.max_pool2d(x, 2), rtol=0, atol=0)
+    # training: torch's kernel, so the gradient (one input per window, ties included) is torch's own
+    ours, theirs = x.clone().relu().requires_grad_(), x.clone().relu().requires_grad_()
+    pool(ours).sum().backward()
+    F.max_pool2d(theirs, 2).sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
+
+
+def test_cnn_weights_keep_their_names_and_logits_agree_with_and_without_autograd(digits_split):
+    spec = {"arch": "cnn", "input_shape": list(digits_split.input_shape), "num_classes": 10, "init_seed": 0}
+    model = classifier.build(spec).eval()
+    assert sorted(model.state_dict()) == ["features.0.bias", "features.0.weight", "features.3.bias",
+                                          "features.3.weight", "head.1.bias", "head.1.weight", "head.3.bias",
+                                          "head.3.weight", "head.5.bias", "head.5.weight"]
+    x = digits_split.test.x[:64]
+    with torch.no_grad():
+        inference = model(x)
+    torch.testing.assert_close(model(x), inference, rtol=0, atol=0)
