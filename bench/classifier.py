@@ -235,6 +235,8 @@ def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
         "class_forget_accuracy_where": class_where,
         "class_max_test_other_gap_points_default_method": max(v for v, _ in pick(
             blocks, "test_acc_gap", "mean", is_class, (DEFAULT_FOR["class"],))),
+        "class_max_test_other_gap_points_default_method_worst_seed": max(v for v, _ in pick(
+            blocks, "test_acc_gap", "max", is_class, (DEFAULT_FOR["class"],))),
         "class_forget_accuracy_iau": max(v for v, _ in pick(blocks, "forget_acc", "max", is_class, ("iau",))),
         "sequence_max_gap_points_served_default": max(cp["avg_gap"] for cp in last),
         "sequence_max_acc_gap_points_served_default": max(cp[f"{k}_gap"] for cp in last

@@ -61,6 +61,8 @@ from adapters.classifier.model import (
 from adapters.datasets import LabeledSet
 from adapters.devices import device_of
 
+GUARD_EDGE_STEPS = 3  # bisection steps toward the guard's edge when the criterion costs more than it allows
+
 
 @dataclasses.dataclass
 class IAUConfig:
@@ -171,14 +173,13 @@ class IAUEngine(ClassifierEngine):
 
     def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it costs at most max_retain_drop
-        retain accuracy; otherwise the largest step tried that does; 0 (no step) if the rows meet the criterion
-        already.
+        retain accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no
+        step) if the rows meet the criterion already.
 
         The bisection reads the forget rows only: whether a step forgot enough does not depend on what it cost,
         so the search takes the same path whatever the guard says, and the retain probe is read once, at the
         step it found. The damage grows with the step: if the smallest step that forgets enough costs too much,
-        every larger one does too, and only then are the smaller trials searched (a bisection over them) for
-        the largest within the guard."""
+        every larger one does too, and only then is the guard's edge searched for below it."""
         cfg = self.config
         if reached(step.model, step.forget_scores(0.0)):
             return 0.0  # the rows already look unseen (e.g. ones the model is unsure of): a retrain would not move
@@ -194,14 +195,27 @@ class IAUEngine(ClassifierEngine):
                 short.append(lr)  # every trial that fell short lies below every one that reached the criterion
         if reached_at is not None and within_guard(reached_at):
             return reached_at
-        short.sort()
-        lo_i, hi_i, chosen = 0, len(short) - 1, cfg.lr_min
+        # The largest step within the guard instead. Among the trials (smallest first; the one that reached the
+        # criterion, if any, is known to be outside the guard) a bisection finds the last within it; then a few
+        # bisection steps between it and the next trial, which is outside, close in on the guard's edge: the
+        # trials alone can leave a step several times smaller than the guard allows.
+        ladder = sorted(short) + ([reached_at] if reached_at is not None else [])
+        lo_i, hi_i, last_in = 0, len(short) - 1, -1
         while lo_i <= hi_i:
             mid = (lo_i + hi_i) // 2
-            if within_guard(short[mid]):
-                chosen, lo_i = short[mid], mid + 1
+            if within_guard(ladder[mid]):
+                last_in, lo_i = mid, mid + 1
             else:
                 hi_i = mid - 1
+        chosen = ladder[last_in] if last_in >= 0 else cfg.lr_min
+        if last_in + 1 < len(ladder):
+            lo, hi = math.log(chosen), math.log(ladder[last_in + 1])
+            for _ in range(GUARD_EDGE_STEPS):
+                lr = math.exp((lo + hi) / 2)
+                if within_guard(lr):
+                    lo, chosen = math.log(lr), lr
+                else:
+                    hi = math.log(lr)
         return chosen
 
     def _reached(self, target, forget, forget_rows, test_probe, held_out: _Scores):
