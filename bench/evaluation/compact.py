@@ -20,16 +20,21 @@ def _round(stats: dict) -> list[float]:
     return [round(stats[k], 4) for k in ("mean", "std", "min", "max")]
 
 
+def _rounded(checkpoints: dict) -> dict:
+    return {step: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in cp.items()}
+            for step, cp in checkpoints.items()}
+
+
 def compact(report: dict) -> dict:
     blocks = []
     for b in report["blocks"]:
         table = {sc: {m: {f: _round(fields[f]) for f in FIELDS if f in fields} for m, fields in ms.items()}
                  for sc, ms in b["aggregate"].items()}
         seq = b.get("sequence")
-        if seq:
-            seq = {k: v for k, v in seq.items() if k not in ("after_each", "retrain")}
-            seq["checkpoints"] = {step: {k: round(v, 4) for k, v in cp.items()}
-                                  for step, cp in seq["checkpoints"].items()}
+        if seq:  # the gaps over seeds, and each seed's own without its request-by-request detail
+            seq = {**{k: v for k, v in seq.items() if k != "per_seed"}, "checkpoints": _rounded(seq["checkpoints"]),
+                   "per_seed": [{**{k: v for k, v in one.items() if k not in ("after_each", "retrain")},
+                                 "checkpoints": _rounded(one["checkpoints"])} for one in seq.get("per_seed", [])]}
         of_means = {sc: {m: {k: round(v, 4) for k, v in gaps.items()} for m, gaps in ms.items()}
                     for sc, ms in b.get("gap_of_means", {}).items()}
         blocks.append({**{k: b[k] for k in ("dataset", "arch", "epochs", "alpha", "schedule", "seeds")},

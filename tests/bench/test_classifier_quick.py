@@ -24,7 +24,10 @@ def test_quick_benchmark_prints_and_writes_summary(tmp_path):
     assert 0 <= summary["class_forget_accuracy_default_method"] <= 1
     assert summary["class_default_method"] == "salun"
     block = printed["blocks"][0]
-    assert block["sequence"]["requests_with_cached_gradient"] == block["sequence"]["steps"]  # refreshed each time
+    sequence = block["sequence"]
+    assert sequence["requests_with_cached_gradient"] == sequence["steps"] * sequence["seeds"]  # refreshed each time
+    last = sequence["checkpoints"][max(sequence["checkpoints"])]
+    assert summary["sequence_max_gap_points_served_default"] == last["avg_gap"]
     retrain = block["aggregate"]["class"]["retrain"]
     assert retrain["forget_acc"]["mean"] == 0.0  # a model never trained on a class never predicts it
     assert retrain["test_acc"]["mean"] > 0.8  # the reference itself is a working model
