@@ -45,7 +45,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Forget, check_fields, register
@@ -56,6 +55,7 @@ from adapters.classifier.model import (
     WeightChange,
     copy_of,
     mean_loss_grad,
+    mean_loss_grad_and_logits,
     state_of,
 )
 from adapters.datasets import LabeledSet
@@ -133,7 +133,7 @@ class IAUEngine(ClassifierEngine):
         with self._lock:
             spare = cache.take_spare() if cache is not None else None
         model = spare if spare is not None else target.copy_model()
-        g_forget, forget_logits = _mean_grad_and_logits(model, forget_rows)
+        g_forget, forget_logits = mean_loss_grad_and_logits(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
             g_remain = list(torch._foreach_add(cache.grad_sum, g_forget, alpha=-k))  # (S - k g_f) / (n - k)
@@ -390,23 +390,3 @@ def _adam_first_step(grads: list[torch.Tensor], eps: float) -> list[torch.Tensor
     torch._foreach_div_(grads, denominators)
     torch._foreach_neg_(grads)
     return grads
-
-
-def _mean_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048
-                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradient of the mean CE over `rows` and the logits it was taken at (one forward pass for both)."""
-    module.eval()
-    params = list(module.parameters())
-    total, logits = [torch.zeros_like(p) for p in params], []
-    device = device_of(module)
-    for start in range(0, len(rows), batch_size):
-        out = module(rows.x[start:start + batch_size].to(device))
-        loss = F.cross_entropy(out, rows.y[start:start + batch_size].to(device), reduction="sum") / len(rows)
-        for acc, g in zip(total, torch.autograd.grad(loss, params), strict=True):
-            acc += g
-        logits.append(out.detach())
-    return total, torch.cat(logits)
-
-
-def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean())

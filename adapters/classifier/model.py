@@ -263,12 +263,20 @@ def train_gr(
 def mean_loss_grad(module: nn.Module, rows: LabeledSet, batch_size: int = 2048) -> list[torch.Tensor]:
     """Gradient of the mean cross-entropy over `rows`, one tensor per parameter (summed over batches), on the
     module's device."""
+    return mean_loss_grad_and_logits(module, rows, batch_size)[0]
+
+
+def mean_loss_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048
+                              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """mean_loss_grad, and the logits it was taken at (one forward pass for both)."""
     params = [p for p in module.parameters()]
-    total = [torch.zeros_like(p) for p in params]
+    total, logits = [torch.zeros_like(p) for p in params], []
     device = device_of(module)
     for start in range(0, len(rows), batch_size):  # rows move a batch at a time (a no-op when already there)
         sl = slice(start, start + batch_size)
-        loss = F.cross_entropy(module(rows.x[sl].to(device)), rows.y[sl].to(device), reduction="sum") / len(rows)
+        out = module(rows.x[sl].to(device))
+        loss = F.cross_entropy(out, rows.y[sl].to(device), reduction="sum") / len(rows)
         for acc, gr in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += gr
-    return total
+        logits.append(out.detach())
+    return total, torch.cat(logits) if logits else torch.empty(0, device=device)
