@@ -38,8 +38,8 @@ Our choices (the daemon must answer in seconds, and the paper's lr is tuned per 
   them by retain accuracy (on the probe) among those that keep the forget rows forgotten (the criterion). For
   sample ids they stop after `repair_patience` passes without a new best; for a whole class once retain accuracy
   is back at the original's (`_repair` says why). The forget pass of the last epoch can cost the
-  other classes more than one retain pass gives back, most on a small CNN (a whole class's random labels once
-  cost it 16 points, won back over 19 passes), and the first passes often dip before later ones recover.
+  other classes more than one retain pass gives back, most on a small CNN (where winning back a whole class's
+  random labels can take many passes), and the first passes often dip before later ones recover.
 - The result carries the same before/after measures IAU reports (on capped retain/test samples).
 """
 
