@@ -14,14 +14,8 @@ probe of remaining rows. Each trial is one forward pass over the forget rows; th
 bisection settles on (and, only where that step costs too much, at a few smaller ones).
 `calibrate = false` gives the code's behaviour (one step of `lr`).
 
-Criterion (`criterion`): when the forget rows look like rows the model never saw. A whole class is forgotten
-once its forget accuracy is 0 (a model never trained on a class never predicts it), whatever the criterion. For
-sample ids, "confidence" (the default): the forget rows' mean true-label probability is at most the held-out
-(test) rows' before the step. "accuracy": their accuracy is at most the held-out accuracy; on a small request
-that is coarse (on 8 rows, 94 % held-out accuracy demands 7 of 8, i.e. 87.5 %), so each request forgets more
-than a retrain would and costs the rest of the model for it, which adds up over a sequence of small requests.
-"loss" (forget mean loss reaches held-out mean loss) is kept as an option; a few confidently wrong rows inflate a
-mean loss long before the accuracy moves, so it stops class forgetting far too early.
+Criterion (`criterion`): when the forget rows look like rows the model never saw (criteria.py; "confidence" by
+default, and a whole class once the model no longer predicts it on any of its rows).
 
 Cost: the remaining-set gradient is O(training set); everything else is O(forget set + probes). With
 `cached_gradient = true` (the default) the engine keeps, per model, the sum of per-row gradients over the
@@ -42,13 +36,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Literal
 
 import torch
 from torch import nn
 
 from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
+from adapters.classifier.criteria import Criterion, Scores, looks_unseen
 from adapters.classifier.model import (
     ClassifierEngine,
     ClassifierTarget,
@@ -75,7 +69,7 @@ class IAUConfig:
     cached_gradient: bool = True  # keep the remaining-set gradient of the current version (module docstring)
     measure_cap: int = 256  # rows of retain/test for the calibration guard and the result measures
     forget_probe_cap: int = 512  # forget rows the calibration judges the criterion on (all, up to this many)
-    criterion: Literal["confidence", "accuracy", "loss"] = "confidence"  # when the step has forgotten enough
+    criterion: Criterion = "confidence"  # when the step has forgotten enough (criteria.py)
     adam_eps: float = 1e-8
 
     def __post_init__(self):
@@ -93,7 +87,7 @@ class _GradCache:
     forgotten: frozenset[int]
     grad_sum: list[torch.Tensor]  # sum over the remaining rows of per-row mean-CE gradients (on the model's device)
     n: int  # remaining rows
-    held_out: _Scores  # this version on the test probe (the criterion's reference)
+    held_out: Scores  # this version on the test probe (the criterion's reference)
     cpu_seconds: float  # CPU time the refresh thread spent computing it
     spare: nn.Module | None  # a copy of the version no one else holds: the next request's working copy
 
@@ -141,17 +135,18 @@ class IAUEngine(ClassifierEngine):
             held_out = cache.held_out
         else:
             g_remain = mean_loss_grad(model, remaining)
-            held_out = _Scores.of(measures.predict(model, test_probe), test_probe.y)
+            held_out = Scores.on(model, test_probe)
         direction = _adam_first_step(list(torch._foreach_sub(g_remain, g_forget)), cfg.adam_eps)
         step = _Step(model, direction, forget_rows.sample(cfg.forget_probe_cap), retain_probe)
-        forget_before = _Scores.of(forget_logits, forget_rows.y)
+        forget_before = Scores.of(forget_logits, forget_rows.y)
         if step.k == len(forget_rows):
             step.measured_at_theta0(forget_before)  # the gradient's forward pass scored them already
         before = {"forget_acc": forget_before.accuracy,
                   "retain_acc": step.retain_acc(0.0), "test_acc": held_out.accuracy}
         if cfg.calibrate:
-            chosen = self._calibrate(step, self._reached(target, forget, forget_rows, test_probe, held_out),
-                                     before["retain_acc"])
+            # a class: no trial may leave a single probed row predicted as it
+            reached = looks_unseen(cfg.criterion, forget, held_out, class_forget_max=0.0)
+            chosen = self._calibrate(step, reached, before["retain_acc"])
         else:
             chosen = cfg.lr
         probe_forget_acc, retain_acc = step.take(chosen)  # the weights of the chosen step (measured already)
@@ -171,7 +166,7 @@ class IAUEngine(ClassifierEngine):
                           remaining, target.data.test.sample(cfg.measure_cap))
         return change
 
-    def _calibrate(self, step: _Step, reached, retain_before: float) -> float:
+    def _calibrate(self, step: _Step, reached: Callable[[Scores], bool], retain_before: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it costs at most max_retain_drop
         retain accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no
         step) if the rows meet the criterion already.
@@ -181,14 +176,14 @@ class IAUEngine(ClassifierEngine):
         step it found. The damage grows with the step: if the smallest step that forgets enough costs too much,
         every larger one does too, and only then is the guard's edge searched for below it."""
         cfg = self.config
-        if reached(step.model, step.forget_scores(0.0)):
+        if reached(step.forget_scores(0.0)):
             return 0.0  # the rows already look unseen (e.g. ones the model is unsure of): a retrain would not move
         within_guard = lambda lr: step.retain_acc(lr) >= retain_before - cfg.max_retain_drop  # noqa: E731
         lo, hi = math.log(cfg.lr_min), math.log(cfg.lr_max)
         reached_at, short = None, []
         for _ in range(cfg.calibration_steps):
             lr = math.exp((lo + hi) / 2)
-            if reached(step.model, step.forget_scores(lr)):
+            if reached(step.forget_scores(lr)):
                 hi, reached_at = math.log(lr), lr
             else:
                 lo = math.log(lr)
@@ -218,17 +213,6 @@ class IAUEngine(ClassifierEngine):
                     hi = math.log(lr)
         return chosen
 
-    def _reached(self, target, forget, forget_rows, test_probe, held_out: _Scores):
-        """When a step has forgotten enough: the forget rows look like rows the model never saw."""
-        if self.config.criterion == "loss":
-            held_out_loss = measures.mean_loss(target.model, test_probe)
-            return lambda model, _scores: measures.mean_loss(model, forget_rows) >= held_out_loss
-        if forget.kind == "class":  # a never-seen class is never predicted, whatever the criterion
-            return lambda _model, scores: scores.accuracy <= 0.0
-        if self.config.criterion == "confidence":
-            return lambda _model, scores: scores.confidence <= held_out.confidence
-        return lambda _model, scores: scores.accuracy <= held_out.accuracy  # never-seen rows score as held-out
-
     # --- the cached remaining-set gradient -----------------------------------------------------------------
 
     def _cached(self, target: ClassifierTarget) -> _GradCache | None:
@@ -255,7 +239,7 @@ class IAUEngine(ClassifierEngine):
             # made here rather than on the request path (nothing writes a version's weights once it is returned).
             snapshot = copy_of(spec, model)
             grads = mean_loss_grad(snapshot, remaining)
-            held_out = _Scores.of(measures.predict(snapshot, test_probe), test_probe.y)
+            held_out = Scores.on(snapshot, test_probe)
             # The snapshot's weights are the version's, untouched (gradients were taken, not applied): it becomes
             # the next request's working copy, which then need not be built on the request path.
             return _GradCache(model, forgotten, [g * len(remaining) for g in grads], len(remaining), held_out,
@@ -314,7 +298,7 @@ class _Step:
         self.forget_rows, self.retain_probe = forget_rows, retain_probe
         self.k = len(forget_rows)
         self._at: float | None = None  # the lr whose weights the model holds
-        self._measured: dict[tuple[str, float], _Scores] = {}
+        self._measured: dict[tuple[str, float], Scores] = {}
         split = getattr(model, "linear_entry", None)
         self._rest = model
         self._entry_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -334,20 +318,20 @@ class _Step:
         at_theta0, along_direction = self._entry_terms[which]
         return self._rest(torch.add(at_theta0, along_direction, alpha=self._at or 0.0))
 
-    def forget_scores(self, lr: float) -> _Scores:
+    def forget_scores(self, lr: float) -> Scores:
         return self._scores("forget", self.forget_rows, lr)
 
     def retain_acc(self, lr: float) -> float:
         return self._scores("retain", self.retain_probe, lr).accuracy if len(self.retain_probe) else 1.0
 
     @torch.no_grad()
-    def _scores(self, which: str, rows: LabeledSet, lr: float) -> _Scores:
+    def _scores(self, which: str, rows: LabeledSet, lr: float) -> Scores:
         if (which, lr) not in self._measured:
             self._set(lr)
-            self._measured[which, lr] = _Scores.of(self._logits(which, rows), rows.y)
+            self._measured[which, lr] = Scores.of(self._logits(which, rows), rows.y)
         return self._measured[which, lr]
 
-    def measured_at_theta0(self, forget_scores: _Scores) -> None:
+    def measured_at_theta0(self, forget_scores: Scores) -> None:
         """The forget rows' scores at the unchanged weights, when the caller has them from a pass of its own."""
         self._measured["forget", 0.0] = forget_scores
 
@@ -363,22 +347,6 @@ class _Step:
             for p, p0, d in zip(self.params, self.theta0, self.direction, strict=True):
                 torch.add(p0, d, alpha=lr, out=p)
             self._at = lr
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scores:
-    """How a model scores some rows: accuracy and mean true-label probability (what the criteria compare)."""
-
-    accuracy: float
-    confidence: float
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, logits: torch.Tensor, y: torch.Tensor) -> _Scores:
-        if not len(y):
-            return cls(float("nan"), float("nan"))
-        confidence = measures.true_label_probability(logits, y).mean()
-        return cls(float((logits.argmax(1) == y.to(logits.device)).float().mean()), float(confidence))
 
 
 def _adam_first_step(grads: list[torch.Tensor], eps: float) -> list[torch.Tensor]:

@@ -30,22 +30,9 @@ def accuracy(model: nn.Module, rows: LabeledSet) -> float:
     return float((logits.argmax(1) == rows.y.to(logits.device)).float().mean())
 
 
-def mean_loss(model: nn.Module, rows: LabeledSet) -> float:
-    if len(rows) == 0:
-        return float("nan")
-    logits = predict(model, rows)
-    return float(F.cross_entropy(logits, rows.y.to(logits.device)))
-
-
 def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per row, the probability the model gives the row's own label (IAU's default criterion averages it)."""
+    """Per row, the probability the model gives the row's own label (criteria.py's default averages it)."""
     return F.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).squeeze(1)
-
-
-def mean_confidence(model: nn.Module, rows: LabeledSet) -> float:
-    if len(rows) == 0:
-        return float("nan")
-    return float(true_label_probability(predict(model, rows), rows.y).mean())
 
 
 def accuracies(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet) -> dict[str, float]:

@@ -25,15 +25,13 @@ Our choices (the daemon must answer in seconds, and the paper's lr is tuned per 
   MNIST-4k costs the MLP about 5 points of retain accuracy. Chosen from {0.013, 0.005} on one MNIST-MLP run;
   set it per model in config.toml (`[methods.salun] lr`).
 - Early stop on principle, not on a tuned lr: after each epoch we ask whether the forget rows look like rows
-  the model never saw. For sample ids, by `criterion` (IAU's): "confidence" (the default), their mean
-  true-label probability is at most the held-out rows' (the test probe, same distribution) before the request;
-  "accuracy", their accuracy is at most the held-out accuracy; "loss", their mean loss at least the held-out
-  loss. For a whole class, whatever the criterion, forget accuracy <= `class_forget_max` (0.02): a model never
-  trained on a class never predicts it. We stop at the first epoch that reaches it, which keeps random labeling
-  from over-forgetting (a membership signal of its own). By accuracy that is too late where the model
-  generalises well: the rows are no more right than held-out rows before the first epoch, the criterion asks
-  for fewer, and random labeling runs on until their confidence is far below a retrain's. `early_stop = false`
-  runs every epoch as the code does.
+  the model never saw, by IAU's `criterion` (criteria.py; "confidence" by default: their mean true-label
+  probability at most the held-out rows' before the request); a whole class once forget accuracy is at most
+  `class_forget_max` (0.02). We stop at the first epoch that reaches it, which keeps random labeling from
+  over-forgetting (a membership signal of its own). By accuracy that is too late where the model generalises
+  well: the rows are no more right than held-out rows before the first epoch, the criterion asks for fewer, and
+  random labeling runs on until their confidence is far below a retrain's. `early_stop = false` runs every epoch
+  as the code does.
 - Repair (ours): after the early stop, up to `repair_passes` retain-only passes; the model keeps the best of
   them by retain accuracy (on the probe) among those that keep the forget rows forgotten (the criterion). For
   sample ids they stop after `repair_patience` passes without a new best; for a whole class once retain accuracy
@@ -50,7 +48,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +55,7 @@ from torch import nn
 
 from adapters.base import Forget, check_fields, register
 from adapters.classifier import measures
+from adapters.classifier.criteria import Criterion, Scores, looks_unseen
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, state_of
 from adapters.datasets import LabeledSet
 from adapters.devices import device_of
@@ -76,7 +74,7 @@ class SalUnConfig:
     repair_passes: int = 20  # after the early stop: at most this many retain-only passes (see _repair)
     repair_patience: int = 2  # ... for sample ids, ending after this many in a row without a new best
     class_forget_max: float = 0.02  # a whole class counts as erased at this forget accuracy (never-seen: ~0)
-    criterion: Literal["confidence", "accuracy", "loss"] = "confidence"  # when sample ids look unseen (docstring)
+    criterion: Criterion = "confidence"  # when sample ids look unseen (criteria.py)
     measure_cap: int = 1000  # rows of retain/test used for the early stop and the result measures
     seed: int = 0
 
@@ -132,7 +130,8 @@ class SalUnEngine(ClassifierEngine):
         retain_probe = remaining.sample(cfg.measure_cap).to(device)
         test_probe = target.data.test.sample(cfg.measure_cap).to(device)
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)
-        forgotten = self._forgotten(forget, target.model, test_probe, before["test_acc"])
+        unseen = looks_unseen(cfg.criterion, forget, Scores.on(target.model, test_probe), cfg.class_forget_max)
+        forgotten = lambda m: unseen(Scores.on(m, forget_rows))  # noqa: E731
 
         model = target.copy_model()
         model.train()
@@ -150,9 +149,9 @@ class SalUnEngine(ClassifierEngine):
             self._masked_pass(model, opt, relabeled, mask, theta0, g)
             self._masked_pass(model, opt, retain_rows(epoch), mask, theta0, g)
             epochs_run = epoch + 1
-            if cfg.early_stop and forgotten(model, forget_rows):
-                repair_run = self._repair(model, opt, mask, theta0, g, retain_rows, epochs_run, forget_rows,
-                                          retain_probe, forgotten, before["retain_acc"], forget.kind == "class")
+            if cfg.early_stop and forgotten(model):
+                repair_run = self._repair(model, opt, mask, theta0, g, retain_rows, epochs_run, retain_probe,
+                                          forgotten, before["retain_acc"], forget.kind == "class")
                 break
         model.eval()
         after = measures.accuracies(model, forget_rows, retain_probe, test_probe)
@@ -167,21 +166,8 @@ class SalUnEngine(ClassifierEngine):
         }
         return WeightChange(state_of(model), metrics, model=model, forgotten_ids=tuple(forget_rows.ids.tolist()))
 
-    def _forgotten(self, forget: Forget, model: nn.Module, test_probe: LabeledSet, test_acc: float
-                   ) -> Callable[[nn.Module, LabeledSet], bool]:
-        """When the forget rows look like rows the model never saw (the early stop's test; IAU's criteria)."""
-        if forget.kind == "class":
-            return lambda m, rows: measures.accuracy(m, rows) <= self.config.class_forget_max
-        if self.config.criterion == "confidence":
-            held_out = measures.mean_confidence(model, test_probe)
-            return lambda m, rows: measures.mean_confidence(m, rows) <= held_out
-        if self.config.criterion == "loss":
-            held_out_loss = measures.mean_loss(model, test_probe)
-            return lambda m, rows: measures.mean_loss(m, rows) >= held_out_loss
-        return lambda m, rows: measures.accuracy(m, rows) <= test_acc
-
-    def _repair(self, model, opt, mask, theta0, generator, retain_rows, epoch, forget_rows, retain_probe,
-                forgotten, recovered: float, whole_class: bool) -> int:
+    def _repair(self, model, opt, mask, theta0, generator, retain_rows, epoch, retain_probe,
+                forgotten: Callable[[nn.Module], bool], recovered: float, whole_class: bool) -> int:
         """Retain-only passes after the forget rows reached the criterion; the model ends as the best of them by
         retain accuracy (on the probe) among those that keep the forget rows forgotten, after at most
         `repair_passes`. A pass can dip before later ones recover (the momentum of the last forget pass carries
@@ -199,7 +185,7 @@ class SalUnEngine(ClassifierEngine):
             self._masked_pass(model, opt, retain_rows(epoch + done), mask, theta0, generator)
             done += 1
             now = measures.accuracy(model, retain_probe)
-            if now > best and forgotten(model, forget_rows):
+            if now > best and forgotten(model):
                 best, best_state, best_at, stale = now, copy.deepcopy(model.state_dict()), done, 0
             else:
                 stale += 1

@@ -5,6 +5,7 @@ import torch
 
 from adapters.base import Forget, InvalidForget, NothingToForget, engine_class
 from adapters.classifier import measures
+from adapters.classifier.criteria import Scores
 from adapters.classifier.salun import SalUnEngine, saliency_mask
 
 
@@ -31,7 +32,7 @@ def test_random_forgetting_lowers_forget_accuracy_toward_held_out(digits_target,
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
     change = SalUnEngine().apply(digits_target, Forget(sample_ids=ids))
     model = change.module(digits_target.spec)
-    assert measures.mean_loss(model, forget_rows) > measures.mean_loss(digits_target.model, forget_rows)
+    assert Scores.on(model, forget_rows).loss > Scores.on(digits_target.model, forget_rows).loss
     assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"] - 0.05
     assert set(change.forgotten_ids) == set(ids)
 
@@ -41,10 +42,10 @@ def test_random_forgetting_stops_once_the_rows_are_as_unsure_as_held_out_rows(di
     # probe is all of the fixture's test rows), judged after every epoch and kept through the repair passes
     ids = random_ids(len(digits_target.data.train), 140, seed=3)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
-    held_out = measures.mean_confidence(digits_target.model, digits_target.data.test)
-    assert measures.mean_confidence(digits_target.model, forget_rows) > held_out  # the step has work to do
+    held_out = Scores.on(digits_target.model, digits_target.data.test).confidence
+    assert Scores.on(digits_target.model, forget_rows).confidence > held_out  # the step has work to do
     change = SalUnEngine().apply(digits_target, Forget(sample_ids=ids))
-    assert measures.mean_confidence(change.module(digits_target.spec), forget_rows) <= held_out
+    assert Scores.on(change.module(digits_target.spec), forget_rows).confidence <= held_out
     assert change.metrics["epochs_run"] < SalUnEngine.Config().epochs  # it stopped early, on the criterion
 
 

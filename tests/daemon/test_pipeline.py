@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from adapters.classifier import measures
 from adapters.classifier import model as classifier
+from adapters.classifier.criteria import Scores
 from adapters.datasets import LabeledSet
 from tests.harness import TEST_MODEL, request
 
@@ -18,9 +18,9 @@ def _confidence_on(stack, version: str, ids: list[int] | None = None) -> float:
     meta = json.loads((base / "versions" / version / "meta.json").read_text())
     model = classifier.load_weights(meta["spec"], base / "versions" / version)
     if ids is None:
-        return measures.mean_confidence(model, LabeledSet.load(base / "dataset" / "registered" / "test.safetensors"))
+        return Scores.on(model, LabeledSet.load(base / "dataset" / "registered" / "test.safetensors")).confidence
     train = LabeledSet.load(base / "dataset" / "registered" / "train.safetensors")
-    return measures.mean_confidence(model, train.select_ids(ids))
+    return Scores.on(model, train.select_ids(ids)).confidence
 
 
 def test_request_becomes_a_new_version_that_forgets(stack):
