@@ -58,6 +58,32 @@ class LabeledSet:
 
 
 @dataclass
+class RowSelection:
+    """Some rows of a set, by position, copied out only when read whole: a request that reads a sample of the rows
+    that remain (its probes) need not copy the whole training set on its way."""
+
+    base: LabeledSet
+    positions: torch.Tensor  # int64 positions in base, in base's order
+    _rows: LabeledSet | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def rows(self) -> LabeledSet:
+        """Every selected row (copied once, then kept)."""
+        if self._rows is None:
+            self._rows = self.base.subset(self.positions)
+        return self._rows
+
+    def sample(self, n: int, seed: int = 0) -> LabeledSet:
+        """The rows `self.rows().sample(n, seed)` gives, without copying the others."""
+        if len(self) <= n:
+            return self.rows()
+        g = torch.Generator().manual_seed(seed)
+        return self.base.subset(self.positions[torch.randperm(len(self), generator=g)[:n]])
+
+
+@dataclass
 class Split:
     train: LabeledSet
     test: LabeledSet

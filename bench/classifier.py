@@ -11,9 +11,9 @@ their mean). Per seed in `aggregate` (mean and spread over seeds of |method - re
 summary as SalUn's tables compute their "Avg. Gap": between each measure's mean over seeds and the retrain's (the
 `*_per_seed` summary keys keep the per-seed form). For a random scenario a second retrain with another data order
 gives the reference's own spread (`retrain-2`: the noise floor). For a class, "test" is the test rows of the other
-classes. Then 50 small requests are applied one after another to the same MNIST-MLP (seeds 0 to 2), with the gradient
+classes. Then 50 small requests are applied one after another to the same MNIST-MLP (on every seed), with the gradient
 cache refreshed in the background after each as in the daemon; full gaps against a retrain on the cumulative
-remaining set after 10 and 50 requests, between the means over the three seeds as above.
+remaining set after 10 and 50 requests, between the means over the seeds as above.
 
 Training recipe, the same for the original and every retrain: Adam lr 1e-3, batch 64, cosine schedule, 15 epochs
 on MNIST (the demo model's bootstrap recipe in config.toml) and 40 on digits (1,437 rows: as many steps as MNIST
@@ -76,7 +76,7 @@ class Plan:
 
 
 FULL = Plan((("mnist", "mlp"), ("digits", "mlp"), ("digits", "cnn"), ("mnist", "cnn")), (0, 1, 2, 3, 4),
-            {"mnist": 15, "digits": 40}, (0.05, 0.10), True, 50, (10, 50), ("mnist", "mlp"), (0, 1, 2))
+            {"mnist": 15, "digits": 40}, (0.05, 0.10), True, 50, (10, 50), ("mnist", "mlp"), (0, 1, 2, 3, 4))
 QUICK = Plan((("digits", "mlp"),), (0,), {"mnist": 4, "digits": 4}, (0.05,), False, 3, (3,), ("digits", "mlp"), (0,))
 ALPHA = {"mlp": 0.005, "cnn": 0.0}
 

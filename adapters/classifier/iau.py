@@ -52,7 +52,7 @@ from adapters.classifier.model import (
     mean_loss_grad_and_logits,
     state_of,
 )
-from adapters.datasets import LabeledSet
+from adapters.datasets import LabeledSet, RowSelection
 from adapters.devices import device_of
 
 GUARD_EDGE_STEPS = 3  # bisection steps toward the guard's edge when the criterion costs more than it allows
@@ -116,8 +116,8 @@ class IAUEngine(ClassifierEngine):
         t0 = time.perf_counter()
         cfg = self.config
         forget_rows, remaining, skipped = target.split(forget)
-        # The rows every trial step reads go to the model's device once; the remaining set (read once, for its
-        # gradient) moves a batch at a time.
+        # The rows every trial step reads go to the model's device once. The remaining set is only sampled here
+        # (its probe): it is copied out whole off the request path, by the refresh, or by a request with no cache.
         device = device_of(target.model)
         forget_rows = forget_rows.to(device)
         retain_probe = remaining.sample(cfg.measure_cap).to(device)
@@ -127,19 +127,21 @@ class IAUEngine(ClassifierEngine):
         with self._lock:
             spare = cache.take_spare() if cache is not None else None
         model = spare if spare is not None else target.copy_model()
-        g_forget, forget_logits = mean_loss_grad_and_logits(model, forget_rows)
+        g_forget, forget_logits, forget_entry = _Step.forget_gradient(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
             g_remain = list(torch._foreach_add(cache.grad_sum, g_forget, alpha=-k))  # (S - k g_f) / (n - k)
             torch._foreach_div_(g_remain, cache.n - k)
             held_out = cache.held_out
         else:
-            g_remain = mean_loss_grad(model, remaining)
+            g_remain = mean_loss_grad(model, remaining.rows())
             held_out = Scores.on(model, test_probe)
         direction = _adam_first_step(list(torch._foreach_sub(g_remain, g_forget)), cfg.adam_eps)
-        step = _Step(model, direction, forget_rows.sample(cfg.forget_probe_cap), retain_probe)
+        forget_probe = forget_rows.sample(cfg.forget_probe_cap)
+        probe_is_all = len(forget_probe) == len(forget_rows)
+        step = _Step(model, direction, forget_probe, retain_probe, forget_entry if probe_is_all else None)
         forget_before = Scores.of(forget_logits, forget_rows.y)
-        if step.k == len(forget_rows):
+        if probe_is_all:
             step.measured_at_theta0(forget_before)  # the gradient's forward pass scored them already
         before = {"forget_acc": forget_before.accuracy,
                   "retain_acc": step.retain_acc(0.0), "test_acc": held_out.accuracy}
@@ -150,7 +152,7 @@ class IAUEngine(ClassifierEngine):
         else:
             chosen = cfg.lr
         probe_forget_acc, retain_acc = step.take(chosen)  # the weights of the chosen step (measured already)
-        forget_acc = probe_forget_acc if step.k == len(forget_rows) else measures.accuracy(model, forget_rows)
+        forget_acc = probe_forget_acc if probe_is_all else measures.accuracy(model, forget_rows)
         after = {"forget_acc": forget_acc, "retain_acc": retain_acc, "test_acc": measures.accuracy(model, test_probe)}
         metrics = {
             **measures.before_after(before, after),
@@ -229,7 +231,7 @@ class IAUEngine(ClassifierEngine):
                 return cache
         return None
 
-    def _refresh(self, name: str, spec: dict, model: nn.Module, forgotten: frozenset[int], remaining: LabeledSet,
+    def _refresh(self, name: str, spec: dict, model: nn.Module, forgotten: frozenset[int], remaining: RowSelection,
                  test_probe: LabeledSet) -> None:
         """Compute the cache for `model` (the version this request produced) in the background."""
 
@@ -238,7 +240,7 @@ class IAUEngine(ClassifierEngine):
             # The refresh never touches the module the daemon serves and copies: it takes the gradient on a copy,
             # made here rather than on the request path (nothing writes a version's weights once it is returned).
             snapshot = copy_of(spec, model)
-            grads = mean_loss_grad(snapshot, remaining)
+            grads = mean_loss_grad(snapshot, remaining.rows())  # copied out here, off the request path
             held_out = Scores.on(snapshot, test_probe)
             # The snapshot's weights are the version's, untouched (gradients were taken, not applied): it becomes
             # the next request's working copy, which then need not be built on the request path.
@@ -256,8 +258,7 @@ class IAUEngine(ClassifierEngine):
         """Compute the cache for the target's active version now and wait for it (e.g. right after a version is
         registered, or in a benchmark before timing a request)."""
         if self.config.cached_gradient:
-            remaining = target.remaining
-            self._refresh(target.name, target.spec, target.model, target.forgotten, remaining,
+            self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
                           target.data.test.sample(self.config.measure_cap))
             self.wait_for_refresh()
 
@@ -290,13 +291,14 @@ class _Step:
     their linear entry ends (`linear_entry()`) are evaluated whole."""
 
     def __init__(self, model: nn.Module, direction: list[torch.Tensor], forget_rows: LabeledSet,
-                 retain_probe: LabeledSet):
+                 retain_probe: LabeledSet, forget_entry: torch.Tensor | None = None):
+        """`forget_entry`: the linear entry's output for `forget_rows` at theta0, where the caller has it
+        (forget_gradient)."""
         self.model = model.eval()  # once: eval() walks every submodule, a real share of a small model's trial
         self.params = list(model.parameters())
         self.theta0 = [p.detach().clone() for p in self.params]
         self.direction = direction
         self.forget_rows, self.retain_probe = forget_rows, retain_probe
-        self.k = len(forget_rows)
         self._at: float | None = None  # the lr whose weights the model holds
         self._measured: dict[tuple[str, float], Scores] = {}
         split = getattr(model, "linear_entry", None)
@@ -307,9 +309,28 @@ class _Step:
             along = {id(p): d for p, d in zip(self.params, direction, strict=True)}
             entry_direction = {name: along[id(p)] for name, p in entry.named_parameters()}
             with torch.no_grad():
-                for which, rows in (("forget", forget_rows), ("retain", retain_probe)):
-                    self._entry_terms[which] = (entry(rows.x),
+                for which, rows, at_theta0 in (("forget", forget_rows, forget_entry), ("retain", retain_probe, None)):
+                    self._entry_terms[which] = (entry(rows.x) if at_theta0 is None else at_theta0,
                                                 torch.func.functional_call(entry, entry_direction, (rows.x,)))
+
+    @staticmethod
+    def forget_gradient(model: nn.Module, forget_rows: LabeledSet
+                        ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """The forget rows' mean-loss gradient and logits (mean_loss_grad_and_logits), and, for a model with a
+        linear entry, that entry's output for them: the first trial term, which this pass computes anyway."""
+        split = getattr(model, "linear_entry", None)
+        if not callable(split):
+            return (*mean_loss_grad_and_logits(model, forget_rows), None)
+        entry, rest = split()
+        outputs: list[torch.Tensor] = []
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            h = entry(x)
+            outputs.append(h.detach())
+            return rest(h)
+
+        grads, logits = mean_loss_grad_and_logits(model, forget_rows, forward=forward)
+        return grads, logits, torch.cat(outputs)
 
     def _logits(self, which: str, rows: LabeledSet) -> torch.Tensor:
         """The model's logits for `rows` at the weights set last (by _set)."""

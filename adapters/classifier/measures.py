@@ -7,7 +7,6 @@ on capped samples, into every result event; the benchmarks add the expensive one
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.datasets import LabeledSet
@@ -28,11 +27,6 @@ def accuracy(model: nn.Module, rows: LabeledSet) -> float:
         return float("nan")
     logits = predict(model, rows)
     return float((logits.argmax(1) == rows.y.to(logits.device)).float().mean())
-
-
-def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per row, the probability the model gives the row's own label (criteria.py's default averages it)."""
-    return F.softmax(logits, dim=1).gather(1, y.to(logits.device)[:, None]).squeeze(1)
 
 
 def accuracies(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet) -> dict[str, float]:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.base import Change, Engine, Forget, InvalidForget, NothingToForget
-from adapters.datasets import LabeledSet, Split
+from adapters.datasets import LabeledSet, RowSelection, Split
 from adapters.devices import device_of
 
 WEIGHTS_FILE = "model.safetensors"
@@ -161,6 +161,14 @@ class ClassifierTarget:
     def remaining(self) -> LabeledSet:
         return self.data.train.without_ids(self.forgotten)
 
+    def select_remaining(self, also_forgetting: torch.Tensor | None = None) -> RowSelection:
+        """The training rows that remain, once `also_forgetting` (ids) is forgotten too, not yet copied out."""
+        gone = torch.as_tensor(sorted(self.forgotten), dtype=torch.int64)
+        if also_forgetting is not None:
+            gone = torch.cat([gone, also_forgetting.to("cpu", torch.int64)])
+        train = self.data.train
+        return RowSelection(train, torch.nonzero(~torch.isin(train.ids, gone)).squeeze(1))
+
     def copy_model(self) -> nn.Module:
         """A module of its own holding the active weights (in eval mode): what an engine changes."""
         return copy_of(self.spec, self.model)
@@ -186,13 +194,13 @@ class ClassifierTarget:
         return self.data.train.select_ids(fresh), skipped
 
 
-    def split(self, forget: Forget) -> tuple[LabeledSet, LabeledSet, tuple[int, ...]]:
+    def split(self, forget: Forget) -> tuple[LabeledSet, RowSelection, tuple[int, ...]]:
         """(rows to forget now, rows that remain after, ids skipped as already forgotten). Raises NothingToForget
         when every named sample is already forgotten, InvalidForget when it would leave nothing to learn from."""
         forget_rows, skipped = self.resolve(forget)
         if len(forget_rows) == 0:
             raise NothingToForget(len(skipped))
-        remaining = self.remaining.without_ids(forget_rows.ids.tolist())
+        remaining = self.select_remaining(also_forgetting=forget_rows.ids)
         if len(remaining) == 0:
             raise InvalidForget("request would forget the whole training set")
         return forget_rows, remaining, skipped
@@ -266,15 +274,18 @@ def mean_loss_grad(module: nn.Module, rows: LabeledSet, batch_size: int = 2048) 
     return mean_loss_grad_and_logits(module, rows, batch_size)[0]
 
 
-def mean_loss_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048
+def mean_loss_grad_and_logits(module: nn.Module, rows: LabeledSet, batch_size: int = 2048, *,
+                              forward: Callable[[torch.Tensor], torch.Tensor] | None = None
                               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """mean_loss_grad, and the logits it was taken at (one forward pass for both)."""
+    """mean_loss_grad, and the logits it was taken at (one forward pass for both). `forward`, when given, is the
+    module's forward computed another way (e.g. in parts, keeping one part's output)."""
     params = [p for p in module.parameters()]
     total, logits = [torch.zeros_like(p) for p in params], []
     device = device_of(module)
+    forward = forward or module
     for start in range(0, len(rows), batch_size):  # rows move a batch at a time (a no-op when already there)
         sl = slice(start, start + batch_size)
-        out = module(rows.x[sl].to(device))
+        out = forward(rows.x[sl].to(device))
         loss = F.cross_entropy(out, rows.y[sl].to(device), reduction="sum") / len(rows)
         for acc, gr in zip(total, torch.autograd.grad(loss, params), strict=True):
             acc += gr

@@ -143,7 +143,7 @@ class SalUnEngine(ClassifierEngine):
         relabeled = LabeledSet(forget_rows.x, random_other_labels(forget_rows.y, target.data.num_classes, g),
                                forget_rows.ids)
         epochs_run, repair_run = 0, 0
-        retain_rows = lambda epoch: (remaining if cfg.retain_cap <= 0 else  # noqa: E731
+        retain_rows = lambda epoch: (remaining.rows() if cfg.retain_cap <= 0 else  # noqa: E731
                                      remaining.sample(cfg.retain_cap, seed=cfg.seed + epoch)).to(device)
         for epoch in range(cfg.epochs):
             self._masked_pass(model, opt, relabeled, mask, theta0, g)

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from adapters.base import Forget
 from adapters.classifier import model as classifier
 from adapters.classifier.model import MaxPool2x2
 
@@ -29,3 +32,16 @@ def test_cnn_weights_keep_their_names_and_logits_agree_with_and_without_autograd
     with torch.no_grad():
         inference = model(x)
     torch.testing.assert_close(model(x), inference, rtol=0, atol=0)
+
+
+def test_the_remaining_rows_are_selected_without_a_copy_and_sample_as_the_copied_rows_would(digits_target):
+    target = dataclasses.replace(digits_target, forgotten=frozenset({0, 5, 9}))
+    forget_rows, remaining, _ = target.split(Forget(sample_ids=(1, 2, 5)))
+    copied = target.data.train.without_ids([0, 5, 9, 1, 2])  # what a split copied out before
+    assert len(remaining) == len(copied) == len(target.data.train) - 5
+    assert remaining._rows is None  # nothing copied until the rows are read whole
+    for n, seed in ((100, 0), (100, 3), (10_000, 0)):
+        ours, theirs = remaining.sample(n, seed=seed), copied.sample(n, seed=seed)
+        assert torch.equal(ours.ids, theirs.ids) and torch.equal(ours.x, theirs.x) and torch.equal(ours.y, theirs.y)
+    assert torch.equal(remaining.rows().ids, copied.ids) and remaining.rows() is remaining.rows()
+    assert torch.equal(forget_rows.ids, torch.tensor([1, 2]))

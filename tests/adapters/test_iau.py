@@ -218,3 +218,26 @@ def test_when_the_criterion_costs_too_much_the_step_closes_in_on_the_guards_edge
     assert refined["step_lr"] > among_trials["step_lr"] > 0
     for metrics in (refined, among_trials):
         assert metrics["retain_acc_after"] >= metrics["retain_acc_before"]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_the_forget_gradient_pass_hands_its_linear_entry_output_to_the_trials(digits_split, arch):
+    # the gradient's forward pass computes the first trial term already: the trials reuse it, and the gradient,
+    # the logits and every trial's logits are those of a model evaluated whole
+    from adapters.classifier import model as classifier
+    from adapters.classifier.iau import _Step
+
+    spec = {"arch": arch, "input_shape": list(digits_split.input_shape), "num_classes": 10, "init_seed": 0}
+    model = classifier.build(spec).eval()
+    rows, probe = digits_split.train.sample(40, seed=1), digits_split.test.sample(30, seed=2)
+    grads, logits, entry_out = _Step.forget_gradient(model, rows)
+    whole_grads, whole_logits = classifier.mean_loss_grad_and_logits(model, rows)
+    torch.testing.assert_close(logits, whole_logits)
+    for g, whole in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(g, whole)
+    entry, _ = model.linear_entry()
+    torch.testing.assert_close(entry_out, entry(rows.x))
+    step = _Step(model, [torch.randn_like(p) for p in model.parameters()], rows, probe, forget_entry=entry_out)
+    assert step._entry_terms["forget"][0] is entry_out
+    step._set(3e-3)
+    torch.testing.assert_close(step._logits("forget", rows), model(rows.x), rtol=1e-4, atol=1e-5)
