@@ -159,7 +159,8 @@ class ClassifierTarget:
 
     @property
     def remaining(self) -> LabeledSet:
-        return self.data.train.without_ids(self.forgotten)
+        """The training rows not yet forgotten, copied out (select_remaining selects them without a copy)."""
+        return self.select_remaining().rows()
 
     def select_remaining(self, also_forgetting: torch.Tensor | None = None) -> RowSelection:
         """The training rows that remain, once `also_forgetting` (ids) is forgotten too, not yet copied out."""
