@@ -82,6 +82,13 @@ class Forget:
         return Forget(sample_ids=tuple(sorted(set(self.sample_ids) | set(other.sample_ids))))
 
 
+#: The measure an engine that tests its own result puts among `Change.metrics`: 1.0 when the forget set passes the
+#: engine's test of forgetting after the change (a classifier's criterion, adapters/classifier/criteria.py), 0.0
+#: when the change stopped short of it (e.g. IAU's retain-accuracy guard capped the step). The change is still a
+#: valid version; the daemon counts and logs the short ones so that an operator sees them.
+CRITERION_MET = "criterion_met"
+
+
 class Change(ABC):
     """A reversible model change produced by an engine, not yet persisted.
 

@@ -24,6 +24,11 @@ REQUEST_SECONDS = Histogram(
     "unlearnd_request_duration_seconds", "Wall time from poll to durable result, per applied request.",
     ["model", "method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+SHORT_OF_CRITERION = Counter(
+    "unlearnd_requests_short_of_criterion_total", "Applied requests whose change stopped short of its method's own "
+    "test of forgetting (result measure criterion_met = 0), e.g. a step capped by IAU's retain-accuracy guard.",
+    ["model", "method"],
+)
 DLQ = Counter("unlearnd_dlq_total", "Messages sent to the dead-letter topic, by reason.", ["reason"])
 ENGINE_RETRIES = Counter(
     "unlearnd_engine_retries_total", "Engine attempts that failed and were retried.", ["model", "method"]

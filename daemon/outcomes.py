@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import NothingToForget
+from adapters.base import CRITERION_MET, NothingToForget
 from daemon import kafka_io, metrics
 from daemon.config import Config
 from daemon.ledger import ArtifactRow, Ledger, RequestRow
@@ -59,6 +59,10 @@ class Outcomes:
             metrics.REQUESTS.labels(a.request.model, a.method, "applied").inc()
             metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
             log.info("request %s applied: %s %s in %.3fs", rid, committed.kind, committed.artifact_id, durations[rid])
+            if change.metrics.get(CRITERION_MET) == 0.0:
+                metrics.SHORT_OF_CRITERION.labels(a.request.model, a.method).inc()
+                log.warning("request %s: %s stopped short of its test of forgetting (criterion_met = 0); the "
+                            "forget set may still look seen: see the result's measures", rid, a.method)
         model = group[0].request.model
         self._out.artifact_event(model, committed.artifact_id, "published",
                                    {"kind": committed.kind, "parent": getattr(target, "version", None)

@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from adapters.base import Forget, check_fields, register
+from adapters.base import CRITERION_MET, Forget, check_fields, register
 from adapters.classifier import measures
 from adapters.classifier.criteria import Criterion, Scores, looks_unseen
 from adapters.classifier.model import (
@@ -145,12 +145,9 @@ class IAUEngine(ClassifierEngine):
             step.measured_at_theta0(forget_before)  # the gradient's forward pass scored them already
         before = {"forget_acc": forget_before.accuracy,
                   "retain_acc": step.retain_acc(0.0), "test_acc": held_out.accuracy}
-        if cfg.calibrate:
-            # a class: no trial may leave a single probed row predicted as it
-            reached = looks_unseen(cfg.criterion, forget, held_out, class_forget_max=0.0)
-            chosen = self._calibrate(step, reached, before["retain_acc"])
-        else:
-            chosen = cfg.lr
+        # a class: no trial may leave a single probed row predicted as it
+        reached = looks_unseen(cfg.criterion, forget, held_out, class_forget_max=0.0)
+        chosen = self._calibrate(step, reached, before["retain_acc"]) if cfg.calibrate else cfg.lr
         probe_forget_acc, retain_acc = step.take(chosen)  # the weights of the chosen step (measured already)
         forget_acc = probe_forget_acc if probe_is_all else measures.accuracy(model, forget_rows)
         after = {"forget_acc": forget_acc, "retain_acc": retain_acc, "test_acc": measures.accuracy(model, test_probe)}
@@ -159,6 +156,7 @@ class IAUEngine(ClassifierEngine):
             "forgotten": float(len(forget_rows)),
             "already_forgotten": float(len(skipped)),
             "step_lr": chosen,
+            CRITERION_MET: float(reached(step.forget_scores(chosen))),  # on the forget probe, as the trials
             "gradient_cached": float(cache is not None),
             "engine_seconds": time.perf_counter() - t0,
         }

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import Forget, check_fields, register
+from adapters.base import CRITERION_MET, Forget, check_fields, register
 from adapters.classifier import measures
 from adapters.classifier.criteria import Criterion, Scores, looks_unseen
 from adapters.classifier.model import ClassifierEngine, ClassifierTarget, WeightChange, state_of
@@ -153,12 +153,14 @@ class SalUnEngine(ClassifierEngine):
                 repair_run = self._repair(model, opt, mask, theta0, g, retain_rows, epochs_run, retain_probe,
                                           forgotten, before["retain_acc"], forget.kind == "class")
                 break
-        model.eval()
-        after = measures.accuracies(model, forget_rows, retain_probe, test_probe)
+        forget_after = Scores.on(model, forget_rows)  # (in eval mode, as every measure)
+        after = {"forget_acc": forget_after.accuracy, "retain_acc": measures.accuracy(model, retain_probe),
+                 "test_acc": measures.accuracy(model, test_probe)}
         metrics = {
             **measures.before_after(before, after),
             "forgotten": float(len(forget_rows)),
             "already_forgotten": float(len(skipped)),
+            CRITERION_MET: float(unseen(forget_after)),  # False: every epoch ran and the rows still look seen
             "epochs_run": float(epochs_run),
             "repair_passes": float(repair_run),
             "masked_share": float(sum(m.sum() for m in mask) / sum(m.numel() for m in mask)),

@@ -24,6 +24,7 @@ def test_random_forgetting_raises_forget_loss_and_keeps_retain(digits_target, ra
     assert Scores.on(model, forget_rows).loss > Scores.on(digits_target.model, forget_rows).loss
     assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"] - 0.03
     assert change.metrics["step_lr"] > 0
+    assert change.metrics["criterion_met"] == 1.0
 
 
 def test_a_class_is_forgotten_by_its_own_rule_whatever_the_criterion(digits_target):
@@ -146,6 +147,7 @@ def test_a_step_range_that_never_forgets_enough_takes_its_largest_step_within_th
     assert change.metrics["step_lr"] == pytest.approx(largest_trial)
     assert change.metrics["retain_acc_after"] >= change.metrics["retain_acc_before"]
     assert change.metrics["forget_acc_after"] > change.metrics["test_acc_before"]
+    assert change.metrics["criterion_met"] == 0.0  # a valid version, which says it stopped short
 
 
 def test_copy_model_is_an_independent_module_with_the_same_weights(digits_target):
@@ -180,7 +182,7 @@ def test_rows_that_already_look_unseen_get_no_step(digits_target, random_ids):
     # retrain would not move them, so the version keeps its weights; by accuracy (coarser) they still need a step
     forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 60))
     change = IAUEngine(cached_gradient=False).apply(digits_target, forget)
-    assert change.metrics["step_lr"] == 0.0
+    assert (change.metrics["step_lr"], change.metrics["criterion_met"]) == (0.0, 1.0)
     for name, weights in digits_target.model.state_dict().items():
         assert torch.equal(change.state[name], weights), name
     assert set(change.forgotten_ids) == set(forget.sample_ids)

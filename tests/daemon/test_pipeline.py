@@ -33,6 +33,7 @@ def test_request_becomes_a_new_version_that_forgets(stack):
     assert result["status"] == "applied", result
     assert result["version"] == "v0001"
     assert result["metrics"]["forgotten"] == len(FORGET_IDS)
+    assert result["metrics"]["criterion_met"] == 1.0
     assert result["duration_s"] > 0
 
     # The served weights really changed where it matters, measured independently from the stored files: the
@@ -131,6 +132,19 @@ def test_engine_settings_come_from_config(stack):
     stack.publish(request("cfg-1"))
     [result] = stack.results(1)
     assert result["metrics"]["step_lr"] == 0.004
+
+
+def test_a_change_short_of_its_criterion_is_counted_and_logged(stack):
+    """A step too small to make the rows look unseen (here: calibration off, a tiny fixed lr) is still a valid
+    version, but the result says so, the operator's counter moves and the log warns."""
+    with open(stack.config_path, "a") as fh:
+        fh.write("\n[methods.iau]\ncalibrate = false\nlr = 1e-7\n")
+    stack.start()
+    stack.publish(request("short-1", sample_ids=FORGET_IDS))
+    [result] = stack.results(1)
+    assert (result["status"], result["metrics"]["criterion_met"]) == ("applied", 0.0), result
+    stack.wait_metric("unlearnd_requests_short_of_criterion_total", 1.0, model=TEST_MODEL, method="iau")
+    assert "short-1: iau stopped short of its test of forgetting" in stack.log()
 
 
 def test_requests_of_one_poll_are_coalesced_into_one_version(stack):
