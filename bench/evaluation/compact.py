@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 #: Fields kept per scenario and method, each as [mean, std, min, max] over seeds.
-FIELDS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "forget_acc_gap", "retain_acc_gap",
-          "test_acc_gap", "mia_efficacy_gap", "seconds", "speedup_vs_retrain", "refresh_seconds",
-          "speedup_incl_refresh", "step_lr", "epochs_run", "criterion_met")
+FIELDS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "forget_conf", "test_conf", "avg_gap",
+          "forget_acc_gap", "retain_acc_gap", "test_acc_gap", "mia_efficacy_gap", "seconds", "speedup_vs_retrain",
+          "refresh_seconds", "speedup_incl_refresh", "step_lr", "epochs_run", "criterion_met")
 
 
 def _round(stats: dict) -> list[float]:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.classifier.criteria import Scores
 from adapters.classifier.measures import accuracies, predict
 from adapters.datasets import LabeledSet
 
@@ -60,9 +61,11 @@ def mia_efficacy(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test:
 
 def unlearning_measures(model: nn.Module, forget: LabeledSet, retain: LabeledSet, test: LabeledSet, *,
                         mia: bool = True, seed: int = 0) -> dict[str, float]:
-    """forget/retain/test accuracy, UA (= 1 - forget accuracy) and MIA-efficacy, all in [0, 1]."""
+    """forget/retain/test accuracy, UA (= 1 - forget accuracy) and MIA-efficacy, all in [0, 1]; and the forget and
+    test rows' mean true-label probability (a method that makes the whole model less sure lowers both)."""
     out = accuracies(model, forget, retain, test)
     out["UA"] = 1.0 - out["forget_acc"]
+    out["forget_conf"], out["test_conf"] = Scores.on(model, forget).confidence, Scores.on(model, test).confidence
     if mia:
         out["mia_efficacy"] = mia_efficacy(model, forget, retain, test, seed=seed)["agg_value"]
     return out

@@ -21,8 +21,10 @@ def test_mia_efficacy_separates_members_from_non_members(digits_split, digits_mo
 def test_unlearning_measures_fields(digits_split, digits_model):
     forget = digits_split.train.sample(50, seed=1)
     out = mia.unlearning_measures(digits_model, forget, digits_split.train, digits_split.test)
-    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "UA", "mia_efficacy"}
+    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "UA", "mia_efficacy", "forget_conf", "test_conf"}
     assert math.isclose(out["UA"], 1 - out["forget_acc"])
+    # the model is surer of rows it trained on than of held-out rows
+    assert 0 < out["test_conf"] < out["forget_conf"] <= 1
     assert out["retain_acc"] > 0.9
 
 
