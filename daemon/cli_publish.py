@@ -10,7 +10,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,9 +53,10 @@ def publish(
     if cfg.models and model not in cfg.models:
         fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
     rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
+    # No issued_at: the ledger records when the request arrived, and the same command sent again (a retry after
+    # exit 3, say) must be the same body, which the daemon answers as a duplicate instead of a request_id conflict.
     body: dict[str, Any] = {"request_id": rid, "model": model,
-            "forget": _forget(sample_ids, forget_class, text, qa, image, box),
-            "issued_at": datetime.now(UTC).isoformat()}
+                            "forget": _forget(sample_ids, forget_class, text, qa, image, box)}
     if method:
         body["method"] = method
     if subject:

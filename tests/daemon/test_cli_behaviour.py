@@ -158,6 +158,14 @@ def test_publish_before_the_daemon_is_up_waits_once_and_gets_the_result(stack):
     assert strict_json(out)["status"] == "applied"
     early_row = strict_json(stack.cli("requests", "show", "early-1", "--json").stdout)
     assert early_row["status"] == "applied"
+    # The same command again (a retry after exit 3) is the same request: answered from the ledger, not refused
+    # as a conflicting body, and not applied twice.
+    again = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "7", "--request-id", "early-1", "--wait",
+                      "--json", "--timeout", "60", check=False)
+    assert again.returncode == 0, again
+    assert (strict_json(again.stdout)["status"], strict_json(again.stdout)["version"]) == ("applied",
+                                                                                          early_row["artifact_id"])
+    assert strict_json(stack.cli("requests", "show", "early-1", "--json").stdout)["attempts"] == 1
 
 
 @pytest.mark.parametrize("moment", ["mid_training", "right_after_start"])
