@@ -26,6 +26,15 @@ def test_quick_benchmark_prints_and_writes_summary(tmp_path):
     block = printed["blocks"][0]
     sequence = block["sequence"]
     assert sequence["requests_with_cached_gradient"] == sequence["steps"] * sequence["seeds"]  # refreshed each time
+    # what each result says of itself: a share per served method, and counts that cannot exceed the requests
+    assert set(summary["criterion_met_share_5_10pct"]) == set(summary["served_methods"])
+    assert all(0 <= share <= 1 for share in summary["criterion_met_share_5_10pct"].values())
+    assert 0 <= sequence["requests_short_of_criterion"] <= sequence["steps"] * sequence["seeds"]
+    for method in ("retrain", "iau", "salun"):
+        fields = block["aggregate"]["random_5pct"][method]
+        # a wrongly predicted row's true label has at most half the probability: mean confidence <= (1 + acc) / 2
+        for rows in ("forget", "test"):
+            assert 0 < fields[f"{rows}_conf"]["mean"] <= (1 + fields[f"{rows}_acc"]["mean"]) / 2 + 1e-6, method
     last = sequence["checkpoints"][max(sequence["checkpoints"])]
     assert summary["sequence_max_gap_points_served_default"] == last["avg_gap"]
     retrain = block["aggregate"]["class"]["retrain"]
