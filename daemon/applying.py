@@ -79,8 +79,7 @@ class Applier:
                     request.model, method, target, a.forget, a.suspect,
                     progress=lambda info, a=a, attempt=attempt: self.outcomes.progress(a, {"attempt": attempt, **info}
                                                                  if info.get("stage") == "started" else info))
-                duration = time.perf_counter() - a.msg.polled_at
-                committed = self._commit_change(request.model, change, target, [a], {rid: duration})
+                committed, durations = self._commit_change(request.model, change, target, [a])
                 failpoints.hit("after_ledger")
                 break
             except LedgerConflict as exc:  # another replica sharing the ledger got there first
@@ -114,7 +113,7 @@ class Applier:
                     self.not_suspect.add(rid)
                     raise BrokerLost("stopping during a retry") from None  # uncommitted: redelivered later
                 attempt = self._begin_attempt(a)
-        self.outcomes.applied([a], committed, change, target, {rid: duration})
+        self.outcomes.applied([a], committed, change, target, durations)
 
     def apply_group(self, group: list[Admitted]) -> None:
         """Coalesced apply of same-model requests; anything unusual falls back to one at a time."""
@@ -156,8 +155,7 @@ class Applier:
                 merged = merged.merged(a.forget)
             change = self._engine_change(model, method, target, merged, isolated)
             change.metrics["coalesced_requests"] = float(len(group))
-            durations = {a.request.request_id: time.perf_counter() - a.msg.polled_at for a in group}
-            committed = self._commit_change(model, change, target, group, durations)
+            committed, durations = self._commit_change(model, change, target, group)
             failpoints.hit("after_ledger")
         except Exception as exc:  # e.g. one request names an unknown sample: let each succeed or fail alone
             # (a LedgerConflict too: each request then re-reads the ledger and rebuilds, or answers from it)
@@ -215,15 +213,20 @@ class Applier:
         metrics.ISOLATED_RUNS.labels("ok").inc()
         return change
 
-    def _commit_change(self, model: str, change: Change, target: Any, group: list[Admitted],
-                       durations: dict[str, float]) -> Committed:
+    def _commit_change(self, model: str, change: Change, target: Any, group: list[Admitted]
+                       ) -> tuple[Committed, dict[str, float]]:
+        """The change made durable, and each request's duration: from its poll to the ledger row that applies it,
+        which is written once the artifact's files are (an adapter's result measures are taken on the way)."""
+        durations: dict[str, float] = {}
+
         def finish(artifact_id: str) -> None:
             for a in group:
+                durations[a.request.request_id] = time.perf_counter() - a.msg.polled_at
                 self.outcomes.record_applied(a, artifact_id, change, durations[a.request.request_id])
 
         try:
-            return self.registry.commit(model, change, target=target,
-                                        request_ids=[a.request.request_id for a in group], finish=finish)
+            return self.registry.commit(model, change, target=target, request_ids=[a.request.request_id for a in group],
+                                        finish=finish), durations
         finally:
             if isinstance(change, isolation.StagedChange):
                 change.discard()

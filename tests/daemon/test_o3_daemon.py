@@ -46,6 +46,10 @@ def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, t
     assert m["forget_routed_share"] == 1.0 and m["general_routed_share"] == 0.0
     assert {"forget_Q_A_ROUGE_before", "forget_Q_A_ROUGE_after", "forget_Q_A_Prob_before", "forget_Q_A_Prob_after",
             "forget_extraction_strength_after", "gate_n_used", "training_rows"} <= m.keys()
+    # Its duration runs from the poll to the durable result: the training and the measures taken as the adapter
+    # was written (they once fell outside it), in the result, the ledger and the metrics alike.
+    assert result["duration_s"] >= m["engine_seconds"] + m["measure_seconds"], (result["duration_s"], m)
+    assert stack.ledger().get_request("lm-1").duration_s == result["duration_s"]
 
     ledger = stack.ledger()
     row = ledger.get_artifact(LM, adapter_id)
