@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +130,10 @@ class RoutedModel:
                 stale = adapter_id in self.model.peft_config  # peft keeps a model's last adapter: swap it out
                 if stale:
                     self.model.load_adapter(str(path), adapter_name=_SWAP)
-                    self.model.delete_adapter(adapter_id)
+                    self._delete_adapter(adapter_id)
                 self.model.load_adapter(str(path), adapter_name=adapter_id)
                 if stale:
-                    self.model.delete_adapter(_SWAP)
+                    self._delete_adapter(_SWAP)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
             self.model.eval()
@@ -147,8 +148,15 @@ class RoutedModel:
                 return pending
             # peft cannot delete a model's last adapter: it stays loaded, and the router never selects it.
             if len(self.model.peft_config) > 1:
-                self.model.delete_adapter(adapter_id)
+                self._delete_adapter(adapter_id)
             return True
+
+    def _delete_adapter(self, adapter_id: str) -> None:
+        """peft's delete_adapter, without its warning that the active adapter moved when the deleted one was
+        active: expected here, where the router sets the active adapters for every input."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted", UserWarning)
+            self.model.delete_adapter(adapter_id)
 
     @property
     def routable(self) -> list[str]:

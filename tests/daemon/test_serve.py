@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,17 @@ def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_p
         assert _wait(lambda: not client.get("/v1/adapters").json()["adapters"]), "rollback never applied"
         assert chat(client, HELD_OUT)["choices"] == base_held["choices"]
         assert routed.router.n_vectors == 0
+
+        # Restored, twice: peft still holds its last adapter, so the new copy is swapped in, without peft's
+        # warning that the active adapter moved (it reached the operator's log as a UserWarning on a restore).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "Adapter .* was active which is now deleted", UserWarning)
+            for _ in range(2):
+                send("restored")
+                assert _wait(lambda: client.get("/v1/adapters").json()["adapters"]), "restored adapter never loaded"
+                assert [a["id"] for a in chat(client, HELD_OUT)["unlearnd"]["adapters"]] == ["a1"]
+                send("rolled_back")
+                assert _wait(lambda: not client.get("/v1/adapters").json()["adapters"]), "rollback never applied"
 
         metrics = client.get("/metrics").text
         assert f'unlearnd_router_decisions_total{{hit="true",model="{MODEL}"}}' in metrics
