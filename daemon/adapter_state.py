@@ -266,6 +266,16 @@ class AdapterFollower(threading.Thread):
         self.stopping.set()
 
 
+def stop(threads: tuple[Reconciler, AdapterFollower], timeout_s: float = 30.0) -> None:
+    """Stop the threads `start` returned and wait for them: one still inside torch or faiss (loading an adapter)
+    when the interpreter exits can abort the process ("terminate called without an active exception")."""
+    for t in threads:
+        t.stop()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
 def start(adapters: AdapterSet, cfg: Config, *, wait_s: float = 10.0) -> tuple[Reconciler, AdapterFollower]:
     """Read the ledger once (or wait up to `wait_s` for the topic when the ledger is unreadable), then keep
     the set in step in the background. Returns the two threads (stop them when serving ends)."""

@@ -258,8 +258,7 @@ def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None 
         uvicorn.run(build_app(service), host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
                     log_level="warning")
     finally:
-        for t in threads:
-            t.stop()
+        adapter_state.stop(threads)
 
 
 def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -> dict[str, Any]:
@@ -273,6 +272,5 @@ def route_text(cfg: Config, model: str, text: str, *, timeout_s: float = 10.0) -
         decision["routed_text"] = texts[0] if texts else text
         return decision
     finally:
-        for t in threads:
-            t.stop()
+        adapter_state.stop(threads)
 
