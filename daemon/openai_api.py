@@ -11,6 +11,11 @@ that do not know the field ignore it (the official `openai` client keeps it in `
 
 Sampling: `temperature` and `top_p` as in OpenAI's API; left out, the model's generation_config decides
 (SmolLM2: greedy, like vLLM's default). `n` > 1, `logprobs`, tools and response formats are refused (400).
+
+Input limits, each a 400 before anything runs: the text of a request (a chat's message contents, a completion's
+prompts) at most MAX_PROMPT_CHARS characters, every string valid Unicode (JSON can carry a lone surrogate, which no
+tokenizer can encode), and `seed` within the 64-bit range a generator takes. A prompt longer than the model's
+context, counted in tokens, is refused by the server (`context_length_exceeded`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,44 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from detector.routed_model import Completion, Routing, Sampling
 
 MAX_TOKENS = 4096
 MAX_PROMPT_CHARS = 100_000
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
-class _Body(BaseModel):
+def _invalid_unicode(value: Any) -> bool:
+    """Whether a JSON value holds a string with a lone surrogate (valid JSON, not encodable as UTF-8). Walked
+    with a stack, not recursion: a body may nest as deep as the JSON parser allows."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+class _Request(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _invalid_unicode(data):
+            raise ValueError("text must be valid Unicode: a lone surrogate (such as \\ud800) cannot be encoded")
+        return data
+
+
+class _Body(_Request):
     # Fields of OpenAI's API we do not act on (user, presence_penalty, ...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
 
@@ -37,7 +71,7 @@ class _Body(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = Field(None, description="not supported")
@@ -58,11 +92,24 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    def text_length(self) -> int:
+        """Characters of text in the message: its content, or its text parts."""
+        if isinstance(self.content, str):
+            return len(self.content)
+        parts = self.content or []
+        return sum(len(p["text"]) for p in parts if isinstance(p.get("text"), str))
+
 
 class ChatCompletionBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     tools: list[Any] | None = Field(None, description="not supported")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatCompletionBody:
+        if sum(m.text_length() for m in self.messages) > MAX_PROMPT_CHARS:
+            raise ValueError(f"messages: at most {MAX_PROMPT_CHARS} characters of text in all")
+        return self
 
     def sampling(self, default_max_tokens: int) -> Sampling:
         s = super().sampling(default_max_tokens)
@@ -76,7 +123,7 @@ class CompletionBody(_Body):
     echo: bool = False
 
 
-class RouteBody(BaseModel):
+class RouteBody(_Request):
     texts: list[str] | None = Field(None, min_length=1, max_length=256)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
 

@@ -2,7 +2,7 @@
 adapters that apply to it (detector.RoutedModel: the user's turns decide, routed adapters at full strength,
 everything else the base model token for token).
 
-    POST /v1/chat/completions, /v1/completions, GET /v1/models   OpenAI's API (daemon/openai_api.py), SSE streams
+    POST /v1/chat/completions, /v1/completions, GET /v1/models[/{id}]   OpenAI's API (daemon/openai_api.py), SSE
     POST /v1/route   {"texts": [...]} or {"messages": [...]}     -> the router's decision, no generation
     GET  /v1/adapters                                            -> adapters served now
     GET  /healthz    200 when every active adapter is loaded from a live source, else 503 (daemon/adapter_state.py)
@@ -14,14 +14,17 @@ The adapter set is the ledger's active adapters, reconciled periodically and on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request  # a module name: FastAPI reads the endpoints' annotations at run time
 
 from adapters.devices import device_of
 from adapters.store import ArtifactStore
@@ -32,13 +35,15 @@ from daemon.config import Config
 from daemon.ledger_backends import ledger_location
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
 from daemon.models import new_router
-from detector import Completion, Encoder, RoutedModel, Router, Routing
+from detector import Completion, Encoder, PromptTooLong, RoutedModel, Router, Routing
+from detector.text_stream import TextStream
 
 if TYPE_CHECKING:  # imported where used: only `unlearnd serve` needs the web stack
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger("unlearnd.serve")
+Reply = TypeVar("Reply")  # an endpoint's answer
 
 
 class Service:
@@ -86,9 +91,10 @@ class Service:
 
 
 def build_app(service: Service) -> FastAPI:
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="unlearnd serve")
     # Every route says response_model=None: its return annotation is for mypy, not a response model for FastAPI
@@ -98,11 +104,38 @@ def build_app(service: Service) -> FastAPI:
              param: str | None = None) -> JSONResponse:
         return JSONResponse(oai.error(message, kind=kind, code=code, param=param), status_code=code)
 
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such path, method not allowed, a body that cannot be read) in the same
+        error shape as every other answer."""
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return fail(str(exc.detail), exc.status_code, kind)
+
     @app.exception_handler(RequestValidationError)
     def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc holds the character where parsing failed
+            at = [x for x in first.get("loc", ()) if isinstance(x, int)]
+            return fail(f"the body is not valid JSON ({(first.get('ctx') or {}).get('error', 'invalid')}"
+                        + (f" at character {at[0]})" if at else ")"))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return fail(f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            message = "the body must be a JSON object, sent with Content-Type: application/json"
+        return fail(f"{where}: {message}" if where else message, param=where or None)
+
+    async def until_disconnected(request: Request, answer: Callable[[threading.Event], Reply]) -> Reply:
+        """answer(cancel) in a worker thread; `cancel` is set once the client has gone away, which ends a
+        generation at its next token instead of running it to its end for no one (requests generate one at a
+        time: an abandoned one holds up every request behind it)."""
+        from starlette.concurrency import run_in_threadpool
+
+        cancel = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(answer, cancel))
+        while not (await asyncio.wait({work}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                cancel.set()
+        return work.result()
 
     def refuse(body: oai._Body) -> JSONResponse | None:
         if service.route_only:
@@ -112,20 +145,39 @@ def build_app(service: Service) -> FastAPI:
         why = oai.unsupported(body)
         return fail(why) if why else None
 
+    def too_long(exc: PromptTooLong, param: str) -> JSONResponse:
+        refused = oai.error(str(exc), param=param)
+        refused["error"]["code"] = "context_length_exceeded"  # OpenAI's code for it
+        return JSONResponse(refused, status_code=400)
+
     def timed(completion: Completion) -> Completion:
         GENERATION_SECONDS.labels(service.model_name).observe(completion.seconds)
         return completion
 
-    def sse(events: Iterable[dict[str, Any]]) -> StreamingResponse:
-        def body() -> Iterator[str]:
-            for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+    def sse(events: Iterator[dict[str, Any]], stream: TextStream) -> StreamingResponse:
+        """The events as server-sent events, then [DONE]. A generation that fails midway ends the stream with an
+        error event; a client that goes away closes `stream`, which ends the generation at its next token."""
+        from starlette.concurrency import iterate_in_threadpool
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in iterate_in_threadpool(events):
+                    yield f"data: {json.dumps(event)}\n\n"
+            except Exception as exc:  # the status line is sent already: say so in the stream
+                log.exception("a streamed generation failed")
+                failed = oai.error(f"generation failed: {type(exc).__name__}", kind="server_error", code=500)
+                yield f"data: {json.dumps(failed)}\n\n"
+            finally:
+                stream.close()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(body: oai.ChatCompletionBody) -> Response | dict[str, Any]:
+    async def chat_completions(body: oai.ChatCompletionBody, request: Request) -> Response | dict[str, Any]:
+        return await until_disconnected(request, lambda cancel: chat(body, cancel))
+
+    def chat(body: oai.ChatCompletionBody, cancel: threading.Event) -> Response | dict[str, Any]:
         if (refused := refuse(body)) is not None:
             return refused
         routed = service.routed
@@ -136,9 +188,13 @@ def build_app(service: Service) -> FastAPI:
             return fail(str(exc))
         [routing] = service.route([routed.chat_texts(messages)])
         sampling = body.sampling(service.max_new_tokens)
-        if not body.stream:
-            return oai.chat_response(service.model_name, timed(routed.generate(prompt, routing, sampling)))
-        stream = routed.stream(prompt, routing, sampling)
+        try:
+            if not body.stream:
+                done = routed.generate(prompt, routing, sampling, cancel=cancel)
+                return oai.chat_response(service.model_name, timed(done))
+            stream = routed.stream(prompt, routing, sampling)
+        except PromptTooLong as exc:
+            return too_long(exc, "messages")
         rid, created = oai.new_id("chatcmpl"), int(time.time())
 
         def events() -> Iterator[dict[str, Any]]:
@@ -154,10 +210,13 @@ def build_app(service: Service) -> FastAPI:
             if body.include_usage:
                 yield {**oai.chat_chunk(rid, service.model_name, created, {}), "choices": [], "usage": oai.usage([c])}
 
-        return sse(events())
+        return sse(events(), stream)
 
     @app.post("/v1/completions", response_model=None)
-    def completions(body: oai.CompletionBody) -> Response | dict[str, Any]:
+    async def completions(body: oai.CompletionBody, request: Request) -> Response | dict[str, Any]:
+        return await until_disconnected(request, lambda cancel: complete(body, cancel))
+
+    def complete(body: oai.CompletionBody, cancel: threading.Event) -> Response | dict[str, Any]:
         if (refused := refuse(body)) is not None:
             return refused
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -166,15 +225,17 @@ def build_app(service: Service) -> FastAPI:
         routed = service.routed
         routings = service.route([routed.prompt_texts(p) for p in prompts])
         sampling = body.sampling(16)  # OpenAI's default for completions
-        if not body.stream:
-            done = [
-                timed(routed.generate(p, r, sampling, templated=False)) for p, r in zip(prompts, routings, strict=True)
-            ]
-            texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done, strict=True)]
-            return oai.completion_response(service.model_name, done, texts)
-        if len(prompts) != 1:
+        if body.stream and len(prompts) != 1:
             return fail("stream one prompt at a time", param="prompt")
-        stream = routed.stream(prompts[0], routings[0], sampling, templated=False)
+        try:
+            if not body.stream:
+                done = [timed(routed.generate(p, r, sampling, templated=False, cancel=cancel))
+                        for p, r in zip(prompts, routings, strict=True)]
+                texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done, strict=True)]
+                return oai.completion_response(service.model_name, done, texts)
+            stream = routed.stream(prompts[0], routings[0], sampling, templated=False)
+        except PromptTooLong as exc:
+            return too_long(exc, "prompt")
         rid, created = oai.new_id("cmpl"), int(time.time())
 
         def events() -> Iterator[dict[str, Any]]:
@@ -189,11 +250,16 @@ def build_app(service: Service) -> FastAPI:
             yield oai.completion_chunk(rid, service.model_name, created, "", c.finish_reason,
                                        **({"usage": oai.usage([c])} if body.include_usage else {}))
 
-        return sse(events())
+        return sse(events(), stream)
 
     @app.get("/v1/models", response_model=None)
     def models() -> dict[str, Any]:
         return {"object": "list", "data": service.models()}
+
+    @app.get("/v1/models/{name}", response_model=None)
+    def model(name: str) -> Response | dict[str, Any]:
+        card = next((c for c in service.models() if c["id"] == name), None)
+        return card if card is not None else fail(f"The model `{name}` does not exist.", 404, "NotFoundError", "model")
 
     @app.post("/v1/route", response_model=None)
     def route(body: oai.RouteBody) -> Response | dict[str, Any]:

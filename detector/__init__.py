@@ -13,8 +13,8 @@ and a router that gives serving a weight per adapter and input. A library: it ne
 from detector.features import Encoder
 from detector.gate import RequestGate, fit_gate_from_features, fit_request_gate
 from detector.per_sample_lora import per_sample_adapters
-from detector.routed_model import Completion, RoutedModel, Routing, Sampling
+from detector.routed_model import Completion, PromptTooLong, RoutedModel, Routing, Sampling
 from detector.router import Router, RouterConfig
 
-__all__ = ["Completion", "Encoder", "RequestGate", "RoutedModel", "Router", "RouterConfig", "Routing", "Sampling",
-           "fit_gate_from_features", "fit_request_gate", "per_sample_adapters"]
+__all__ = ["Completion", "Encoder", "PromptTooLong", "RequestGate", "RoutedModel", "Router", "RouterConfig", "Routing",
+           "Sampling", "fit_gate_from_features", "fit_request_gate", "per_sample_adapters"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from detector.gate import GATE_SUBDIR
 from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
 from detector.per_sample_lora import per_sample_adapters
 from detector.router import Router
+from detector.text_stream import TextStream, first_stop, stop_when
 
 FULL_STRENGTH = 1.0
 _SWAP = "unlearnd_swap"  # transient adapter name while the only loaded adapter is replaced
@@ -91,6 +92,10 @@ class Sampling:
         else:  # silence generation_config's sampling defaults that greedy decoding ignores
             kw.update(temperature=None, top_p=None, top_k=None)
         return kw
+
+
+class PromptTooLong(ValueError):
+    """The prompt and the tokens asked for do not fit the model's context."""
 
 
 class RoutedModel:
@@ -218,9 +223,20 @@ class RoutedModel:
         """Where the served model's weights are (the CPU while it routes only): inputs go there."""
         return device_of(self.model) if self.model is not None else torch.device("cpu")
 
-    def _encode(self, prompt: str, templated: bool) -> dict:
+    @property
+    def context_length(self) -> int | None:
+        """The most positions (prompt and new tokens) the model takes, where its config says."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    def _encode(self, prompt: str, templated: bool, max_new_tokens: int | None = None) -> dict:
+        """The prompt's token ids on the model's device. With `max_new_tokens`: PromptTooLong where the prompt and
+        that many new tokens exceed the model's context (a model run past it degrades or fails, slowly)."""
         # A rendered chat template carries its own special tokens; a raw prompt gets the tokenizer's (as vLLM).
         ids = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=not templated)
+        n, limit = int(ids["input_ids"].shape[1]), self.context_length
+        if max_new_tokens is not None and limit is not None and n + max_new_tokens > limit:
+            raise PromptTooLong(f"this model's maximum context length is {limit} tokens; the prompt has {n} and "
+                                f"{max_new_tokens} more were asked for")
         return {k: v.to(self.device) for k, v in ids.items()}
 
     def _adapters_context(self, routes: Sequence[dict[str, float]], *, merge: bool = True):
@@ -237,16 +253,19 @@ class RoutedModel:
         return per_sample_adapters(self.model, routes, merge=merge)
 
     def generate(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
-                 templated: bool = True) -> Completion:
+                 templated: bool = True, cancel: threading.Event | None = None) -> Completion:
         """One completion of `prompt` with `routing`'s adapters at full strength (none: the base model).
-        `templated`: the prompt is a rendered chat template (it carries its own special tokens)."""
+        `templated`: the prompt is a rendered chat template (it carries its own special tokens). `cancel`, once
+        set, ends the generation at its next token (a client that went away). PromptTooLong where the prompt
+        and `sampling.max_new_tokens` exceed the model's context."""
         sampling = sampling or Sampling()
         t0 = time.perf_counter()
-        ids = self._encode(prompt, templated)
-        out = self._generate_ids(ids, routing, sampling)
+        ids = self._encode(prompt, templated, sampling.max_new_tokens)
+        extra = {"stopping_criteria": stop_when(cancel)} if cancel is not None else {}
+        out = self._generate_ids(ids, routing, sampling, **extra)
         new = out[0, ids["input_ids"].shape[1]:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        cut = _first_stop(text, sampling.stop)
+        cut = first_stop(text, sampling.stop)
         return self._completion(text if cut < 0 else text[:cut], cut >= 0, ids, new, routing, sampling, t0)
 
     def stream(self, prompt: str, routing: Routing, sampling: Sampling | None = None, *,
@@ -318,75 +337,6 @@ class RoutedModel:
                 with self._adapters_context([routing.applied], merge=False):  # two forward passes: no merge
                     out += scoring.candidate_scores(self.model, self.tokenizer, [prompt], [cands], sep=sep)
         return out
-
-
-class TextStream:
-    """Text pieces of one generation as they are decoded; `completion` is set when the stream is exhausted.
-    Closing it early (a client that went away) stops the generation at the next token."""
-
-    def __init__(self, routed: RoutedModel, prompt: str, routing: Routing, sampling: Sampling, templated: bool):
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        self.routed, self.routing, self.sampling = routed, routing, sampling
-        self.completion: Completion | None = None
-        self._t0 = time.perf_counter()
-        self._ids = routed._encode(prompt, templated)
-        self._streamer = TextIteratorStreamer(routed.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._cancel = cancel = threading.Event()
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        self._output: dict = {}
-        self._thread = threading.Thread(target=self._run, args=(StoppingCriteriaList([_Cancelled()]),),
-                                        name="generate", daemon=True)
-        self._thread.start()
-
-    def _run(self, criteria) -> None:
-        try:
-            self._output["ids"] = self.routed._generate_ids(self._ids, self.routing, self.sampling,
-                                                            streamer=self._streamer, stopping_criteria=criteria)
-        except BaseException as exc:  # surfaced to the consumer, not lost in this thread
-            self._output["error"] = exc
-            self._streamer.end()
-
-    def __iter__(self) -> Iterator[str]:
-        stops = self.sampling.stop
-        hold = max((len(s) for s in stops), default=1) - 1  # the tail that may still become a stop string
-        text, sent, stopped = "", 0, False
-        try:
-            for piece in self._streamer:
-                text += piece
-                cut = _first_stop(text, stops)
-                if cut >= 0:
-                    text, stopped = text[:cut], True
-                    if cut > sent:
-                        yield text[sent:]
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent:len(text) - hold]
-                    sent = len(text) - hold
-            else:
-                if len(text) > sent:
-                    yield text[sent:]
-            self._cancel.set()
-            self._thread.join()
-            if "error" in self._output:
-                raise self._output["error"]
-            new = self._output["ids"][0, self._ids["input_ids"].shape[1]:].tolist()
-            self.completion = self.routed._completion(text, stopped, self._ids, new, self.routing, self.sampling,
-                                                      self._t0)
-        finally:
-            self._cancel.set()
-
-    def close(self) -> None:
-        self._cancel.set()
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest stop string in `text`, or -1."""
-    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
 
 def _as_list(x) -> list:

@@ -7,11 +7,14 @@ base model answers it, through the HTTP API and the `openai` client.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -188,30 +191,122 @@ def test_router_settings_come_from_config_and_env(tmp_path, encoder):
         config_mod.load(repo_config, env={"UNLEARND__SERVE__MARGIN": "2"})
 
 
+@contextlib.contextmanager
+def running(service: Service) -> Iterator[int]:
+    """The service's app behind a real uvicorn server on loopback; yields its port."""
+    import uvicorn
+
+    from daemon.broker import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: server.started, 30)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_hostile_requests_get_a_clear_400_and_abandoned_generations_stop(tmp_path, encoder):
+    """What a fresh-clone walkthrough sent to a running server (a 500, a killed process, a server held up for
+    minutes before): each is refused with a 400 that says why, and a client that goes away mid-generation, streamed
+    or not, frees the model at once instead of after the tokens no one will read."""
+    import httpx
+
+    from daemon import openai_api as oai
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)  # a character tokenizer and a 256-position context
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    generated: list[int] = []  # new tokens of each generation, as it returns
+    generate_ids = routed._generate_ids
+
+    def counted(ids, routing, sampling, **extra):
+        out = generate_ids(ids, routing, sampling, **extra)
+        generated.append(out.shape[1] - ids["input_ids"].shape[1])
+        return out
+
+    routed._generate_ids = counted  # type: ignore[method-assign]
+    model.register_forward_hook(lambda *_: time.sleep(0.01))  # ~10 ms a token: a generation lasts long enough
+    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+
+    with running(Service(MODEL, routed, adapters)) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+
+        def refused(path: str, **kw) -> dict:
+            r = httpx.post(f"{url}/{path}", timeout=30, **kw)
+            assert r.status_code == 400, (path, kw.get("json", kw.get("content")), r.status_code, r.text[:300])
+            return r.json()["error"]
+
+        huge = refused("chat/completions", json={"messages": user("x" * (oai.MAX_PROMPT_CHARS + 1))})
+        assert f"at most {oai.MAX_PROMPT_CHARS} characters" in huge["message"]
+        for stream in (False, True):
+            beyond = refused("chat/completions", json={"messages": user("x" * 300), "stream": stream})
+            assert beyond["code"] == "context_length_exceeded" and "256 tokens" in beyond["message"]
+            assert refused("completions", json={"prompt": "x" * 300, "stream": stream})["param"] == "prompt"
+            assert refused("chat/completions", json={"messages": user("hi"), "seed": 2**64, "stream": stream}
+                           )["param"] == "seed"
+        json_type = {"Content-Type": "application/json"}
+        for path, body in (("chat/completions", '{"messages": [{"role": "user", "content": "\\ud800 hi"}]}'),
+                           ("completions", '{"prompt": "\\ud800"}'), ("route", '{"texts": ["a \\udfff"]}')):
+            assert "valid Unicode" in refused(path, content=body, headers=json_type)["message"]
+        assert refused("chat/completions", content='{"messages": [', headers=json_type
+                       )["message"].startswith("the body is not valid JSON")
+        assert "Content-Type: application/json" in refused("chat/completions", content=b'{"messages": []}',
+                                                          headers={"Content-Type": "text/plain"})["message"]
+        assert refused("chat/completions", content=b'{"messages": "\xff"}', headers=json_type)  # not UTF-8
+        deep = "[" * 900 + "]" * 900  # as deep as the JSON parser takes
+        assert refused("chat/completions", content=f'{{"messages": [{{"role": "user", "content": {deep}}}]}}',
+                       headers=json_type)["param"].startswith("messages.0.content")
+        missing = httpx.get(f"{url}/nowhere", timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"
+        assert httpx.get(f"{url}/models/{MODEL}", timeout=30).json()["id"] == MODEL  # the client's models.retrieve
+        assert httpx.get(f"{url}/models/gpt-4", timeout=30).status_code == 404
+
+        # A whole generation first: 150 new tokens, none of them the end of the text.
+        full = httpx.post(f"{url}/chat/completions", timeout=60, json={"messages": user("hi"), "max_tokens": 150})
+        assert full.status_code == 200 and full.json()["choices"][0]["finish_reason"] == "length"
+        assert generated[-1] == 150
+
+        def abandoned(body: dict, leave) -> int:
+            """New tokens of a request whose client leaves once `leave(socket)` returns."""
+            before, data = len(generated), json.dumps(body).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                             b"\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+                leave(conn)
+            assert _wait(lambda: len(generated) > before, 30), "the abandoned generation never returned"
+            return generated[-1]
+
+        def first_event(conn):
+            seen = b""
+            while b"data:" not in seen:
+                seen += conn.recv(4096)
+
+        assert abandoned({"messages": user("hi"), "max_tokens": 150, "stream": True}, first_event) < 100
+        assert abandoned({"messages": user("hi"), "max_tokens": 150}, lambda _: time.sleep(0.3)) < 100
+        again = httpx.post(f"{url}/chat/completions", timeout=60, json={"messages": user("hi"), "max_tokens": 150})
+        assert again.json()["choices"] == full.json()["choices"]  # and the server answers as before
+
+
 # --- SmolLM2 through the OpenAI API -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_dir, tmp_path_factory, encoder):
     """`unlearnd serve`'s app on SmolLM2 behind a real uvicorn server, one adapter loaded (France)."""
-    import uvicorn
-
-    from daemon.broker import free_port
-
     path = make_adapter(tmp_path_factory.mktemp("adapters") / "a0000", smollm2_dir, encoder, "a0000")
     model, tok = lm.load(smollm2_dir)
     routed = RoutedModel(model, tok, Router(encoder))
     adapters = AdapterSet("smollm2", routed, ledger_path=None, reconcile_s=10.0)
     adapters.sync({"a0000": AdapterRef("a0000", path)})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(Service("smollm2", routed, adapters, root=str(smollm2_dir))),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert _wait(lambda: server.started, 30)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
+    with running(Service("smollm2", routed, adapters, root=str(smollm2_dir))) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.slow
