@@ -13,9 +13,9 @@ Sampling: `temperature` and `top_p` as in OpenAI's API; left out, the model's ge
 (SmolLM2: greedy, like vLLM's default). `n` > 1, `logprobs`, tools and response formats are refused (400).
 
 Input limits, each a 400 before anything runs: the text of a request (a chat's message contents, a completion's
-prompts) at most MAX_PROMPT_CHARS characters, every string valid Unicode (JSON can carry a lone surrogate, which no
-tokenizer can encode), and `seed` within the 64-bit range a generator takes. A prompt longer than the model's
-context, counted in tokens, is refused by the server (`context_length_exceeded`).
+prompts, a route's texts) at most MAX_PROMPT_CHARS characters, every string valid Unicode (JSON can carry a lone
+surrogate, which no tokenizer can encode), and `seed` within the 64-bit range a generator takes. A prompt longer
+than the model's context, counted in tokens, is refused by the server (`context_length_exceeded`).
 """
 
 from __future__ import annotations
@@ -126,6 +126,13 @@ class CompletionBody(_Body):
 class RouteBody(_Request):
     texts: list[str] | None = Field(None, min_length=1, max_length=256)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RouteBody:
+        length = sum(map(len, self.texts or [])) + sum(m.text_length() for m in self.messages or [])
+        if length > MAX_PROMPT_CHARS:
+            raise ValueError(f"at most {MAX_PROMPT_CHARS} characters of text in all")
+        return self
 
 
 def unsupported(body: _Body) -> str | None:

@@ -245,6 +245,8 @@ def test_hostile_requests_get_a_clear_400_and_abandoned_generations_stop(tmp_pat
 
         huge = refused("chat/completions", json={"messages": user("x" * (oai.MAX_PROMPT_CHARS + 1))})
         assert f"at most {oai.MAX_PROMPT_CHARS} characters" in huge["message"]
+        half = "x" * (oai.MAX_PROMPT_CHARS // 2 + 1)
+        assert "characters" in refused("route", json={"texts": [half, half]})["message"]
         for stream in (False, True):
             beyond = refused("chat/completions", json={"messages": user("x" * 300), "stream": stream})
             assert beyond["code"] == "context_length_exceeded" and "256 tokens" in beyond["message"]
