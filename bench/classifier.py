@@ -54,10 +54,14 @@ from bench.evaluation import (
 )
 from bench.evaluation.seeds import aggregate, pick  # noqa: E402
 from bench.report import emit  # noqa: E402
+from daemon.config import DEFAULT_METHOD, DEFAULT_METHOD_BY_FORGET  # noqa: E402
 
-SERVED = ("iau", "iau-cold", "salun")
+METHODS = ("iau", "iau-cold", "salun")  # the engines the daemon has for classifiers (iau-cold: iau, uncached)
 BASELINES = ("ft", "ga")
-DEFAULT_FOR = {"sample_ids": "iau", "class": "salun"}  # daemon/config.py: DEFAULT_METHOD, DEFAULT_METHOD_BY_FORGET
+#: What the daemon serves each forget kind with unless an operator allows more (models.<name>.allowed_methods):
+#: its default method, alone. `iau-cold` is IAU's first request after a start.
+DEFAULT_FOR = {"sample_ids": DEFAULT_METHOD["classifier"], **DEFAULT_METHOD_BY_FORGET["classifier"]}
+SERVED_FOR = {"sample_ids": (DEFAULT_FOR["sample_ids"], "iau-cold"), "class": (DEFAULT_FOR["class"],)}
 GAP_KEYS = mia.GAP_KEYS
 NOISE_SEED = 100  # data-order seed offset of the second retrain
 REPEATS = 3  # IAU requests timed per scenario (the median counts; they compute the same change)
@@ -220,16 +224,16 @@ def sequences_over_seeds(per_seed: list[dict]) -> dict:
 def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
     is_random = lambda sc: sc.startswith("random")  # noqa: E731
     is_class = lambda sc: sc == "class"  # noqa: E731
-    every = lambda sc: True  # noqa: E731
 
     def of_means(field: str, methods) -> list[tuple[float, str]]:
         """(gap of the seed means, where) for every random scenario of every block (mia.gaps_of_means)."""
         return [(gaps[field], f"{b['dataset']}/{b['arch']} {sc} {m}") for b in blocks
                 for sc, ms in b["gap_of_means"].items() if is_random(sc) for m, gaps in ms.items() if m in methods]
 
-    avg_gap, avg_where = max(of_means("avg_gap", SERVED))
-    mia_gap, mia_where = max(of_means("mia_efficacy_gap", SERVED))
-    speedup, speed_where = min(pick(blocks, "speedup_vs_retrain", "min", every, ("iau",)))
+    served = SERVED_FOR["sample_ids"]  # random forgetting is sample ids
+    avg_gap, avg_where = max(of_means("avg_gap", served))
+    mia_gap, mia_where = max(of_means("mia_efficacy_gap", served))
+    speedup, speed_where = min(pick(blocks, "speedup_vs_retrain", "min", is_random, ("iau",)))
     class_acc, class_where = max(pick(blocks, "forget_acc", "max", is_class, (DEFAULT_FOR["class"],)))
     last = [sq["checkpoints"][max(sq["checkpoints"])] for sq in seqs]
     return {
@@ -240,22 +244,27 @@ def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
         "max_mia_gap_points_5_10pct": mia_gap,
         "max_mia_gap_where": mia_where,
         "max_acc_gap_points_5_10pct": max(v for k in ("forget_acc_gap", "retain_acc_gap", "test_acc_gap")
-                                          for v, _ in of_means(k, SERVED)),
-        "max_avg_gap_points_by_method": {m: max(v for v, _ in of_means("avg_gap", (m,))) for m in SERVED + BASELINES},
+                                          for v, _ in of_means(k, served)),
+        "max_avg_gap_points_by_method": {m: max(v for v, _ in of_means("avg_gap", (m,)))
+                                         for m in METHODS + BASELINES},
         "max_mia_gap_points_by_method": {m: max(v for v, _ in of_means("mia_efficacy_gap", (m,)))
-                                         for m in SERVED + BASELINES},
+                                         for m in METHODS + BASELINES},
         "noise_floor_max_avg_gap_points": max((v for v, _ in of_means("avg_gap", ("retrain-2",))), default=None),
         "noise_floor_max_mia_gap_points": max((v for v, _ in of_means("mia_efficacy_gap", ("retrain-2",))),
                                               default=None),
-        "max_avg_gap_points_5_10pct_per_seed": max(pick(blocks, "avg_gap", "mean", is_random, SERVED))[0],
-        "max_mia_gap_points_5_10pct_per_seed": max(pick(blocks, "mia_efficacy_gap", "mean", is_random, SERVED))[0],
+        "max_avg_gap_points_5_10pct_per_seed": max(pick(blocks, "avg_gap", "mean", is_random, served))[0],
+        "max_mia_gap_points_5_10pct_per_seed": max(pick(blocks, "mia_efficacy_gap", "mean", is_random, served))[0],
         "noise_floor_max_avg_gap_points_per_seed": max((v for v, _ in pick(blocks, "avg_gap", "mean", is_random,
                                                                            ("retrain-2",))), default=None),
         "speedup_vs_retrain_min_iau": speedup,
         "speedup_vs_retrain_min_iau_where": speed_where,
-        "speedup_incl_refresh_min_iau": min(v for v, _ in pick(blocks, "speedup_incl_refresh", "min", every, ("iau",))),
-        "speedup_vs_retrain_min_iau_cold": min(v for v, _ in pick(blocks, "speedup_vs_retrain", "min", every,
+        "speedup_incl_refresh_min_iau": min(v for v, _ in pick(blocks, "speedup_incl_refresh", "min", is_random,
+                                                               ("iau",))),
+        "speedup_vs_retrain_min_iau_cold": min(v for v, _ in pick(blocks, "speedup_vs_retrain", "min", is_random,
                                                                   ("iau-cold",))),
+        # IAU on a class: refused unless an operator allows it (it does not erase the class)
+        "speedup_vs_retrain_min_iau_class": min(v for v, _ in pick(blocks, "speedup_vs_retrain", "min", is_class,
+                                                                   ("iau",))),
         "class_default_method": DEFAULT_FOR["class"],
         "class_forget_accuracy_default_method": class_acc,
         "class_forget_accuracy_where": class_where,
@@ -269,8 +278,8 @@ def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
                                                           for k in ("forget_acc", "retain_acc", "test_acc")),
         # the share of random requests whose result says they passed the method's test of forgetting
         "criterion_met_share_5_10pct": {m: statistics.mean(v for v, _ in pick(blocks, CRITERION_MET, "mean",
-                                                                               is_random, (m,))) for m in SERVED},
-        "served_methods": list(SERVED),
+                                                                               is_random, (m,))) for m in METHODS},
+        "served_methods": {kind: list(methods) for kind, methods in SERVED_FOR.items()},
     }
 
 

@@ -157,6 +157,13 @@ class Admission:
         if spec.kind not in engine.model_kinds:
             raise Rejected(DeadLetterReason.UNKNOWN_METHOD, f"method {method!r} does not apply to {spec.kind} models",
                            request.request_id, request.model)
+        served = spec.methods_served(forget.kind)
+        if method not in served:
+            raise Rejected(DeadLetterReason.METHOD_NOT_ALLOWED,
+                           f"model {request.model!r} serves {forget.kind} requests with {' or '.join(served)}, not "
+                           f"{method!r} (a request without \"method\" gets {served[0]}; an operator may allow "
+                           f"others in models.{request.model}.allowed_methods.{forget.kind})",
+                           request.request_id, request.model)
         if request.forget.size() > self.config.requests.max_forget_items:
             raise Rejected(DeadLetterReason.SCHEMA, f"forget names {request.forget.size()} items > "
                                                     "requests.max_forget_items", request.request_id, request.model)

@@ -205,6 +205,11 @@ class Model(_Section):
     # Default method per forget kind, ahead of `method`, for requests that name none, e.g. {class = "salun"}.
     # Merged over DEFAULT_METHOD_BY_FORGET; keys are the forget kinds the model kind accepts (FORGET_KINDS).
     method_by_forget: dict[str, str] = {}
+    # Methods a request may name per forget kind besides its default (which is always allowed), e.g.
+    # {sample_ids = ["salun"]}. A request naming any other is refused (`method_not_allowed`): the defaults serve
+    # each forget kind with the method measured to match retraining on it (README, classifier benchmark), and the
+    # operator, not the requester, decides to serve another on their model. Keys as method_by_forget.
+    allowed_methods: dict[str, list[str]] = {}
     bootstrap: Bootstrap = Bootstrap()
     # Engine settings for this model only, per method, over [methods.<method>]: e.g. [models.x.methods.salun]
     # steps = 50. Keys are the engine's Config fields for this model's kind.
@@ -233,6 +238,11 @@ class Model(_Section):
     def default_method(self, forget_kind: str | None = None) -> str:
         """The method for a request of `forget_kind` that names none."""
         return self.method_by_forget.get(forget_kind or "") or self.method or DEFAULT_METHOD[self.kind]
+
+    def methods_served(self, forget_kind: str) -> list[str]:
+        """The methods a request of `forget_kind` may name: its default first, then those the operator allowed."""
+        default = self.default_method(forget_kind)
+        return [default, *(m for m in self.allowed_methods.get(forget_kind, ()) if m != default)]
 
 
 class Config(_Section):
@@ -320,12 +330,14 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 def _check_methods(name: str, model: Model) -> None:
     """A model's default methods name known engines, keyed by forget kinds the model kind accepts. Whether an
     engine applies to the model kind is checked when the daemon starts (ModelRegistry.check_methods)."""
-    unknown_kinds = set(model.method_by_forget) - set(FORGET_KINDS[model.kind])
-    if unknown_kinds:
-        raise ConfigError(f"models.{name}.method_by_forget: {sorted(unknown_kinds)} not forget kinds of a "
-                          f"{model.kind} model (known: {list(FORGET_KINDS[model.kind])})")
+    for table in ("method_by_forget", "allowed_methods"):
+        unknown_kinds = set(getattr(model, table)) - set(FORGET_KINDS[model.kind])
+        if unknown_kinds:
+            raise ConfigError(f"models.{name}.{table}: {sorted(unknown_kinds)} not forget kinds of a "
+                              f"{model.kind} model (known: {list(FORGET_KINDS[model.kind])})")
     for key, method in [("method", model.method), *((f"method_by_forget.{k}", m)
-                                                      for k, m in model.method_by_forget.items())]:
+                                                      for k, m in model.method_by_forget.items()),
+                        *((f"allowed_methods.{k}", m) for k, ms in model.allowed_methods.items() for m in ms)]:
         if method not in engine_names():
             raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 

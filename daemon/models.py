@@ -84,9 +84,9 @@ class ModelRegistry:
             if spec.dtype not in self.kind_strategy(name).dtypes:
                 raise ConfigError(f"models.{name}.dtype: {spec.kind} models train and unlearn in "
                                   f"{' or '.join(self.kind_strategy(name).dtypes)}, not {spec.dtype}")
-            for forget_kind in (None, *spec.method_by_forget):
-                method = spec.default_method(forget_kind)
-                where = f"method_by_forget.{forget_kind}" if forget_kind else "method"
+            named = [(spec.default_method(kind), f"method_by_forget.{kind}") for kind in spec.method_by_forget]
+            named += [(method, f"allowed_methods.{kind}") for kind, ms in spec.allowed_methods.items() for method in ms]
+            for method, where in [(spec.default_method(), "method"), *named]:
                 try:
                     self.engine(method, name)  # the engine exists for the kind and its settings are known keys
                 except KeyError:

@@ -50,6 +50,7 @@ class DeadLetterReason(StrEnum):
     MISSING_SIGNATURE = "missing_signature"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_METHOD = "unknown_method"
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # a known method the model does not serve for this forget kind
     INVALID_FORGET = "invalid_forget"
     REQUEST_ID_CONFLICT = "request_id_conflict"
     ENGINE_FAILED = "engine_failed"

@@ -57,15 +57,33 @@ class Scores:
         return cls.of(measures.predict(model, rows), rows.y)
 
 
-def looks_unseen(criterion: Criterion, forget: Forget, held_out: Scores, class_forget_max: float
-                 ) -> Callable[[Scores], bool]:
-    """Whether forget rows scored so look like rows the model never saw (module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Margin:
+    """How far forget rows scored so are from looking unseen: at most 0 once they do (module docstring).
+    `smooth`: the margin moves continuously with the weights (a mean probability or loss), so a search may
+    interpolate it; an accuracy moves in steps of one row."""
+
+    of: Callable[[Scores], float]
+    smooth: bool
+
+    def reached(self, scores: Scores) -> bool:
+        return self.of(scores) <= 0
+
+
+def unseen_margin(criterion: Criterion, forget: Forget, held_out: Scores, class_forget_max: float) -> Margin:
+    """The margin of the criterion for these forget rows, against the held-out rows' scores."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: one of {', '.join(CRITERIA)}, not {criterion!r}")
     if forget.kind == "class":
-        return lambda scores: scores.accuracy <= class_forget_max
+        return Margin(lambda scores: scores.accuracy - class_forget_max, smooth=False)
     if criterion == "confidence":
-        return lambda scores: scores.confidence <= held_out.confidence
+        return Margin(lambda scores: scores.confidence - held_out.confidence, smooth=True)
     if criterion == "loss":
-        return lambda scores: scores.loss >= held_out.loss
-    return lambda scores: scores.accuracy <= held_out.accuracy
+        return Margin(lambda scores: held_out.loss - scores.loss, smooth=True)
+    return Margin(lambda scores: scores.accuracy - held_out.accuracy, smooth=False)
+
+
+def looks_unseen(criterion: Criterion, forget: Forget, held_out: Scores, class_forget_max: float
+                 ) -> Callable[[Scores], bool]:
+    """Whether forget rows scored so look like rows the model never saw (module docstring)."""
+    return unseen_margin(criterion, forget, held_out, class_forget_max).reached

@@ -26,8 +26,10 @@ def test_quick_benchmark_prints_and_writes_summary(tmp_path):
     block = printed["blocks"][0]
     sequence = block["sequence"]
     assert sequence["requests_with_cached_gradient"] == sequence["steps"] * sequence["seeds"]  # refreshed each time
-    # what each result says of itself: a share per served method, and counts that cannot exceed the requests
-    assert set(summary["criterion_met_share_5_10pct"]) == set(summary["served_methods"])
+    # what each result says of itself: a share per method, and counts that cannot exceed the requests
+    assert set(summary["criterion_met_share_5_10pct"]) == {"iau", "iau-cold", "salun"}
+    # each forget kind is served by the daemon's default for it alone (daemon/config.py)
+    assert summary["served_methods"] == {"sample_ids": ["iau", "iau-cold"], "class": ["salun"]}
     assert all(0 <= share <= 1 for share in summary["criterion_met_share_5_10pct"].values())
     assert 0 <= sequence["requests_short_of_criterion"] <= sequence["steps"] * sequence["seeds"]
     for method in ("retrain", "iau", "salun"):

@@ -21,6 +21,9 @@ BAD = [
     ("unknown_model", json.dumps({**request("who"), "model": "no-such-model"}).encode()),
     ("unknown_method", json.dumps({**request("how"), "method": "magic"}).encode()),
     ("unknown_method", json.dumps({**request("o3-on-classifier"), "method": "o3"}).encode()),
+    # known classifier methods, each for the forget kind it is not served for unless an operator allows it
+    ("method_not_allowed", json.dumps({**request("salun-on-samples"), "method": "salun"}).encode()),
+    ("method_not_allowed", json.dumps({**request("iau-on-a-class", **{"class": 2}), "method": "iau"}).encode()),
     ("invalid_forget", json.dumps(request("ghost-ids", sample_ids=[1, 999_999])).encode()),
     ("invalid_forget", json.dumps(request("texts-for-classifier", texts=["hello"])).encode()),
 ]
@@ -59,6 +62,9 @@ def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
     ledger = stack.ledger()
     assert ledger.get_request("ghost-ids").reason == "invalid_forget"
     assert ledger.get_request("how").status == "rejected"
+    refused = ledger.get_request("salun-on-samples")
+    assert (refused.status, refused.reason) == ("rejected", "method_not_allowed")
+    assert "serves sample_ids requests with iau, not 'salun'" in refused.error, refused.error
     assert "999999" not in stack.log() and "hello" not in stack.log()
     stack.wait_metric("unlearnd_dlq_total", 4.0, reason="schema")
 

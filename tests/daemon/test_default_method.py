@@ -1,5 +1,6 @@
 """Requests that name no method go to the model's default for their forget kind: a whole class to SalUn, which
-erases it, samples to IAU; configurable per model (`method_by_forget`) and checked at start-up."""
+erases it, samples to IAU; configurable per model (`method_by_forget`) and checked at start-up. A request may name
+another method only where the operator allows it for that forget kind (`allowed_methods`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def _model_and_data(stack, version: str):
 
 
 def test_class_request_without_method_erases_the_class(stack):
+    # The operator serves SalUn for sample ids too on this model; IAU stays refused for a class.
+    header = f"[models.{TEST_MODEL}]\n"
+    config = stack.config_path.read_text()
+    assert header in config
+    stack.config_path.write_text(config.replace(header, header + 'allowed_methods = {sample_ids = ["salun"]}\n'))
     stack.start()
     stack.publish(request("class-1", **{"class": FORGOTTEN_CLASS}))  # no "method": the model's default decides
     [result] = stack.results(1, request_id="class-1")
@@ -43,6 +49,14 @@ def test_class_request_without_method_erases_the_class(stack):
     [samples] = stack.results(1, request_id="samples-1")
     assert (samples["status"], samples["method"]) == ("applied", "iau")
 
+    stack.publish({**request("samples-salun", sample_ids=[4, 5, 6]), "method": "salun"})  # allowed above
+    stack.publish({**request("class-iau", **{"class": 5}), "method": "iau"})  # not allowed for a class
+    [salun] = stack.results(1, request_id="samples-salun")
+    assert (salun["status"], salun["method"]) == ("applied", "salun")
+    [refused] = stack.results(1, request_id="class-iau")
+    assert (refused["status"], refused["reason"]) == ("rejected", "method_not_allowed"), refused
+    assert "serves class requests with salun, not 'iau'" in refused["error"]
+
 
 def _config(tmp_path, model_lines: str):
     path = tmp_path / "config.toml"
@@ -60,8 +74,19 @@ def test_method_by_forget_is_merged_over_the_defaults(tmp_path):
     assert config_mod.load(_config(tmp_path, ""), env=env).models["m"].default_method("class") == "iau"
 
 
+def test_allowed_methods_add_to_the_default_of_their_forget_kind(tmp_path):
+    model = config_mod.load(_config(tmp_path, ""), env={}).models["m"]
+    assert (model.methods_served("sample_ids"), model.methods_served("class")) == (["iau"], ["salun"])
+    model = config_mod.load(_config(tmp_path, 'allowed_methods = {sample_ids = ["salun", "iau"]}'), env={}).models["m"]
+    assert (model.methods_served("sample_ids"), model.methods_served("class")) == (["iau", "salun"], ["salun"])
+    env = {"UNLEARND__MODELS__M__ALLOWED_METHODS__CLASS": '["iau"]'}
+    assert config_mod.load(_config(tmp_path, ""), env=env).models["m"].methods_served("class") == ["salun", "iau"]
+
+
 @pytest.mark.parametrize("lines, message", [
     ('method_by_forget = {texts = "salun"}', "method_by_forget: ['texts'] not forget kinds of a classifier"),
+    ('allowed_methods = {qa = ["salun"]}', "allowed_methods: ['qa'] not forget kinds of a classifier"),
+    ('allowed_methods = {class = ["iau", "sallun"]}', "allowed_methods.class: unknown method 'sallun'"),
     ('method_by_forget = {class = "sallun"}', "method_by_forget.class: unknown method 'sallun'"),
     ('method = "nope"', "models.m.method: unknown method 'nope'"),
 ])
@@ -75,10 +100,12 @@ def test_a_method_for_another_model_kind_stops_the_registry(tmp_path):
     from daemon.ledger import Ledger
     from daemon.models import ModelRegistry
 
-    cfg = config_mod.load(_config(tmp_path, 'method_by_forget = {class = "o3"}'), env={})
-    registry = ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
-    with pytest.raises(config_mod.ConfigError, match="models.m.method_by_forget.class: method 'o3' does not apply"):
-        registry.check_methods()  # what the daemon runs first at start-up
+    for lines, key in (('method_by_forget = {class = "o3"}', "method_by_forget.class"),
+                       ('allowed_methods = {sample_ids = ["o3"]}', "allowed_methods.sample_ids")):
+        cfg = config_mod.load(_config(tmp_path, lines), env={})
+        registry = ModelRegistry(cfg, ArtifactStore(tmp_path / "artifacts"), Ledger(tmp_path / "ledger.sqlite3"))
+        with pytest.raises(config_mod.ConfigError, match=f"models.m.{key}: method 'o3' does not apply"):
+            registry.check_methods()  # what the daemon runs first at start-up
 
 
 def test_device_and_dtype_keys(tmp_path):
