@@ -230,6 +230,16 @@ def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
         return [(gaps[field], f"{b['dataset']}/{b['arch']} {sc} {m}") for b in blocks
                 for sc, ms in b["gap_of_means"].items() if is_random(sc) for m, gaps in ms.items() if m in methods]
 
+    def mia_standard_error(where: str) -> float | None:
+        """The standard error (points) of the MIA gap of the seed means at `where`: of the per-seed differences
+        method - retrain (same split, same forget rows), over the seeds. A gap within about two of it is not told
+        apart from 0 by this many seeds."""
+        block_name, scenario, method = where.split()
+        [block] = [b for b in blocks if f"{b['dataset']}/{b['arch']}" == block_name]
+        diffs = [100 * (r["results"][method]["mia_efficacy"] - r["results"]["retrain"]["mia_efficacy"])
+                 for r in block["per_seed"] if r["scenario"] == scenario]
+        return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None  # one seed: unknown
+
     served = SERVED_FOR["sample_ids"]  # random forgetting is sample ids
     avg_gap, avg_where = max(of_means("avg_gap", served))
     mia_gap, mia_where = max(of_means("mia_efficacy_gap", served))
@@ -243,6 +253,11 @@ def summarize(blocks: list[dict], seqs: list[dict]) -> dict:
         "max_avg_gap_where": avg_where,
         "max_mia_gap_points_5_10pct": mia_gap,
         "max_mia_gap_where": mia_where,
+        "max_mia_gap_standard_error_points": mia_standard_error(mia_where),
+        # every served random block over 3 MIA points: (where, gap, its standard error over the seeds)
+        "mia_gaps_over_3_points": [(where, gap, mia_standard_error(where))
+                                   for gap, where in sorted(of_means("mia_efficacy_gap", ("iau",)), reverse=True)
+                                   if gap > 3],
         "max_acc_gap_points_5_10pct": max(v for k in ("forget_acc_gap", "retain_acc_gap", "test_acc_gap")
                                           for v, _ in of_means(k, served)),
         "max_avg_gap_points_by_method": {m: max(v for v, _ in of_means("avg_gap", (m,)))
