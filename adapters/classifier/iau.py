@@ -13,7 +13,7 @@ the model never saw, to the precision of `calibration_steps` bisection steps on 
 that costs more than `max_retain_drop` accuracy on a probe of remaining rows. Each trial is one forward pass over
 the forget rows; the probe is read at the step the search settles on (and, only where that step costs too much,
 at a few smaller ones). A criterion whose margin moves smoothly with lr (a mean confidence or loss) is searched by
-interpolating that margin (_interpolated_search), one that moves in steps (an accuracy) by bisection.
+interpolating that margin, one that moves in steps (an accuracy) by bisection (step_search.py).
 `calibrate = false` gives the code's behaviour (one step of `lr`).
 
 Criterion (`criterion`): when the forget rows look like rows the model never saw (criteria.py; "confidence" by

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 
 def bisection(margin_at: Callable[[float], float], at_zero: float, lr_min: float, lr_max: float, steps: int
-               ) -> tuple[float | None, list[float]]:
+              ) -> tuple[float | None, list[float]]:
     """The smallest lr in [lr_min, lr_max] at which `margin_at` is at most 0, by `steps` bisection steps on log lr
     (within a factor (lr_max / lr_min) ** 2**-steps): (that lr, None if no trial reached it; the trials that fell
     short, ascending). For a margin that moves in steps (an accuracy), where interpolating it says little."""
@@ -29,8 +29,8 @@ def bisection(margin_at: Callable[[float], float], at_zero: float, lr_min: float
     return reached_at, short
 
 
-def interpolated(margin_at: Callable[[float], float], at_zero: float, lr_min: float, lr_max: float,
-                         steps: int) -> tuple[float | None, list[float]]:
+def interpolated(margin_at: Callable[[float], float], at_zero: float, lr_min: float, lr_max: float, steps: int
+                 ) -> tuple[float | None, list[float]]:
     """What `bisection` finds, to the same precision, for a margin that moves smoothly with lr (a mean confidence
     or loss), in fewer trials: a trial costs a forward pass over the forget rows.
 
@@ -68,7 +68,7 @@ def interpolated(margin_at: Callable[[float], float], at_zero: float, lr_min: fl
 
 
 def crossing(points: list[tuple[float, float]], short_at: tuple[float, float],
-              reached_at: tuple[float, float] | None) -> float:
+             reached_at: tuple[float, float] | None) -> float:
     """Where the margin crosses 0, from its (lr, margin) points: on the line between the bracket's ends (before a
     trial reaches the criterion, the line through the last two points, all short of it), or, where the parabola
     through the last three points crosses inside the bracket, there (the crossing nearest the line's)."""
