@@ -86,6 +86,15 @@ QUICK = Plan((("digits", "mlp"),), (0,), {"mnist": 4, "digits": 4}, (0.05,), Fal
 ALPHA = {"mlp": 0.005, "cnn": 0.0}
 
 
+def random_forgets(split: datasets.Split, seed: int, fractions) -> list[tuple[str, Forget]]:
+    """The random-forgetting scenarios of a seed: ("random_<n>pct", that share of the training rows), drawn one
+    after another from the seed's generator (bench/classifier_mia.py draws the same rows)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(f"random_{round(frac * 100)}pct",
+             Forget(sample_ids=tuple(torch.randperm(len(split.train), generator=g)[:round(frac * len(split.train))]
+                                     .tolist()))) for frac in fractions]
+
+
 def spec_for(split: datasets.Split, arch: str, seed: int) -> dict:
     return {"arch": arch, "input_shape": list(split.input_shape), "num_classes": split.num_classes,
             "hidden": [256, 128], "init_seed": seed}
@@ -322,11 +331,8 @@ def main(argv=None) -> dict:
             # untimed warm-up: the first engine call in a process pays torch's one-off initialisation
             IAUEngine(cached_gradient=False).apply(ClassifierTarget("warmup", "v0", spec, model, split),
                                                    Forget(sample_ids=(0,)))
-            g = torch.Generator().manual_seed(seed)
-            for frac in plan.random_fractions:
-                ids = tuple(torch.randperm(len(split.train), generator=g)[:round(frac * len(split.train))].tolist())
-                runs.append(scenario(split, spec, model, arch, epochs, f"random_{round(frac * 100)}pct",
-                                     Forget(sample_ids=ids), seed, plan.noise_floor))
+            for name, forget in random_forgets(split, seed, plan.random_fractions):
+                runs.append(scenario(split, spec, model, arch, epochs, name, forget, seed, plan.noise_floor))
             runs.append(scenario(split, spec, model, arch, epochs, "class",
                                  Forget(class_label=(3 * seed + 1) % split.num_classes), seed, plan.noise_floor))
             if seed in plan.sequence_seeds and (ds, arch) == plan.sequence_block:
