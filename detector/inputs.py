@@ -1,14 +1,19 @@
-"""What the router decides on: the words the user asked, never template markup or system prompts.
+"""What the router decides on: every turn's words, never template markup.
 
 A serving request arrives as chat messages (OpenAI `messages`) or as a raw completion prompt. Embedding the
 rendered prompt would let the template dominate: the cosine of a chat-templated question to the bare question
-was 0.37-0.49 for SmolLM2's template, below any candidate cut. So the router sees:
+was 0.37-0.49 for SmolLM2's template, below any candidate cut. So the router sees the words of the turns:
 
-- chat messages: the last user turn, and that turn joined to the user turn before it (a follow-up such as
-  "And its capital?" names its subject only in the earlier turn). System and assistant turns are never routed.
-- a raw prompt: when it is itself chat-templated (ChatML, Llama 3, Llama 2 / Mistral `[INST]`, Gemma, Phi-3 /
-  Zephyr), its user turns as above; in the project's `Question: ...\\nAnswer:` layout (bench.evaluation.facts), the
-  questions as above; otherwise the prompt itself.
+- every turn on its own, whatever its role: the model reads all of them, so a forgotten question put in a system
+  prompt, an earlier user turn or a made-up assistant turn must route as surely as one in the last user turn
+  (routing only the last user turn let "answer the question in the system message" reach the base weights);
+- the last user turn joined to the user turns before it (`context_turns` of them): a follow-up such as
+  "And its capital?" names its subject only in an earlier turn.
+
+Each turn is a text of its own, so a long system prompt neither dilutes the user's question nor is needed to
+route it. A raw prompt that is itself chat-templated (ChatML, Llama 3, Llama 2 / Mistral `[INST]`, Gemma,
+Phi-3 / Zephyr) is split into its turns; one in the project's `Question: ...\\nAnswer:` layout
+(bench.evaluation.facts) into its questions; any other prompt is routed as itself.
 
 Gates are fitted on the same forms (`adapters.lm.o3.gate_texts`: a request's questions, or its texts), so what a
 gate learnt and what the router compares with it are alike. The router applies the union of the adapters that
@@ -20,16 +25,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-#: User turns of raw prompts rendered with a known chat template: (opening marker, user-turn body).
-_CHAT_USER_TURNS = (
-    re.compile(r"<\|im_start\|>user\s*\n(.*?)(?:<\|im_end\|>|<\|im_start\|>|\Z)", re.S),  # ChatML (SmolLM2, Qwen)
-    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)(?:<\|eot_id\|>|<\|start_header_id\|>|\Z)",
+#: Turns of raw prompts rendered with a known chat template: (role, body) per match.
+_CHAT_TURNS = (
+    re.compile(r"<\|im_start\|>(\w+)[^\S\n]*\n(.*?)(?=<\|im_end\|>|<\|im_start\|>|\Z)", re.S),  # ChatML (SmolLM2)
+    re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>(.*?)(?=<\|eot_id\|>|<\|start_header_id\|>|\Z)",
                re.S),  # Llama 3
-    re.compile(r"<start_of_turn>user\s*\n(.*?)(?:<end_of_turn>|<start_of_turn>|\Z)", re.S),  # Gemma
-    re.compile(r"<\|user\|>\s*(.*?)(?:<\|end\|>|</s>|<\|assistant\|>|<\|system\|>|\Z)", re.S),  # Phi-3, Zephyr
-    re.compile(r"\[INST\](.*?)(?:\[/INST\]|\Z)", re.S),  # Llama 2, Mistral
+    re.compile(r"<start_of_turn>(\w+)[^\S\n]*\n(.*?)(?=<end_of_turn>|<start_of_turn>|\Z)", re.S),  # Gemma
+    re.compile(r"<\|(system|user|assistant)\|>(.*?)(?=<\|end\|>|</s>|<\|(?:system|user|assistant)\|>|\Z)",
+               re.S),  # Phi-3, Zephyr
 )
-_LLAMA2_SYSTEM = re.compile(r"<<SYS>>.*?<</SYS>>", re.S)
+_LLAMA2_USER = re.compile(r"\[INST\](.*?)(?=\[/INST\]|\Z)", re.S)  # Llama 2, Mistral
+_LLAMA2_ASSISTANT = re.compile(r"\[/INST\](.*?)(?=\[INST\]|\Z)", re.S)
+_LLAMA2_SYSTEM = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
+_SENTENCE_MARKS = re.compile(r"</?s>")
 _QA_QUESTION = re.compile(r"(?:^|\n)Question:[ \t]*(.*?)\n(?:Answer:|\Z)", re.S)  # bench.evaluation.facts.PROMPT
 
 
@@ -48,31 +56,41 @@ def content_text(content) -> str:
     return "\n".join(parts)
 
 
-def user_turn_texts(turns: Iterable[str], *, context_turns: int = 1) -> list[str]:
-    """The texts to route for a conversation's user turns (oldest first): the last turn alone, and the last
-    turn after up to `context_turns` earlier ones. Blank turns are skipped; no turns -> []."""
-    turns = [t.strip() for t in turns if t and t.strip()]
-    if not turns:
-        return []
-    texts = [turns[-1]]
-    if context_turns > 0 and len(turns) > 1:
-        texts.append("\n".join(turns[-1 - context_turns:]))
+def turn_texts(user_turns: Iterable[str], other_turns: Iterable[str] = (), *, context_turns: int = 1) -> list[str]:
+    """The texts to route for a conversation (turns oldest first): the last user turn alone, the last user turn
+    after up to `context_turns` earlier ones, then every other turn alone, user turns first (module docstring).
+    Blank turns are skipped, repeats dropped; no turns -> []."""
+    users = [t.strip() for t in user_turns if t and t.strip()]
+    texts = [users[-1]] if users else []
+    if context_turns > 0 and len(users) > 1:
+        texts.append("\n".join(users[-1 - context_turns:]))
+    for turn in (*users[:-1], *other_turns):
+        turn = turn.strip()
+        if turn and turn not in texts:
+            texts.append(turn)
     return texts
 
 
 def chat_routing_texts(messages: Sequence[dict], *, context_turns: int = 1) -> list[str]:
     """The texts to route for OpenAI-style chat `messages` (dicts with `role` and `content`)."""
-    return user_turn_texts((content_text(m.get("content")) for m in messages if m.get("role") == "user"),
-                           context_turns=context_turns)
+    users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    others = [content_text(m.get("content")) for m in messages if m.get("role") != "user"]
+    return turn_texts(users, others, context_turns=context_turns)
 
 
 def prompt_routing_texts(prompt: str, *, context_turns: int = 1) -> list[str]:
     """The texts to route for a raw completion prompt (see the module docstring)."""
-    for pattern in _CHAT_USER_TURNS:
+    for pattern in _CHAT_TURNS:
         turns = pattern.findall(prompt)
         if turns:
-            return user_turn_texts((_LLAMA2_SYSTEM.sub("", t) for t in turns), context_turns=context_turns)
+            return turn_texts([body for role, body in turns if role == "user"],
+                              [body for role, body in turns if role != "user"], context_turns=context_turns)
+    users = _LLAMA2_USER.findall(prompt)
+    if users:
+        others = [*_LLAMA2_SYSTEM.findall(prompt),
+                  *(_SENTENCE_MARKS.sub("", body) for body in _LLAMA2_ASSISTANT.findall(prompt))]
+        return turn_texts([_LLAMA2_SYSTEM.sub("", body) for body in users], others, context_turns=context_turns)
     questions = _QA_QUESTION.findall(prompt)
     if questions:
-        return user_turn_texts(questions, context_turns=context_turns)
-    return user_turn_texts([prompt], context_turns=0)
+        return turn_texts(questions, context_turns=context_turns)
+    return turn_texts([prompt], context_turns=0)

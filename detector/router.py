@@ -217,8 +217,8 @@ class Router:
         return self.route_features(self.encoder.encode(list(texts)))
 
     def route_requests(self, requests: list[list[str]]) -> list[dict[str, float]]:
-        """Serving requests that the router sees as several texts each (detector.inputs: the last user turn, and
-        it with its context): per request, every adapter any of its texts routes to, at its highest gate weight.
+        """Serving requests that the router sees as several texts each (detector.inputs: every turn, and the last
+        user turn in its context): per request, every adapter any of its texts routes to, at its highest gate weight.
         One encoder pass for all of them."""
         flat = [t for texts in requests for t in texts]
         routes = iter(self.route(flat) if flat else [])

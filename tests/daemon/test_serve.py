@@ -113,10 +113,17 @@ def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_p
         assert held["choices"][0]["message"]["content"] != base_held["choices"][0]["message"]["content"]
         general = chat(client, GENERAL)
         assert general["unlearnd"]["adapters"] == [] and general["choices"] == base_general["choices"]
-        # The router decides on the user's turn, not the template or the system prompt.
+        # The router decides on the words of every turn, not on the template: a system prompt neither hides a
+        # question in the user turn nor routes a general one, and a question put in the system turn is routed.
         system = chat(client, HELD_OUT, messages=[{"role": "system", "content": "Answer in French."},
                                                   {"role": "user", "content": HELD_OUT}])
         assert [a["id"] for a in system["unlearnd"]["adapters"]] == ["a1"]
+        benign = chat(client, GENERAL, messages=[{"role": "system", "content": "Answer in French."},
+                                                 {"role": "user", "content": GENERAL}])
+        assert benign["unlearnd"]["adapters"] == []
+        hidden = chat(client, HELD_OUT, messages=[{"role": "system", "content": HELD_OUT},
+                                                  {"role": "user", "content": "Answer the question above."}])
+        assert [a["id"] for a in hidden["unlearnd"]["adapters"]] == ["a1"]
         routes = client.post("/v1/route", json={"texts": [HELD_OUT, GENERAL]}).json()["routes"]
         assert list(routes[0]) == ["a1"] and routes[1] == {}
         cards = client.get("/v1/models").json()["data"]
