@@ -96,11 +96,12 @@ class Admission:
         if msg.offset in self._marks and self._marks[msg.offset] == msg.fingerprint:
             metrics.REDELIVERED.inc()  # answered and flushed before a crash: answering again would repeat it
             return None
+        request, body_hash = None, None
         try:
             request, body_hash = self._decode(msg)
             method = self._validate_target(request)
         except Rejected as rej:
-            self.outcomes.rejected(msg, rej)
+            self.outcomes.rejected(msg, rej, request=request, body_hash=body_hash)
             return None
         if self.config.requests.rekey_unkeyed and msg.key != request.model.encode():
             self.outcomes.rekeyed(msg, request.model, method, request.request_id)
@@ -112,7 +113,7 @@ class Admission:
             else:  # a rejected, re-admitted or unfinished id may come back corrected; a finished one may not
                 self.outcomes.rejected(msg, Rejected(DeadLetterReason.REQUEST_ID_CONFLICT, f"request_id already "
                                                      f"{seen.status} with a different body", request.request_id,
-                                                     request.model), record=False)
+                                                     request.model), method=method, record=False)
             return None
         # A rejected request sent again is judged afresh (its cause may be fixed: a model added, a key set).
         suspect = (seen is not None and seen.status == "processing" and request.request_id not in self.not_suspect)
@@ -142,29 +143,31 @@ class Admission:
         try:
             spec = self.registry.spec(request.model)
         except UnknownModel as exc:
-            raise Rejected(DeadLetterReason.UNKNOWN_MODEL, str(exc), request.request_id, request.model) from None
+            raise Rejected(DeadLetterReason.UNKNOWN_MODEL, str(exc), request.request_id, request.model,
+                           request.method) from None
         forget = request.forget.to_forget()
         method = self.registry.method_for(request.model, request.method, forget.kind)
         try:
             engine = self.registry.engine(method, request.model)
         except KeyError as exc:
             raise Rejected(DeadLetterReason.UNKNOWN_METHOD, str(exc.args[0]), request.request_id,
-                           request.model) from None
+                           request.model, method) from None
         try:
             self.registry.precheck(request.model, forget)
         except InvalidForget as exc:
-            raise Rejected(forget_reason(exc), str(exc), request.request_id, request.model) from None
+            raise Rejected(forget_reason(exc), str(exc), request.request_id, request.model, method) from None
         if spec.kind not in engine.model_kinds:
             raise Rejected(DeadLetterReason.UNKNOWN_METHOD, f"method {method!r} does not apply to {spec.kind} models",
-                           request.request_id, request.model)
+                           request.request_id, request.model, method)
         served = spec.methods_served(forget.kind)
         if method not in served:
             raise Rejected(DeadLetterReason.METHOD_NOT_ALLOWED,
                            f"model {request.model!r} serves {forget.kind} requests with {' or '.join(served)}, not "
                            f"{method!r} (a request without \"method\" gets {served[0]}; an operator may allow "
                            f"others in models.{request.model}.allowed_methods.{forget.kind})",
-                           request.request_id, request.model)
+                           request.request_id, request.model, method)
         if request.forget.size() > self.config.requests.max_forget_items:
             raise Rejected(DeadLetterReason.SCHEMA, f"forget names {request.forget.size()} items > "
-                                                    "requests.max_forget_items", request.request_id, request.model)
+                                                    "requests.max_forget_items", request.request_id, request.model,
+                           method)
         return method

@@ -129,6 +129,7 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
     made = result.get("version") or result.get("adapter_id") or receipt.get("erasure")
     console.print(
         f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
+        + (f" with {result['method']}" if result.get("method") else "")
         + (f" -> {made}" if result["status"] == "applied" else "")
         + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
         + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else "")

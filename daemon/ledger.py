@@ -134,7 +134,8 @@ class Ledger:
     def finish(self, request_id: str, status: str, *, model: str | None = None, method: str | None = None,
                subject: str | None = None, body_sha256: str | None = None, artifact_id: str | None = None,
                metrics: dict[str, Any] | None = None, reason: str | None = None, error: str | None = None,
-               source: str | None = None, duration_s: float | None = None) -> None:
+               source: str | None = None, duration_s: float | None = None, forget_kind: str | None = None,
+               forget_count: int | None = None) -> None:
         """Record a terminal status (and its audit event) for a request, creating the row if needed. An applied
         request's row is final: nothing rewrites it (on a shared ledger, a late writer's outcome is not kept)."""
         assert status in TERMINAL
@@ -143,19 +144,21 @@ class Ledger:
             db.execute(
                 """INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
                                          artifact_id, metrics, reason, error, source, received_at, completed_at,
-                                         duration_s)
-                   VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                         duration_s, forget_kind, forget_count)
+                   VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(request_id) DO UPDATE SET status = excluded.status,
                        model = COALESCE(excluded.model, requests.model),
                        method = COALESCE(excluded.method, requests.method),
                        subject = COALESCE(excluded.subject, requests.subject),
                        body_sha256 = COALESCE(excluded.body_sha256, requests.body_sha256),
+                       forget_kind = COALESCE(excluded.forget_kind, requests.forget_kind),
+                       forget_count = COALESCE(excluded.forget_count, requests.forget_count),
                        artifact_id = excluded.artifact_id, metrics = excluded.metrics, reason = excluded.reason,
                        error = excluded.error, source = COALESCE(excluded.source, requests.source),
                        completed_at = excluded.completed_at, duration_s = excluded.duration_s
                    WHERE requests.status <> 'applied'""",
                 (request_id, model, method, subject, status, body_sha256, artifact_id, json.dumps(metrics or {}),
-                 reason, error, source, now, now, duration_s),
+                 reason, error, source, now, now, duration_s, forget_kind, forget_count),
             )
             self._event(db, status, model, artifact_id, request_id, {"reason": reason} if reason else None)
 

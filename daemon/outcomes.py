@@ -16,7 +16,7 @@ from adapters.base import CRITERION_MET, NothingToForget
 from daemon import kafka_io, metrics
 from daemon.config import Config
 from daemon.ledger import ArtifactRow, Ledger, RequestRow
-from daemon.schema import DeadLetterReason, Rejected, Result
+from daemon.schema import DeadLetterReason, Rejected, Request, Result
 
 if TYPE_CHECKING:
     from daemon.admission import Admitted, Message
@@ -58,7 +58,8 @@ class Outcomes:
                          receipt=committed.receipt)
             metrics.REQUESTS.labels(a.request.model, a.method, "applied").inc()
             metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
-            log.info("request %s applied: %s %s in %.3fs", rid, committed.kind, committed.artifact_id, durations[rid])
+            log.info("request %s applied with %s: %s %s in %.3fs", rid, a.method, committed.kind, committed.artifact_id,
+                     durations[rid])
             if change.metrics.get(CRITERION_MET) == 0.0:
                 metrics.SHORT_OF_CRITERION.labels(a.request.model, a.method).inc()
                 log.warning("request %s: %s stopped short of its test of forgetting (criterion_met = 0); the "
@@ -112,18 +113,25 @@ class Outcomes:
     # --- not applied ------------------------------------------------------------------------------------------
 
     def rejected(self, msg: Message, rej: Rejected, *, method: str | None = None, body_hash: str | None = None,
-                 record: bool = True) -> None:
-        log.warning("rejected message %s: %s (request_id=%s)", msg.source, rej.reason, rej.request_id)
+                 request: Request | None = None, record: bool = True) -> None:
+        """`method`: the engine that would have applied it; `request` and `body_hash`, where its body was read:
+        the ledger row says what was asked (kind, count, body digest) as an applied request's row does."""
+        log.warning("rejected message %s: %s (request_id=%s%s)", msg.source, rej.reason, rej.request_id,
+                    f", method={method or rej.method}" if method or rej.method else "")
         # The ledger first: if it cannot be written (a full disk), nothing was sent and the message comes again.
         if record and rej.request_id:
-            self._record(rej.request_id, "rejected", model=rej.model, method=method, body_sha256=body_hash,
-                         reason=rej.reason, error=rej.detail, source=msg.source)
+            self._record(rej.request_id, "rejected", model=rej.model, method=method or rej.method,
+                         body_sha256=body_hash, reason=rej.reason, error=rej.detail, source=msg.source,
+                         subject=request.subject if request else None,
+                         forget_kind=request.forget.to_forget().kind if request else None,
+                         forget_count=request.forget.size() if request else None)
         else:  # no id to file it under, or the id belongs to another request: an audit event only
             self.ledger.record_rejection(rej.reason, msg.source, request_id=rej.request_id, model=rej.model)
         self._dead_letter(msg, rej.reason, rej.detail)
         key = rej.model or (msg.key[:256].decode("utf-8", "replace") if msg.key else None)
-        self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=method,
+        self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=method or rej.method,
                      reason=rej.reason, error=rej.detail)
+        # labels only from names the daemon knows: a requester's string would make a new series per value
         metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", method or "", "rejected").inc()
         self.answered(msg)
 

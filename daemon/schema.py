@@ -73,12 +73,16 @@ def forget_reason(exc: InvalidForget) -> DeadLetterReason:
 class Rejected(Exception):
     """A message that cannot become a request, and why."""
 
-    def __init__(self, reason: DeadLetterReason, detail: str, request_id: str | None = None, model: str | None = None):
+    def __init__(self, reason: DeadLetterReason, detail: str, request_id: str | None = None, model: str | None = None,
+                 method: str | None = None):
+        """`method`: the method the request named or would have got by default, where it was known (for the
+        ledger and the result; a name no engine has stays out of metric labels)."""
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.request_id = request_id
         self.model = model
+        self.method = method
 
 
 def _iso8601(value: Any) -> Any:

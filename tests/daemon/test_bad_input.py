@@ -65,6 +65,15 @@ def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
     refused = ledger.get_request("salun-on-samples")
     assert (refused.status, refused.reason) == ("rejected", "method_not_allowed")
     assert "serves sample_ids requests with iau, not 'salun'" in refused.error, refused.error
+    # A refused request's row says what was asked, as an applied one's does: method, kind, count, body digest.
+    refused_body = json.loads(BAD[[i for i, (_, raw) in enumerate(BAD) if b"salun-on-samples" in raw][0]][1])
+    assert (refused.method, refused.forget_kind, refused.forget_count) == ("salun", "sample_ids", 3)
+    assert refused.body_sha256 == schema.body_sha256(refused_body)
+    assert ledger.get_request("iau-on-a-class").forget_kind == "class"
+    # The method a requester named is in the ledger and the result; never a metric label (one series per string).
+    assert ledger.get_request("how").method == "magic"
+    assert [r["method"] for r in results if r.get("request_id") == "how"] == ["magic"]
+    assert 'method="magic"' not in stack.scrape()
     assert "999999" not in stack.log() and "hello" not in stack.log()
     stack.wait_metric("unlearnd_dlq_total", 4.0, reason="schema")
 

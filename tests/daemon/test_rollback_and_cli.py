@@ -61,7 +61,7 @@ def test_cli_publish_wait_and_inspect(stack):
     assert result["metrics"]["forget_acc_before"] >= result["metrics"]["forget_acc_after"]
 
     human = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "5", "--wait").stdout
-    assert "applied" in human and "forget_acc" in human
+    assert "applied" in human and f"on {TEST_MODEL} with iau -> v0002" in human and "forget_acc" in human, human
 
     versions = json.loads(stack.cli("versions", "list", TEST_MODEL, "--json").stdout)
     assert [(v["id"], v["active"]) for v in versions] == [("v0000", False), ("v0001", False), ("v0002", True)]
