@@ -40,22 +40,34 @@ def override(obj: T, values: dict[str, Any], table: str) -> T:
     return dataclasses.replace(obj, **changes)  # type: ignore[type-var]  # a dataclass instance
 
 
-def progress_logger(name: str, log: logging.Logger) -> Callable[[str, int, int], None]:
+def progress_logger(name: str, log: logging.Logger, clock: Callable[[], float] = time.monotonic
+                    ) -> Callable[[str, int, int], None]:
     """on_progress(stage, done, total) for a bootstrap: a line in `log` (the kind's own logger) every
     PROGRESS_EVERY of the DDPM's steps (stage "ddpm"), one per other stage (a diffusion model's judge and
-    measures)."""
-    started = time.monotonic()
-    state = {"next": 0.0}
+    measures).
+
+    The time left is the DDPM's pace since its first step times the steps to go: the first step carries the
+    one-off costs (loading, allocation, torch's first calls), and an estimate from it alone said hours for a
+    run of minutes, so the first line gives none."""
+    started = clock()
+    state: dict[str, Any] = {"next": 0.0, "first": None}
 
     def report(stage: str, done: int, total: int) -> None:
-        elapsed = time.monotonic() - started
+        elapsed = clock() - started
         if stage == "ddpm":
+            if state["first"] is None:
+                state["first"] = (done, elapsed)
             share = done / total
             if share + 1e-9 >= state["next"] or done == total:
                 state["next"] = share + PROGRESS_EVERY
-                left = elapsed / share * (1 - share) if share else float("nan")
-                log.info("bootstrapping %s: DDPM step %d/%d (%.0f%%), %.0fs elapsed, about %.0fs left", name, done,
-                         total, 100 * share, elapsed, left)
+                first_done, first_elapsed = state["first"]
+                if done > first_done:
+                    left = (elapsed - first_elapsed) / (done - first_done) * (total - done)
+                    log.info("bootstrapping %s: DDPM step %d/%d (%.0f%%), %.0fs elapsed, about %.0fs left", name,
+                             done, total, 100 * share, elapsed, left)
+                else:
+                    log.info("bootstrapping %s: DDPM step %d/%d, %.0fs elapsed (the time left follows once its pace "
+                             "is known)", name, done, total, elapsed)
         elif stage == "judge" and done == total:
             log.info("bootstrapping %s: judge trained (%d epochs)", name, total)
         elif stage == "measure" and done == 0:
