@@ -72,10 +72,16 @@ def turn_texts(user_turns: Iterable[str], other_turns: Iterable[str] = (), *, co
 
 
 def chat_routing_texts(messages: Sequence[dict], *, context_turns: int = 1) -> list[str]:
-    """The texts to route for OpenAI-style chat `messages` (dicts with `role` and `content`)."""
+    """The texts to route for OpenAI-style chat `messages` (dicts with `role` and `content`). A message whose
+    content carries chat-template markup of its own is also routed on the turns inside it: the tokenizer reads
+    that markup as turns, and the markup would keep the whole text from matching the question it wraps."""
     users = [content_text(m.get("content")) for m in messages if m.get("role") == "user"]
     others = [content_text(m.get("content")) for m in messages if m.get("role") != "user"]
-    return turn_texts(users, others, context_turns=context_turns)
+    texts = turn_texts(users, others, context_turns=context_turns)
+    for content in (*users, *others):
+        if any(pattern.search(content) for pattern in (*_CHAT_TURNS, _LLAMA2_USER)):
+            texts += [t for t in prompt_routing_texts(content, context_turns=0) if t not in texts]
+    return texts
 
 
 def prompt_routing_texts(prompt: str, *, context_turns: int = 1) -> list[str]:
