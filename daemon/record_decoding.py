@@ -10,8 +10,9 @@ tolerant instead, at the level of one record or one batch:
   record intact;
 - a record that cannot be parsed arrives as a placeholder at its offset: no key, no value, one header
   `UNDECODABLE_RECORD_HEADER` saying what was wrong;
-- a batch that fails its CRC check (nothing in it can be trusted) arrives as one placeholder at its base offset
-  naming the offsets it covered; the fetcher then continues after the batch.
+- a batch that fails its CRC check (nothing in it can be trusted), or whose compressed records cannot be
+  decompressed (a codec kafka-python has no library for, or bytes that are not what the codec says), arrives as
+  one placeholder at its base offset naming the offsets it covered; the fetcher then continues after the batch.
 
 The daemon dead-letters all of these as `undecodable_record`, with topic/partition/offset. This wraps
 kafka-python 3.0's `DefaultRecordBatch` (`_read_msg`, `validate_crc`, `__iter__`, `__next__`): the in-memory batch
@@ -32,7 +33,7 @@ UNDECODABLE_RECORD_HEADER = "unlearnd.undecodable_record"
 MAX_ERROR_BYTES = 500
 
 _installed = False  # the record-batch class is patched once per process
-_failed_crc: dict[int, str] = {}  # id(batch) -> why; a batch's slots take no attribute of ours
+_unreadable: dict[int, str] = {}  # id(batch) -> why it cannot be read; a batch's slots take no attribute of ours
 
 
 def install() -> None:
@@ -62,15 +63,20 @@ def install() -> None:
 
     def _validate_crc(self: Any) -> bool:
         if not validate_crc(self):
-            last = self.base_offset + self.last_offset_delta
-            _failed_crc[id(self)] = f"record batch at offsets {self.base_offset}..{last} failed its CRC check"
+            _unreadable[id(self)] = f"{_offsets(self)} failed its CRC check"
         return True
 
     def _iter(self: Any) -> Any:
-        return self if id(self) in _failed_crc else iterate(self)  # do not decompress what failed its CRC
+        if id(self) in _unreadable:
+            return self  # do not decompress what failed its CRC
+        try:
+            return iterate(self)  # decompresses the batch, if compressed
+        except Exception as exc:  # each codec fails its own way on bytes that are not what it expects
+            _unreadable[id(self)] = f"{_offsets(self)} could not be decompressed: {type(exc).__name__}: {exc}"
+            return self
 
     def _next(self: Any) -> Any:
-        reason = _failed_crc.pop(id(self), None)
+        reason = _unreadable.pop(id(self), None)
         if reason is None:
             return next_record(self)
         self._next_record_index = self._num_records  # nothing else of this batch is read
@@ -78,6 +84,10 @@ def install() -> None:
         return _record(self, self.base_offset, self.first_timestamp, reason)
 
     batch._read_msg, batch.validate_crc, batch.__iter__, batch.__next__ = _read_msg, _validate_crc, _iter, _next
+
+
+def _offsets(batch: Any) -> str:
+    return f"record batch at offsets {batch.base_offset}..{batch.base_offset + batch.last_offset_delta}"
 
 
 def _placeholder(batch: Any, start: int, exc: Exception) -> default_records.DefaultRecord:

@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kafka.record.util import calc_crc32c, encode_varint
@@ -138,12 +139,16 @@ def _record_body(key: bytes | None, value: bytes | None, headers: list = (), *, 
     return out
 
 
-def record_batch(records: list[bytes], *, bad_crc: bool = False) -> bytes:
+def record_batch(records: list[bytes], *, bad_crc: bool = False, codec: int = 0,
+                 compressed: Callable[[bytes], bytes] | None = None) -> bytes:
     """A v2 record batch of pre-encoded record bodies (offset deltas must be 0..n-1), with a correct CRC (or a
-    wrong one)."""
+    wrong one). `codec` (1 gzip, 2 snappy, 3 lz4, 4 zstd) goes in the attributes, and the records' bytes through
+    `compressed` (which may return anything: the CRC covers what it returns)."""
     now = int(time.time() * 1000)
     body = b"".join(_varint(len(r)) + r for r in records)
-    after_crc = struct.pack(">hiqqqhii", 0, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
+    if compressed is not None:
+        body = compressed(body)
+    after_crc = struct.pack(">hiqqqhii", codec, len(records) - 1, now, now, -1, -1, -1, len(records)) + body
     crc = calc_crc32c(memoryview(after_crc)) ^ (1 if bad_crc else 0)
     head = struct.pack(">qiibI", 0, 4 + 1 + 4 + len(after_crc), -1, 2, crc)
     return head + after_crc
@@ -157,9 +162,10 @@ class RawProducer:
         self.sock = socket.create_connection((host, int(port)), timeout=30)
         self.correlation = 0
 
-    def send(self, topic: str, partition: int, bodies: list[bytes], *, bad_crc: bool = False) -> int:
+    def send(self, topic: str, partition: int, bodies: list[bytes], *, bad_crc: bool = False, codec: int = 0,
+             compressed: Callable[[bytes], bytes] | None = None) -> int:
         bodies = [self._with_delta(b, i) for i, b in enumerate(bodies)]
-        batch = record_batch(bodies, bad_crc=bad_crc)
+        batch = record_batch(bodies, bad_crc=bad_crc, codec=codec, compressed=compressed)
         self.correlation += 1
         t = topic.encode()
         req = struct.pack(">hhih", 0, 3, self.correlation, 3) + b"raw" + struct.pack(">hhi", -1, -1, 30000)

@@ -172,7 +172,58 @@ def test_batch_failing_its_crc_becomes_one_placeholder():
     assert b"offsets 0..1" in placeholder.headers[0][1]
 
 
+GARBLED = {1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd", 5: "no such codec"}  # a batch's compression codec ids
+
+
+@pytest.mark.parametrize("codec", sorted(GARBLED))
+def test_batch_that_cannot_be_decompressed_becomes_one_placeholder(codec):
+    """Bytes that are not what the batch's codec says (its CRC is right: it covers the compressed bytes), or a
+    codec kafka-python does not know: one placeholder for the batch, not an exception out of poll()."""
+    from kafka.record.memory_records import MemoryRecords
+
+    record_decoding.install()
+    bodies = [_record_body(b"k", b"a"), _record_body(b"k", b"b")[:2] + b"\x02" + _record_body(b"k", b"b")[3:]]
+    batch = MemoryRecords(record_batch(bodies, codec=codec, compressed=lambda raw: b"\x00garbage" + raw)).next_batch()
+    [placeholder] = list(batch)
+    assert placeholder.offset == 0 and placeholder.value is None
+    assert b"offsets 0..1 could not be decompressed" in placeholder.headers[0][1], placeholder.headers
+
+
 # --- through a real broker and daemon -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_compressed_requests_of_every_kafka_codec_are_applied(stack, codec):
+    """Producers compress (Java's and librdkafka's clients are often set to lz4, zstd or snappy; a topic can
+    recompress on the broker): a request in a batch of any of Kafka's codecs is read and applied, and one whose
+    batch cannot be decompressed is dead-lettered without stopping its partition."""
+    from kafka import KafkaProducer
+
+    proc = stack.start()
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, compression_type=codec)
+    try:
+        for i in range(3):  # one batch of three records
+            producer.send(stack.topic("requests"), key=TEST_MODEL.encode(),
+                          value=json.dumps(request(f"{codec}-{i}", sample_ids=[500 + i])).encode())
+        producer.flush(10)
+    finally:
+        producer.close()
+    raw = RawProducer(stack.bootstrap)
+    try:
+        bad = raw.send(stack.topic("requests"), 0, [_record_body(TEST_MODEL.encode(), b"{}")],
+                       codec=list(GARBLED.values()).index(codec) + 1, compressed=lambda body: b"not " + body)
+        raw.send(stack.topic("requests"), 0, [_record_body(TEST_MODEL.encode(),
+                                                           json.dumps(request(f"{codec}-after")).encode())])
+    finally:
+        raw.close()
+    results = stack.results(5, timeout=90)  # the unreadable batch's rejection has no request id to give
+    assert {r.get("request_id"): r["status"] for r in results} == {f"{codec}-{i}": "applied" for i in (0, 1, 2)} | {
+        f"{codec}-after": "applied", None: "rejected"}
+    [dead] = stack.read("dlq", 1)
+    assert dict(dead.headers)[HEADER_REASON] == b"undecodable_record"
+    assert dict(dead.headers)[HEADER_SOURCE] == f"{stack.topic('requests')}/0/{bad}".encode()
+    assert proc.poll() is None
+
 
 
 def test_hostile_corpus_through_the_daemon_loses_nothing(stack):
