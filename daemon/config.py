@@ -60,6 +60,10 @@ class Kafka(_Section):
     # does not rejoin (a daemon that died mid-join). Long engine work never hits it: the daemon keeps polling
     # (its partitions paused) while an engine runs.
     max_poll_interval_ms: int = Field(20_000, ge=5_000)
+    # read_committed: a request written in a Kafka transaction is read once the transaction commits, and never if
+    # it aborts (a transactional producer's retries and rollbacks apply nothing). Without transactions the two
+    # read the same records.
+    isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
     # How often the daemon asks the cluster a real question (with a timeout) to tell a live broker from a dead or
     # frozen one; two failed probes in a row mark it lost (unlearnd_broker_connected = 0) and it reconnects.
     liveness_interval_s: float = Field(2.0, gt=0)

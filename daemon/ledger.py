@@ -40,6 +40,10 @@ __all__ = ["AppliedElsewhere", "ArtifactRow", "HeadMoved", "Ledger", "LedgerConf
            "read_adapters"]
 
 TERMINAL = ("applied", "rejected", "failed")
+#: What a request's final row keeps from its earlier rows when the final write does not say (e.g. a failure
+#: recorded without the body's digest).
+_KEEP_UNLESS_GIVEN = ", ".join(f"{c} = COALESCE(excluded.{c}, requests.{c})" for c in (
+    "model", "method", "subject", "body_sha256", "forget_kind", "forget_count", "source"))
 #: The first letter of each kind of artifact's ids: versions, LoRA adapters, image erasures (an images model's
 #: edited images and their receipts; an erasure is recorded active and never moves the head).
 ID_PREFIX = {"version": "v", "adapter": "a", "erasure": "e"}
@@ -142,20 +146,13 @@ class Ledger:
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                """INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
+                f"""INSERT INTO requests (request_id, model, method, subject, status, attempts, body_sha256,
                                          artifact_id, metrics, reason, error, source, received_at, completed_at,
                                          duration_s, forget_kind, forget_count)
                    VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(request_id) DO UPDATE SET status = excluded.status,
-                       model = COALESCE(excluded.model, requests.model),
-                       method = COALESCE(excluded.method, requests.method),
-                       subject = COALESCE(excluded.subject, requests.subject),
-                       body_sha256 = COALESCE(excluded.body_sha256, requests.body_sha256),
-                       forget_kind = COALESCE(excluded.forget_kind, requests.forget_kind),
-                       forget_count = COALESCE(excluded.forget_count, requests.forget_count),
+                   ON CONFLICT(request_id) DO UPDATE SET status = excluded.status, {_KEEP_UNLESS_GIVEN},
                        artifact_id = excluded.artifact_id, metrics = excluded.metrics, reason = excluded.reason,
-                       error = excluded.error, source = COALESCE(excluded.source, requests.source),
-                       completed_at = excluded.completed_at, duration_s = excluded.duration_s
+                       error = excluded.error, completed_at = excluded.completed_at, duration_s = excluded.duration_s
                    WHERE requests.status <> 'applied'""",
                 (request_id, model, method, subject, status, body_sha256, artifact_id, json.dumps(metrics or {}),
                  reason, error, source, now, now, duration_s, forget_kind, forget_count),
