@@ -210,7 +210,8 @@ def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tupl
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected(DeadLetterReason.INVALID_UTF8, f"not UTF-8 at byte {exc.start}") from None
-    obj = _parse_json(text)
+    # A byte order mark, which some Windows tools write before UTF-8 text: RFC 8259 lets a parser ignore it.
+    obj = _parse_json(text.removeprefix("\ufeff"))
     if not isinstance(obj, dict):
         raise Rejected(DeadLetterReason.INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
     request_id, model = _request_id_label(obj.get("request_id")), _model_label(obj.get("model"))

@@ -59,6 +59,8 @@ def test_valid_requests_still_decode():
                  {"request_id": "ok-4", "model": "m", "forget": {"qa": [{"question": "q?", "answer": "a"}]}}):
         req, digest = _decode(json.dumps(body).encode())
         assert req.request_id == body["request_id"] and len(digest) == 64
+        # the same body after a UTF-8 byte order mark (Windows tools write one): the same request, the same digest
+        assert _decode("\ufeff".encode() + json.dumps(body).encode()) == (req, digest)
 
 
 # --- properties ---------------------------------------------------------------------------------------------
