@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import CRITERION_MET, NothingToForget
+from adapters.base import CRITERION_MET, NothingToForget, engine_names
 from daemon import kafka_io, metrics
 from daemon.config import Config
 from daemon.ledger import ArtifactRow, Ledger, RequestRow
@@ -132,7 +132,8 @@ class Outcomes:
         self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=method or rej.method,
                      reason=rej.reason, error=rej.detail)
         # labels only from names the daemon knows: a requester's string would make a new series per value
-        metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", method or "", "rejected").inc()
+        known = method or (rej.method if rej.method in engine_names() else "")
+        metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", known, "rejected").inc()
         self.answered(msg)
 
     def failed(self, a: Admitted, error: str) -> None:

@@ -74,6 +74,8 @@ def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
     assert ledger.get_request("how").method == "magic"
     assert [r["method"] for r in results if r.get("request_id") == "how"] == ["magic"]
     assert 'method="magic"' not in stack.scrape()
+    stack.wait_metric("unlearnd_requests_total", 1.0, model=TEST_MODEL, method="salun", status="rejected")
+    stack.wait_metric("unlearnd_requests_total", 3.0, model=TEST_MODEL, method="iau", status="rejected")
     assert "999999" not in stack.log() and "hello" not in stack.log()
     stack.wait_metric("unlearnd_dlq_total", 4.0, reason="schema")
 
