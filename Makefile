@@ -50,6 +50,7 @@ bench-quick: install
 	$(BIN)/python bench/chaos.py --quick
 	$(BIN)/python bench/replicas.py --quick
 	$(BIN)/python bench/lookalikes.py --quick
+	$(BIN)/python bench/conversation.py --quick
 
 # The README's benchmark figures come from bench/results/*.json (committed): a rerun updates them.
 bench: install
@@ -62,6 +63,7 @@ bench: install
 	$(BIN)/python bench/lookalikes.py --out bench/results/lookalikes.json
 	$(BIN)/python bench/chaos.py --out bench/results/chaos.json
 	$(BIN)/python bench/replicas.py --out bench/results/replicas.json
+	$(BIN)/python bench/conversation.py --out bench/results/conversation.json
 
 # O3 training and serving costs on a GPU (random-weight SmolLM2-135M / Llama-3.2-1B / Llama-3.1-8B shapes); on a
 # machine without one it measures the 135M shape on the CPU. Needs a CUDA build of torch (see install above).

@@ -163,6 +163,10 @@ class Serve(_Section):
     # A chat request is routed on its last user turn and on that turn after up to this many earlier user turns
     # (a follow-up names its subject in an earlier turn); 0 = the last turn only (detector/inputs.py).
     context_turns: int = Field(1, ge=0, le=16)
+    # Texts whose router features serve keeps (about 9 KiB each with MiniLM): a chat resends its earlier turns with
+    # every request, and a turn found here is not encoded again; 0 = encode every text every time
+    # (detector/feature_cache.py).
+    feature_cache_entries: int = Field(2048, ge=0)
     # Seconds between reconciles of the served adapters with the ledger (besides one at every adapters-topic
     # event); /healthz turns unavailable when the ledger and the topic both went silent (daemon/adapter_state.py).
     reconcile_s: float = Field(10.0, gt=0)

@@ -71,6 +71,10 @@ ROUTER_SECONDS = Histogram("unlearnd_router_latency_seconds", "Time to route one
                            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 ROUTER_DECISIONS = Counter("unlearnd_router_decisions_total", "Routed inputs, by whether any adapter was applied.",
                            ["model", "hit"])
+ROUTER_FEATURE_CACHE = Counter("unlearnd_router_feature_cache_total", "Texts the router looked up in its feature "
+                               "cache ([serve] feature_cache_entries), by whether they were there.", ["result"])
+for _result in ("hit", "miss"):
+    ROUTER_FEATURE_CACHE.labels(_result)
 GENERATION_SECONDS = Histogram("unlearnd_generation_seconds", "Time to generate one completion.", ["model"],
                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 

@@ -33,7 +33,7 @@ from daemon import openai_api as oai
 from daemon.adapter_state import AdapterSet
 from daemon.config import Config
 from daemon.ledger_backends import ledger_location
-from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_SECONDS
+from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_FEATURE_CACHE, ROUTER_SECONDS
 from daemon.models import new_router
 from detector import Completion, Encoder, PromptTooLong, RoutedModel, Router, Routing
 from detector.text_stream import TextStream
@@ -288,6 +288,11 @@ def build_app(service: Service) -> FastAPI:
     return app
 
 
+def _count_cache_lookups(hits: int, misses: int) -> None:
+    ROUTER_FEATURE_CACHE.labels("hit").inc(hits)
+    ROUTER_FEATURE_CACHE.labels("miss").inc(misses)
+
+
 def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route_only: bool = False) -> Service:
     """The service for one registered causal_lm model; base weights from `base_dir` or the model's bootstrap.
     Its adapter set is empty until `adapter_state.start` (or `AdapterSet.reconcile`) fills it."""
@@ -303,7 +308,8 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
         lm, tok = lm_mod.load(base_dir, device=spec.device, dtype=spec.dtype)
         root = str(base_dir)
     # the router's encoder runs next to the model it routes for (a route-only service: where it is configured)
-    encoder = Encoder(device=str(device_of(lm)) if lm is not None else cfg.model(model).device)
+    encoder = Encoder(device=str(device_of(lm)) if lm is not None else cfg.model(model).device,
+                      cache_entries=cfg.serve.feature_cache_entries, on_cache_lookup=_count_cache_lookups)
     routed = RoutedModel(lm, tok, new_router(cfg, encoder), context_turns=cfg.serve.context_turns)
     ledger = ledger_location(cfg.state)  # the SQLite file or the shared PostgreSQL, read-only
     adapters = AdapterSet(model, routed, ledger_path=ledger, reconcile_s=cfg.serve.reconcile_s, lazy=route_only)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from adapters.devices import device_of, resolve_device
+from detector.feature_cache import FeatureCache, OnLookup
 
 
 def minilm_path() -> Path:
@@ -38,9 +39,11 @@ class Encoder:
     """A frozen transformer encoder that turns texts into [n, layers, dim] float32 features."""
 
     def __init__(self, path: str | Path | None = None, *, max_length: int = 128, batch_size: int = 32,
-                 model: torch.nn.Module | None = None, tokenizer=None, device: str | None = None):
+                 model: torch.nn.Module | None = None, tokenizer=None, device: str | None = None,
+                 cache_entries: int = 0, on_cache_lookup: OnLookup | None = None):
         """`device` (adapters.devices): where a loaded encoder runs; None keeps a given `model` where it is and
-        puts a loaded one on the CPU. Features always come back as float32 numpy arrays."""
+        puts a loaded one on the CPU. Features always come back as float32 numpy arrays. `cache_entries` > 0 keeps
+        that many texts' features (feature_cache.py): what serving sets, where conversations resend their turns."""
         given = model is not None and tokenizer is not None  # then `path` is only a label, and MiniLM not needed
         if path is None and given:
             path = Path(type(model).__name__)
@@ -53,6 +56,7 @@ class Encoder:
         self.model.eval()
         self.max_length = max_length
         self.batch_size = batch_size
+        self.cache = FeatureCache(cache_entries, on_cache_lookup) if cache_entries > 0 else None
 
     @property
     def n_layers(self) -> int:
@@ -62,8 +66,14 @@ class Encoder:
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
+        """[n, layers, dim] features of the texts."""
+        if self.cache is not None:
+            return self.cache.encode(texts, self._encode)
+        return self._encode(texts)
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> np.ndarray:
         out = []
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,

@@ -204,7 +204,7 @@ class RoutedModel:
         ]
 
     def chat_texts(self, messages: Sequence[dict]) -> list[str]:
-        """What the router sees of a chat request: its user turns (detector.inputs)."""
+        """What the router sees of a chat request: every turn, and the last user turn in context (detector.inputs)."""
         return chat_routing_texts(messages, context_turns=self.context_turns)
 
     def prompt_texts(self, prompt: str) -> list[str]:

@@ -213,7 +213,11 @@ class Router:
         return self._decide(feats)[3]
 
     def route(self, texts: list[str]) -> list[dict[str, float]]:
-        """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was)."""
+        """Per input: {adapter_id: gate weight} of the adapters to apply (empty: the base model as it was). With no
+        adapter to route to, nothing is encoded: until the first forget request, serving costs what the base model
+        costs."""
+        if not self.gates:
+            return [{} for _ in texts]
         return self.route_features(self.encoder.encode(list(texts)))
 
     def route_requests(self, requests: list[list[str]]) -> list[dict[str, float]]:

@@ -31,15 +31,17 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def tiny_llama(directory: str | Path | None = None, *, seed: int = 0, hidden: int = 64, layers: int = 2):
+def tiny_llama(directory: str | Path | None = None, *, seed: int = 0, hidden: int = 64, layers: int = 2,
+               context: int = 256):
     """A tiny random Llama (same module names as SmolLM2: q,k,v,o,gate,up,down) + char tokenizer.
 
-    With `directory`, it is also saved there (safetensors) so it can be loaded like any model directory.
+    With `directory`, it is also saved there (safetensors) so it can be loaded like any model directory. `context`:
+    its longest input in tokens (characters).
     """
     tokenizer = char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)

@@ -373,6 +373,59 @@ def test_the_official_openai_client_works_against_serve(smollm2_server):
 
 def test_route_cli_explains_from_the_ledger(stack, tmp_path, encoder):
     """`unlearnd route` reads the ledger's active adapters (read-only) and explains the decision."""
+    from daemon import config as config_mod
+
+    _ledger_with_one_adapter(stack, tmp_path, encoder)
+    cfg = config_mod.load(stack.config_path, env={})
+    decision = route_text(cfg, MODEL, f"Question: {HELD_OUT}\nAnswer:", timeout_s=5)
+    assert list(decision["applied"]) == ["a0000"] and decision["routed_text"] == HELD_OUT
+
+
+def test_a_conversation_resent_turn_by_turn_encodes_each_turn_once_and_routes_as_without_the_cache(
+        stack, tmp_path, encoder):
+    """A chat client resends the whole conversation with every request: serve, built from its config, encodes only
+    the turns it has not seen (serve.feature_cache_entries), decides exactly as a serve without the cache, and
+    counts the lookups on /metrics."""
+    from daemon import config as config_mod
+    from daemon.serve import load_service
+
+    _ledger_with_one_adapter(stack, tmp_path, encoder)
+    services = {entries: load_service(config_mod.load(stack.config_path, env={
+        "UNLEARND__SERVE__FEATURE_CACHE_ENTRIES": str(entries)}), MODEL, route_only=True) for entries in (0, 64)}
+    assert services[0].router.encoder.cache is None and services[64].router.encoder.cache.entries == 64
+    for service in services.values():
+        service.adapters.reconcile()
+        assert service.router.gates.keys() == {"a0000"}
+    clients = {entries: TestClient(build_app(service)) for entries, service in services.items()}
+
+    def hits() -> float:
+        return _sample(clients[64].get("/metrics").text, 'unlearnd_router_feature_cache_total{result="hit"}')
+
+    turns = [("system", "You are a friendly travel assistant."), ("user", "I am planning a trip to Europe."),
+             ("assistant", "Lovely! Where would you like to go?"), ("user", "Somewhere with good food."),
+             ("assistant", "France and Italy are both wonderful for food."), ("user", HELD_OUT),
+             ("assistant", "I cannot help with that."), ("user", GENERAL)]
+    routed_at, hits_before = [], hits()
+    for n in range(2, len(turns) + 1):
+        messages = [{"role": role, "content": text} for role, text in turns[:n]]
+        routes = {entries: client.post("/v1/route", json={"messages": messages}).json()["routes"]
+                  for entries, client in clients.items()}
+        # the cache changes the cost, never the decision (a weight by float rounding of the batch's padding at most)
+        assert [list(r) for r in routes[64]] == [list(r) for r in routes[0]], n
+        assert all(w == pytest.approx(routes[0][0][a], abs=1e-5) for a, w in routes[64][0].items())
+        routed_at.append(bool(routes[64][0]))
+    assert routed_at == [False, False, False, False, True, True, True]  # from the question on, and only then
+    texts = sum(len(services[64].routed.chat_texts([{"role": r, "content": t} for r, t in turns[:n]]))
+                for n in range(2, len(turns) + 1))
+    # each request's new texts: its new turn, and its last user turn joined to the one before (a new text too)
+    assert hits() - hits_before >= texts - 2 * (len(turns) - 1)
+    assert len(services[64].router.encoder.cache) <= len(turns) + len(turns) // 2
+
+
+def _ledger_with_one_adapter(stack, tmp_path: Path, encoder) -> None:
+    """The tiny model in the stack's config, and one active adapter (France) in its ledger, as the daemon leaves
+    them."""
+    from adapters.store import tree_sha256
     from daemon.ledger import Ledger
 
     path = make_adapter(tmp_path / "a0000", _tiny_dir(tmp_path), encoder, "a0000")
@@ -380,17 +433,14 @@ def test_route_cli_explains_from_the_ledger(stack, tmp_path, encoder):
         fh.write(
             f'\n[models.{MODEL}]\nkind = "causal_lm"\n[models.{MODEL}.bootstrap]\nsource = "{tmp_path / "tiny"}"\n'
         )
-    from adapters.store import tree_sha256
-
     ledger = Ledger(stack.state / "ledger.sqlite3")
     ledger.add_artifact(MODEL, "a0000", "adapter", parent=None, request_id="r1", path=str(path),
                         sha256=tree_sha256(path), metrics={}, info={})
     ledger.close()
-    from daemon import config as config_mod
 
-    cfg = config_mod.load(stack.config_path, env={})
-    decision = route_text(cfg, MODEL, f"Question: {HELD_OUT}\nAnswer:", timeout_s=5)
-    assert list(decision["applied"]) == ["a0000"] and decision["routed_text"] == HELD_OUT
+
+def _sample(metrics: str, series: str) -> float:
+    return float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(series)))
 
 
 def _tiny_dir(tmp_path: Path) -> Path:

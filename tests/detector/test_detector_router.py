@@ -43,6 +43,28 @@ def test_routes_each_person_to_its_adapter(encoder, fact_set, tmp_path):
     assert len(expl["candidates"][0]["layer_scores"]) == len(router.gates[expl["candidates"][0]["adapter_id"]].layers)
 
 
+def test_a_router_with_no_adapter_routes_nothing_without_encoding(encoder, fact_set, tmp_path):
+    """Until the first forget request (and after the last rollback) serving must cost what the base model costs."""
+    encoded = []
+
+    class Watched:
+        dim, n_layers = encoder.dim, encoder.n_layers
+
+        def encode(self, texts):
+            encoded.append(list(texts))
+            return encoder.encode(texts)
+
+    fs, split = fact_set
+    router = Router(Watched())
+    question = asked(fs.qa(split.forget[0]))[0]
+    assert router.route([question, "Hello"]) == [{}, {}] and encoded == []
+    fit_request_gate(asked(fs.qa(split.forget[0])), tmp_path / "a0", encoder, adapter_id="a0")
+    router.add("a0", tmp_path / "a0")
+    assert list(router.route([question])[0]) == ["a0"] and encoded == [[question]]
+    router.remove("a0")
+    assert router.route([question]) == [{}] and len(encoded) == 1
+
+
 def test_rollback_removes_vectors_and_state(encoder, fact_set, tmp_path):
     fs, split = fact_set
     router = _router_with_people(encoder, fs, split.forget[:2], tmp_path)
