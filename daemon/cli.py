@@ -32,6 +32,7 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    shown,
     when,
 )
 from daemon.cli_images import images_app
@@ -76,7 +77,7 @@ def main() -> None:
     try:
         app()
     except CLIError as exc:
-        err_console.print(f"[red]unlearnd: {exc}[/red]", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]unlearnd: {shown(exc)}[/red]", highlight=False, soft_wrap=True)
         sys.exit(exc.code)
 
 

@@ -26,6 +26,7 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    shown,
     when,
 )
 
@@ -73,7 +74,7 @@ def versions_show(version_id: str, model: Annotated[str | None, typer.Option(hel
         return
     for k in ("id", "model", "active", "parent", "lineage", "request_id", "created", "sha256", "path",
               "forgotten_samples"):
-        console.print(f"[bold]{k}[/]: {fmt(d[k]) if not isinstance(d[k], list) else ' <- '.join(d[k])}")
+        console.print(f"[bold]{k}[/]: {fmt(d[k]) if not isinstance(d[k], list) else ' <- '.join(map(shown, d[k]))}")
     print_metrics(d["metrics"])
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daemon import config as config_mod
@@ -106,13 +108,27 @@ def print_table(table: Table) -> None:
 
 
 def fmt(value: Any) -> str:
+    """A value as the console prints it (`shown`)."""
     if value is None or isinstance(value, float) and not math.isfinite(value):
         return "-"  # as in --json, where a measure that is not a number is null
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    return shown(value)
+
+
+# C0 and C1 controls, DEL, and the bidirectional-text controls
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: Any) -> str:
+    """Text from outside (a requester's ids, names and subjects, a result event's reason) ready for the console:
+    printed literally, never read as rich markup (`[/]` would crash the print, `[link=...]` hide a link), and with
+    control characters spelled as escapes (`\\x1b`, `\\n`), so it cannot clear or recolour the terminal, forge a
+    line, or reorder the text around it."""
+    text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+    return escape(text)
 
 
 def when(ts: float | None) -> str | None:
@@ -128,16 +144,16 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
     receipt = result.get("receipt") or {}
     made = result.get("version") or result.get("adapter_id") or receipt.get("erasure")
     console.print(
-        f"[bold {colour}]{result['status']}[/] {result.get('request_id')} on {result.get('model')}"
-        + (f" with {result['method']}" if result.get("method") else "")
-        + (f" -> {made}" if result["status"] == "applied" else "")
+        f"[bold {colour}]{shown(result['status'])}[/] {shown(result.get('request_id'))} on {shown(result.get('model'))}"
+        + (f" with {shown(result['method'])}" if result.get("method") else "")
+        + (f" -> {shown(made)}" if result["status"] == "applied" else "")
         + (" (already forgotten: nothing changed)" if result.get("changed") is False else "")
         + (f" ({result.get('duration_s'):.2f}s)" if result.get("duration_s") is not None else "")
     )
     if result.get("reason"):
-        console.print(f"reason: {result['reason']}: {result.get('error')}")
+        console.print(f"reason: {shown(result['reason'])}: {shown(result.get('error'))}")
     if receipt:
-        console.print("receipt: " + "  ".join(f"{k}={v}" for k, v in receipt.items()), highlight=False)
+        console.print("receipt: " + "  ".join(f"{shown(k)}={shown(v)}" for k, v in receipt.items()), highlight=False)
     print_metrics(result.get("metrics") or {})
 
 
@@ -146,12 +162,12 @@ def print_metrics(m: dict[str, Any]) -> None:
     if pairs:
         table = Table("measure", "before", "after")
         for name in pairs:
-            table.add_row(name, fmt(m.get(f"{name}_before")), fmt(m.get(f"{name}_after")))
+            table.add_row(shown(name), fmt(m.get(f"{name}_before")), fmt(m.get(f"{name}_after")))
         print_table(table)
     paired = {f"{name}_{when}" for name in pairs for when in ("before", "after")}
     rest = {k: v for k, v in m.items() if k not in paired}
     if rest:
-        console.print("  ".join(f"{k}={fmt(v)}" for k, v in sorted(rest.items())))
+        console.print("  ".join(f"{shown(k)}={fmt(v)}" for k, v in sorted(rest.items())))
 
 
 

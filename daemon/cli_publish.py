@@ -16,7 +16,17 @@ from typing import Annotated, Any
 import typer
 
 from daemon import config as config_mod
-from daemon.cli_common import ConfigOpt, JsonOpt, dumps, err_console, fail, fmt, load_config, print_result
+from daemon.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    dumps,
+    err_console,
+    fail,
+    fmt,
+    load_config,
+    print_result,
+    shown,
+)
 from daemon.config import bootstrap_servers
 
 NO_RESULT_EXIT = 3
@@ -195,9 +205,9 @@ class _ProgressView:
 
 
 def describe_progress(event: dict[str, Any]) -> str:
-    where = f"{event.get('request_id')}: {event.get('method')} on {event.get('model')}"
+    where = f"{shown(event.get('request_id'))}: {shown(event.get('method'))} on {shown(event.get('model'))}"
     if event.get("stage") == "started":
-        return f"{where}: started (attempt {event.get('attempt')})"
+        return f"{where}: started (attempt {shown(event.get('attempt'))})"
     eta = event.get("eta_s")
-    return (f"{where}: epoch {event.get('epoch')}/{event.get('epochs')}, loss {fmt(event.get('loss'))}"
+    return (f"{where}: epoch {shown(event.get('epoch'))}/{shown(event.get('epochs'))}, loss {fmt(event.get('loss'))}"
             + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) else ""))

@@ -83,6 +83,32 @@ def test_json_is_strict_and_tables_keep_whole_ids(stack):
     assert long_id in out.stdout, out.stdout
 
 
+def test_text_a_requester_chose_is_printed_literally_never_as_markup_or_terminal_control(stack):
+    """A subject or method is the requester's text: `[/]` once crashed `requests list` (rich markup) for as long as
+    the row was among the newest, `[link=...]` hid a link, ESC sequences cleared the screen, a newline forged a
+    line. Tables and `show` print them as written, with control characters spelled out."""
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    hostile = {"mk-1": ("[/bold]", "[/]"), "mk-2": ("[link=https://evil.example]click[/link]", "\x1b[2Jred"),
+               "mk-3": ("u\n2026-11-28 INFO forged", "iau\u202e")}
+    for rid, (subject, method) in hostile.items():
+        ledger.begin_attempt(rid, model=TEST_MODEL, method=method, subject=subject, body_sha256="0" * 64,
+                             forget_kind="sample_ids", forget_count=1, source="t/0/0")
+        ledger.finish(rid, "rejected", model=TEST_MODEL, method=method, reason="unknown_method",
+                      error=f"[/] {method}")
+    ledger.close()
+    listed = stack.cli("requests", "list", check=False)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert "[/]" in listed.stdout and "\\x1b[2Jred" in listed.stdout and "\x1b" not in listed.stdout
+    for rid, (subject, _) in hostile.items():
+        out = stack.cli("requests", "show", rid, check=False)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        printed = subject.replace("\n", "\\n")
+        assert f"subject: {printed}" in out.stdout, out.stdout
+        assert "\x1b" not in out.stdout and "\u202e" not in out.stdout
+    assert "subject: u\\n2026-11-28 INFO forged\n" in stack.cli("requests", "show", "mk-3").stdout
+    assert strict_json(stack.cli("requests", "show", "mk-1", "--json").stdout)["subject"] == "[/bold]"
+
+
 def test_expected_errors_are_one_line_on_stderr(stack):
     missing = stack.cli("requests", "show", "no-such-request", check=False)
     assert missing.returncode == 1 and missing.stderr.strip() == "unlearnd: no request no-such-request"
