@@ -116,11 +116,13 @@ class Outcomes:
                  request: Request | None = None, record: bool = True) -> None:
         """`method`: the engine that would have applied it; `request` and `body_hash`, where its body was read:
         the ledger row says what was asked (kind, count, body digest) as an applied request's row does."""
+        asked = method or rej.method
+        # a method no engine has is the requester's text: quoted (repr), so it cannot start a line or hide in one
         log.warning("rejected message %s: %s (request_id=%s%s)", msg.source, rej.reason, rej.request_id,
-                    f", method={method or rej.method}" if method or rej.method else "")
+                    "" if not asked else f", method={asked}" if asked in engine_names() else f", method={asked!r}")
         # The ledger first: if it cannot be written (a full disk), nothing was sent and the message comes again.
         if record and rej.request_id:
-            self._record(rej.request_id, "rejected", model=rej.model, method=method or rej.method,
+            self._record(rej.request_id, "rejected", model=rej.model, method=asked,
                          body_sha256=body_hash, reason=rej.reason, error=rej.detail, source=msg.source,
                          subject=request.subject if request else None,
                          forget_kind=request.forget.to_forget().kind if request else None,
@@ -129,10 +131,10 @@ class Outcomes:
             self.ledger.record_rejection(rej.reason, msg.source, request_id=rej.request_id, model=rej.model)
         self._dead_letter(msg, rej.reason, rej.detail)
         key = rej.model or (msg.key[:256].decode("utf-8", "replace") if msg.key else None)
-        self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=method or rej.method,
+        self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=asked,
                      reason=rej.reason, error=rej.detail)
         # labels only from names the daemon knows: a requester's string would make a new series per value
-        known = method or (rej.method if rej.method in engine_names() else "")
+        known = asked if asked in engine_names() else ""
         metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", known, "rejected").inc()
         self.answered(msg)
 

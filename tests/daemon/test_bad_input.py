@@ -21,6 +21,9 @@ BAD = [
     ("unknown_model", json.dumps({**request("who"), "model": "no-such-model"}).encode()),
     ("unknown_method", json.dumps({**request("how"), "method": "magic"}).encode()),
     ("unknown_method", json.dumps({**request("o3-on-classifier"), "method": "o3"}).encode()),
+    # a method that would write a forged line (and clear a terminal) into the daemon's log
+    ("unknown_method", json.dumps({**request("forged-line"), "method": "x\nFORGED: request ok-9 applied\x1b[2J"}
+                                  ).encode()),
     # known classifier methods, each for the forget kind it is not served for unless an operator allows it
     ("method_not_allowed", json.dumps({**request("salun-on-samples"), "method": "salun"}).encode()),
     ("method_not_allowed", json.dumps({**request("iau-on-a-class", **{"class": 2}), "method": "iau"}).encode()),
@@ -77,6 +80,9 @@ def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
     stack.wait_metric("unlearnd_requests_total", 1.0, model=TEST_MODEL, method="salun", status="rejected")
     stack.wait_metric("unlearnd_requests_total", 3.0, model=TEST_MODEL, method="iau", status="rejected")
     assert "999999" not in stack.log() and "hello" not in stack.log()
+    # a requester's text in the log is quoted: it starts no line of its own and carries no terminal control
+    assert not any(line.startswith("FORGED") for line in stack.log().splitlines()) and "\x1b" not in stack.log()
+    assert "method='x\\nFORGED: request ok-9 applied\\x1b[2J'" in stack.log()
     stack.wait_metric("unlearnd_dlq_total", 4.0, reason="schema")
 
 
