@@ -113,7 +113,8 @@ class Admission:
             else:  # a rejected, re-admitted or unfinished id may come back corrected; a finished one may not
                 self.outcomes.rejected(msg, Rejected(DeadLetterReason.REQUEST_ID_CONFLICT, f"request_id already "
                                                      f"{seen.status} with a different body", request.request_id,
-                                                     request.model), method=method, record=False)
+                                                     request.model), method=method, body_hash=body_hash,
+                                      record=False)
             return None
         # A rejected request sent again is judged afresh (its cause may be fixed: a model added, a key set).
         suspect = (seen is not None and seen.status == "processing" and request.request_id not in self.not_suspect)

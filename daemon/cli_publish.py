@@ -79,7 +79,7 @@ def publish(
     try:
         if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
             kafka_io.ensure_topics(cfg.kafka, bootstrap)
-        waiter = _ResultWaiter(cfg, bootstrap, rid, deadline) if wait else None  # before publishing
+        waiter = _ResultWaiter(cfg, bootstrap, rid, schema.body_sha256(body), deadline) if wait else None
         producer = kafka_io.make_cli_producer(cfg.kafka, bootstrap,
                                               max_block_ms=int(1000 * max(1.0, deadline - time.monotonic())))
         producer.send(cfg.kafka.topics.requests, key=model.encode(), value=json.dumps(body).encode()).get(
@@ -134,14 +134,16 @@ def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | 
 
 
 class _ResultWaiter:
-    """Reads the results topic from its current end for one request's result, showing its progress events."""
+    """Reads the results topic from its current end for one request's result, showing its progress events. Made
+    before publishing, so no answer can come before it reads. A result for the same id with another body digest is
+    another message's (one that reused the id, by mistake or not): not this request's answer."""
 
-    def __init__(self, cfg: config_mod.Config, bootstrap: str, request_id: str, deadline: float):
+    def __init__(self, cfg: config_mod.Config, bootstrap: str, request_id: str, body_sha256: str, deadline: float):
         from kafka import TopicPartition
 
         from daemon import kafka_io
 
-        self.request_id, self.deadline = request_id, deadline
+        self.request_id, self.body_sha256, self.deadline = request_id, body_sha256, deadline
         topic = cfg.kafka.topics.results
         self.consumer = kafka_io.make_reader(cfg.kafka, bootstrap)
         parts = self.consumer.partitions_for_topic(topic)
@@ -170,6 +172,8 @@ class _ResultWaiter:
                         except (TypeError, ValueError):
                             continue
                         if not isinstance(event, dict) or event.get("request_id") != self.request_id:
+                            continue
+                        if event.get("body_sha256") not in (None, self.body_sha256):  # None: an older daemon
                             continue
                         if kafka_io.is_progress(rec.headers, event):
                             on_progress(event)

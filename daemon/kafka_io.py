@@ -170,10 +170,11 @@ class Outbox:
         self.producer.send(self.topics.results, key=_b(key), value=result.to_bytes(),
                            headers=[(HEADER_EVENT, b"result")])
 
-    def progress(self, request_id: str, model: str, method: str, info: dict[str, Any]) -> None:
+    def progress(self, request_id: str, model: str, method: str, info: dict[str, Any], body_sha256: str) -> None:
         """A non-terminal progress event of a long request (e.g. one O3 training epoch), on the results topic
         with header unlearnd.event=progress and no `status` field; the request's one result follows later."""
-        body = {"event": "progress", "request_id": request_id, "model": model, "method": method, "at": time.time(),
+        body = {"event": "progress", "request_id": request_id, "model": model, "method": method,
+                "body_sha256": body_sha256, "at": time.time(),
                 **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()}}
         self.producer.send(self.topics.results, key=_b(model), value=json.dumps(body).encode(),
                            headers=[(HEADER_EVENT, b"progress")])

@@ -141,7 +141,8 @@ class Ledger:
                source: str | None = None, duration_s: float | None = None, forget_kind: str | None = None,
                forget_count: int | None = None) -> None:
         """Record a terminal status (and its audit event) for a request, creating the row if needed. An applied
-        request's row is final: nothing rewrites it (on a shared ledger, a late writer's outcome is not kept)."""
+        request's row is final (on a shared ledger, a late writer's outcome is not kept); a failed one is never
+        made rejected (a message reusing its id is not its outcome)."""
         assert status in TERMINAL
         now = time.time()
         with self.transaction() as db:
@@ -153,7 +154,8 @@ class Ledger:
                    ON CONFLICT(request_id) DO UPDATE SET status = excluded.status, {_KEEP_UNLESS_GIVEN},
                        artifact_id = excluded.artifact_id, metrics = excluded.metrics, reason = excluded.reason,
                        error = excluded.error, completed_at = excluded.completed_at, duration_s = excluded.duration_s
-                   WHERE requests.status <> 'applied'""",
+                   WHERE requests.status <> 'applied'
+                     AND NOT (requests.status = 'failed' AND excluded.status = 'rejected')""",
                 (request_id, model, method, subject, status, body_sha256, artifact_id, json.dumps(metrics or {}),
                  reason, error, source, now, now, duration_s, forget_kind, forget_count),
             )

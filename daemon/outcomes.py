@@ -55,7 +55,7 @@ class Outcomes:
             self._result(a.request.model, request_id=rid, model=a.request.model, status="applied", method=a.method,
                          artifact_id=committed.artifact_id, artifact_kind=committed.kind, measures=change.metrics,
                          duration_s=durations[rid], subject=a.request.subject, changed=True,
-                         receipt=committed.receipt)
+                         receipt=committed.receipt, body_sha256=a.body_hash)
             metrics.REQUESTS.labels(a.request.model, a.method, "applied").inc()
             metrics.REQUEST_SECONDS.labels(a.request.model, a.method).observe(durations[rid])
             log.info("request %s applied with %s: %s %s in %.3fs", rid, a.method, committed.kind, committed.artifact_id,
@@ -88,7 +88,7 @@ class Outcomes:
                      source=a.msg.source)
         self._result(request.model, request_id=request.request_id, model=request.model, status="applied",
                      method=a.method, artifact_id=head, artifact_kind="version", measures=measures,
-                     duration_s=duration, subject=request.subject, changed=False)
+                     duration_s=duration, subject=request.subject, changed=False, body_sha256=a.body_hash)
         metrics.REQUESTS.labels(request.model, a.method, "applied").inc()
         log.info("request %s applied without change: every named sample is already forgotten by %s",
                  request.request_id, head)
@@ -105,7 +105,7 @@ class Outcomes:
                      info.get("eta_s", 0))
         if self.config.requests.progress_events:
             try:
-                self._out.progress(rid, a.request.model, a.method, info)
+                self._out.progress(rid, a.request.model, a.method, info, a.body_hash)
                 self._out.producer.flush(5)  # a waiting client should see it now, not with the result
             except Exception as exc:  # progress is best effort: it must never fail the request it reports on
                 log.debug("progress event of %s not sent: %s", rid, exc)
@@ -116,14 +116,14 @@ class Outcomes:
                  request: Request | None = None, record: bool = True) -> None:
         """`method`: the engine that would have applied it; `request` and `body_hash`, where its body was read:
         the ledger row says what was asked (kind, count, body digest) as an applied request's row does."""
-        asked = method or rej.method
+        asked, digest = method or rej.method, body_hash or rej.body_sha256
         # a method no engine has is the requester's text: quoted (repr), so it cannot start a line or hide in one
         log.warning("rejected message %s: %s (request_id=%s%s)", msg.source, rej.reason, rej.request_id,
                     "" if not asked else f", method={asked}" if asked in engine_names() else f", method={asked!r}")
         # The ledger first: if it cannot be written (a full disk), nothing was sent and the message comes again.
-        if record and rej.request_id:
-            self._record(rej.request_id, "rejected", model=rej.model, method=asked,
-                         body_sha256=body_hash, reason=rej.reason, error=rej.detail, source=msg.source,
+        if record and rej.request_id and not self._owned_by_another(rej.request_id, digest):
+            self._record(rej.request_id, "rejected", model=rej.model, method=asked, body_sha256=digest,
+                         reason=rej.reason, error=rej.detail, source=msg.source,
                          subject=request.subject if request else None,
                          forget_kind=request.forget.to_forget().kind if request else None,
                          forget_count=request.forget.size() if request else None)
@@ -132,11 +132,18 @@ class Outcomes:
         self._dead_letter(msg, rej.reason, rej.detail)
         key = rej.model or (msg.key[:256].decode("utf-8", "replace") if msg.key else None)
         self._result(key, request_id=rej.request_id, model=rej.model, status="rejected", method=asked,
-                     reason=rej.reason, error=rej.detail)
+                     reason=rej.reason, error=rej.detail, body_sha256=digest)
         # labels only from names the daemon knows: a requester's string would make a new series per value
         known = asked if asked in engine_names() else ""
         metrics.REQUESTS.labels(rej.model if rej.model in self.config.models else "", known, "rejected").inc()
         self.answered(msg)
+
+    def _owned_by_another(self, request_id: str, body_sha256: str | None) -> bool:
+        """Whether the ledger's row for this id is another message's to keep: one applied, failed or in flight
+        with another body. A message that reuses its id (a mistake or an attack) is refused without touching it: a
+        failed request stays failed (and retryable), an applied one applied, one in flight is not pre-empted."""
+        seen = self.ledger.get_request(request_id)
+        return seen is not None and seen.status != "rejected" and seen.body_sha256 != body_sha256
 
     def failed(self, a: Admitted, error: str) -> None:
         request, method, reason = a.request, a.method, DeadLetterReason.ENGINE_FAILED
@@ -145,7 +152,7 @@ class Outcomes:
                      body_sha256=a.body_hash, reason=reason, error=error, source=a.msg.source)
         self._dead_letter(a.msg, reason, error)
         self._result(request.model, request_id=request.request_id, model=request.model, status="failed",
-                     method=method, reason=reason, error=error, subject=request.subject)
+                     method=method, reason=reason, error=error, subject=request.subject, body_sha256=a.body_hash)
         metrics.REQUESTS.labels(request.model, method, "failed").inc()
         self.answered(a.msg)
 
@@ -159,7 +166,7 @@ class Outcomes:
                      artifact_id=row.artifact_id, artifact_kind=artifact.kind if artifact else None,
                      measures=row.metrics, duration_s=row.duration_s, reason=row.reason, error=row.error,
                      subject=row.subject, changed=(not unchanged) if row.status == "applied" else None,
-                     receipt=_receipt(artifact),
+                     receipt=_receipt(artifact), body_sha256=row.body_sha256,
                      completed_at=datetime.fromtimestamp(row.completed_at or time.time(), UTC))
         if msg.source == row.source:
             if row.status == "failed":

@@ -74,15 +74,17 @@ class Rejected(Exception):
     """A message that cannot become a request, and why."""
 
     def __init__(self, reason: DeadLetterReason, detail: str, request_id: str | None = None, model: str | None = None,
-                 method: str | None = None):
+                 method: str | None = None, body_sha256: str | None = None):
         """`method`: the method the request named or would have got by default, where it was known (for the
-        ledger and the result; a name no engine has stays out of metric labels)."""
+        ledger and the result; a name no engine has stays out of metric labels). `body_sha256`: the digest of the
+        body, wherever it was a JSON object (what tells this message from another that reuses its request id)."""
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.request_id = request_id
         self.model = model
         self.method = method
+        self.body_sha256 = body_sha256
 
 
 def _iso8601(value: Any) -> Any:
@@ -188,7 +190,8 @@ class Request(BaseModel):
 def canonical_body(obj: dict[str, Any]) -> bytes:
     """The bytes a signature covers: the request without `signature`, sorted keys, no whitespace, UTF-8."""
     body = {k: v for k, v in obj.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # surrogatepass: a body holding a lone surrogate escape (refused, never signed) still has a digest to file it by
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def sign(obj: dict[str, Any], key: bytes) -> str:
@@ -215,23 +218,33 @@ def decode(raw: bytes | None, *, max_bytes: int, hmac_key: bytes | None) -> tupl
     if not isinstance(obj, dict):
         raise Rejected(DeadLetterReason.INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
     request_id, model = _request_id_label(obj.get("request_id")), _model_label(obj.get("model"))
+    digest = _digest(obj)
+    if digest is None:
+        raise Rejected(DeadLetterReason.INVALID_JSON, "nested too deeply")
     # Valid UTF-8 bytes can still spell a lone surrogate (a "\ud800" escape): not Unicode, and neither SQLite nor
     # Kafka headers can store it. Refused here, before anything is written anywhere.
     if not _is_unicode(obj):
         raise Rejected(DeadLetterReason.SCHEMA, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
-                       "not valid Unicode", request_id, model)
+                       "not valid Unicode", request_id, model, body_sha256=digest)
     try:
         request = Request.model_validate(obj)
     except ValidationError as exc:
-        raise Rejected(DeadLetterReason.SCHEMA, _describe(exc), request_id, model) from None
+        raise Rejected(DeadLetterReason.SCHEMA, _describe(exc), request_id, model, body_sha256=digest) from None
     if hmac_key is not None:
         if request.signature is None:
             raise Rejected(DeadLetterReason.MISSING_SIGNATURE, "signatures are required (an HMAC key is configured)",
-                           request_id, model)
+                           request_id, model, body_sha256=digest)
         if not hmac.compare_digest(sign(obj, hmac_key), request.signature.lower()):
             raise Rejected(DeadLetterReason.BAD_SIGNATURE, "HMAC-SHA256 of the canonical body does not match",
-                           request_id, model)
-    return request, body_sha256(obj)
+                           request_id, model, body_sha256=digest)
+    return request, digest
+
+
+def _digest(obj: dict[str, Any]) -> str | None:
+    try:
+        return body_sha256(obj)
+    except (RecursionError, ValueError):  # cannot happen for what json.loads returned; no digest rather than raise
+        return None
 
 
 def _parse_json(text: str) -> Any:
@@ -302,6 +315,9 @@ class Result(BaseModel):
     error: str | None = None
     reason: str | None = None
     subject: str | None = None
+    # SHA-256 of the canonical body of the message this answers (null where the body was no JSON object): tells a
+    # request's own result from one for another message that reused its request id.
+    body_sha256: str | None = None
     # False when the request was already satisfied (every named sample already forgotten): applied, no new
     # version, `version` is the current head. Absent for other outcomes.
     changed: bool | None = None

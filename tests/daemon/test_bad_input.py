@@ -103,3 +103,47 @@ def test_signatures_are_required_when_a_key_is_configured(stack):
     reordered = dict(reversed(list(signed.items())))
     assert schema.sign(reordered, key.encode()) == signed["signature"]
     assert schema.sign({**signed, "model": "other"}, key.encode()) != signed["signature"]
+
+
+def test_a_message_reusing_another_requests_id_never_becomes_its_outcome(stack):
+    """Request ids are the requester's: another message may reuse one, by mistake or to confuse. Its rejection
+    names its own body (`body_sha256`): `publish --wait` waits past it for its own request's answer, and the
+    ledger row of a request applied, failed or in flight is never made the other message's rejection."""
+    import subprocess
+
+    from tests.harness import REPO, UNLEARND
+
+    ledger = stack.ledger()  # a request that failed for real before (its engine raised every attempt)
+    ledger.begin_attempt("fail-1", model=TEST_MODEL, method="iau", subject=None, body_sha256="f" * 64,
+                         forget_kind="sample_ids", forget_count=1, source="t/0/0")
+    ledger.finish("fail-1", "failed", model=TEST_MODEL, method="iau", reason="engine_failed", error="boom")
+    ledger.close()
+    stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "5", "--request-id", "warm-1")  # makes the topics
+    # Queued ahead of the real request, in its partition: a message that takes its id with an unknown model.
+    impostor = {"request_id": "race-1", "model": "nope", "forget": {"sample_ids": [1]}}
+    stack.publish(impostor)
+    waiting = subprocess.Popen([*UNLEARND, "publish", "--model", TEST_MODEL, "--sample-ids", "800", "--request-id",
+                                "race-1", "--wait", "--json", "--timeout", "120"], cwd=REPO, env=stack.env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.start()
+    out, err = waiting.communicate(timeout=150)
+    assert waiting.returncode == 0, err
+    answer = json.loads(out)
+    own = schema.body_sha256({"request_id": "race-1", "model": TEST_MODEL, "forget": {"sample_ids": [800]}})
+    assert (answer["status"], answer["body_sha256"]) == ("applied", own)
+    race = stack.results(2, request_id="race-1")
+    assert sorted((r["status"], r["body_sha256"]) for r in race) == sorted(
+        [("applied", own), ("rejected", schema.body_sha256(impostor))])
+
+    # Now an applied and a failed request's ids, reused with other content: refused, and the rows stay as they were.
+    stack.publish({"request_id": "race-1", "model": TEST_MODEL, "forget": {"sample_ids": [800]}, "x": 1})
+    stack.publish(request("fail-1", sample_ids=[900]) | {"x": 1})
+    stack.publish(request("after-impostors", sample_ids=[901]))
+    stack.results(1, request_id="after-impostors")
+    ledger = stack.ledger()
+    applied, failed = ledger.get_request("race-1"), ledger.get_request("fail-1")
+    assert (applied.status, applied.body_sha256) == ("applied", own)
+    assert (failed.status, failed.reason, failed.body_sha256) == ("failed", "engine_failed", "f" * 64)
+    [rejected] = stack.results(1, request_id="fail-1")
+    assert rejected["reason"] == "schema" and rejected["body_sha256"] != "f" * 64
+    assert stack.cli("requests", "retry", "fail-1", check=False).returncode == 0  # still failed, still retryable

@@ -102,6 +102,17 @@ def test_an_applied_request_is_never_claimed_or_rewritten_again(ledger):
     assert (ledger.get_request("r1").status, ledger.get_request("r1").artifact_id) == ("applied", "v0001")
 
 
+def test_a_failed_request_is_never_made_rejected_but_may_still_be_applied(ledger):
+    """A rejection written under a failed request's id is another message's (one reusing the id): not its outcome.
+    A retry that succeeds is."""
+    _attempt(ledger, "r1")
+    ledger.finish("r1", "failed", model=MODEL, reason="engine_failed", error="boom")
+    ledger.finish("r1", "rejected", reason="schema")
+    assert (ledger.get_request("r1").status, ledger.get_request("r1").reason) == ("failed", "engine_failed")
+    ledger.finish("r1", "applied", model=MODEL, artifact_id="v0001")
+    assert ledger.get_request("r1").status == "applied"
+
+
 def test_answered_marks(ledger):
     ledger.mark_answered([("t", 0, 5, "f1"), ("t", 0, 6, "f2"), ("t", 1, 5, "x")])
     ledger.mark_answered([("t", 0, 6, "f3")])
