@@ -128,10 +128,10 @@ class Admission:
         """The message's request, or Rejected: for its record (size, header keys), then its body."""
         max_bytes = self.config.requests.max_bytes
         for k, v in msg.headers:  # what daemon/record_decoding.py made of a record kafka-python could not read
-            if k == record_decoding.UNDECODABLE_RECORD_HEADER:
+            if record_decoding.written_here(k, record_decoding.UNDECODABLE_RECORD_HEADER):
                 raise Rejected(DeadLetterReason.UNDECODABLE_RECORD,
                                f"{msg.source}: {(v or b'').decode('utf-8', 'replace')}")
-            if k.startswith(record_decoding.UNDECODABLE_KEY_PREFIX):
+            if record_decoding.written_here(k, record_decoding.UNDECODABLE_KEY_PREFIX):
                 raise Rejected(DeadLetterReason.UNDECODABLE_RECORD, f"{msg.source}: a header key is not UTF-8 (the "
                                                                     "dead letter spells its bytes in hex)")
         if msg.size > max_bytes:

@@ -24,6 +24,10 @@ HEADER_BODY_SHA256 = "unlearnd.body_sha256"  # set when the value was truncated:
 HEADER_BODY_BYTES = "unlearnd.body_bytes"  # ... and size
 HEADER_TRUNCATED = "unlearnd.truncated"  # what was cut: "value", "key", "headers" (comma-separated)
 HEADER_NULL_HEADERS = "unlearnd.null_headers"  # keys of original headers whose value was null
+#: What the daemon says of a dead letter. The record's own headers of these names (a client's, or an earlier dead
+#: letter's when one is replayed) are dropped: the dead letter holds one of each, the daemon's.
+OWN_HEADERS = frozenset({HEADER_REASON, HEADER_ERROR, HEADER_SOURCE, HEADER_FAILED_AT, HEADER_BODY_SHA256,
+                         HEADER_BODY_BYTES, HEADER_TRUNCATED, HEADER_NULL_HEADERS})
 
 KEEP_BODY_BYTES = 4096  # of a value too large to copy: enough to see which request it was
 KEEP_KEY_BYTES = 1024
@@ -40,7 +44,9 @@ def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[
 
 def build(value: bytes | None, key: bytes | None, headers: Headers, *, reason: DeadLetterReason, error: str,
           source: str, budget: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
-    """(key, value, headers) of the dead letter for a record: unchanged if the record fits in `budget`."""
+    """(key, value, headers) of the dead letter for a record: unchanged if the record fits in `budget` (but for
+    headers named as the daemon's own, OWN_HEADERS)."""
+    headers = [(k, v) for k, v in headers if k not in OWN_HEADERS]
     nulls = [k for k, v in headers if v is None]
     kept = sendable(headers)
     extra = [(HEADER_REASON, reason.encode()), (HEADER_ERROR, error.encode("utf-8", "replace")[:MAX_ERROR_BYTES]),

@@ -32,6 +32,18 @@ UNDECODABLE_KEY_PREFIX = "unlearnd.undecodable_key:"
 UNDECODABLE_RECORD_HEADER = "unlearnd.undecodable_record"
 MAX_ERROR_BYTES = 500
 
+
+class DecoderHeader(str):
+    """A header key this module wrote. kafka-python hands a client's header keys over as plain str, so no client
+    can make one: a header a client names like ours is only its own text, and admission does not read it."""
+
+    __slots__ = ()
+
+
+def written_here(key: str, name: str) -> bool:
+    """Whether `key` is a header this module wrote and starts with `name`."""
+    return isinstance(key, DecoderHeader) and key.startswith(name)
+
 _installed = False  # the record-batch class is patched once per process
 _unreadable: dict[int, str] = {}  # id(batch) -> why it cannot be read; a batch's slots take no attribute of ours
 
@@ -52,12 +64,14 @@ def install() -> None:
             return read_msg(self, *args, **kwargs)
         except UnicodeDecodeError as exc:
             try:
-                end, rewritten = _with_readable_header_keys(self._buffer, start)
+                end, rewritten, spelled = _with_readable_header_keys(self._buffer, start)
             except (ValueError, IndexError):
                 return _placeholder(self, start, exc)
             self._buffer[start:end] = rewritten
             self._pos = start
-            return read_msg(self, *args, **kwargs)
+            record = read_msg(self, *args, **kwargs)
+            record._headers = [(DecoderHeader(k) if i in spelled else k, v) for i, (k, v) in enumerate(record._headers)]
+            return record
         except (CorruptRecordError, ValueError, IndexError) as exc:
             return _placeholder(self, start, exc)
 
@@ -112,12 +126,13 @@ def _placeholder(batch: Any, start: int, exc: Exception) -> default_records.Defa
 
 
 def _record(batch: Any, offset: int, timestamp: int, error: str) -> default_records.DefaultRecord:
-    header = (UNDECODABLE_RECORD_HEADER, error.encode("utf-8", "replace")[:MAX_ERROR_BYTES])
+    header = (DecoderHeader(UNDECODABLE_RECORD_HEADER), error.encode("utf-8", "replace")[:MAX_ERROR_BYTES])
     return default_records.DefaultRecord(0, offset, timestamp, batch.timestamp_type, None, None, [header])
 
 
-def _with_readable_header_keys(buffer: bytearray, start: int) -> tuple[int, bytes]:
-    """(end of the record at `start`, the record re-encoded with every non-UTF-8 header key spelled in hex)."""
+def _with_readable_header_keys(buffer: bytearray, start: int) -> tuple[int, bytes, set[int]]:
+    """(end of the record at `start`, the record re-encoded with every non-UTF-8 header key spelled in hex, the
+    positions of the keys spelled so)."""
     length, body = decode_varint(buffer, start)
     end = body + length
     pos = body
@@ -131,7 +146,8 @@ def _with_readable_header_keys(buffer: bytearray, start: int) -> tuple[int, byte
     if count < 0:
         raise ValueError("negative header count")
     encode_varint(count, out.append)
-    for _ in range(count):
+    spelled = set()
+    for i in range(count):
         n, pos = decode_varint(buffer, pos)
         key = bytes(buffer[pos:pos + n])
         pos += n
@@ -139,6 +155,7 @@ def _with_readable_header_keys(buffer: bytearray, start: int) -> tuple[int, byte
             key.decode("utf-8")
         except UnicodeDecodeError:
             key = (UNDECODABLE_KEY_PREFIX + key.hex()).encode()
+            spelled.add(i)
         encode_varint(len(key), out.append)
         out += key
         n, pos = decode_varint(buffer, pos)
@@ -150,4 +167,4 @@ def _with_readable_header_keys(buffer: bytearray, start: int) -> tuple[int, byte
         raise ValueError("record length does not match its fields")
     record = bytearray()
     encode_varint(len(out), record.append)
-    return end, bytes(record + out)
+    return end, bytes(record + out), spelled

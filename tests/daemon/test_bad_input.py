@@ -147,3 +147,20 @@ def test_a_message_reusing_another_requests_id_never_becomes_its_outcome(stack):
     [rejected] = stack.results(1, request_id="fail-1")
     assert rejected["reason"] == "schema" and rejected["body_sha256"] != "f" * 64
     assert stack.cli("requests", "retry", "fail-1", check=False).returncode == 0  # still failed, still retryable
+
+
+def test_headers_named_like_the_daemons_are_only_the_clients_text(stack):
+    """A client may name its headers anything, `unlearnd.*` included: they neither mark a valid request
+    undecodable nor stand in a dead letter beside (or before) the daemon's own reason and source."""
+    stack.start()
+    spoofs = [("unlearnd.undecodable_record", b"spoofed"), ("unlearnd.undecodable_key:ff", b"x"),
+              (HEADER_REASON, b"oversize"), (HEADER_SOURCE, b"fake/9/9"), ("trace-id", b"t1")]
+    stack.publish(request("spoof-ok", sample_ids=[50]), headers=spoofs)
+    stack.publish({**request("spoof-bad"), "x": 1}, headers=spoofs)
+    assert stack.results(1, request_id="spoof-ok")[0]["status"] == "applied"
+    [dead] = stack.read("dlq", 1)
+    names = [k for k, _ in dead.headers]
+    assert names.count(HEADER_REASON) == names.count(HEADER_SOURCE) == 1
+    headers = dict(dead.headers)
+    assert headers[HEADER_REASON] == b"schema" and headers[HEADER_SOURCE].startswith(stack.topic("requests").encode())
+    assert (headers["trace-id"], headers["unlearnd.undecodable_record"]) == (b"t1", b"spoofed")  # kept as sent

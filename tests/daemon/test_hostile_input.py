@@ -150,6 +150,16 @@ def test_undecodable_header_key_is_read_with_its_bytes_in_hex():
     assert [r.value for r in records] == [b"bad", b"good"]
     assert records[0].headers == [(record_decoding.UNDECODABLE_KEY_PREFIX + "fffe", b"v"), ("fine", None)]
     assert [r.offset for r in records] == [0, 1]
+    assert record_decoding.written_here(records[0].headers[0][0], record_decoding.UNDECODABLE_KEY_PREFIX)
+
+
+def test_a_clients_header_named_like_the_decoders_is_only_its_own_text():
+    """Only the decoder can mark a record undecodable: a client's header of the same name, beside a non-UTF-8 key
+    the decoder spells in hex, stays a plain header that admission does not read."""
+    spoofs = [(record_decoding.UNDECODABLE_RECORD_HEADER.encode(), b"spoofed"),
+              ((record_decoding.UNDECODABLE_KEY_PREFIX + "ff").encode(), b"x"), (b"\xff", b"real")]
+    [record] = _read([_record_body(b"k", b"v", spoofs)])
+    assert [record_decoding.written_here(k, "unlearnd.") for k, _ in record.headers] == [False, False, True]
 
 
 @pytest.mark.parametrize(
@@ -158,7 +168,7 @@ def test_undecodable_header_key_is_read_with_its_bytes_in_hex():
 def test_unparseable_record_becomes_a_placeholder_at_its_offset(broken):
     bad, good = _read([broken, _record_body(b"k", b"good")])
     assert (bad.offset, bad.value, bad.key) == (0, None, None)
-    assert bad.headers[0][0] == record_decoding.UNDECODABLE_RECORD_HEADER
+    assert record_decoding.written_here(bad.headers[0][0], record_decoding.UNDECODABLE_RECORD_HEADER)
     assert (good.offset, good.value) == (1, b"good")
 
 
