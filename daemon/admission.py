@@ -17,7 +17,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from adapters.base import Forget, InvalidForget
 from daemon import metrics, record_decoding
-from daemon.config import Config
+from daemon.config import FORGET_KINDS, Config
 from daemon.dead_letter import Headers, record_size
 from daemon.ledger import Ledger
 from daemon.models import ModelRegistry, UnknownModel
@@ -157,6 +157,10 @@ class Admission:
             self.registry.precheck(request.model, forget)
         except InvalidForget as exc:
             raise Rejected(forget_reason(exc), str(exc), request.request_id, request.model, method) from None
+        if forget.kind not in FORGET_KINDS[spec.kind]:  # refused here: never an engine attempt
+            raise Rejected(DeadLetterReason.INVALID_FORGET, f"model {request.model!r} is a {spec.kind} model: it "
+                           f"takes {' or '.join(FORGET_KINDS[spec.kind])} requests, not {forget.kind}",
+                           request.request_id, request.model, method)
         if spec.kind not in engine.model_kinds:
             raise Rejected(DeadLetterReason.UNKNOWN_METHOD, f"method {method!r} does not apply to {spec.kind} models",
                            request.request_id, request.model, method)

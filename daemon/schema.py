@@ -29,7 +29,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters.base import Forget, InvalidForget
 
@@ -146,6 +146,12 @@ class ForgetSpec(BaseModel):
     concept: str | None = Field(None, min_length=1)
     image: str | None = Field(None, min_length=1, max_length=128)
     mask: MaskSpec | None = None
+
+    @field_validator("sample_ids")
+    @classmethod
+    def _distinct(cls, ids: list[int] | None) -> list[int] | None:
+        """An id named twice is one sample: forgotten once, counted once (in the ledger's forget_count too)."""
+        return None if ids is None else list(dict.fromkeys(ids))
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ForgetSpec:

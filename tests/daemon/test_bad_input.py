@@ -64,6 +64,9 @@ def test_each_bad_input_lands_in_the_dlq_and_a_good_one_still_applies(stack):
     # The audit trail has every rejection, by id where one could be read; raw forget data appears nowhere.
     ledger = stack.ledger()
     assert ledger.get_request("ghost-ids").reason == "invalid_forget"
+    wrong_kind = ledger.get_request("texts-for-classifier")  # refused on admission: no engine attempt counted
+    assert (wrong_kind.reason, wrong_kind.attempts) == ("invalid_forget", 0), wrong_kind
+    assert "is a classifier model: it takes sample_ids or class requests, not texts" in wrong_kind.error
     assert ledger.get_request("how").status == "rejected"
     refused = ledger.get_request("salun-on-samples")
     assert (refused.status, refused.reason) == ("rejected", "method_not_allowed")

@@ -41,6 +41,8 @@ VALID = [
      lambda r: r.method == "iau" and r.subject == "user-1" and r.issued_at.year == 2026),
     ("largest sample id", _forget({"sample_ids": [2**63 - 1]}), lambda r: r.forget.sample_ids == [2**63 - 1]),
     ("id with punctuation", _with(request_id="gdpr:2026/0042@eu.x-1"), lambda r: r.request_id.startswith("gdpr")),
+    ("an id named twice is one sample", _forget({"sample_ids": [7, 3, 7, 7, 3]}),
+     lambda r: r.forget.to_forget().sample_ids == (7, 3) and r.forget.size() == 2),
 ]
 
 
