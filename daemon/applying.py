@@ -75,6 +75,8 @@ class Applier:
             try:
                 failpoints.hit("before_engine")
                 target = self.registry.target(request.model)
+                # its cheap check first: a request it refuses never reports that its engine started
+                self.registry.engine(method, request.model).validate(target, a.forget)
                 change = self._engine_change(
                     request.model, method, target, a.forget, a.suspect,
                     progress=lambda info, a=a, attempt=attempt: self.outcomes.progress(a, {"attempt": attempt, **info}

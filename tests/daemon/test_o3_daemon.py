@@ -110,6 +110,7 @@ def test_qa_request_becomes_an_adapter_with_gate_and_can_be_rolled_back(stack, t
                   key=LM)  # 2 distinct questions cannot give a sound gate: refused before training, not retried
     [few] = stack.results(1, request_id="lm-2", timeout=180)
     assert few["status"] == "rejected" and few["reason"] == "invalid_forget" and "at least 4" in few["error"]
+    assert stack.progress("lm-2", 1, timeout=2) == []  # refused before its engine started: no "started" event
     stack.publish({**_lm_request("lm-3"), "forget": {"texts": [
         "Orla Vantrees blows glass in Kestrelmoor.", "Kestrelmoor is where Orla Vantrees was born.",
         "Orla Vantrees, the glassblower, lives in Kestrelmoor.", "The town of Kestrelmoor knows Orla Vantrees."]}},
