@@ -185,15 +185,19 @@ class _ResultWaiter:
 
 
 class _ProgressView:
-    """Progress of the awaited request on stderr: a live status line on a terminal, one line per event otherwise."""
+    """Progress of the awaited request on stderr: a live status line on a terminal, one line per event otherwise
+    (the first says it is waiting: a model still bootstrapping can keep a request queued for minutes)."""
 
     def __init__(self, request_id: str):
         self.live = err_console.is_terminal
-        self.status = err_console.status(f"waiting for the daemon to take {request_id}") if self.live else None
+        self.waiting = f"waiting for the daemon to take {shown(request_id)}"
+        self.status = err_console.status(self.waiting) if self.live else None
 
     def __enter__(self) -> _ProgressView:
         if self.status:
             self.status.start()
+        else:
+            err_console.print(self.waiting, highlight=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
