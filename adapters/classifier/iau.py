@@ -55,7 +55,6 @@ from adapters.classifier.model import (
     state_of,
 )
 from adapters.datasets import LabeledSet, RowSelection
-from adapters.devices import device_of
 
 GUARD_EDGE_STEPS = 3  # bisection steps toward the guard's edge when the criterion costs more than it allows
 
@@ -117,13 +116,9 @@ class IAUEngine(ClassifierEngine):
               ) -> WeightChange:
         t0 = time.perf_counter()
         cfg = self.config
-        forget_rows, remaining, skipped = target.split(forget)
-        # The rows every trial step reads go to the model's device once. The remaining set is only sampled here
-        # (its probe): it is copied out whole off the request path, by the refresh, or by a request with no cache.
-        device = device_of(target.model)
-        forget_rows = forget_rows.to(device)
-        retain_probe = remaining.sample(cfg.measure_cap).to(device)
-        test_probe = target.data.test.sample(cfg.measure_cap).to(device)
+        # The remaining set is only sampled here (its probe): it is copied out whole off the request path, by the
+        # refresh, or by a request with no cache.
+        forget_rows, remaining, skipped, retain_probe, test_probe = target.request_rows(forget, cfg.measure_cap)
 
         cache = self._cached(target)
         with self._lock:

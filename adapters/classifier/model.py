@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,17 @@ class WeightChange(Change):
         return self._model.eval() if self._model is not None else with_weights(spec, self.state)
 
 
+class RequestRows(NamedTuple):
+    """What one request reads: the rows to forget and the two probes on the model's device, the remaining rows
+    selected but not copied out (an engine copies them where it needs them whole)."""
+
+    forget: LabeledSet
+    remaining: RowSelection
+    skipped: tuple[int, ...]  # ids named again, already forgotten
+    retain_probe: LabeledSet
+    test_probe: LabeledSet
+
+
 @dataclass
 class ClassifierTarget:
     """A classifier as it is now, with the registered data its engines need."""
@@ -205,6 +216,14 @@ class ClassifierTarget:
         if len(remaining) == 0:
             raise InvalidForget("request would forget the whole training set")
         return forget_rows, remaining, skipped
+
+    def request_rows(self, forget: Forget, measure_cap: int) -> RequestRows:
+        """split(), with the forget rows and a probe of at most `measure_cap` remaining and test rows each moved to
+        the model's device once (every trial or pass of the request reads them there)."""
+        forget_rows, remaining, skipped = self.split(forget)
+        device = device_of(self.model)
+        return RequestRows(forget_rows.to(device), remaining, skipped, remaining.sample(measure_cap).to(device),
+                           self.data.test.sample(measure_cap).to(device))
 
 
 class ClassifierEngine(Engine):

@@ -122,13 +122,8 @@ class SalUnEngine(ClassifierEngine):
               ) -> WeightChange:
         t0 = time.perf_counter()
         cfg = self.config
-        forget_rows, remaining, skipped = target.split(forget)
-        # Rows go to the model's device once per use: the forget rows and probes for the request, the retain rows
-        # (at most retain_cap) per epoch.
-        device = device_of(target.model)
-        forget_rows = forget_rows.to(device)
-        retain_probe = remaining.sample(cfg.measure_cap).to(device)
-        test_probe = target.data.test.sample(cfg.measure_cap).to(device)
+        forget_rows, remaining, skipped, retain_probe, test_probe = target.request_rows(forget, cfg.measure_cap)
+        device = forget_rows.x.device  # the model's: the retain rows (at most retain_cap) go there per epoch
         before = measures.accuracies(target.model, forget_rows, retain_probe, test_probe)
         unseen = looks_unseen(cfg.criterion, forget, Scores.on(target.model, test_probe), cfg.class_forget_max)
         forgotten = lambda m: unseen(Scores.on(m, forget_rows))  # noqa: E731
