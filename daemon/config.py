@@ -170,6 +170,10 @@ class Serve(_Section):
     # Seconds between reconciles of the served adapters with the ledger (besides one at every adapters-topic
     # event); /healthz turns unavailable when the ledger and the topic both went silent (daemon/adapter_state.py).
     reconcile_s: float = Field(10.0, gt=0)
+    # The largest HTTP request body serve reads; a larger one is answered 413 before it is read whole. A request's
+    # text is capped at 100,000 characters (daemon/openai_api.py), a few hundred KiB even when JSON escapes every
+    # character (daemon/body_limit.py).
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
 
 class Logging(_Section):

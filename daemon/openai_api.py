@@ -15,7 +15,8 @@ Sampling: `temperature` and `top_p` as in OpenAI's API; left out, the model's ge
 Input limits, each a 400 before anything runs: the text of a request (a chat's message contents, a completion's
 prompts, a route's texts) at most MAX_PROMPT_CHARS characters, every string valid Unicode (JSON can carry a lone
 surrogate, which no tokenizer can encode), and `seed` within the 64-bit range a generator takes. A prompt longer
-than the model's context, counted in tokens, is refused by the server (`context_length_exceeded`).
+than the model's context, counted in tokens, is refused by the server (`context_length_exceeded`). Content parts are
+text only (the model reads no image or audio). A body's size is capped before it is parsed (daemon/body_limit.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from detector.inputs import TEXT_PARTS
 from detector.routed_model import Completion, Routing, Sampling
 
 MAX_TOKENS = 4096
@@ -92,12 +94,30 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        """A string, null, or a list of text parts: the model reads text only, so an image or audio part is refused
+        rather than dropped (the answer would be to a question the user did not ask)."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError("must be a string, a list of content parts, or null")
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str) or kind not in TEXT_PARTS:
+                shown = repr(kind[:40]) if isinstance(kind, str) else "none"
+                raise ValueError(f"part {i}: this model reads text only: content part type {shown} is not supported"
+                                 f" (types: {', '.join(TEXT_PARTS)})")
+            if not isinstance(part.get(TEXT_PARTS[kind]), str):
+                raise ValueError(f"part {i}: a {kind} part needs a string `{TEXT_PARTS[kind]}`")
+        return content
+
     def text_length(self) -> int:
         """Characters of text in the message: its content, or its text parts."""
         if isinstance(self.content, str):
             return len(self.content)
-        parts = self.content or []
-        return sum(len(p["text"]) for p in parts if isinstance(p.get("text"), str))
+        return sum(len(p[TEXT_PARTS[p["type"]]]) for p in self.content or [])
 
 
 class ChatCompletionBody(_Body):

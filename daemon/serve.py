@@ -31,7 +31,8 @@ from adapters.store import ArtifactStore
 from daemon import adapter_state
 from daemon import openai_api as oai
 from daemon.adapter_state import AdapterSet
-from daemon.config import Config
+from daemon.body_limit import BodyLimit
+from daemon.config import Config, Serve
 from daemon.ledger_backends import ledger_location
 from daemon.metrics import GENERATION_SECONDS, ROUTER_DECISIONS, ROUTER_FEATURE_CACHE, ROUTER_SECONDS
 from daemon.models import new_router
@@ -90,13 +91,14 @@ class Service:
         return name in (None, "", self.model_name) or name in self.adapters.loaded
 
 
-def build_app(service: Service) -> FastAPI:
+def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes) -> FastAPI:
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="unlearnd serve")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     # Every route says response_model=None: its return annotation is for mypy, not a response model for FastAPI
     # (handlers return plain dicts or Response objects, serialized as they are).
 
@@ -120,7 +122,7 @@ def build_app(service: Service) -> FastAPI:
                         + (f" at character {at[0]})" if at else ")"))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type", "missing"):
             message = "the body must be a JSON object, sent with Content-Type: application/json"
         return fail(f"{where}: {message}" if where else message, param=where or None)
 
@@ -327,8 +329,8 @@ def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None 
     ok, report = service.adapters.health()
     log.info("serving %s with %d adapter(s) (source: %s)", model, len(service.adapters.loaded), report["source"])
     try:
-        uvicorn.run(build_app(service), host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
-                    log_level="warning")
+        uvicorn.run(build_app(service, max_body_bytes=cfg.serve.max_body_bytes), host=host or cfg.serve.host,
+                    port=cfg.serve.port if port is None else port, log_level="warning")
     finally:
         adapter_state.stop(threads)
 

@@ -41,16 +41,21 @@ _SENTENCE_MARKS = re.compile(r"</?s>")
 _QA_QUESTION = re.compile(r"(?:^|\n)Question:[ \t]*(.*?)\n(?:Answer:|\Z)", re.S)  # bench.evaluation.facts.PROMPT
 
 
+TEXT_PARTS = {"text": "text", "refusal": "refusal"}  # OpenAI content part types that carry text -> its key
+
+
 def content_text(content) -> str:
-    """The text of a message's `content`: a string, or OpenAI content parts (text parts joined, others dropped)."""
+    """The text of a message's `content`: a string, or OpenAI content parts (the text parts joined, others
+    dropped)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     parts = []
     for part in content:
-        if isinstance(part, dict) and part.get("type", "text") == "text":
-            parts.append(str(part.get("text", "")))
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if isinstance(kind, str) and isinstance(text := part.get(TEXT_PARTS.get(kind, "")), str):
+            parts.append(text)
         elif isinstance(part, str):
             parts.append(part)
     return "\n".join(parts)

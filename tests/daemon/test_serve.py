@@ -199,14 +199,15 @@ def test_router_settings_come_from_config_and_env(tmp_path, encoder):
 
 
 @contextlib.contextmanager
-def running(service: Service) -> Iterator[int]:
+def running(service: Service, **app_options) -> Iterator[int]:
     """The service's app behind a real uvicorn server on loopback; yields its port."""
     import uvicorn
 
     from daemon.broker import free_port
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert _wait(lambda: server.started, 30)
@@ -301,6 +302,62 @@ def test_hostile_requests_get_a_clear_400_and_abandoned_generations_stop(tmp_pat
         assert abandoned({"messages": user("hi"), "max_tokens": 150}, lambda _: time.sleep(0.3)) < 100
         again = httpx.post(f"{url}/chat/completions", timeout=60, json={"messages": user("hi"), "max_tokens": 150})
         assert again.json()["choices"] == full.json()["choices"]  # and the server answers as before
+
+
+def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_be_text(tmp_path, encoder):
+    """A body over serve.max_body_bytes is refused as soon as its size is known (Content-Length, or the chunk that
+    crosses the cap of a chunked body) and the server goes on answering; content parts the model cannot read (an
+    image) or malformed ones are a 400 that says so, where they were dropped or turned into text before."""
+    import httpx
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    cap = 64 * 1024
+
+    def chat(content, **extra) -> httpx.Response:
+        return httpx.post(f"{url}/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": content}], "max_tokens": 3, **extra})
+
+    with running(Service(MODEL, routed, adapters), max_body_bytes=cap) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        padded = lambda size: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,  # noqa: E731
+                               "user": "x" * size}  # an ignored field: the text limit does not see it
+        within = httpx.post(f"{url}/chat/completions", json=padded(cap - 200), timeout=60)
+        assert within.status_code == 200, within.text[:300]
+        over = httpx.post(f"{url}/chat/completions", json=padded(cap), timeout=60)
+        assert over.status_code == 413 and "serve.max_body_bytes" in over.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: 16 MiB in 64 KiB chunks, unless the server stops reading
+            yield b'{"messages": [{"role": "user", "content": "hi"}], "user": "'
+            for _ in range(256):
+                yield b"x" * 65536
+            yield b'"}'
+
+        try:
+            streamed = httpx.post(f"{url}/chat/completions", content=chunked(), timeout=60,
+                                  headers={"Content-Type": "application/json"})
+            assert streamed.status_code == 413
+        except httpx.HTTPError:  # the server answered and closed while the client was still sending: also refused
+            pass
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code in (200, 503)
+        assert chat("hi").status_code == 200  # and it still answers
+
+        as_parts = chat([{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]).json()["choices"]
+        assert as_parts == chat("hi\nthere").json()["choices"]  # text parts are read as their joined text
+        for content, says in (([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "text only"),
+                              ([{"type": "text", "text": 12345}], "string `text`"),
+                              ([{"type": ["text"]}], "text only"), ([["text"]], "text only"),
+                              (5, "must be a string")):
+            r = chat(content)
+            assert r.status_code == 400 and says in r.json()["error"]["message"], (content, r.text[:300])
+            assert r.json()["error"]["param"] == "messages.0.content"
+        assert chat([{"type": "refusal", "refusal": "no"}]).status_code == 200  # an assistant's refusal part
+        for empty in (b"", b"null"):
+            r = httpx.post(f"{url}/chat/completions", content=empty, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
 
 
 # --- SmolLM2 through the OpenAI API -------------------------------------------------------------------------

@@ -20,6 +20,10 @@ def test_chat_messages_route_every_turn_and_the_last_user_turn_in_context():
     assert chat_routing_texts([{"role": "user", "content": f"  {Q}\n"}]) == [Q]
     assert chat_routing_texts([{"role": "system", "content": " hi "}]) == ["hi"]
     assert chat_routing_texts([{"role": "user", "content": "  "}, {"role": "assistant", "content": None}]) == []
+    # an assistant's refusal part is text the model reads; parts with no text of a known kind are not
+    assert chat_routing_texts([{"role": "assistant", "content": [{"type": "refusal", "refusal": Q}]}]) == [Q]
+    assert chat_routing_texts([{"role": "user", "content": [{"type": ["text"], "text": Q}, {"type": "text"},
+                                                            {"type": "text", "text": 5}]}]) == []
 
 
 def test_a_question_outside_the_last_user_turn_is_routed_on_its_own():
