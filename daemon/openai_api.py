@@ -32,6 +32,7 @@ from detector.routed_model import Completion, Routing, Sampling
 
 MAX_TOKENS = 4096
 MAX_PROMPT_CHARS = 100_000
+MAX_ITEMS = 256  # messages of a chat, prompts of a completion, texts of a route: one request's list
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
@@ -121,7 +122,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     tools: list[Any] | None = Field(None, description="not supported")
 
@@ -140,12 +141,19 @@ class ChatCompletionBody(_Body):
 
 class CompletionBody(_Body):
     prompt: str | list[str] = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _few_prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) > MAX_ITEMS:
+            raise ValueError(f"at most {MAX_ITEMS} prompts in one request, not {len(prompt)}")
+        return prompt
     echo: bool = False
 
 
 class RouteBody(_Request):
-    texts: list[str] | None = Field(None, min_length=1, max_length=256)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    texts: list[str] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
 
     @model_validator(mode="after")
     def _bounded(self) -> RouteBody:

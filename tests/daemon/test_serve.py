@@ -355,6 +355,8 @@ def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_
             assert r.status_code == 400 and says in r.json()["error"]["message"], (content, r.text[:300])
             assert r.json()["error"]["param"] == "messages.0.content"
         assert chat([{"type": "refusal", "refusal": "no"}]).status_code == 200  # an assistant's refusal part
+        many = httpx.post(f"{url}/completions", json={"prompt": ["a"] * 257, "max_tokens": 1}, timeout=60)
+        assert many.status_code == 400 and "at most 256 prompts" in many.json()["error"]["message"]
         for empty in (b"", b"null"):
             r = httpx.post(f"{url}/chat/completions", content=empty, headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
