@@ -32,6 +32,7 @@ from detector.routed_model import Completion, Routing, Sampling
 
 MAX_TOKENS = 4096
 MAX_PROMPT_CHARS = 100_000
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's API takes up to 4 stop strings
 MAX_ITEMS = 256  # messages of a chat, prompts of a completion, texts of a route: one request's list
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
@@ -79,10 +80,20 @@ class _Body(_Request):
     stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = Field(None, description="not supported")
 
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return stop
+
     def sampling(self, default_max_tokens: int) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Sampling(max_new_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                        top_p=self.top_p, seed=self.seed, stop=tuple(s for s in stop[:4] if s))
+                        top_p=self.top_p, seed=self.seed, stop=tuple(s for s in stop if s))
 
     @property
     def include_usage(self) -> bool:

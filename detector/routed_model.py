@@ -34,7 +34,7 @@ from detector.gate import GATE_SUBDIR
 from detector.inputs import chat_routing_texts, content_text, prompt_routing_texts
 from detector.per_sample_lora import per_sample_adapters
 from detector.router import Router
-from detector.text_stream import TextStream, first_stop, stop_when
+from detector.text_stream import TextStream, first_stop, stop_at_strings, stop_when
 
 FULL_STRENGTH = 1.0
 _SWAP = "unlearnd_swap"  # transient adapter name while the only loaded adapter is replaced
@@ -276,12 +276,15 @@ class RoutedModel:
     @torch.inference_mode()
     def _generate_ids(self, ids: dict, routing: Routing, sampling: Sampling, **extra) -> torch.Tensor:
         tok = self.tokenizer
+        if sampling.stop:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList(
+                [*extra.get("stopping_criteria", ()), stop_at_strings(tok, ids["input_ids"].shape[1], sampling.stop)])
         with self.lock, self._adapters_context([routing.applied]):
             kw = sampling.generate_kwargs(self.model)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            if sampling.stop:
-                kw.update(stop_strings=list(sampling.stop), tokenizer=tok)
             return self.model.generate(**ids, pad_token_id=tok.pad_token_id, **kw, **extra)
 
     def _completion(self, text: str, stopped: bool, ids: dict, new: list[int], routing: Routing,

@@ -84,6 +84,28 @@ def stop_when(cancel: threading.Event):
     return StoppingCriteriaList([_Cancelled()])
 
 
+def stop_at_strings(tokenizer, prompt_length: int, stops: Sequence[str]):
+    """A stopping criterion for model.generate that ends a row once its new text contains a stop string.
+
+    Each step decodes only the tail of the new tokens that can hold a stop string that just appeared (one token
+    decodes to at least one character, bar special tokens, which are skipped as in the output). transformers' own
+    `stop_strings` precomputes a table over the whole vocabulary for each set of stop strings, whose size grows
+    with their length (gigabytes for a few thousand characters) and which it keeps for the last 8 sets."""
+    from transformers import StoppingCriteria
+
+    stops = [s for s in stops if s]
+    tail_tokens = max(map(len, stops), default=0) + 8
+
+    class _StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = tokenizer.batch_decode(input_ids[:, max(prompt_length, input_ids.shape[1] - tail_tokens):],
+                                           skip_special_tokens=True)
+            return torch.tensor([first_stop(t, stops) >= 0 for t in tails], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return _StopStrings()
+
+
 def first_stop(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in `text`, or -1."""
     return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)

@@ -362,6 +362,41 @@ def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_
             assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
 
 
+def test_stop_strings_end_the_generation_where_they_appear_streamed_or_not(tmp_path, encoder):
+    """A stop string ends the generation at the token that completes it (not after max_tokens with the text cut),
+    streamed or not; more than 4 stop strings, or one over 256 characters, is a 400 (transformers' own stop strings
+    cost gigabytes and minutes for a few thousand characters, in the thread that every generation waits for)."""
+    import httpx
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    with running(Service(MODEL, routed, adapters)) as port:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        ask = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 60, "temperature": 0}
+        free = httpx.post(url, json=ask, timeout=60).json()
+        text = free["choices"][0]["message"]["content"]
+        assert free["usage"]["completion_tokens"] == 60 and len(text) >= 30, text  # a character tokenizer
+        stop = text[20:23]
+        before = text[:text.find(stop)]
+        stopped = httpx.post(url, json={**ask, "stop": [stop, "never in it \u2603"]}, timeout=60).json()
+        assert stopped["choices"][0]["message"]["content"] == before
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+        assert stopped["usage"]["completion_tokens"] <= len(before) + len(stop) + 1  # it stopped there
+        with httpx.stream("POST", url, json={**ask, "stop": stop, "stream": True}, timeout=60) as r:
+            pieces = [json.loads(line[5:])["choices"][0]["delta"].get("content", "")
+                      for line in r.iter_lines() if line.startswith("data: {")]
+        assert "".join(pieces) == before
+        from transformers.generation import stopping_criteria
+
+        assert not stopping_criteria.STOP_STRING_EMBEDDING_CACHE  # no vocabulary-wide table was built
+        for bad, says in ((["a", "b", "c", "d", "e"], "at most 4"), (["x" * 257], "256 characters")):
+            r = httpx.post(url, json={**ask, "stop": bad}, timeout=60)
+            assert r.status_code == 400 and says in r.json()["error"]["message"], r.text[:300]
+
+
 # --- SmolLM2 through the OpenAI API -------------------------------------------------------------------------
 
 
