@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:  # imported where used: only `unlearnd serve` needs the web st
 
 log = logging.getLogger("unlearnd.serve")
 Reply = TypeVar("Reply")  # an endpoint's answer
+# On SIGTERM, requests still running after this long are cancelled, which ends their generations at the next token
+SHUTDOWN_GRACE_S = 5
 
 
 class Service:
@@ -113,6 +116,12 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
         return fail(str(exc.detail), exc.status_code, kind)
 
+    @app.exception_handler(Exception)
+    def crashed(request: Request, exc: Exception) -> JSONResponse:
+        """A failure no check foresaw: logged with its traceback, answered in the API's error shape."""
+        log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+        return fail(f"internal error ({type(exc).__name__}); the server log has the details", 500, "internal_error")
+
     @app.exception_handler(RequestValidationError)
     def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -134,8 +143,12 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
 
         cancel = threading.Event()
         work = asyncio.ensure_future(run_in_threadpool(answer, cancel))
-        while not (await asyncio.wait({work}, timeout=0.25))[0]:
-            if await request.is_disconnected():
+        try:
+            while not (await asyncio.wait({work}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    cancel.set()
+        finally:  # also when the server, shutting down, cancels the requests still running
+            if not work.done():
                 cancel.set()
         return work.result()
 
@@ -231,8 +244,11 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
             return fail("stream one prompt at a time", param="prompt")
         try:
             if not body.stream:
-                done = [timed(routed.generate(p, r, sampling, templated=False, cancel=cancel))
-                        for p, r in zip(prompts, routings, strict=True)]
+                done = []
+                for p, r in zip(prompts, routings, strict=True):
+                    if cancel.is_set():  # the client went away: not one more generation for it
+                        return fail("the client went away", 499)
+                    done.append(timed(routed.generate(p, r, sampling, templated=False, cancel=cancel)))
                 texts = [(p if body.echo else "") + c.text for p, c in zip(prompts, done, strict=True)]
                 return oai.completion_response(service.model_name, done, texts)
             stream = routed.stream(prompts[0], routings[0], sampling, templated=False)
@@ -255,11 +271,11 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
         return sse(events(), stream)
 
     @app.get("/v1/models", response_model=None)
-    def models() -> dict[str, Any]:
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": service.models()}
 
     @app.get("/v1/models/{name}", response_model=None)
-    def model(name: str) -> Response | dict[str, Any]:
+    async def model(name: str) -> Response | dict[str, Any]:
         card = next((c for c in service.models() if c["id"] == name), None)
         return card if card is not None else fail(f"The model `{name}` does not exist.", 404, "NotFoundError", "model")
 
@@ -278,13 +294,18 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
     def adapters() -> dict[str, Any]:
         return {"model": service.model_name, "adapters": service.listing()}
 
+    # Probes and scrapes never wait for a thread behind the requests: the shared pool's threads can all be taken
+    # by requests waiting for the model (one generation at a time), and a probe that times out restarts the pod.
+    # The health report waits for the adapter set's lock (held while an adapter loads), so in a thread of its own.
+    probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz")
+
     @app.get("/healthz", response_model=None)
-    def healthz() -> JSONResponse:
-        ok, report = service.adapters.health()
+    async def healthz() -> JSONResponse:
+        ok, report = await asyncio.get_running_loop().run_in_executor(probes, service.adapters.health)
         return JSONResponse({"ok": ok, "model": service.model_name, **report}, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_model=None)
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -330,7 +351,8 @@ def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None 
     log.info("serving %s with %d adapter(s) (source: %s)", model, len(service.adapters.loaded), report["source"])
     try:
         uvicorn.run(build_app(service, max_body_bytes=cfg.serve.max_body_bytes), host=host or cfg.serve.host,
-                    port=cfg.serve.port if port is None else port, log_level="warning")
+                    port=cfg.serve.port if port is None else port, log_level="warning",
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         adapter_state.stop(threads)
 

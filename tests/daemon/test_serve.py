@@ -29,7 +29,7 @@ from adapters.lm.o3 import gate_texts
 from daemon import adapter_state, kafka_io
 from daemon.adapter_state import AdapterRef, AdapterSet
 from daemon.config import Config
-from daemon.serve import Service, build_app, route_text
+from daemon.serve import SHUTDOWN_GRACE_S, Service, build_app, route_text
 from detector import Encoder, RoutedModel, Router, fit_request_gate
 from detector.gate import GATE_SUBDIR
 from tests.tiny_models import tiny_llama
@@ -182,6 +182,27 @@ def test_healthz_reports_an_active_adapter_that_cannot_be_loaded(tmp_path, encod
     assert client.get("/healthz").json()["adapters_loaded"] == ["a1"]
 
 
+def test_a_failure_no_check_foresaw_is_a_json_500_in_the_apis_shape(tmp_path, encoder, caplog):
+    """An outside audit got a plain-text `Internal Server Error` (numpy out of memory inside generate); a client
+    parses every answer as OpenAI's error object. The failure is logged with its traceback."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 36.6 GiB")
+
+    routed.generate = out_of_memory  # type: ignore[method-assign]  # the failure, injected where it happened
+    client = TestClient(build_app(Service(MODEL, routed, AdapterSet(MODEL, routed, ledger_path=None,
+                                                                     reconcile_s=10.0))), raise_server_exceptions=False)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    assert "MemoryError" in r.json()["error"]["message"] and "36.6" not in r.json()["error"]["message"]
+    assert any(rec.exc_info and rec.exc_info[0] is MemoryError for rec in caplog.records)
+    assert client.post("/v1/route", json={"texts": ["hi"]}).status_code == 200  # and it goes on answering
+
+
 def test_router_settings_come_from_config_and_env(tmp_path, encoder):
     """config.toml ships the measured defaults; UNLEARND__SERVE__* overrides reach the router serving builds,
     and a value outside [0, 1] stops start-up with the key's path."""
@@ -198,19 +219,26 @@ def test_router_settings_come_from_config_and_env(tmp_path, encoder):
         config_mod.load(repo_config, env={"UNLEARND__SERVE__MARGIN": "2"})
 
 
-@contextlib.contextmanager
-def running(service: Service, **app_options) -> Iterator[int]:
-    """The service's app behind a real uvicorn server on loopback; yields its port."""
+def started(service: Service, **app_options):
+    """The service's app behind a real uvicorn server on loopback, as `unlearnd serve` runs it (the same grace on
+    shutdown); (server, its port, the thread running it)."""
     import uvicorn
 
     from daemon.broker import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service, **app_options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert _wait(lambda: server.started, 30)
+    return server, port, thread
+
+
+@contextlib.contextmanager
+def running(service: Service, **app_options) -> Iterator[int]:
+    """started(), stopped on leaving; yields the port."""
+    server, port, thread = started(service, **app_options)
     try:
         yield port
     finally:
@@ -395,6 +423,79 @@ def test_stop_strings_end_the_generation_where_they_appear_streamed_or_not(tmp_p
         for bad, says in ((["a", "b", "c", "d", "e"], "at most 4"), (["x" * 257], "256 characters")):
             r = httpx.post(url, json={**ask, "stop": bad}, timeout=60)
             assert r.status_code == 400 and says in r.json()["error"]["message"], r.text[:300]
+
+
+def test_probes_answer_under_load_and_work_for_no_one_stops(tmp_path, encoder):
+    """Found by an outside audit: with more requests in flight than the server has threads, /healthz, /metrics and
+    /v1/models timed out (a probe that fails restarts the pod); a completions request with many prompts went on
+    generating every one after its client left; and SIGTERM waited for all of it. Now probes answer at once under
+    any load, an abandoned prompt list stops at its next token, and shutting down ends what still runs."""
+    import httpx
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    generated: list[int] = []
+    generate_ids = routed._generate_ids
+
+    def counted(ids, routing, sampling, **extra):
+        out = generate_ids(ids, routing, sampling, **extra)
+        generated.append(out.shape[1] - ids["input_ids"].shape[1])
+        return out
+
+    routed._generate_ids = counted  # type: ignore[method-assign]
+    delay = [0.01]  # seconds a token
+    model.register_forward_hook(lambda *_: time.sleep(delay[0]))
+    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    server, port, thread = started(Service(MODEL, routed, adapters))
+    base = f"http://127.0.0.1:{port}"
+
+    def chat(i: int) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 20})
+
+    crowd = [threading.Thread(target=chat, args=(i,), daemon=True) for i in range(60)]  # > the 40 threads
+    for t in crowd:
+        t.start()
+    time.sleep(1.0)
+    for path in ("/healthz", "/metrics", "/v1/models"):
+        t0 = time.monotonic()
+        status = httpx.get(base + path, timeout=10).status_code
+        assert status == 200 or (path, status) == ("/healthz", 503), (path, status)  # 503: no ledger nor topic
+        assert time.monotonic() - t0 < 3, (path, time.monotonic() - t0)  # not behind 60 generations of 0.2 s
+    for t in crowd:
+        t.join(120)
+    assert len(generated) >= 60
+
+    # 50 prompts of 20 tokens (10 s); the client leaves after 0.5 s
+    body = json.dumps({"prompt": [f"p{i}" for i in range(50)], "max_tokens": 20}).encode()
+    before = len(generated)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)
+    time.sleep(2.0)
+    settled = len(generated)
+    time.sleep(1.0)
+    assert len(generated) == settled and settled - before < 10, (before, settled, len(generated))
+
+    # a generation of 200 tokens at 50 ms (10 s) when the server is told to stop: it ends within the grace period
+    delay[0] = 0.05
+    before = len(generated)
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 200}).encode()
+    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    server.should_exit = True
+    thread.join(SHUTDOWN_GRACE_S + 10)
+    assert not thread.is_alive() and time.monotonic() - t0 < SHUTDOWN_GRACE_S + 5
+    assert _wait(lambda: len(generated) > before, 5), "the generation went on after the server stopped"
+    assert generated[-1] < 200
+    conn.close()
 
 
 # --- SmolLM2 through the OpenAI API -------------------------------------------------------------------------
