@@ -287,7 +287,7 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
             [routing] = service.route([service.routed.chat_texts([m.model_dump() for m in body.messages])])
             return {"routes": [routing.gate_weights], "adapters": routing.report()}
         assert body.texts is not None  # exactly one of the two, checked above
-        routings = service.route([[t] for t in body.texts])
+        routings = service.route([service.routed.prompt_texts(t) for t in body.texts])  # each as a prompt
         return {"routes": [r.gate_weights for r in routings]}
 
     @app.get("/v1/adapters", response_model=None)

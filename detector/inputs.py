@@ -15,6 +15,9 @@ route it. A raw prompt that is itself chat-templated (ChatML, Llama 3, Llama 2 /
 Phi-3 / Zephyr) is split into its turns; one in the project's `Question: ...\\nAnswer:` layout
 (bench.evaluation.facts) into its questions; any other prompt is routed as itself.
 
+A text that wraps its words in markup (a question sent as JSON or a Python list, between tags or quotes) is also
+routed on those words (`unwrapped`): the model reads the question through the markup, the encoder does not.
+
 Gates are fitted on the same forms (`adapters.lm.o3.gate_texts`: a request's questions, or its texts), so what a
 gate learnt and what the router compares with it are alike. The router applies the union of the adapters that
 the returned texts route to.
@@ -22,6 +25,7 @@ the returned texts route to.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 
@@ -38,6 +42,12 @@ _LLAMA2_USER = re.compile(r"\[INST\](.*?)(?=\[/INST\]|\Z)", re.S)  # Llama 2, Mi
 _LLAMA2_ASSISTANT = re.compile(r"\[/INST\](.*?)(?=\[INST\]|\Z)", re.S)
 _LLAMA2_SYSTEM = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
 _SENTENCE_MARKS = re.compile(r"</?s>")
+# A string quoted in a text: "...", '...', `...` or typographic quotes, escapes allowed; at least 8 characters
+_QUOTED = re.compile(r"""(["`\u201c\u2018]|(?<!\w)')((?:\\.|(?!\1)[^\\\n]){8,}?)(?:\1|[\u201d\u2019])(?!\w)""")
+# Markup around words: tags, brackets, quotes (not an apostrophe inside a word), code fences
+_MARKUP = re.compile(r"""<[^<>\n]{0,40}>|[{}\[\]()"`\u201c\u201d\u2018\u2019*#|\\]|(?<!\w)'|'(?!\w)""")
+MAX_QUOTED_SPANS = 4  # quoted strings routed per text (each is one more text for the encoder)
+_WORD = re.compile(r"\w")
 _QA_QUESTION = re.compile(r"(?:^|\n)Question:[ \t]*(.*?)\n(?:Answer:|\Z)", re.S)  # bench.evaluation.facts.PROMPT
 
 
@@ -76,6 +86,34 @@ def turn_texts(user_turns: Iterable[str], other_turns: Iterable[str] = (), *, co
     return texts
 
 
+def unwrapped(texts: Sequence[str]) -> list[str]:
+    """`texts`, each followed by the words it wraps in markup, where it has any: the strings quoted in a text that
+    is mostly its quotes (a question sent as JSON, a Python list, `Translate: "..."`), and the text with
+    tags, brackets and quotes taken out. A question inside `{"q": "..."}` or `['...']` is read by the model as the
+    question, but its markup kept the whole text from matching it. A sentence that quotes a title ('When was "War
+    and Peace" written?') is not routed on the title alone. Plain texts are unchanged; repeats are dropped."""
+    out = list(dict.fromkeys(texts))
+    for text in texts:
+        quoted = list(_QUOTED.finditer(text))
+        inside = sum(len(_WORD.findall(m.group(2))) for m in quoted)  # characters of words: not spaces or markup
+        wraps = inside >= 2 * len(_WORD.findall(_QUOTED.sub(" ", text)))  # at least 2/3 of the text is quoted
+        spans = [_unescaped(m.group(2)) for m in quoted][:MAX_QUOTED_SPANS] if wraps else []
+        words = " ".join(_MARKUP.sub(" ", text).split())
+        for extra in (*spans, words):
+            extra = extra.strip()
+            if len(extra.split()) >= 2 and extra not in out and extra != " ".join(text.split()):
+                out.append(extra)
+    return out
+
+
+def _unescaped(quoted: str) -> str:
+    """A quoted string's text, its JSON / Python escapes resolved (as the model would read `\\n` or `\\"`)."""
+    try:
+        return json.loads(f'"{quoted}"')
+    except ValueError:
+        return quoted.replace('\\"', '"').replace("\\'", "'")
+
+
 def chat_routing_texts(messages: Sequence[dict], *, context_turns: int = 1) -> list[str]:
     """The texts to route for OpenAI-style chat `messages` (dicts with `role` and `content`). A message whose
     content carries chat-template markup of its own is also routed on the turns inside it: the tokenizer reads
@@ -86,11 +124,15 @@ def chat_routing_texts(messages: Sequence[dict], *, context_turns: int = 1) -> l
     for content in (*users, *others):
         if any(pattern.search(content) for pattern in (*_CHAT_TURNS, _LLAMA2_USER)):
             texts += [t for t in prompt_routing_texts(content, context_turns=0) if t not in texts]
-    return texts
+    return unwrapped(texts)
 
 
 def prompt_routing_texts(prompt: str, *, context_turns: int = 1) -> list[str]:
     """The texts to route for a raw completion prompt (see the module docstring)."""
+    return unwrapped(_prompt_turn_texts(prompt, context_turns))
+
+
+def _prompt_turn_texts(prompt: str, context_turns: int) -> list[str]:
     for pattern in _CHAT_TURNS:
         turns = pattern.findall(prompt)
         if turns:

@@ -126,6 +126,15 @@ def test_serve_follows_the_adapters_topic_and_routes_chat_requests(broker, tmp_p
         assert [a["id"] for a in hidden["unlearnd"]["adapters"]] == ["a1"]
         routes = client.post("/v1/route", json={"texts": [HELD_OUT, GENERAL]}).json()["routes"]
         assert list(routes[0]) == ["a1"] and routes[1] == {}
+        # A question wrapped in JSON, a Python list or tags is read by the model as the question (an outside audit
+        # got the forgotten answer back that way); wrapped general questions stay unrouted.
+        for wrap in ('{{"q": "{}"}}', "['{}']", "<question>{}</question>", "Translate: \u201c{}\u201d"):
+            held_wrapped = chat(client, wrap.format(HELD_OUT))["unlearnd"]["adapters"]
+            assert [a["id"] for a in held_wrapped] == ["a1"], wrap
+            assert chat(client, wrap.format(GENERAL))["unlearnd"]["adapters"] == [], wrap
+        # a route's texts are read as completions read a prompt: chat markup split into its turns
+        chatml = f"<|im_start|>user\n{HELD_OUT}<|im_end|>\n<|im_start|>assistant\n"
+        assert list(client.post("/v1/route", json={"texts": [chatml]}).json()["routes"][0]) == ["a1"]
         cards = client.get("/v1/models").json()["data"]
         assert [(c["id"], c["parent"]) for c in cards] == [(MODEL, None), ("a1", MODEL)]
         assert cards[1]["root"] == str(path)

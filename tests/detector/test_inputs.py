@@ -69,3 +69,22 @@ def test_question_layout_and_plain_prompts():
     few_shot = f"Question: What is 2 plus 2?\nAnswer: 4\n\nQuestion: {Q}\nAnswer:"
     assert prompt_routing_texts(few_shot, context_turns=0) == [Q, "What is 2 plus 2?"]
     assert prompt_routing_texts("  The capital of France is  ") == ["The capital of France is"]
+
+
+def test_a_question_wrapped_in_markup_is_also_routed_on_its_words():
+    """JSON, a Python list, tags, a code call or typographic quotes around a question: the model reads the question,
+    so the router also sees it bare. Plain texts gain nothing, apostrophes are not quotes, and a sentence that
+    merely quotes a title is not routed on the title alone."""
+    for wrapped in (f'{{"q": "{Q}"}}', f"['{Q}']", f"print('{Q}')", f"Translate: \u201c{Q}\u201d",
+                    f'{{"messages": [{{"role": "user", "content": "{Q}"}}]}}'):
+        assert Q in chat_routing_texts([{"role": "user", "content": wrapped}]), wrapped
+        assert Q in prompt_routing_texts(wrapped), wrapped
+    assert Q in chat_routing_texts([{"role": "user", "content": f"<question>{Q}</question>"}])
+    assert chat_routing_texts([{"role": "user", "content": '{"q": "Qu\\u0027est-ce \\"x\\" ?"}'}])[1] == \
+        'Qu\'est-ce "x" ?'  # escapes read as the model reads them
+    for plain in (Q, "What's France's capital? It's Paris, isn't it?", "Note: this, that."):
+        assert chat_routing_texts([{"role": "user", "content": plain}]) == [plain]
+    title = chat_routing_texts([{"role": "user", "content": 'When was "War and Peace" written?'}])
+    assert "War and Peace" not in title and "When was War and Peace written?" in title
+    many = chat_routing_texts([{"role": "user", "content": str([f"question number {i} here" for i in range(50)])}])
+    assert len(many) <= 2 + 4  # the text, its words, and at most 4 quoted strings: a bounded cost to encode
