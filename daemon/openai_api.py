@@ -57,6 +57,8 @@ def _invalid_unicode(value: Any) -> bool:
 
 
 class _Request(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN or Infinity (which Python's JSON parser takes) is a 400
+
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
@@ -67,7 +69,7 @@ class _Request(BaseModel):
 
 class _Body(_Request):
     # Fields of OpenAI's API we do not act on (user, presence_penalty, ...) are accepted and ignored, as vLLM does.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)

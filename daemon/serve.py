@@ -100,7 +100,8 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="unlearnd serve")
+    # No /docs, /redoc or /openapi.json: the API is OpenAI's (README), and those pages fetch scripts from a CDN.
+    app = FastAPI(title="unlearnd serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     # Every route says response_model=None: its return annotation is for mypy, not a response model for FastAPI
     # (handlers return plain dicts or Response objects, serialized as they are).

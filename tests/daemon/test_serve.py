@@ -394,6 +394,11 @@ def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_
         assert chat([{"type": "refusal", "refusal": "no"}]).status_code == 200  # an assistant's refusal part
         many = httpx.post(f"{url}/completions", json={"prompt": ["a"] * 257, "max_tokens": 1}, timeout=60)
         assert many.status_code == 400 and "at most 256 prompts" in many.json()["error"]["message"]
+        nan = httpx.post(f"{url}/chat/completions", headers={"Content-Type": "application/json"},
+                         content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+        assert nan.status_code == 400 and "finite" in nan.json()["error"]["message"]
+        for page in ("/docs", "/redoc", "/openapi.json"):  # not served: the API is OpenAI's
+            assert httpx.get(f"http://127.0.0.1:{port}{page}", timeout=30).status_code == 404
         for empty in (b"", b"null"):
             r = httpx.post(f"{url}/chat/completions", content=empty, headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
