@@ -136,10 +136,12 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
             message = "the body must be a JSON object, sent with Content-Type: application/json"
         return fail(f"{where}: {message}" if where else message, param=where or None)
 
-    async def until_disconnected(request: Request, answer: Callable[[threading.Event], Reply]) -> Reply:
+    async def until_disconnected(request: Request, answer: Callable[[threading.Event], Reply]
+                                 ) -> Reply | JSONResponse:
         """answer(cancel) in a worker thread; `cancel` is set once the client has gone away, which ends a
         generation at its next token instead of running it to its end for no one (requests generate one at a
-        time: an abandoned one holds up every request behind it)."""
+        time: an abandoned one holds up every request behind it). The same when the server, shutting down, cancels
+        the requests still running after its grace period: they are answered 503."""
         from starlette.concurrency import run_in_threadpool
 
         cancel = threading.Event()
@@ -148,9 +150,9 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
             while not (await asyncio.wait({work}, timeout=0.25))[0]:
                 if await request.is_disconnected():
                     cancel.set()
-        finally:  # also when the server, shutting down, cancels the requests still running
-            if not work.done():
-                cancel.set()
+        except asyncio.CancelledError:
+            cancel.set()
+            return fail("the server is shutting down; send the request again", 503, "service_unavailable")
         return work.result()
 
     def refuse(body: oai._Body) -> JSONResponse | None:

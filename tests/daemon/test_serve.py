@@ -509,6 +509,7 @@ def test_probes_answer_under_load_and_work_for_no_one_stops(tmp_path, encoder):
     assert not thread.is_alive() and time.monotonic() - t0 < SHUTDOWN_GRACE_S + 5
     assert _wait(lambda: len(generated) > before, 5), "the generation went on after the server stopped"
     assert generated[-1] < 200
+    assert conn.recv(4096).startswith(b"HTTP/1.1 503")  # told to send it again, not dropped
     conn.close()
 
 
