@@ -69,6 +69,33 @@ def chat(client, question: str, **kw) -> dict:
     return r.json()
 
 
+def tiny_served(tmp_path: Path, encoder) -> tuple[torch.nn.Module, RoutedModel, AdapterSet]:
+    """A tiny random Llama (a character tokenizer, a 256-position context) behind a router, with an adapter set
+    that reads no ledger: what a Service is built from."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(model_dir)
+    model, tok = lm.load(model_dir)
+    routed = RoutedModel(model, tok, Router(encoder))
+    return model, routed, AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+
+
+def slowed_and_counted(model: torch.nn.Module, routed: RoutedModel) -> tuple[list[int], list[float]]:
+    """Every generation of `routed` takes `delay[0]` seconds a token (10 ms unless changed: long enough to leave
+    or stop in the middle of), and appends its count of new tokens to `generated` as it returns."""
+    generated: list[int] = []
+    delay = [0.01]
+    generate_ids = routed._generate_ids
+
+    def counted(ids, routing, sampling, **extra):
+        out = generate_ids(ids, routing, sampling, **extra)
+        generated.append(out.shape[1] - ids["input_ids"].shape[1])
+        return out
+
+    routed._generate_ids = counted  # type: ignore[method-assign]
+    model.register_forward_hook(lambda *_: time.sleep(delay[0]))
+    return generated, delay
+
+
 def _wait(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -194,17 +221,13 @@ def test_healthz_reports_an_active_adapter_that_cannot_be_loaded(tmp_path, encod
 def test_a_failure_no_check_foresaw_is_a_json_500_in_the_apis_shape(tmp_path, encoder, caplog):
     """An outside audit got a plain-text `Internal Server Error` (numpy out of memory inside generate); a client
     parses every answer as OpenAI's error object. The failure is logged with its traceback."""
-    model_dir = tmp_path / "tiny"
-    tiny_llama(model_dir)
-    model, tok = lm.load(model_dir)
-    routed = RoutedModel(model, tok, Router(encoder))
+    _, routed, adapters = tiny_served(tmp_path, encoder)
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("cannot allocate 36.6 GiB")
 
     routed.generate = out_of_memory  # type: ignore[method-assign]  # the failure, injected where it happened
-    client = TestClient(build_app(Service(MODEL, routed, AdapterSet(MODEL, routed, ledger_path=None,
-                                                                     reconcile_s=10.0))), raise_server_exceptions=False)
+    client = TestClient(build_app(Service(MODEL, routed, adapters)), raise_server_exceptions=False)
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
     assert "MemoryError" in r.json()["error"]["message"] and "36.6" not in r.json()["error"]["message"]
@@ -263,21 +286,8 @@ def test_hostile_requests_get_a_clear_400_and_abandoned_generations_stop(tmp_pat
 
     from daemon import openai_api as oai
 
-    model_dir = tmp_path / "tiny"
-    tiny_llama(model_dir)  # a character tokenizer and a 256-position context
-    model, tok = lm.load(model_dir)
-    routed = RoutedModel(model, tok, Router(encoder))
-    generated: list[int] = []  # new tokens of each generation, as it returns
-    generate_ids = routed._generate_ids
-
-    def counted(ids, routing, sampling, **extra):
-        out = generate_ids(ids, routing, sampling, **extra)
-        generated.append(out.shape[1] - ids["input_ids"].shape[1])
-        return out
-
-    routed._generate_ids = counted  # type: ignore[method-assign]
-    model.register_forward_hook(lambda *_: time.sleep(0.01))  # ~10 ms a token: a generation lasts long enough
-    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    model, routed, adapters = tiny_served(tmp_path, encoder)  # a character tokenizer, a 256-position context
+    generated, _ = slowed_and_counted(model, routed)
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
 
     with running(Service(MODEL, routed, adapters)) as port:
@@ -347,11 +357,7 @@ def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_
     image) or malformed ones are a 400 that says so, where they were dropped or turned into text before."""
     import httpx
 
-    model_dir = tmp_path / "tiny"
-    tiny_llama(model_dir)
-    model, tok = lm.load(model_dir)
-    routed = RoutedModel(model, tok, Router(encoder))
-    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    _, routed, adapters = tiny_served(tmp_path, encoder)
     cap = 64 * 1024
 
     def chat(content, **extra) -> httpx.Response:
@@ -410,11 +416,7 @@ def test_stop_strings_end_the_generation_where_they_appear_streamed_or_not(tmp_p
     cost gigabytes and minutes for a few thousand characters, in the thread that every generation waits for)."""
     import httpx
 
-    model_dir = tmp_path / "tiny"
-    tiny_llama(model_dir)
-    model, tok = lm.load(model_dir)
-    routed = RoutedModel(model, tok, Router(encoder))
-    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    _, routed, adapters = tiny_served(tmp_path, encoder)
     with running(Service(MODEL, routed, adapters)) as port:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         ask = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 60, "temperature": 0}
@@ -446,22 +448,8 @@ def test_probes_answer_under_load_and_work_for_no_one_stops(tmp_path, encoder):
     any load, an abandoned prompt list stops at its next token, and shutting down ends what still runs."""
     import httpx
 
-    model_dir = tmp_path / "tiny"
-    tiny_llama(model_dir)
-    model, tok = lm.load(model_dir)
-    routed = RoutedModel(model, tok, Router(encoder))
-    generated: list[int] = []
-    generate_ids = routed._generate_ids
-
-    def counted(ids, routing, sampling, **extra):
-        out = generate_ids(ids, routing, sampling, **extra)
-        generated.append(out.shape[1] - ids["input_ids"].shape[1])
-        return out
-
-    routed._generate_ids = counted  # type: ignore[method-assign]
-    delay = [0.01]  # seconds a token
-    model.register_forward_hook(lambda *_: time.sleep(delay[0]))
-    adapters = AdapterSet(MODEL, routed, ledger_path=None, reconcile_s=10.0)
+    model, routed, adapters = tiny_served(tmp_path, encoder)
+    generated, delay = slowed_and_counted(model, routed)
     server, port, thread = started(Service(MODEL, routed, adapters))
     base = f"http://127.0.0.1:{port}"
 
