@@ -105,7 +105,7 @@ class _Body(_Request):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: tool's old name
     content: str | list[dict[str, Any]] | None = None
 
     @field_validator("content", mode="before")

@@ -302,7 +302,7 @@ def build_app(service: Service, *, max_body_bytes: int = Serve().max_body_bytes)
     # The health report waits for the adapter set's lock (held while an adapter loads), so in a thread of its own.
     probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz")
 
-    @app.get("/healthz", response_model=None)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=None)  # HEAD: some load balancers' checks
     async def healthz() -> JSONResponse:
         ok, report = await asyncio.get_running_loop().run_in_executor(probes, service.adapters.health)
         return JSONResponse({"ok": ok, "model": service.model_name, **report}, status_code=200 if ok else 503)

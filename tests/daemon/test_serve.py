@@ -403,6 +403,10 @@ def test_oversized_bodies_get_a_413_before_they_are_read_and_content_parts_must_
         nan = httpx.post(f"{url}/chat/completions", headers={"Content-Type": "application/json"},
                          content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
         assert nan.status_code == 400 and "finite" in nan.json()["error"]["message"]
+        assert httpx.head(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code in (200, 503)  # not a 405
+        old_style = [{"role": "function", "name": "f", "content": "42"}, {"role": "user", "content": "hi"}]
+        assert httpx.post(f"{url}/chat/completions", json={"messages": old_style, "max_tokens": 2},
+                          timeout=60).status_code == 200
         for page in ("/docs", "/redoc", "/openapi.json"):  # not served: the API is OpenAI's
             assert httpx.get(f"http://127.0.0.1:{port}{page}", timeout=30).status_code == 404
         for empty in (b"", b"null"):
