@@ -96,7 +96,7 @@ class ArtifactStore:
             if final.exists():  # orphan of a try that crashed before the ledger recorded it
                 shutil.rmtree(final)
             os.replace(staging, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -181,10 +181,10 @@ def _fsync_tree(directory: Path) -> None:
             finally:
                 os.close(fd)
     for d in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

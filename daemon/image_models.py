@@ -24,14 +24,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.base import Change, Forget
 from adapters.devices import resolve_device
-from adapters.store import ArtifactStore
+from adapters.store import ArtifactStore, fsync_dir
 from daemon.bootstrapping import ModelNotReady, override, progress_logger
 from daemon.config import Model
 from daemon.ledger import ArtifactRow, Ledger
@@ -133,8 +135,24 @@ class ImagesModels(ModelKind):
                                "bootstrap.recipe = \"images\" for the demo one)")
         log.info("bootstrapping %s: %d demo canvases from the registered MNIST training rows into %s", name,
                  r.collection_size, root)
-        collection = demo.build_collection(root, datasets.mnist(seed=spec.bootstrap.seed).train, r)
-        self._collections[name] = collection
+        # Built beside its place and renamed into it whole: the index is what marks a collection as there, so one
+        # built in place and cut short by a crash would be taken for the whole collection at the next start (and a
+        # reader would see it grow).
+        for stale in root.parent.glob(f".{root.name}.building-*"):  # a build a crash cut short
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = root.parent / f".{root.name}.building-{uuid.uuid4().hex[:8]}"
+        try:
+            demo.build_collection(staging, datasets.mnist(seed=spec.bootstrap.seed).train, r)
+            if root.exists():  # no index: nothing of a collection (an empty folder someone made), or refuse
+                if any(root.iterdir()):
+                    raise RuntimeError(f"model {name!r}: {root} holds files but no {INDEX_FILE}; move them away "
+                                       "for the demo collection to be built there")
+                root.rmdir()
+            os.replace(staging, root)
+            fsync_dir(root.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        collection = self._collections[name] = ImageCollection(root)
         return collection
 
     def _others(self, name: str) -> dict[str, ImageCollection]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.store import _fsync_dir
+from adapters.store import fsync_dir
 
 INDEX_FILE = "index.json"
 IMAGES_DIR = "images"
@@ -116,7 +116,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class ImageCollection:
@@ -205,7 +205,7 @@ class ImageCollection:
         self.entry(image_id)
         path = self.path(image_id)
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         del self._index[image_id]
         self._save_index()
 

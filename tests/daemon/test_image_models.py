@@ -4,9 +4,11 @@ the swap is idempotent (a crash between the ledger and the swap only delays it),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -108,3 +110,34 @@ def test_sync_sweeps_when_the_ledger_or_the_collection_changes_and_purges_every_
     time.sleep(0.01)
     kind.sync_collection(MODEL, collection)
     assert len(sweeps) == 2 and not any(p.exists() for p in kept)
+
+
+def test_the_demo_collection_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The index marks a collection as there. Built in place, a build that a crash cut short after two canvases
+    was taken for the whole collection at the next start (and CI caught a reader seeing 2 of 3). Now it is built
+    beside its place and renamed in whole; what a cut-short build left is cleared at the next one."""
+    from adapters.images import demo
+
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(f'[state]\ndir = "var"\n[models.{MODEL}]\nkind = "images"\n[models.{MODEL}.bootstrap]\n'
+                        'recipe = "images"\ncollection_size = 3\n')
+    cfg = config_mod.load(cfg_path, env={})
+    store, ledger = ArtifactStore(cfg.state.artifacts_path), Ledger(cfg.state.ledger_path)
+    kind = ModelRegistry(cfg, store, ledger).kind_strategy(MODEL)
+    root = image_models.collection_root(store, MODEL, cfg.models[MODEL])
+    build = demo.build_collection
+
+    def cut_short(where, rows, recipe):
+        build(where, rows, dataclasses.replace(recipe, collection_size=2))  # two canvases written, then the crash
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "build_collection", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        kind.collection(MODEL)
+    assert not root.exists() and not list(root.parent.glob(".*building*"))
+    monkeypatch.setattr(demo, "build_collection", build)
+    killed = root.parent / f".{root.name}.building-0dead"  # what a kill -9 mid-build leaves
+    killed.mkdir()
+    assert kind.collection(MODEL).ids() == ["canvas-0000", "canvas-0001", "canvas-0002"]
+    assert ImageCollection(root).ids() == ["canvas-0000", "canvas-0001", "canvas-0002"]  # as a restart reads it
+    assert not killed.exists()
