@@ -123,8 +123,8 @@ def chat_routing_texts(messages: Sequence[dict], *, context_turns: int = 1) -> l
     texts = turn_texts(users, others, context_turns=context_turns)
     for content in (*users, *others):
         if any(pattern.search(content) for pattern in (*_CHAT_TURNS, _LLAMA2_USER)):
-            texts += [t for t in prompt_routing_texts(content, context_turns=0) if t not in texts]
-    return unwrapped(texts)
+            texts += [t for t in _prompt_turn_texts(content, 0) if t not in texts]
+    return unwrapped(texts)  # once, over every text
 
 
 def prompt_routing_texts(prompt: str, *, context_turns: int = 1) -> list[str]:
