@@ -122,6 +122,9 @@ class Engine(ABC):
     #: Whether `apply` takes a `progress` callback (keyword) and calls it with a dict per step of a long run
     #: (e.g. {"epoch", "epochs", "loss", "elapsed_s", "eta_s"}), for the daemon's log and progress events.
     reports_progress: ClassVar[bool] = False
+    #: Whether the engine keeps something per model version between requests that `prepare` computes ahead of
+    #: the first request (the daemon then loads the model's target at start to hand it over).
+    prepares: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -135,6 +138,11 @@ class Engine(ABC):
     def apply(self, target: Any, forget: Forget, progress: Callable[[dict], None] | None = None) -> Change:
         """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights. Engines
         whose `reports_progress` is set call `progress` with stage events; the others never call it."""
+
+    def prepare(self, target: Any) -> None:
+        """Start computing what the engine keeps between requests for `target` (the model as it is now), off the
+        request path, and return at once: the first request after a start then does not pay for it. Only called
+        on engines whose `prepares` is set."""
 
     def forget_cache(self, model_name: str) -> None:
         """Drop what the engine keeps about `model_name` between requests (its versions were rolled back).

