@@ -43,6 +43,7 @@ from daemon.config import bootstrap_servers
 from daemon.logs import setup_logging
 
 if TYPE_CHECKING:
+    from daemon.ledger import Ledger
     from daemon.ledger_schema import RequestRow
 
 app = typer.Typer(help="unlearnd: make deployed models forget data on request.", no_args_is_help=True,
@@ -189,8 +190,23 @@ app.command()(publish)
 # --- requests -----------------------------------------------------------------------------------------------
 
 
-def _request_dict(r: RequestRow) -> dict[str, Any]:
-    return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": r.status,
+def _request_dicts(ledger: Ledger, rows: list[RequestRow]) -> list[dict[str, Any]]:
+    """Requests as the CLI shows them: an applied one whose change a rollback has since taken out of what its
+    model serves shows as `rolled_back` (the ledger keeps `applied`, what happened; this is what holds now)."""
+    served: dict[str, frozenset[str]] = {}
+
+    def status(r: RequestRow) -> str:
+        if r.status != "applied" or not r.model:
+            return r.status
+        if r.model not in served:
+            served[r.model] = ledger.served_artifacts(r.model)
+        return "rolled_back" if ledger.rolled_back(r, served[r.model]) else r.status
+
+    return [_request_dict(r, status(r)) for r in rows]
+
+
+def _request_dict(r: RequestRow, status: str) -> dict[str, Any]:
+    return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": status,
             "attempts": r.attempts, "artifact_id": r.artifact_id, "forget_kind": r.forget_kind,
             "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason, "error": r.error,
             "received": when(r.received_at), "completed": when(r.completed_at), "duration_s": r.duration_s,
@@ -203,7 +219,12 @@ def requests_list(model: Annotated[str | None, typer.Option()] = None,
                   limit: Annotated[int, typer.Option()] = 50, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Recent requests, newest first."""
-    rows = [_request_dict(r) for r in open_ledger(load_config(config)).list_requests(model, status, limit)]
+    ledger = open_ledger(load_config(config))
+    if status == "rolled_back":  # derived, not stored: applied requests whose change is no longer served
+        rows = [r for r in _request_dicts(ledger, ledger.list_requests(model, "applied", None))
+                if r["status"] == status][:limit]
+    else:
+        rows = _request_dicts(ledger, ledger.list_requests(model, status, limit))
     emit(rows, ["request_id", "model", "method", "status", "artifact_id", "forget_count", "reason", "received",
                  "duration_s"], as_json, "requests")
 
@@ -211,10 +232,11 @@ def requests_list(model: Annotated[str | None, typer.Option()] = None,
 @requests_app.command("show")
 def requests_show(request_id: str, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One request with its measures (no raw forget data is ever stored)."""
-    r = open_ledger(load_config(config)).get_request(request_id)
+    ledger = open_ledger(load_config(config))
+    r = ledger.get_request(request_id)
     if r is None:
         fail(f"no request {request_id}")
-    d = _request_dict(r)
+    [d] = _request_dicts(ledger, [r])
     if as_json:
         print_json(d)
         return

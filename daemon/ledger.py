@@ -221,13 +221,18 @@ class Ledger:
         with self.transaction() as db:
             self._event(db, "rejected", model, None, request_id, {"reason": reason, "source": source})
 
-    def list_requests(self, model: str | None = None, status: str | None = None, limit: int = 50) -> list[RequestRow]:
+    def list_requests(self, model: str | None = None, status: str | None = None, limit: int | None = 50
+                      ) -> list[RequestRow]:
+        """The newest requests first (`limit` None: all)."""
         sql, args = "SELECT * FROM requests WHERE 1=1", list[object]()
         if model:
             sql, args = sql + " AND model = ?", args + [model]
         if status:
             sql, args = sql + " AND status = ?", args + [status]
-        return [request_row(r) for r in self.read_rows(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit))]
+        sql += " ORDER BY received_at DESC"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", args + [limit]
+        return [request_row(r) for r in self.read_rows(sql, args)]
 
     # --- artifacts ------------------------------------------------------------------------------------------
 
@@ -333,6 +338,21 @@ class Ledger:
             chain.append(current)
             current = self.get_artifact(model, current.parent) if current.parent else None
         return chain
+
+    def served_artifacts(self, model: str) -> frozenset[str]:
+        """The artifacts whose changes the model serves now: its head's lineage, its active adapters and its image
+        erasures (never undone). An applied request whose artifact is not among them was rolled back."""
+        head = self.head(model)
+        lineage = {a.id for a in self.lineage(model, head.id)} if head is not None else set()
+        rows = self.read_rows("SELECT id FROM artifacts WHERE model = ? AND kind <> 'version' AND active = 1", (model,))
+        return frozenset(lineage | {r["id"] for r in rows})
+
+    def rolled_back(self, row: RequestRow, served: frozenset[str] | None = None) -> bool:
+        """Whether an applied request's change is no longer served: a rollback took the model's head past its
+        version, or switched its adapter off (`served`: served_artifacts of its model, when the caller has it)."""
+        if row.status != "applied" or not row.model or not row.artifact_id:
+            return False
+        return row.artifact_id not in (served if served is not None else self.served_artifacts(row.model))
 
     def forgotten_ids(self, model: str, version_id: str) -> frozenset[int]:
         """Samples forgotten along a version's lineage: what that version no longer knows."""

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("unlearnd")
 
 UNMARKED_MAX_S = 0.5  # answers older than this are flushed and marked before the next engine step
+#: The error of a re-sent request whose change an operator rolled back since: what it forgot is served again.
+_ROLLED_BACK = ("applied in {artifact}, which a rollback has since taken out of what {model} serves: the model knows "
+                "this data again; to forget it on the current head, send the request again under a new request_id")
 
 
 class Outcomes:
@@ -162,10 +165,14 @@ class Outcomes:
         the artifact event of an applied request (if still active), the dead letter of a failed one."""
         artifact = self.ledger.get_artifact(row.model, row.artifact_id) if row.model and row.artifact_id else None
         unchanged = row.metrics.get("forgotten") == 0 and "already_forgotten" in row.metrics
-        self._result(row.model, request_id=row.request_id, model=row.model, status=row.status, method=row.method,
+        status, reason, error = row.status, row.reason, row.error
+        if self.ledger.rolled_back(row):  # "applied" would tell the requester its data is forgotten: it is not now
+            status, reason, error = "rolled_back", "rolled_back", _ROLLED_BACK.format(artifact=row.artifact_id,
+                                                                                      model=row.model)
+        self._result(row.model, request_id=row.request_id, model=row.model, status=status, method=row.method,
                      artifact_id=row.artifact_id, artifact_kind=artifact.kind if artifact else None,
-                     measures=row.metrics, duration_s=row.duration_s, reason=row.reason, error=row.error,
-                     subject=row.subject, changed=(not unchanged) if row.status == "applied" else None,
+                     measures=row.metrics, duration_s=row.duration_s, reason=reason, error=error,
+                     subject=row.subject, changed=(not unchanged) if status == "applied" else None,
                      receipt=_receipt(artifact), body_sha256=row.body_sha256,
                      completed_at=datetime.fromtimestamp(row.completed_at or time.time(), UTC))
         if msg.source == row.source:
@@ -177,7 +184,7 @@ class Outcomes:
                                             "request_id": artifact.request_id, "sha256": artifact.sha256,
                                             "path": artifact.path})
         metrics.REQUESTS.labels(row.model or "", row.method or "", "duplicate").inc()
-        log.info("request %s already %s; answered from the ledger", row.request_id, row.status)
+        log.info("request %s already %s; answered from the ledger", row.request_id, status.replace("_", " "))
         self.answered(msg)
 
     def rekeyed(self, msg: Message, model: str, method: str, request_id: str) -> None:

@@ -312,7 +312,8 @@ class Result(BaseModel):
 
     request_id: str | None
     model: str | None
-    status: Literal["applied", "rejected", "failed"]
+    # rolled_back: the answer to a request sent again after an operator's rollback undid what it applied
+    status: Literal["applied", "rejected", "failed", "rolled_back"]
     method: str | None = None
     version: str | None = None
     adapter_id: str | None = None

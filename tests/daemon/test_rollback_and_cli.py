@@ -47,6 +47,37 @@ def test_rollback_is_bit_exact_recorded_and_announced(stack):
     assert ledger.get_artifact(TEST_MODEL, after["version"]).parent == "v0000"
 
 
+def test_a_request_sent_again_after_its_rollback_is_not_answered_applied(stack):
+    """A requester that re-sends a request (a retry after a timeout) must not be told its data is forgotten when an
+    operator's rollback has undone that since: the answer, `requests show` and `requests list` say rolled_back,
+    until the head's lineage holds the request's version again."""
+    stack.start()
+    body = request("rb-again", sample_ids=[5, 6, 7])
+    stack.publish(body)
+    [first] = stack.results(1, request_id="rb-again")
+    assert (first["status"], first["version"]) == ("applied", "v0001")
+    stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0000", "--reason", "test")
+
+    stack.publish(body)  # the same request, sent again
+    again = stack.results(2, request_id="rb-again")[1]
+    assert (again["status"], again["reason"], again["version"]) == ("rolled_back", "rolled_back", "v0001"), again
+    assert "knows this data again" in again["error"] and "changed" not in again
+    assert stack.ledger().head(TEST_MODEL).id == "v0000"  # answered, nothing applied
+    shown = json.loads(stack.cli("requests", "show", "rb-again", "--json").stdout)
+    assert (shown["status"], shown["artifact_id"]) == ("rolled_back", "v0001")
+    listed = json.loads(stack.cli("requests", "list", "--status", "rolled_back", "--json").stdout)
+    assert [r["request_id"] for r in listed] == ["rb-again"]
+    published = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "5,6,7", "--request-id", "rb-again",
+                          "--wait", "--json", check=False)
+    assert published.returncode == 1 and json.loads(published.stdout)["status"] == "rolled_back"
+
+    # The operator rolls forward to the request's version: it is served, and answered applied, again.
+    stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0001", "--reason", "test")
+    assert json.loads(stack.cli("requests", "show", "rb-again", "--json").stdout)["status"] == "applied"
+    stack.publish(body)
+    assert stack.results(4, request_id="rb-again")[3]["status"] == "applied"
+
+
 def test_rollback_to_unknown_version_fails_clearly(stack):
     out = stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0042", check=False)
     assert out.returncode == 1 and out.stderr.strip() == f"unlearnd: {TEST_MODEL} has no version v0042"
