@@ -114,6 +114,10 @@ def health(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     cfg = load_config(config)
+    if not cfg.metrics.enabled or cfg.metrics.port == 0:
+        fail("health reads the daemon's metrics endpoint, and this config gives it none to read ("
+             + ("metrics.enabled = false" if not cfg.metrics.enabled else "metrics.port = 0: a free port each start")
+             + "): set metrics.enabled = true and a fixed metrics.port", 2)
     host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "::") else cfg.metrics.host
     url = f"http://{host}:{cfg.metrics.port}/metrics"
     try:

@@ -22,7 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from adapters.base import engine_names
 from adapters.devices import check_device
@@ -53,9 +62,14 @@ class Kafka(_Section):
     group_instance_id: str | None = None
     client_id: str = "unlearnd"
     session_timeout_ms: int = Field(6000, ge=1000)  # ~6 s: fast group joins (and fast failover)
-    heartbeat_interval_ms: int = Field(2000, ge=100)
+    heartbeat_interval_ms: int = Field(2000, ge=100)  # below session_timeout_ms (Kafka's rule; a third is usual)
     max_poll_records: int = Field(256, ge=1)
     poll_timeout_ms: int = Field(500, ge=10)
+    # The longest a fetch waits at the broker for records. A broker answers as soon as records arrive, but not
+    # every one does (the embedded Tansu broker sometimes holds a fetch to its end): the daemon's consumer and
+    # the CLI's readers ask for 100 ms rather than kafka-python's 500, which cut a request's publish-to-result time
+    # on the embedded broker from 0.25 s to 0.05 s (bench/daemon.py); an idle consumer then asks ten times a second.
+    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
     # Sent to the group coordinator as the rebalance timeout too: how long a rebalance waits for a member that
     # does not rejoin (a daemon that died mid-join). Long engine work never hits it: the daemon keeps polling
     # (its partitions paused) while an engine runs.
@@ -70,7 +84,7 @@ class Kafka(_Section):
     liveness_timeout_s: float = Field(5.0, gt=0)
     create_topics: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_plain_username: str | None = None
     sasl_password_env: str = "UNLEARND_KAFKA_PASSWORD"
     ssl_cafile: str | None = None
@@ -82,6 +96,14 @@ class Kafka(_Section):
     # daemon/group_watch.py). Keep it above the longest request of an over-provisioned group; 0: never.
     unassigned_rejoin_s: float = Field(60.0, ge=0)
     topics: Topics = Topics()
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> Kafka:
+        # Kafka clients refuse the opposite at connect time, which would read as a broker outage retried forever
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(f"heartbeat_interval_ms: must be below kafka.session_timeout_ms "
+                             f"({self.session_timeout_ms}), not {self.heartbeat_interval_ms}")
+        return self
 
 
 class Requests(_Section):
@@ -192,7 +214,7 @@ class Bootstrap(_Section):
     when: Literal["start", "background"] | None = None
     dataset: Literal["mnist", "digits"] = "mnist"
     arch: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = [256, 128]
+    hidden: list[PositiveInt] = [256, 128]
     epochs: int = Field(15, ge=1)
     gr_alpha: float = Field(0.005, ge=0)  # IAU's gradient-restriction weight
     seed: int = 0
@@ -315,14 +337,9 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
                 raise ConfigError(f"{path}: {exc}") from None
     elif path.name != DEFAULT_CONFIG or "UNLEARND_CONFIG" in environ:
         raise ConfigError(f"config file {path} not found")
-    for key, raw in environ.items():
-        if key.startswith(ENV_PREFIX):
-            _set_path(data, key[len(ENV_PREFIX):].lower().split("__"), _parse_scalar(raw))
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid configuration ({path}): {problems}") from None
+    overrides = {_set_path(data, key[len(ENV_PREFIX):].lower().split("__"), _parse_scalar(raw)): (key, raw)
+                 for key, raw in environ.items() if key.startswith(ENV_PREFIX)}
+    config = _validated(data, overrides, path)
     for name, model in config.models.items():
         model.method = model.method or DEFAULT_METHOD[model.kind]
         model.method_by_forget = {**DEFAULT_METHOD_BY_FORGET[model.kind], **model.method_by_forget}
@@ -354,12 +371,51 @@ def _check_methods(name: str, model: Model) -> None:
             raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
 
 
-def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
+def _validated(data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, str]], path: Path) -> Config:
+    """The Config of `data`. An environment override is parsed as a TOML value (a number, a list...); where
+    the key wants text (a group id "2024", a topic "123"), its raw text is taken instead. Errors name the
+    variable an overridden key came from."""
+    while True:
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+        as_text = [loc for e in errors if e["type"] in ("string_type", "path_type")
+                   and (loc := tuple(map(str, e["loc"]))) in overrides and not isinstance(_get_path(data, loc), str)]
+        if not as_text:
+            break
+        for loc in as_text:
+            _set_path(data, list(loc), overrides[loc][1])
+
+    def where(loc: tuple[str, ...]) -> str:
+        names = [name for keys, (name, _) in overrides.items() if loc[:len(keys)] == keys]
+        return f" (from {names[0]})" if names else ""
+
+    problems = "; ".join(f"{'.'.join(loc)}: {e['msg']}{where(loc)}" for e in errors
+                         for loc in [tuple(map(str, e["loc"]))])
+    raise ConfigError(f"invalid configuration ({path}): {problems}")
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> tuple[str, ...]:
+    """Set a nested key, matching each level to an existing key in any case (an environment variable's name
+    is upper case; a model's name may be in either). Returns the keys as set."""
+    path = []
+    for i, k in enumerate(keys):
+        k = next((have for have in data if have.lower() == k.lower()), k)
+        path.append(k)
+        if i == len(keys) - 1:
+            data[k] = value
+            break
         data = data.setdefault(k, {})
         if not isinstance(data, dict):
             raise ConfigError(f"environment override {'.'.join(keys)} crosses a non-table value")
-    data[keys[-1]] = value
+    return tuple(path)
+
+
+def _get_path(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        data = data[k]
+    return data
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -68,6 +68,7 @@ def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None =
                              enable_auto_commit=False, auto_offset_reset="earliest", allow_auto_create_topics=False,
                              session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                              max_poll_records=cfg.max_poll_records, max_poll_interval_ms=cfg.max_poll_interval_ms,
+                             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
                              isolation_level=cfg.isolation_level)
     # Subscribed by pattern, so that its metadata requests never name the topic: a broker that ignores
     # allow_auto_create_topics (Tansu) would otherwise re-create it with its own defaults when it comes back empty.
@@ -78,8 +79,9 @@ def make_consumer(cfg: Kafka, bootstrap: str, topic: str, group_id: str | None =
 def make_reader(cfg: Kafka, bootstrap: str, **settings: Any) -> KafkaConsumer:
     """A consumer outside any consumer group that reads by assignment, committing nothing: the serving follower,
     `publish --wait`, the dead-letter lookup of `requests retry`. Not thread-safe: one thread uses it."""
-    return KafkaConsumer(**connection_settings(cfg, bootstrap), group_id=None, enable_auto_commit=False,
-                         isolation_level=cfg.isolation_level, **settings)
+    return KafkaConsumer(**{"fetch_max_wait_ms": cfg.fetch_max_wait_ms, **connection_settings(cfg, bootstrap),
+                            "group_id": None, "enable_auto_commit": False, "isolation_level": cfg.isolation_level,
+                            **settings})
 
 
 def make_cli_producer(cfg: Kafka, bootstrap: str, **settings: Any) -> KafkaProducer:

@@ -116,3 +116,12 @@ def test_cli_publish_wait_and_inspect(stack):
 def test_health_fails_without_a_daemon(stack):
     out = stack.cli("health", check=False)
     assert out.returncode == 1 and "unhealthy" in out.stdout
+
+
+def test_health_refuses_a_config_without_a_metrics_endpoint(stack):
+    """health reads the metrics endpoint: without one it could never say healthy, so it says why at once."""
+    text = stack.config_path.read_text()
+    stack.config_path.write_text(text.replace(f"port = {stack.metrics_port}",
+                                              f"port = {stack.metrics_port}\nenabled = false"))
+    out = stack.cli("health", check=False)
+    assert out.returncode == 2 and "metrics.enabled = false" in out.stderr, out

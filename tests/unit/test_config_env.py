@@ -42,6 +42,8 @@ def test_the_file_overrides_defaults_and_the_environment_overrides_the_file(cfg_
     ("plain-words", ("kafka", "client_id"), "plain-words"),  # not TOML: taken as the string itself
     ("kafka-1:9092,kafka-2:9092", ("kafka", "bootstrap_servers"), "kafka-1:9092,kafka-2:9092"),
     ("DEBUG", ("logging", "level"), "DEBUG"),
+    ("2024", ("kafka", "group_id"), "2024"),  # TOML would read a number: a key that wants text gets the text
+    ("true", ("kafka", "sasl_plain_username"), "true"),
 ])
 def test_environment_values_are_toml_scalars_else_strings(cfg_file, raw, key, expected):
     section, name = key
@@ -65,11 +67,25 @@ def test_nested_tables_and_new_models_can_be_set_from_the_environment(cfg_file):
     ({"UNLEARND__KAFKA__NO_SUCH_KEY": "1"}, "kafka.no_such_key"),  # unknown keys are refused, not ignored
     ({"UNLEARND__MODELS__CLF__KIND": "regressor"}, "models.clf.kind"),
     ({"UNLEARND__MODELS__CLF__METHOD": "nope"}, "models.clf.method: unknown method 'nope'"),
+    ({"UNLEARND__KAFKA__SESSION_TIMEOUT_MS": "soon"}, "(from UNLEARND__KAFKA__SESSION_TIMEOUT_MS)"),  # the source
+    ({"UNLEARND__MODELS__CLF__BOOTSTRAP__HIDDEN": "[64, -5]"}, "models.clf.bootstrap.hidden.1: Input should be "
+                                                                  "greater than 0 (from UNLEARND__MODELS__CLF__"),
+    ({"UNLEARND__KAFKA__HEARTBEAT_INTERVAL_MS": "7000"}, "heartbeat_interval_ms: must be below "
+                                                         "kafka.session_timeout_ms (7000), not 7000"),
+    ({"UNLEARND__KAFKA__SASL_MECHANISM": "SCRAM-SHA-999"}, "kafka.sasl_mechanism: Input should be 'PLAIN'"),
 ])
 def test_a_bad_value_fails_with_the_dotted_key(cfg_file, env, words):
     with pytest.raises(ConfigError, match="invalid configuration|unknown method") as caught:
         config_mod.load(cfg_file, env=env)
     assert words in str(caught.value)
+
+
+def test_a_model_is_named_in_any_case(tmp_path):
+    path = tmp_path / "unlearnd.toml"
+    path.write_text(TOML.replace("[models.clf]", "[models.My-Clf]"))
+    cfg = config_mod.load(path, env={"UNLEARND__MODELS__MY-CLF__DEVICE": "cpu", "UNLEARND__STATE__DIR": "2026"})
+    assert list(cfg.models) == ["My-Clf"] and cfg.models["My-Clf"].device == "cpu"
+    assert cfg.state.dir == tmp_path / "2026"  # a path from a number-like text
 
 
 def test_an_override_cannot_cross_a_value_that_is_not_a_table(cfg_file):
