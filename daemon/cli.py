@@ -75,11 +75,13 @@ def _main(version: Annotated[bool | None, typer.Option("--version", callback=_ve
 
 def main() -> None:
     """The `unlearnd` entry point: expected failures become one line on stderr and an exit code."""
+    from daemon.ledger_backends import LedgerUnreachable
+
     try:
         app()
-    except CLIError as exc:
+    except (CLIError, LedgerUnreachable) as exc:
         err_console.print(f"[red]unlearnd: {shown(exc)}[/red]", highlight=False, soft_wrap=True)
-        sys.exit(exc.code)
+        sys.exit(getattr(exc, "code", 1))
 
 
 # --- the daemon ---------------------------------------------------------------------------------------------

@@ -168,6 +168,22 @@ class _PgConnection:
 
 
 POOL_WAIT_S = 10.0
+POOL_OPEN_S = 30.0  # how long opening the ledger waits for a first connection (a database starting beside it)
+
+
+class LedgerUnreachable(RuntimeError):
+    """The PostgreSQL ledger did not answer when it was opened (the message says where and why)."""
+
+
+def _connect_error(target: PostgresTarget) -> str | None:
+    """Why one plain connection to the ledger fails now (psycopg's own words), or None if it does not."""
+    import psycopg
+
+    try:
+        psycopg.connect(target.conninfo(), connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
 
 
 class PostgresBackend:
@@ -185,7 +201,12 @@ class PostgresBackend:
                                         kwargs={"autocommit": True, "row_factory": dict_row},
                                         check=ConnectionPool.check_connection, name="unlearnd-ledger", open=False,
                                         timeout=POOL_WAIT_S)
-        self.pool.open(wait=True, timeout=30)
+        try:
+            self.pool.open(wait=True, timeout=POOL_OPEN_S)
+        except Exception as exc:  # psycopg_pool.PoolTimeout: the cause is only in its log lines
+            self.pool.close()
+            raise LedgerUnreachable(f"cannot reach the PostgreSQL ledger {target} within {POOL_OPEN_S:.0f} s "
+                                    f"({_connect_error(target) or exc})") from None
 
     def _current(self) -> _PgConnection | None:
         current: _PgConnection | None = getattr(self._local, "conn", None)

@@ -147,6 +147,35 @@ def test_adapters_switch_on_and_off_without_touching_each_other_or_the_head(ledg
     assert _event_kinds(ledger)[-2:] == ["rolled_back", "restored"]
 
 
+def test_an_applied_request_is_rolled_back_while_its_artifact_is_not_served(ledger):
+    """A version out of the head's lineage, or an adapter switched off: the request's change is not served."""
+    v0 = _version(ledger, request_id=None)
+    v1 = _version(ledger, parent=v0, request_id="r1")
+    ledger.add_artifact(M, "a0000", "adapter", parent=None, request_id="r2", path="/a/a0000", sha256="x")
+    for rid, artifact in (("r1", v1), ("r2", "a0000")):
+        _begin(ledger, rid)
+        ledger.finish(rid, "applied", artifact_id=artifact)
+    _begin(ledger, "r3")
+    ledger.finish("r3", "failed", error="boom")
+    rows = {rid: ledger.get_request(rid) for rid in ("r1", "r2", "r3")}
+    assert not any(ledger.rolled_back(r) for r in rows.values())
+    assert ledger.served_artifacts(M) == {v0, v1, "a0000"}
+    ledger.set_head(M, v0, reason="undo")
+    ledger.set_adapter_active(M, "a0000", False, reason="undo")
+    assert [ledger.rolled_back(rows[rid]) for rid in ("r1", "r2", "r3")] == [True, True, False]
+    ledger.set_head(M, v1, reason="redo")  # forward again: v1 is served, and so is what r1 applied
+    v2 = _version(ledger, parent=v1, request_id=None)
+    assert ledger.head(M).id == v2 and not ledger.rolled_back(rows["r1"]) and ledger.rolled_back(rows["r2"])
+
+
+def test_an_unreachable_postgres_ledger_says_where_and_why(monkeypatch):
+    from daemon import ledger_backends
+
+    monkeypatch.setattr(ledger_backends, "POOL_OPEN_S", 1.0)  # the wait a daemon gives a database starting beside it
+    with pytest.raises(ledger_backends.LedgerUnreachable, match=r"postgresql://u@127.0.0.1:1/x within 1 s \(.+\)"):
+        Ledger(ledger_backends.PostgresTarget("postgresql://u@127.0.0.1:1/x"))
+
+
 def test_answered_marks_are_kept_until_their_offsets_are_committed(ledger):
     ledger.mark_answered([("t", 0, 5, "f5"), ("t", 0, 6, "f6"), ("t", 1, 5, "g5")])
     ledger.mark_answered([("t", 0, 6, "f6")])  # marking again is harmless
