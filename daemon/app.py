@@ -214,8 +214,23 @@ class Daemon:
                 metrics.BROKER_DISCONNECTS.inc()
                 log.warning("broker unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self._close_clients(graceful=False)
+                self._revive_embedded_broker()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.kafka.reconnect_backoff_max_s)
+
+    def _revive_embedded_broker(self) -> None:
+        """The embedded broker is the daemon's own child: if it exited (killed, crashed), start it again rather than
+        wait for it forever. It is memory-only, so what it held is gone either way (requests are then sent again
+        by their producers); the ledger keeps what was applied, and the next connect recreates the topics."""
+        broker = self.broker
+        if broker is None or broker.process is None or broker.process.poll() is None:
+            return
+        log.error("the embedded broker exited (code %s); starting it again: it is memory-only, so the records it "
+                  "held are gone", broker.process.returncode)
+        try:
+            broker.start()
+        except RuntimeError as exc:  # e.g. something else took its port: tried again after the next backoff
+            log.error("could not start the embedded broker again: %s", exc)
 
     def close(self) -> None:
         self._close_clients(graceful=True)

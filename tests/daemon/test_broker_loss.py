@@ -79,6 +79,39 @@ def test_a_frozen_broker_is_detected(tmp_path, bootstrapped_state):
         broker.stop()
 
 
+def test_a_killed_embedded_broker_is_started_again(tmp_path, bootstrapped_state):
+    """The embedded broker is the daemon's child: killed, it is started again (memory-only: it comes back empty)
+    and the daemon carries on, instead of waiting forever for a process that is gone."""
+    from kafka import KafkaProducer
+
+    port = free_port()
+    with EmbeddedBroker(port):  # only for the harness's own producer, made with the stack; the daemon brings its own
+        stack = Stack(tmp_path, f"127.0.0.1:{port}", bootstrapped_state)
+    try:
+        proc = stack.start(UNLEARND__KAFKA__BOOTSTRAP_SERVERS="embedded", UNLEARND__KAFKA__EMBEDDED_PORT=str(port))
+        [broker_pid] = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent_of(int(pid)) == proc.pid]
+        os.kill(broker_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "starting it again" not in stack.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "the embedded broker exited (code -9); starting it again" in stack.log()
+        stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=60, proc=proc)
+        stack._producer.close()
+        stack._producer = KafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
+        stack.publish(request("after-revival", sample_ids=[4]))
+        assert stack.results(1, request_id="after-revival", timeout=90)[0]["status"] == "applied"
+    finally:
+        stack.close()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def test_embedded_broker_does_not_outlive_a_killed_daemon():
     """`make run` after a crash must find the port free: the embedded broker dies with its parent, even on SIGKILL."""
     import os
