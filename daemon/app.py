@@ -100,6 +100,7 @@ class Daemon:
         embedded), state, models. Raises StartupError or ConfigError for what an operator must fix."""
         check_engines(self.config, self.registry)
         self.registry.check_methods()
+        self.config.kafka.check_secrets()
         if self.config.metrics.enabled:
             host, port = self.config.metrics.host, self.config.metrics.port
             try:

@@ -261,6 +261,10 @@ def requests_retry(request_id: str,
 
     cfg = load_config(config)
     try:
+        cfg.kafka.check_secrets()
+    except config_mod.ConfigError as exc:
+        fail(str(exc), 2)
+    try:
         out = retry.readmit(cfg, open_ledger(cfg), bootstrap_servers(cfg), request_id, reason)
     except ValueError as exc:
         fail(str(exc))

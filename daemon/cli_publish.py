@@ -77,6 +77,10 @@ def publish(
     deadline = time.monotonic() + timeout  # one budget for everything below
     bootstrap = bootstrap_servers(cfg)
     try:
+        cfg.kafka.check_secrets()
+    except config_mod.ConfigError as exc:
+        fail(str(exc), 2)
+    try:
         if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
             kafka_io.ensure_topics(cfg.kafka, bootstrap)
         waiter = _ResultWaiter(cfg, bootstrap, rid, schema.body_sha256(body), deadline) if wait else None

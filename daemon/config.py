@@ -98,12 +98,31 @@ class Kafka(_Section):
     topics: Topics = Topics()
 
     @model_validator(mode="after")
-    def _heartbeat_within_session(self) -> Kafka:
-        # Kafka clients refuse the opposite at connect time, which would read as a broker outage retried forever
+    def _consistent(self) -> Kafka:
+        # What Kafka clients would refuse only at connect time, where it reads as a broker outage retried forever
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError(f"heartbeat_interval_ms: must be below kafka.session_timeout_ms "
                              f"({self.session_timeout_ms}), not {self.heartbeat_interval_ms}")
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"sasl_mechanism: security_protocol {self.security_protocol} needs one")
+        if self.bootstrap_servers == "embedded" and (self.security_protocol != "PLAINTEXT" or self.sasl_mechanism):
+            raise ValueError("security_protocol: the embedded broker speaks PLAINTEXT only; set bootstrap_servers "
+                             "to your cluster to use SASL or TLS")
         return self
+
+    def check_secrets(self, environ: Mapping[str, str] = os.environ) -> None:
+        """What a client needs from outside the config (files, a variable) is there; raises ConfigError. Checked
+        when the daemon starts and before the CLI connects, not at load: other commands need no cluster."""
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"kafka.{key}: no file {path}")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            if not self.sasl_plain_username:
+                raise ConfigError(f"kafka.sasl_plain_username: sasl_mechanism {self.sasl_mechanism} needs one")
+            if not environ.get(self.sasl_password_env):
+                raise ConfigError(f"kafka.sasl_mechanism {self.sasl_mechanism}: the password is read from "
+                                  f"${self.sasl_password_env} (kafka.sasl_password_env), which is not set")
 
 
 class Requests(_Section):

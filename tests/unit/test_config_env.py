@@ -73,6 +73,9 @@ def test_nested_tables_and_new_models_can_be_set_from_the_environment(cfg_file):
     ({"UNLEARND__KAFKA__HEARTBEAT_INTERVAL_MS": "7000"}, "heartbeat_interval_ms: must be below "
                                                          "kafka.session_timeout_ms (7000), not 7000"),
     ({"UNLEARND__KAFKA__SASL_MECHANISM": "SCRAM-SHA-999"}, "kafka.sasl_mechanism: Input should be 'PLAIN'"),
+    ({"UNLEARND__KAFKA__BOOTSTRAP_SERVERS": "k:9092", "UNLEARND__KAFKA__SECURITY_PROTOCOL": "SASL_SSL"},
+     "sasl_mechanism: security_protocol SASL_SSL needs one"),
+    ({"UNLEARND__KAFKA__SECURITY_PROTOCOL": "SSL"}, "the embedded broker speaks PLAINTEXT only"),
 ])
 def test_a_bad_value_fails_with_the_dotted_key(cfg_file, env, words):
     with pytest.raises(ConfigError, match="invalid configuration|unknown method") as caught:
@@ -86,6 +89,19 @@ def test_a_model_is_named_in_any_case(tmp_path):
     cfg = config_mod.load(path, env={"UNLEARND__MODELS__MY-CLF__DEVICE": "cpu", "UNLEARND__STATE__DIR": "2026"})
     assert list(cfg.models) == ["My-Clf"] and cfg.models["My-Clf"].device == "cpu"
     assert cfg.state.dir == tmp_path / "2026"  # a path from a number-like text
+
+
+def test_what_a_kafka_client_needs_from_outside_the_config_is_checked(cfg_file, tmp_path):
+    env = {"UNLEARND__KAFKA__BOOTSTRAP_SERVERS": "k:9092", "UNLEARND__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+           "UNLEARND__KAFKA__SASL_MECHANISM": "SCRAM-SHA-512", "UNLEARND__KAFKA__SASL_PLAIN_USERNAME": "u",
+           "UNLEARND__KAFKA__SSL_CAFILE": str(tmp_path / "ca.crt")}
+    kafka = config_mod.load(cfg_file, env=env).kafka  # loads: commands that need no cluster still work
+    with pytest.raises(ConfigError, match="kafka.ssl_cafile: no file .*ca.crt"):
+        kafka.check_secrets({})
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match=r"the password is read from \$UNLEARND_KAFKA_PASSWORD"):
+        kafka.check_secrets({})
+    kafka.check_secrets({"UNLEARND_KAFKA_PASSWORD": "secret"})
 
 
 def test_an_override_cannot_cross_a_value_that_is_not_a_table(cfg_file):
