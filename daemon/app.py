@@ -118,6 +118,9 @@ class Daemon:
         cleaned = self.store.clean_staging()
         if cleaned:
             log.info("removed %d unfinished artifact write(s) left by a crash", cleaned)
+        if not self.config.models:
+            log.warning("%s registers no model: every request will be rejected as for an unknown model",
+                        self.config.source or "the configuration")
         later = []
         for name in self.config.models:
             if self.registry.bootstraps_later(name):
