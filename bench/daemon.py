@@ -25,11 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from kafka import KafkaProducer, TopicPartition  # noqa: E402
 
 from adapters.base import Engine, Forget, register  # noqa: E402
 from adapters.classifier import model as classifier  # noqa: E402
 from daemon import config as config_mod  # noqa: E402
+from daemon import kafka_io  # noqa: E402
 from daemon.app import Daemon  # noqa: E402
 from daemon.broker import EmbeddedBroker  # noqa: E402
 
@@ -83,8 +84,6 @@ def overhead(bootstrap: str, n: int, coalesce: bool) -> dict:
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         daemon = Daemon(cfg)
         daemon.start(progress=False)
-        from daemon import kafka_io
-
         kafka_io.ensure_topics(cfg.kafka, bootstrap)
         for i in range(n):
             body = {"request_id": f"bench-{i}", "model": model, "forget": {"sample_ids": [i % 1000]}}
@@ -128,7 +127,7 @@ def iau_end_to_end(bootstrap: str, n: int, epochs: int) -> dict:
         t_boot = time.perf_counter()
         daemon, thread = _run_daemon(cfg)
         boot = time.perf_counter() - t_boot
-        results = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        results = kafka_io.make_reader(cfg.kafka, bootstrap)  # as `publish --wait` reads its result
         while not results.partitions_for_topic(cfg.kafka.topics.results):
             time.sleep(0.1)
         tp = TopicPartition(cfg.kafka.topics.results, 0)
