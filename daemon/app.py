@@ -215,7 +215,8 @@ class Daemon:
                 if self._stop.is_set():
                     break
                 metrics.BROKER_CONNECTED.set(0)
-                metrics.BROKER_DISCONNECTS.inc()
+                if self._conn is not None:  # lost now; a reconnect that fails again is the same outage
+                    metrics.BROKER_DISCONNECTS.inc()
                 log.warning("broker unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self._close_clients(graceful=False)
                 self._revive_embedded_broker()

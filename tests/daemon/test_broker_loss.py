@@ -36,7 +36,7 @@ def test_daemon_survives_broker_restart(tmp_path, bootstrapped_state):
         # its topics and a fresh (idempotent) producer, rejoin, and carry on.
         broker = EmbeddedBroker(port).start()
         stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=60)
-        assert stack.metric("unlearnd_broker_disconnects_total") >= 1
+        assert stack.metric("unlearnd_broker_disconnects_total") == 1  # one outage, however many reconnects failed
         from kafka import KafkaProducer
 
         stack._producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
