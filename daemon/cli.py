@@ -11,6 +11,8 @@ Expected failures print one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +34,7 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    registered_model,
     shown,
     when,
 )
@@ -135,27 +138,52 @@ def health(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     raise typer.Exit(0 if status == "healthy" else 1)
 
 
-def _only_lm(cfg: config_mod.Config) -> str:
+def _lm(cfg: config_mod.Config, model: str | None) -> str:
+    """The causal_lm model `serve` and `route` work on: the one named, else the only one registered."""
+    if model is not None:
+        return registered_model(cfg, model, "causal_lm", takes="serve and route take")
     lms = [name for name, m in cfg.models.items() if m.kind == "causal_lm"]
     if len(lms) != 1:
         fail(f"name the model: {cfg.source} has {len(lms)} causal_lm models {lms}", 2)
     return lms[0]
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound socket `serve` will serve on, taken before the model loads (minutes), so a port in use or an address
+    that is not this machine's is said at once, and nothing can take the port meanwhile."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait on TIME_WAIT
+        sock.bind(address)
+    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+        if sock is not None:
+            sock.close()
+        hint = (": is another unlearnd serve running? Stop it, or pass --port or set serve.port"
+                if exc.errno == errno.EADDRINUSE else "")
+        fail(f"cannot serve on {host}:{port} ({exc.strerror or exc}){hint}", 2)
+    sock.set_inheritable(True)
+    return sock
+
+
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Argument(help="A registered causal_lm model (default: the only one).")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default [serve] host, 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default [serve] port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default \\[serve] host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default \\[serve] port).")] = None,
     route_only: Annotated[bool, typer.Option("--route-only", help="Serve /v1/route without loading the LM.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model over HTTP, routing each input through the unlearning adapters that apply to it."""
     cfg = load_config(config)
+    name = _lm(cfg, model)
+    sock = _listen(host or cfg.serve.host, cfg.serve.port if port is None else port)
     setup_logging(cfg.logging)
     from daemon import serve as serve_mod
 
-    serve_mod.serve(cfg, model or _only_lm(cfg), host=host, port=port, route_only=route_only)
+    serve_mod.serve(cfg, name, sock, route_only=route_only)
 
 
 @app.command()
@@ -166,15 +194,16 @@ def route(
     config: ConfigOpt = None,
 ) -> None:
     """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
+    cfg = load_config(config)
+    name = _lm(cfg, model)
     from kafka.errors import KafkaError
     from transformers.utils import logging as hf_logging
 
     from daemon import serve as serve_mod
 
-    cfg = load_config(config)
     hf_logging.disable_progress_bar()  # the encoder's loading bar is noise around one answer
     try:
-        decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
+        decision = serve_mod.route_text(cfg, name, text)
     except KafkaError as exc:
         fail(f"cannot read {cfg.kafka.topics.adapters} from {bootstrap_servers(cfg)} ({type(exc).__name__}: {exc})")
     if as_json:

@@ -25,6 +25,7 @@ from daemon.cli_common import (
     fmt,
     load_config,
     print_result,
+    registered_model,
     shown,
 )
 from daemon.config import bootstrap_servers
@@ -60,8 +61,7 @@ def publish(
     from daemon import kafka_io, schema
 
     cfg = load_config(config)
-    if cfg.models and model not in cfg.models:
-        fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
+    registered_model(cfg, model)
     rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
     # No issued_at: the ledger records when the request arrived, and the same command sent again (a retry after
     # exit 3, say) must be the same body, which the daemon answers as a duplicate instead of a request_id conflict.
