@@ -43,6 +43,7 @@ from daemon.cli_ledger import ledger_app
 from daemon.cli_publish import publish
 from daemon.cli_sample import sample
 from daemon.config import bootstrap_servers
+from daemon.ledger import TERMINAL
 from daemon.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -226,13 +227,27 @@ def _request_dict(r: RequestRow) -> dict[str, Any]:
             "body_sha256": r.body_sha256, "source": r.source, "metrics": r.metrics}
 
 
+#: A request's statuses in the ledger: processing, readmitted (an operator's retry), then one of ledger.TERMINAL.
+REQUEST_STATUSES = ("processing", "readmitted", *TERMINAL)
+
+
+def _status(value: str | None) -> str | None:
+    if value is not None and value not in REQUEST_STATUSES:
+        raise typer.BadParameter(f"{value!r} is not a request status; one of: {', '.join(REQUEST_STATUSES)}")
+    return value
+
+
 @requests_app.command("list")
-def requests_list(model: Annotated[str | None, typer.Option()] = None,
-                  status: Annotated[str | None, typer.Option()] = None,
-                  limit: Annotated[int, typer.Option()] = 50, as_json: JsonOpt = False,
-                  config: ConfigOpt = None) -> None:
+def requests_list(model: Annotated[str | None, typer.Option(help="A registered model (default: all).")] = None,
+                  status: Annotated[str | None, typer.Option(callback=_status, help="Only requests in this status: "
+                                                             f"{', '.join(REQUEST_STATUSES)}.")] = None,
+                  limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+                  as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Recent requests, newest first."""
-    rows = [_request_dict(r) for r in open_ledger(load_config(config)).list_requests(model, status, limit)]
+    cfg = load_config(config)
+    if model is not None:
+        registered_model(cfg, model)
+    rows = [_request_dict(r) for r in open_ledger(cfg).list_requests(model, status, limit)]
     emit(rows, ["request_id", "model", "method", "status", "artifact_id", "forget_count", "reason", "received",
                  "duration_s"], as_json, "requests")
 

@@ -26,6 +26,7 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    registered_model,
     shown,
     when,
 )
@@ -51,8 +52,9 @@ def _artifact_dict(a: ArtifactRow) -> dict[str, Any]:
 @versions_app.command("list")
 def versions_list(model: str, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """The model's versions, oldest first; `active` marks the head that serves."""
-    ledger = open_ledger(load_config(config))
-    rows = [_artifact_dict(a) for a in ledger.list_artifacts(model, "version")]
+    cfg = load_config(config)
+    registered_model(cfg, model)
+    rows = [_artifact_dict(a) for a in open_ledger(cfg).list_artifacts(model, "version")]
     for r in rows:
         r["sha256"] = r["sha256"][:12]
     emit(rows, ["id", "parent", "active", "request_id", "created", "sha256"], as_json, f"versions of {model}")
@@ -123,7 +125,10 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Model (if adapter
 def adapters_list(model: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Adapters, oldest first; `active` ones are applied by serving (where the router says so)."""
-    rows = [_artifact_dict(a) for a in open_ledger(load_config(config)).list_artifacts(model, "adapter")]
+    cfg = load_config(config)
+    if model is not None:
+        registered_model(cfg, model)
+    rows = [_artifact_dict(a) for a in open_ledger(cfg).list_artifacts(model, "adapter")]
     for r in rows:
         r["sha256"] = r["sha256"][:12]
     emit(rows, ["id", "model", "active", "request_id", "created", "sha256"], as_json, "adapters")

@@ -292,3 +292,26 @@ def _usage_error(stack, *args: str) -> str:
                          text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out
     return out.stderr
+
+
+@pytest.mark.parametrize("command", [["versions", "list", "nosuch"], ["adapters", "list", "nosuch"],
+                                     ["requests", "list", "--model", "nosuch"]])
+def test_read_commands_refuse_an_unknown_model(stack, command):
+    """An unknown model once listed an empty table (exit 0): a typo read as "nothing happened to it"."""
+    out = stack.cli(*command, check=False)
+    assert out.returncode == 2, out
+    assert _one_error(out) == f"unlearnd: unknown model 'nosuch': {stack.config_path} registers {TEST_MODEL}"
+
+
+def test_requests_list_refuses_a_status_that_is_none_and_a_limit_below_one(stack):
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    for rid in ("lim-1", "lim-2"):
+        ledger.finish(rid, "rejected", model=TEST_MODEL, method="iau", reason="invalid_forget", error="test")
+    ledger.close()
+    bogus = _usage_error(stack, "requests", "list", "--status", "bogus")
+    assert "'bogus' is not a request status; one of: processing, readmitted, applied, rejected, failed" in bogus
+    for limit in ("0", "-1"):
+        assert "--limit" in _usage_error(stack, "requests", "list", "--limit", limit)
+    one = strict_json(stack.cli("requests", "list", "--status", "rejected", "--limit", "1", "--json").stdout)
+    assert len(one) == 1 and one[0]["status"] == "rejected"
+    assert strict_json(stack.cli("requests", "list", "--status", "applied", "--json").stdout) == []
