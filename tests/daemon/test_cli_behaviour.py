@@ -315,3 +315,28 @@ def test_requests_list_refuses_a_status_that_is_none_and_a_limit_below_one(stack
     one = strict_json(stack.cli("requests", "list", "--status", "rejected", "--limit", "1", "--json").stdout)
     assert len(one) == 1 and one[0]["status"] == "rejected"
     assert strict_json(stack.cli("requests", "list", "--status", "applied", "--json").stdout) == []
+
+
+def test_an_id_several_models_have_needs_the_model(stack):
+    """Versions and adapters are numbered per model: `versions show v0001` once showed whichever model's came first,
+    and `adapters rollback a0001` could have switched off another model's adapter."""
+    _register(stack, '[models.other]\nkind = "classifier"\nmethod = "iau"')
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    for model, parent in ((TEST_MODEL, "v0000"), ("other", None)):
+        ledger.add_artifact(model, "v0001", "version", parent=parent, request_id=None, path="/nowhere",
+                            sha256="0" * 64)
+        ledger.add_artifact(model, "a0001", "adapter", parent=None, request_id=None, path="/nowhere",
+                            sha256="0" * 64)
+    ledger.close()
+    for command in (["versions", "show", "v0001"], ["adapters", "rollback", "a0001"]):
+        out = stack.cli(*command, check=False)
+        assert out.returncode == 2, out
+        kind = "version" if command[0] == "versions" else "adapter"
+        assert _one_error(out) == (f"unlearnd: 2 models have a {kind} {command[2]} ({TEST_MODEL}, other): name one "
+                                   "with --model")
+    assert all(a.active for a in stack.ledger().list_artifacts(kind="adapter"))
+    shown = strict_json(stack.cli("versions", "show", "v0001", "--model", "other", "--json").stdout)
+    assert (shown["model"], shown["id"]) == ("other", "v0001")
+    assert strict_json(stack.cli("versions", "show", "v0000", "--json").stdout)["model"] == TEST_MODEL  # one has it
+    unknown = stack.cli("versions", "show", "v0001", "--model", "nosuch", check=False)
+    assert unknown.returncode == 2 and "unknown model 'nosuch'" in _one_error(unknown)
