@@ -99,10 +99,11 @@ def versions_show(version_id: str, model: Annotated[str | None, typer.Option(hel
 
 
 @versions_app.command("rollback")
-def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="Version id to restore.")],
+def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="Version id to make the head.")],
                       reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "operator rollback",
                       as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Make an earlier version the head again (bit-exact weights); recorded in the ledger and announced.
+    """Make another version of the model the head (bit-exact weights); recorded in the ledger and announced. The
+    head itself is refused (exit 1, nothing recorded).
 
     Samples forgotten by the versions after it are no longer forgotten by the served model: the ledger keeps
     them, and `requests list` shows which requests they came from, so they can be re-issued."""
@@ -110,8 +111,11 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
     from daemon.models import ModelRegistry
 
     cfg = load_config(config)
+    registered_model(cfg, model)
     ledger = open_ledger(cfg)
     previous = ledger.head(model)
+    if previous is not None and previous.id == to:
+        fail(f"{to} is already the head of {model}")
     registry = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger)
     try:
         row = registry.rollback(model, to, reason=reason)
