@@ -7,6 +7,7 @@ Exit codes: 0 published (with --wait: applied); 1 rejected or failed, or the clu
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +34,12 @@ from daemon.config import bootstrap_servers
 NO_RESULT_EXIT = 3
 
 
+def _seconds(value: float) -> float:
+    if not (value > 0 and math.isfinite(value)):  # NaN fails `> 0` too
+        raise typer.BadParameter(f"must be a number of seconds > 0, not {value:g}")
+    return value
+
+
 def publish(
     model: Annotated[str, typer.Option(help="Registered model name (also the message key).")],
     sample_ids: Annotated[str | None, typer.Option(help="Comma-separated training sample ids.")] = None,
@@ -45,8 +52,8 @@ def publish(
     subject: Annotated[str | None, typer.Option(help="Data-subject id, for the audit trail.")] = None,
     request_id: Annotated[str | None, typer.Option(help="Idempotency key (generated when absent).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the request to its result and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds for the whole command with --wait, a daemon still "
-                                           "starting up included.")] = 300.0,
+    timeout: Annotated[float, typer.Option(callback=_seconds, help="Seconds for the whole command with --wait, "
+                                           "a daemon still starting up included (> 0).")] = 300.0,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -317,6 +317,12 @@ def test_requests_list_refuses_a_status_that_is_none_and_a_limit_below_one(stack
     assert strict_json(stack.cli("requests", "list", "--status", "applied", "--json").stdout) == []
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_publish_refuses_a_timeout_that_is_not_positive(stack, timeout):
+    err = _usage_error(stack, "publish", "--model", TEST_MODEL, "--sample-ids", "1", "--wait", "--timeout", timeout)
+    assert "--timeout" in err and "must be a number of seconds > 0" in err, err
+
+
 def test_an_id_several_models_have_needs_the_model(stack):
     """Versions and adapters are numbered per model: `versions show v0001` once showed whichever model's came first,
     and `adapters rollback a0001` could have switched off another model's adapter."""
