@@ -11,6 +11,8 @@ Expected failures print one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +34,7 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    registered_model,
     shown,
     when,
 )
@@ -40,6 +43,7 @@ from daemon.cli_ledger import ledger_app
 from daemon.cli_publish import publish
 from daemon.cli_sample import sample
 from daemon.config import bootstrap_servers
+from daemon.ledger import TERMINAL
 from daemon.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -142,27 +146,52 @@ def health(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     raise typer.Exit(0 if status == "healthy" else 1)
 
 
-def _only_lm(cfg: config_mod.Config) -> str:
+def _lm(cfg: config_mod.Config, model: str | None) -> str:
+    """The causal_lm model `serve` and `route` work on: the one named, else the only one registered."""
+    if model is not None:
+        return registered_model(cfg, model, "causal_lm", takes="serve and route take")
     lms = [name for name, m in cfg.models.items() if m.kind == "causal_lm"]
     if len(lms) != 1:
         fail(f"name the model: {cfg.source} has {len(lms)} causal_lm models {lms}", 2)
     return lms[0]
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound socket `serve` will serve on, taken before the model loads (minutes), so a port in use or an address
+    that is not this machine's is said at once, and nothing can take the port meanwhile."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait on TIME_WAIT
+        sock.bind(address)
+    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+        if sock is not None:
+            sock.close()
+        hint = (": is another unlearnd serve running? Stop it, or pass --port or set serve.port"
+                if exc.errno == errno.EADDRINUSE else "")
+        fail(f"cannot serve on {host}:{port} ({exc.strerror or exc}){hint}", 2)
+    sock.set_inheritable(True)
+    return sock
+
+
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Argument(help="A registered causal_lm model (default: the only one).")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default [serve] host, 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default [serve] port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default \\[serve] host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default \\[serve] port).")] = None,
     route_only: Annotated[bool, typer.Option("--route-only", help="Serve /v1/route without loading the LM.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model over HTTP, routing each input through the unlearning adapters that apply to it."""
     cfg = load_config(config)
+    name = _lm(cfg, model)
+    sock = _listen(host or cfg.serve.host, cfg.serve.port if port is None else port)
     setup_logging(cfg.logging)
     from daemon import serve as serve_mod
 
-    serve_mod.serve(cfg, model or _only_lm(cfg), host=host, port=port, route_only=route_only)
+    serve_mod.serve(cfg, name, sock, route_only=route_only)
 
 
 @app.command()
@@ -173,15 +202,16 @@ def route(
     config: ConfigOpt = None,
 ) -> None:
     """Which adapters an input would get, and why (per-adapter scores), from the adapters topic's state."""
+    cfg = load_config(config)
+    name = _lm(cfg, model)
     from kafka.errors import KafkaError
     from transformers.utils import logging as hf_logging
 
     from daemon import serve as serve_mod
 
-    cfg = load_config(config)
     hf_logging.disable_progress_bar()  # the encoder's loading bar is noise around one answer
     try:
-        decision = serve_mod.route_text(cfg, model or _only_lm(cfg), text)
+        decision = serve_mod.route_text(cfg, name, text)
     except KafkaError as exc:
         fail(f"cannot read {cfg.kafka.topics.adapters} from {bootstrap_servers(cfg)} ({type(exc).__name__}: {exc})")
     if as_json:
@@ -219,13 +249,28 @@ def _request_dict(r: RequestRow, status: str) -> dict[str, Any]:
             "body_sha256": r.body_sha256, "source": r.source, "metrics": r.metrics}
 
 
+#: A request's statuses in the ledger: processing, readmitted (an operator's retry), then one of ledger.TERMINAL;
+#: and rolled_back, which the CLI derives for an applied request whose change a rollback undid (_request_dicts).
+REQUEST_STATUSES = ("processing", "readmitted", *TERMINAL, "rolled_back")
+
+
+def _status(value: str | None) -> str | None:
+    if value is not None and value not in REQUEST_STATUSES:
+        raise typer.BadParameter(f"{value!r} is not a request status; one of: {', '.join(REQUEST_STATUSES)}")
+    return value
+
+
 @requests_app.command("list")
-def requests_list(model: Annotated[str | None, typer.Option()] = None,
-                  status: Annotated[str | None, typer.Option()] = None,
-                  limit: Annotated[int, typer.Option()] = 50, as_json: JsonOpt = False,
-                  config: ConfigOpt = None) -> None:
+def requests_list(model: Annotated[str | None, typer.Option(help="A registered model (default: all).")] = None,
+                  status: Annotated[str | None, typer.Option(callback=_status, help="Only requests in this status: "
+                                                             f"{', '.join(REQUEST_STATUSES)}.")] = None,
+                  limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+                  as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Recent requests, newest first."""
-    ledger = open_ledger(load_config(config))
+    cfg = load_config(config)
+    if model is not None:
+        registered_model(cfg, model)
+    ledger = open_ledger(cfg)
     if status == "rolled_back":  # derived, not stored: applied requests whose change is no longer served
         rows = [r for r in _request_dicts(ledger, ledger.list_requests(model, "applied", None))
                 if r["status"] == status][:limit]

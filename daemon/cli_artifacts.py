@@ -26,11 +26,13 @@ from daemon.cli_common import (
     open_ledger,
     print_json,
     print_metrics,
+    registered_model,
     shown,
     when,
 )
 
 if TYPE_CHECKING:
+    from daemon.config import Config
     from daemon.ledger import Ledger
     from daemon.ledger_schema import ArtifactRow
 
@@ -48,11 +50,32 @@ def _artifact_dict(a: ArtifactRow) -> dict[str, Any]:
 
 
 
+def _artifact(cfg: Config, kind: str, artifact_id: str, model: str | None) -> tuple[Ledger, ArtifactRow]:
+    """The ledger, and in it the version or adapter `artifact_id` of `model`, or of whichever model has one by that
+    id: ids are only unique per model (every model's first change is v0001 or a0001), so one that several models
+    have needs `--model`."""
+    if model is not None:
+        registered_model(cfg, model)
+    ledger = open_ledger(cfg)
+    if model is not None:
+        a = ledger.get_artifact(model, artifact_id)
+        found = [a] if a is not None and a.kind == kind else []
+    else:
+        found = [a for a in ledger.list_artifacts(kind=kind) if a.id == artifact_id]
+    if not found:
+        fail(f"no {kind} {artifact_id}" + (f" of {model}" if model else ""))
+    if len(found) > 1:
+        fail(f"{len(found)} models have a {kind} {artifact_id} ({', '.join(sorted(a.model for a in found))}): "
+             "name one with --model", 2)
+    return ledger, found[0]
+
+
 @versions_app.command("list")
 def versions_list(model: str, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """The model's versions, oldest first; `active` marks the head that serves."""
-    ledger = open_ledger(load_config(config))
-    rows = [_artifact_dict(a) for a in ledger.list_artifacts(model, "version")]
+    cfg = load_config(config)
+    registered_model(cfg, model)
+    rows = [_artifact_dict(a) for a in open_ledger(cfg).list_artifacts(model, "version")]
     for r in rows:
         r["sha256"] = r["sha256"][:12]
     emit(rows, ["id", "parent", "active", "request_id", "created", "sha256"], as_json, f"versions of {model}")
@@ -62,10 +85,7 @@ def versions_list(model: str, as_json: JsonOpt = False, config: ConfigOpt = None
 def versions_show(version_id: str, model: Annotated[str | None, typer.Option(help="Model (if ids clash).")] = None,
                   as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One version: lineage, request, hash, measures, forgotten sample count."""
-    ledger = open_ledger(load_config(config))
-    a = ledger.get_artifact(model, version_id) if model else ledger.find_artifact(version_id)
-    if a is None or a.kind != "version":
-        fail(f"no version {version_id}")
+    ledger, a = _artifact(load_config(config), "version", version_id, model)
     d = _artifact_dict(a)
     d["lineage"] = [x.id for x in ledger.lineage(a.model, a.id)]
     d["forgotten_samples"] = len(ledger.forgotten_ids(a.model, a.id))
@@ -79,10 +99,11 @@ def versions_show(version_id: str, model: Annotated[str | None, typer.Option(hel
 
 
 @versions_app.command("rollback")
-def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="Version id to restore.")],
+def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="Version id to make the head.")],
                       reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "operator rollback",
                       as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Make an earlier version the head again (bit-exact weights); recorded in the ledger and announced.
+    """Make another version of the model the head (bit-exact weights); recorded in the ledger and announced. The
+    head itself is refused (exit 1, nothing recorded).
 
     Samples forgotten by the versions after it are no longer forgotten by the served model: the ledger keeps
     them, and `requests list` shows which requests they came from, so they can be re-issued."""
@@ -90,8 +111,11 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
     from daemon.models import ModelRegistry
 
     cfg = load_config(config)
+    registered_model(cfg, model)
     ledger = open_ledger(cfg)
     previous = ledger.head(model)
+    if previous is not None and previous.id == to:
+        fail(f"{to} is already the head of {model}")
     registry = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger)
     try:
         row = registry.rollback(model, to, reason=reason)
@@ -109,13 +133,6 @@ def versions_rollback(model: str, to: Annotated[str, typer.Option("--to", help="
 # --- adapters -----------------------------------------------------------------------------------------------
 
 
-def _adapter(ledger: Ledger, adapter_id: str, model: str | None) -> ArtifactRow:
-    a = ledger.get_artifact(model, adapter_id) if model else ledger.find_artifact(adapter_id)
-    if a is None or a.kind != "adapter":
-        fail(f"no adapter {adapter_id}")
-    return a
-
-
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model (if adapter ids clash across models).")]
 
 
@@ -123,7 +140,10 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Model (if adapter
 def adapters_list(model: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False,
                   config: ConfigOpt = None) -> None:
     """Adapters, oldest first; `active` ones are applied by serving (where the router says so)."""
-    rows = [_artifact_dict(a) for a in open_ledger(load_config(config)).list_artifacts(model, "adapter")]
+    cfg = load_config(config)
+    if model is not None:
+        registered_model(cfg, model)
+    rows = [_artifact_dict(a) for a in open_ledger(cfg).list_artifacts(model, "adapter")]
     for r in rows:
         r["sha256"] = r["sha256"][:12]
     emit(rows, ["id", "model", "active", "request_id", "created", "sha256"], as_json, "adapters")
@@ -134,8 +154,7 @@ def adapters_show(adapter_id: str, model: ModelOpt = None, as_json: JsonOpt = Fa
     """One adapter: request, size, rank, measures, and its overlap with every other active adapter."""
     from adapters.lm import lora_set
 
-    ledger = open_ledger(load_config(config))
-    a = _adapter(ledger, adapter_id, model)
+    ledger, a = _artifact(load_config(config), "adapter", adapter_id, model)
     d = _artifact_dict(a)
     path = Path(a.path)
     d["size_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -158,8 +177,7 @@ def _set_adapter(adapter_id: str, model: str | None, active: bool, reason: str, 
     from daemon.models import ModelRegistry
 
     cfg = load_config(config)
-    ledger = open_ledger(cfg)
-    a = _adapter(ledger, adapter_id, model)
+    ledger, a = _artifact(cfg, "adapter", adapter_id, model)
     try:
         row = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).set_adapter(
             a.model, a.id, active, reason=reason)
@@ -197,7 +215,7 @@ def adapters_export(adapter_id: str, directory: Path, model: ModelOpt = None, as
     import shutil
 
     cfg = load_config(config)
-    a = _adapter(open_ledger(cfg), adapter_id, model)
+    _, a = _artifact(cfg, "adapter", adapter_id, model)
     shutil.copytree(a.path, directory, dirs_exist_ok=True)
     adapter_config = directory / "adapter_config.json"
     settings = json.loads(adapter_config.read_text())

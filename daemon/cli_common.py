@@ -55,6 +55,19 @@ def load_config(path: Path | None) -> config_mod.Config:
         fail(str(exc), 2)
 
 
+def registered_model(cfg: config_mod.Config, model: str, kind: str | None = None, *, takes: str = "") -> str:
+    """`model` if the config registers it (and, with `kind`, it is of that kind); otherwise the one-line refusal,
+    exit 2, before anything is read, loaded or written: an unknown name lists the registered ones, a model of
+    another kind the registered models of `kind` (`takes` names what takes them, e.g. "serve and route take")."""
+    spec = cfg.models.get(model)
+    if spec is None:
+        fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models)) or 'no models'}", 2)
+    if kind is not None and spec.kind != kind:
+        same = sorted(name for name, s in cfg.models.items() if s.kind == kind)
+        fail(f"{model} is a {spec.kind} model; {takes} a {kind} model: {', '.join(same) or 'none registered'}", 2)
+    return model
+
+
 def open_ledger(cfg: config_mod.Config) -> Ledger:
     """The daemon's ledger; an error (never a new empty ledger) when the daemon has not run with this config."""
     from daemon.ledger import open_ledger

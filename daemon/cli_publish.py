@@ -7,6 +7,7 @@ Exit codes: 0 published (with --wait: applied); 1 rejected or failed, or the clu
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -25,11 +26,18 @@ from daemon.cli_common import (
     fmt,
     load_config,
     print_result,
+    registered_model,
     shown,
 )
 from daemon.config import bootstrap_servers
 
 NO_RESULT_EXIT = 3
+
+
+def _seconds(value: float) -> float:
+    if not (value > 0 and math.isfinite(value)):  # NaN fails `> 0` too
+        raise typer.BadParameter(f"must be a number of seconds > 0, not {value:g}")
+    return value
 
 
 def publish(
@@ -44,8 +52,8 @@ def publish(
     subject: Annotated[str | None, typer.Option(help="Data-subject id, for the audit trail.")] = None,
     request_id: Annotated[str | None, typer.Option(help="Idempotency key (generated when absent).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the request to its result and print it.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds for the whole command with --wait, a daemon still "
-                                           "starting up included.")] = 300.0,
+    timeout: Annotated[float, typer.Option(callback=_seconds, help="Seconds for the whole command with --wait, "
+                                           "a daemon still starting up included (> 0).")] = 300.0,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -60,8 +68,7 @@ def publish(
     from daemon import kafka_io, schema
 
     cfg = load_config(config)
-    if cfg.models and model not in cfg.models:
-        fail(f"unknown model {model!r}: {cfg.source} registers {', '.join(sorted(cfg.models))}", 2)
+    registered_model(cfg, model)
     rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
     # No issued_at: the ledger records when the request arrived, and the same command sent again (a retry after
     # exit 3, say) must be the same body, which the daemon answers as a duplicate instead of a request_id conflict.

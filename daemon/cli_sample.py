@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli_common import ConfigOpt, JsonOpt, console, dumps, fail, load_config, open_ledger
+from daemon.cli_common import ConfigOpt, JsonOpt, console, dumps, fail, load_config, open_ledger, registered_model
 
 
 def sample(
@@ -28,15 +28,12 @@ def sample(
 
     from adapters.store import ArtifactStore
     from daemon.bootstrapping import ModelNotReady
-    from daemon.models import ModelRegistry, UnknownModel
+    from daemon.models import ModelRegistry
 
     cfg = load_config(config)
+    registered_model(cfg, model)
     ledger = open_ledger(cfg)
-    registry = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger)
-    try:
-        strategy = registry.kind_strategy(model)
-    except UnknownModel as exc:
-        fail(str(exc), 2)
+    strategy = ModelRegistry(cfg, ArtifactStore(cfg.state.artifacts_path), ledger).kind_strategy(model)
     if not hasattr(strategy, "sample_grid"):
         fail(f"{model} is a {cfg.models[model].kind} model; `sample` draws diffusion models", 2)
     torch.set_num_threads(min(4, torch.get_num_threads()))

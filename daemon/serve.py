@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -343,19 +344,22 @@ def load_service(cfg: Config, model: str, *, base_dir: Path | None = None, route
                    route_only=route_only)
 
 
-def serve(cfg: Config, model: str, *, host: str | None = None, port: int | None = None,
-          base_dir: Path | None = None, route_only: bool = False) -> None:
-    """`unlearnd serve`: blocks serving HTTP until interrupted."""
+def serve(cfg: Config, model: str, sock: socket.socket, *, base_dir: Path | None = None,
+          route_only: bool = False) -> None:
+    """`unlearnd serve`: blocks serving HTTP on `sock` until interrupted. The CLI binds `sock` before the model
+    loads, so a port in use is said at once and cannot be taken meanwhile."""
     import uvicorn
 
     service = load_service(cfg, model, base_dir=base_dir, route_only=route_only)
     threads = adapter_state.start(service.adapters, cfg)
     ok, report = service.adapters.health()
     log.info("serving %s with %d adapter(s) (source: %s)", model, len(service.adapters.loaded), report["source"])
+    config = uvicorn.Config(build_app(service, max_body_bytes=cfg.serve.max_body_bytes), log_level="warning",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     try:
-        uvicorn.run(build_app(service, max_body_bytes=cfg.serve.max_body_bytes), host=host or cfg.serve.host,
-                    port=cfg.serve.port if port is None else port, log_level="warning",
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it the same way)
+        pass
     finally:
         adapter_state.stop(threads)
 

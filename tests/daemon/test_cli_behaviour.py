@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import tomllib
@@ -222,3 +223,126 @@ def test_health_says_bootstrapping_and_ctrl_c_stops_first_start_training_at_once
     assert ledger.head(TEST_MODEL) is None, "an interrupted bootstrap must not register a version"
     assert list((stack.state / "artifacts" / ".staging").iterdir()) == []
     assert not (stack.state / "artifacts" / TEST_MODEL / "versions").exists()
+
+
+# --- refusals that come before anything is loaded, read or written ---------------------------------------------
+
+LM_MODEL = "tiny-lm"  # registered, never loaded: every refusal below comes first
+
+
+def _register(stack, *sections: str) -> None:
+    stack.config_path.write_text(stack.config_path.read_text() + "\n" + "\n".join(sections) + "\n")
+
+
+def _one_error(out: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("unlearnd:")]
+    assert len(errors) == 1, out.stderr
+    return errors[0]
+
+
+def _files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", [["serve", "{model}"], ["route", "--model", "{model}", "a question"]])
+def test_serve_and_route_refuse_a_model_that_is_unknown_or_no_language_model(stack, command):
+    """A typo once gave a KeyError traceback; a classifier's name had `serve` convert SmolLM2 into that model's
+    artifacts directory and serve it. Both are refused (exit 2) before anything is loaded or written."""
+    _register(stack, f'[models.{LM_MODEL}]\nkind = "causal_lm"')
+    before = _files(stack.state)
+    unknown = stack.cli(*[a.format(model="nosuch") for a in command], check=False, timeout=60)
+    assert unknown.returncode == 2, unknown
+    assert _one_error(unknown) == (f"unlearnd: unknown model 'nosuch': {stack.config_path} registers "
+                                   f"{TEST_MODEL}, {LM_MODEL}")
+    classifier = stack.cli(*[a.format(model=TEST_MODEL) for a in command], check=False, timeout=60)
+    assert classifier.returncode == 2, classifier
+    assert _one_error(classifier) == (f"unlearnd: {TEST_MODEL} is a classifier model; serve and route take a "
+                                      f"causal_lm model: {LM_MODEL}")
+    assert _files(stack.state) == before
+
+
+def test_serve_refuses_a_port_out_of_range_or_in_use_before_loading_the_model(stack):
+    _register(stack, f'[models.{LM_MODEL}]\nkind = "causal_lm"')
+    started = time.monotonic()
+    for port, limit in (("99999", "less than or equal to 65535"), ("-1", "greater than or equal to 0")):
+        assert f"Invalid value for '--port': Input should be {limit}" in _usage_error(stack, "serve", LM_MODEL,
+                                                                                      "--port", port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = stack.cli("serve", LM_MODEL, "--port", str(port), check=False, timeout=60)
+    assert in_use.returncode == 2, in_use  # 3 is publish --wait's timeout
+    assert _one_error(in_use) == (f"unlearnd: cannot serve on 127.0.0.1:{port} (Address already in use): is another "
+                                  "unlearnd serve running? Stop it, or pass --port or set serve.port")
+    assert time.monotonic() - started < 30, "refused only after loading the model"
+
+
+def test_serve_help_shows_the_config_section_it_defaults_to():
+    out = subprocess.run([*UNLEARND, "serve", "--help"], cwd=REPO, env={**os.environ, "COLUMNS": "200"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    assert "(default [serve] host, 127.0.0.1)" in out.stdout and "(default [serve] port)" in out.stdout, out.stdout
+
+
+def _usage_error(stack, *args: str) -> str:
+    """A bad option value: typer's usage error (exit 2), as one string however the box wrapped it."""
+    out = subprocess.run([*UNLEARND, *args], cwd=REPO, env={**stack.env(), "COLUMNS": "250"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out
+    return out.stderr
+
+
+@pytest.mark.parametrize("command", [["versions", "list", "nosuch"], ["adapters", "list", "nosuch"],
+                                     ["requests", "list", "--model", "nosuch"]])
+def test_read_commands_refuse_an_unknown_model(stack, command):
+    """An unknown model once listed an empty table (exit 0): a typo read as "nothing happened to it"."""
+    out = stack.cli(*command, check=False)
+    assert out.returncode == 2, out
+    assert _one_error(out) == f"unlearnd: unknown model 'nosuch': {stack.config_path} registers {TEST_MODEL}"
+
+
+def test_requests_list_refuses_a_status_that_is_none_and_a_limit_below_one(stack):
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    for rid in ("lim-1", "lim-2"):
+        ledger.finish(rid, "rejected", model=TEST_MODEL, method="iau", reason="invalid_forget", error="test")
+    ledger.close()
+    bogus = _usage_error(stack, "requests", "list", "--status", "bogus")
+    assert "'bogus' is not a request status; one of: processing, readmitted, applied, rejected, failed" in bogus
+    for limit in ("0", "-1"):
+        assert "--limit" in _usage_error(stack, "requests", "list", "--limit", limit)
+    one = strict_json(stack.cli("requests", "list", "--status", "rejected", "--limit", "1", "--json").stdout)
+    assert len(one) == 1 and one[0]["status"] == "rejected"
+    assert strict_json(stack.cli("requests", "list", "--status", "applied", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_publish_refuses_a_timeout_that_is_not_positive(stack, timeout):
+    err = _usage_error(stack, "publish", "--model", TEST_MODEL, "--sample-ids", "1", "--wait", "--timeout", timeout)
+    assert "--timeout" in err and "must be a number of seconds > 0" in err, err
+
+
+def test_an_id_several_models_have_needs_the_model(stack):
+    """Versions and adapters are numbered per model: `versions show v0001` once showed whichever model's came first,
+    and `adapters rollback a0001` could have switched off another model's adapter."""
+    _register(stack, '[models.other]\nkind = "classifier"\nmethod = "iau"')
+    ledger = Ledger(stack.state / "ledger.sqlite3")
+    for model, parent in ((TEST_MODEL, "v0000"), ("other", None)):
+        ledger.add_artifact(model, "v0001", "version", parent=parent, request_id=None, path="/nowhere",
+                            sha256="0" * 64)
+        ledger.add_artifact(model, "a0001", "adapter", parent=None, request_id=None, path="/nowhere",
+                            sha256="0" * 64)
+    ledger.close()
+    for command in (["versions", "show", "v0001"], ["adapters", "rollback", "a0001"]):
+        out = stack.cli(*command, check=False)
+        assert out.returncode == 2, out
+        kind = "version" if command[0] == "versions" else "adapter"
+        assert _one_error(out) == (f"unlearnd: 2 models have a {kind} {command[2]} ({TEST_MODEL}, other): name one "
+                                   "with --model")
+    assert all(a.active for a in stack.ledger().list_artifacts(kind="adapter"))
+    shown = strict_json(stack.cli("versions", "show", "v0001", "--model", "other", "--json").stdout)
+    assert (shown["model"], shown["id"]) == ("other", "v0001")
+    assert strict_json(stack.cli("versions", "show", "v0000", "--json").stdout)["model"] == TEST_MODEL  # one has it
+    unknown = stack.cli("versions", "show", "v0001", "--model", "nosuch", check=False)
+    assert unknown.returncode == 2 and "unknown model 'nosuch'" in _one_error(unknown)

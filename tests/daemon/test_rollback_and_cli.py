@@ -83,6 +83,14 @@ def test_rollback_to_unknown_version_fails_clearly(stack):
     assert out.returncode == 1 and out.stderr.strip() == f"unlearnd: {TEST_MODEL} has no version v0042"
 
 
+def test_rollback_to_the_head_is_refused_and_records_nothing(stack):
+    """It once printed `head v0000 -> v0000` and recorded (and counted, in unlearnd_rollbacks_total) a rollback."""
+    events = stack.ledger().events(TEST_MODEL)
+    out = stack.cli("versions", "rollback", TEST_MODEL, "--to", "v0000", check=False)
+    assert out.returncode == 1 and out.stderr.strip() == f"unlearnd: v0000 is already the head of {TEST_MODEL}"
+    assert stack.ledger().events(TEST_MODEL) == events
+
+
 def test_cli_publish_wait_and_inspect(stack):
     stack.start()
     out = stack.cli("publish", "--model", TEST_MODEL, "--sample-ids", "17,42,99", "--request-id", "cli-1",
