@@ -229,6 +229,9 @@ class ImagesModels(ModelKind):
             target = ImagesTarget(name=name, version=head.id, collection=collection, model=model, spec=spec)
             self._cache[name] = (head.id, target)
         target.others = self._others(name)
+        target.erased = frozenset((receipt["image"], receipt["mask_sha256"])
+                                  for row in self.ledger.list_artifacts(name, "erasure")
+                                  if (receipt := row.info.get("receipt")) and "mask_sha256" in receipt)
         self.sync_collection(name, collection)
         return target
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from adapters.base import Change, Engine, Forget, InvalidForget, register
+from adapters.base import Change, Engine, Forget, InvalidForget, NothingToForget, register
 from adapters.diffusion import ddpm
 from adapters.images import masks as masks_mod
 from adapters.images.collection import (
@@ -54,6 +54,8 @@ class ImagesTarget:
     # Other image collections the caller serves, by owner name: an id found there is named as belonging to
     # another collection rather than unknown (a request sent to the wrong model).
     others: Mapping[str, ImageCollection] = dataclasses.field(default_factory=dict)
+    # (image id, mask SHA-256) of every erasure recorded: the same erasure asked again has nothing left to remove
+    erased: frozenset[tuple[str, str]] = frozenset()
 
     def scheduler(self, steps: int) -> Any:
         """The DDIM sampler on the model's training noise schedule."""
@@ -140,6 +142,8 @@ class AttentiveEraserEngine(Engine):
               progress: Callable[[dict[str, Any]], None] | None = None) -> ErasureChange:
         started = time.perf_counter()
         entry, mask = self._resolve(target, forget)
+        if (entry.id, masks_mod.mask_sha256(mask)) in target.erased:
+            raise NothingToForget(1)  # answered applied and unchanged: regenerating the region again erases nothing
         source = target.collection.load(entry.id)
         result = erase(target.model, source, mask, target.scheduler(self.config.steps), self.config)
         png = encode_png(result)

@@ -104,6 +104,14 @@ def test_erase_requests_edit_the_image_delete_the_original_and_refuse_bad_masks(
     assert sorted(dict(d.headers)[HEADER_REASON].decode() for d in dead) == sorted(r for r, _ in expected.values())
     assert collection.read_bytes("canvas-0002") == ImageCollection(collection.root).read_bytes("canvas-0002")
 
+    # The same erasure sent again under a new request id: already done, answered so; the image is not edited again.
+    stack.publish(_erase("img-again", "canvas-0000", {"box": box}), key=MODEL)
+    [again] = stack.results(1, request_id="img-again", timeout=120)
+    assert (again["status"], again["changed"], again["metrics"]) == (
+        "applied", False, {"forgotten": 0.0, "already_forgotten": 1.0}), again
+    assert stack.ledger().count_artifacts(MODEL, "erasure") == 2  # img-ok's and img-rle's
+    assert ImageCollection(collection.root).read_bytes("canvas-0000") == result_png
+
     out = tmp_path / "before_after.png"
     shown = json.loads(stack.cli("images", "show", "canvas-0000", "--out", str(out), "--json").stdout)
     assert shown["rendered"] == "result (original deleted)" and shown["erasures"][0]["original"] == "deleted"
