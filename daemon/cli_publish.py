@@ -43,7 +43,7 @@ def _seconds(value: float) -> float:
 def publish(
     model: Annotated[str, typer.Option(help="Registered model name (also the message key).")],
     sample_ids: Annotated[str | None, typer.Option(help="Comma-separated training sample ids.")] = None,
-    forget_class: Annotated[int | None, typer.Option("--class", help="Forget a whole class.")] = None,
+    forget_class: Annotated[int | None, typer.Option("--class", min=0, help="Forget a whole class.")] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to forget (repeatable).")] = None,
     qa: Annotated[Path | None, typer.Option(help="JSON file: [{\"question\": ..., \"answer\": ...}].")] = None,
     image: Annotated[str | None, typer.Option(help="An image id to erase an object from (with --box).")] = None,
@@ -122,9 +122,12 @@ def _forget(sample_ids: str | None, forget_class: int | None, text: list[str] | 
         fail("--image and --box go together", 2)
     if image is not None and box is not None:
         try:
-            forget["image"], forget["mask"] = image, {"box": [int(v) for v in box.split(",")]}
+            corners = [int(v) for v in box.split(",")]
         except ValueError:
-            fail(f"--box takes four comma-separated integers x0,y0,x1,y1, got {box!r}", 2)
+            corners = []
+        if len(corners) != 4 or min(corners) < 0:
+            fail(f"--box takes four comma-separated integers x0,y0,x1,y1 (pixels, not negative), got {box!r}", 2)
+        forget["image"], forget["mask"] = image, {"box": corners}
     if sample_ids:
         try:
             forget["sample_ids"] = [int(s) for s in sample_ids.split(",") if s.strip()]

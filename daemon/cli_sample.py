@@ -42,8 +42,10 @@ def sample(
     except ModelNotReady:
         fail(f"{model} has no version yet: the daemon builds it in the background after it starts "
              "(`unlearnd models list` shows its head once ready)")
-    except (KeyError, ValueError) as exc:
+    except KeyError as exc:  # no such version: nothing found
         fail(exc.args[0])
+    except ValueError as exc:  # classes the model does not have: bad usage
+        fail(exc.args[0], 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
     info = {"model": model, "version": drawn, "out": str(out), "classes": classes or "all", "per_class": n,

@@ -323,6 +323,15 @@ def test_publish_refuses_a_timeout_that_is_not_positive(stack, timeout):
     assert "--timeout" in err and "must be a number of seconds > 0" in err, err
 
 
+@pytest.mark.parametrize("forget, words", [(["--image", "canvas-0003", "--box", "1,2,12"], "--box takes four"),
+                                           (["--image", "canvas-0003", "--box", "-1,2,12,9"], "--box takes four"),
+                                           (["--class", "-1"], "--class")])
+def test_publish_refuses_what_the_daemon_would_reject_before_publishing(stack, forget, words):
+    """A forget the schema refuses once went out (exit 0) and was only rejected later, unseen without --wait."""
+    err = _usage_error(stack, "publish", "--model", TEST_MODEL, *forget)
+    assert words in err, err
+
+
 def test_an_id_several_models_have_needs_the_model(stack):
     """Versions and adapters are numbered per model: `versions show v0001` once showed whichever model's came first,
     and `adapters rollback a0001` could have switched off another model's adapter."""

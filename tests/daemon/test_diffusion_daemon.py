@@ -120,6 +120,8 @@ def test_class_request_on_a_diffusion_model_waits_for_bootstrap_forgets_and_roll
     assert out["version"] == "v0001"
     with Image.open(io.BytesIO(grid.read_bytes())) as png:
         assert png.format == "PNG" and png.height < png.width  # two rows of four tiles
+    bad = stack.cli("sample", DDPM, "--class", "10", "--out", str(grid), check=False)  # bad usage, not "nothing"
+    assert bad.returncode == 2 and "class(es) [10] outside 0..9" in bad.stderr, bad
 
     # Rollback: v0 is the head again, its file untouched (bit-exact).
     stack.cli("versions", "rollback", DDPM, "--to", v0.id)
