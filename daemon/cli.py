@@ -243,8 +243,9 @@ def _request_dicts(ledger: Ledger, rows: list[RequestRow]) -> list[dict[str, Any
 
 def _request_dict(r: RequestRow, status: str) -> dict[str, Any]:
     return {"request_id": r.request_id, "model": r.model, "method": r.method, "status": status,
-            "attempts": r.attempts, "artifact_id": r.artifact_id, "forget_kind": r.forget_kind,
-            "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason, "error": r.error,
+            "attempts": r.attempts, "engine_failures": r.engine_failures, "artifact_id": r.artifact_id,
+            "forget_kind": r.forget_kind, "forget_count": r.forget_count, "subject": r.subject, "reason": r.reason,
+            "error": r.error,
             "received": when(r.received_at), "completed": when(r.completed_at), "duration_s": r.duration_s,
             "body_sha256": r.body_sha256, "source": r.source, "metrics": r.metrics}
 
