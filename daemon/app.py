@@ -40,12 +40,13 @@ from adapters.store import ArtifactStore
 from daemon import failpoints, kafka_io, metrics, transient
 from daemon.admission import Admission, Admitted, Message
 from daemon.applying import Applier
+from daemon.bootstrapping import build_in_background
 from daemon.broker import EmbeddedBroker
 from daemon.config import Config, bootstrap_servers
 from daemon.connection import Connection
 from daemon.engine_configs import check_engines
 from daemon.group_watch import GroupStalled
-from daemon.ledger import open_ledger
+from daemon.ledger import ArtifactRow, open_ledger
 from daemon.liveness import BrokerLost
 from daemon.models import ModelRegistry
 from daemon.outcomes import Outcomes
@@ -56,7 +57,6 @@ log = logging.getLogger("unlearnd")
 T = TypeVar("T")
 
 KEEPALIVE_S = 1.0  # while the engine works, the main thread polls (partitions paused) this often
-BOOTSTRAP_RETRY_S = 30.0  # first delay before a failed background bootstrap is tried again; doubles
 
 
 class StartupError(Exception):
@@ -100,7 +100,7 @@ class Daemon:
         embedded), state, models. Raises StartupError or ConfigError for what an operator must fix."""
         check_engines(self.config, self.registry)
         self.registry.check_methods()
-        self.config.kafka.check_secrets()
+        kafka_io.check_secrets(self.config.kafka)
         if self.config.metrics.enabled:
             host, port = self.config.metrics.host, self.config.metrics.port
             try:
@@ -126,49 +126,21 @@ class Daemon:
             if self.registry.bootstraps_later(name):
                 later.append(name)
                 continue
-            head = self.registry.ensure_bootstrapped(name, progress=progress)
-            self.outcomes.update_model_gauges(name)
-            log.info("model %s ready at %s", name, head.id if head else "its base weights")
-            self._prepare(name)
+            self._model_ready(name, self.registry.ensure_bootstrapped(name, progress=progress))
         self.outcomes.count_rollbacks()
         metrics.BOOTSTRAPPING.set(0)
         if later:
             log.info("model(s) %s have no version yet: built in the background while the daemon consumes; their "
                      "requests wait until they are ready", ", ".join(later))
-            self._bootstrapper = threading.Thread(target=self._bootstrap_in_background, args=(later,),
+            self._bootstrapper = threading.Thread(target=build_in_background,
+                                                  args=(self.registry, later, self._stop, self._model_ready),
                                                   name="unlearnd-bootstrap", daemon=True)
             self._bootstrapper.start()
 
-    def _bootstrap_in_background(self, names: list[str]) -> None:
-        """Build models' first versions off the consuming path (progress in the log). A failure is logged and
-        tried again with backoff; a stop ends it at once (nothing half-written: the next start begins again)."""
-        from adapters.diffusion.training import TrainingStopped
-
-        for name in names:
-            delay = BOOTSTRAP_RETRY_S
-            while not self._stop.is_set():
-                try:
-                    head = self.registry.ensure_bootstrapped(name, progress=False, stop=self._stop)
-                except TrainingStopped:
-                    log.info("bootstrap of %s stopped; the next start begins it again", name)
-                    return
-                except Exception:
-                    log.exception("bootstrap of %s failed; trying again in %.0fs", name, delay)
-                    self._stop.wait(delay)
-                    delay = min(2 * delay, 600.0)
-                    continue
-                self.outcomes.update_model_gauges(name)
-                log.info("model %s ready at %s", name, head.id if head is not None else "its base weights")
-                self._prepare(name)
-                break
-
-    def _prepare(self, name: str) -> None:
-        """Warm the engines' caches for a model that is ready (ModelRegistry.prepare). A failure here only costs
-        the first request the time it saves, so it is logged, not raised: that request meets the cause itself."""
-        try:
-            self.registry.prepare(name)
-        except Exception:
-            log.warning("could not prepare the engines of %s ahead of its first request", name, exc_info=True)
+    def _model_ready(self, name: str, head: ArtifactRow | None) -> None:
+        self.outcomes.update_model_gauges(name)
+        log.info("model %s ready at %s", name, head.id if head is not None else "its base weights")
+        self.registry.prepare(name)
 
     def stop(self, *_args: object) -> None:
         """Signal-safe: finish the message in hand, commit, close. During start-up, stop at once: a first-start
@@ -224,18 +196,16 @@ class Daemon:
                 backoff = min(backoff * 2, self.config.kafka.reconnect_backoff_max_s)
 
     def _revive_embedded_broker(self) -> None:
-        """The embedded broker is the daemon's own child: if it exited (killed, crashed), start it again rather than
-        wait for it forever. It is memory-only, so what it held is gone either way (requests are then sent again
-        by their producers); the ledger keeps what was applied, and the next connect recreates the topics."""
-        broker = self.broker
-        if broker is None or broker.process is None or broker.process.poll() is None:
-            return
-        log.error("the embedded broker exited (code %s); starting it again: it is memory-only, so the records it "
-                  "held are gone", broker.process.returncode)
+        """The embedded broker is the daemon's own child: if it exited, start it again rather than wait for it
+        forever. The requests it held are gone (producers send them again); the ledger keeps what was applied."""
         try:
-            broker.start()
+            code = self.broker.restart_if_exited() if self.broker is not None else None
         except RuntimeError as exc:  # e.g. something else took its port: tried again after the next backoff
             log.error("could not start the embedded broker again: %s", exc)
+            return
+        if code is not None:
+            log.error("the embedded broker exited (code %s); started it again: it is memory-only, so the records "
+                      "it held are gone", code)
 
     def close(self) -> None:
         self._close_clients(graceful=True)

@@ -1,8 +1,8 @@
 """What the model kinds whose first version trains for minutes share (diffusion, images: both train a DDPM).
 
 Such a model is built in the background once the daemon is consuming (models.<name>.bootstrap.when, default
-"background" for these kinds; the thread is the daemon's, see daemon/app.py). Until its first version exists,
-requests for it raise `ModelNotReady`, a transient condition: the daemon pauses (`unlearnd_paused{reason=
+"background" for these kinds; `build_in_background` is the daemon's thread that does it). Until its first version
+exists, requests for it raise `ModelNotReady`, a transient condition: the daemon pauses (`unlearnd_paused{reason=
 "bootstrapping"}`) and retries the request, never fails or loses it. The training reports its progress in the log
 (`progress_logger`), and the recipe it follows is the demo's dataclass with the model's [bootstrap] tables over it
 (`override`).
@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.transient import Transient
 
+if TYPE_CHECKING:
+    from daemon.ledger import ArtifactRow
+    from daemon.models import ModelRegistry
+
 PROGRESS_EVERY = 0.1  # log a bootstrap line every 10% of the training steps
+RETRY_S = 30.0  # first delay before a failed background bootstrap is tried again; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 600.0
 T = TypeVar("T")
 
 
@@ -27,6 +34,31 @@ class ModelNotReady(Transient):
 
     def __init__(self, name: str):
         super().__init__("bootstrapping", f"model {name!r} has no version yet: it is being built in the background")
+
+
+def build_in_background(registry: ModelRegistry, names: list[str], stop: threading.Event,
+                        on_ready: Callable[[str, ArtifactRow | None], None]) -> None:
+    """The daemon's bootstrap thread: build models' first versions off the consuming path (progress in the log),
+    calling `on_ready` with each model's head. A failure is logged and tried again with backoff; a stop ends it at
+    once (nothing half-written: the next start begins again)."""
+    from adapters.diffusion.training import TrainingStopped
+
+    log = logging.getLogger("unlearnd")
+    for name in names:
+        delay = RETRY_S
+        while not stop.is_set():
+            try:
+                head = registry.ensure_bootstrapped(name, progress=False, stop=stop)
+            except TrainingStopped:
+                log.info("bootstrap of %s stopped; the next start begins it again", name)
+                return
+            except Exception:
+                log.exception("bootstrap of %s failed; trying again in %.0fs", name, delay)
+                stop.wait(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
+                continue
+            on_ready(name, head)
+            break
 
 
 def override(obj: T, values: dict[str, Any], table: str) -> T:

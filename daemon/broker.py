@@ -106,6 +106,15 @@ class EmbeddedBroker:
         log.info("embedded broker (Tansu, memory-only) listening on %s", self.bootstrap_servers)
         return self
 
+    def restart_if_exited(self) -> int | None:
+        """Start the broker again if its process exited (killed, crashed): memory-only, it comes back empty.
+        Returns the code it exited with, or None while it runs. Raises RuntimeError if it cannot start."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        self.start()
+        return code
+
     def stop(self) -> None:
         if self.process:
             stop_process(self.process, 5)

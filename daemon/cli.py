@@ -303,11 +303,11 @@ def requests_retry(request_id: str,
                    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "operator retry",
                    as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Re-admit a failed request after fixing its cause: re-published from its dead-letter copy, applied once."""
-    from daemon import retry
+    from daemon import kafka_io, retry
 
     cfg = load_config(config)
     try:
-        cfg.kafka.check_secrets()
+        kafka_io.check_secrets(cfg.kafka)
     except config_mod.ConfigError as exc:
         fail(str(exc), 2)
     try:

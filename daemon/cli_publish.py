@@ -84,7 +84,7 @@ def publish(
     deadline = time.monotonic() + timeout  # one budget for everything below
     bootstrap = bootstrap_servers(cfg)
     try:
-        cfg.kafka.check_secrets()
+        kafka_io.check_secrets(cfg.kafka)
     except config_mod.ConfigError as exc:
         fail(str(exc), 2)
     try:

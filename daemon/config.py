@@ -35,8 +35,8 @@ from pydantic import (
 
 from adapters.base import engine_names
 from adapters.devices import check_device
+from daemon import config_env
 
-ENV_PREFIX = "UNLEARND__"
 DEFAULT_CONFIG = "config.toml"
 
 
@@ -109,20 +109,6 @@ class Kafka(_Section):
             raise ValueError("security_protocol: the embedded broker speaks PLAINTEXT only; set bootstrap_servers "
                              "to your cluster to use SASL or TLS")
         return self
-
-    def check_secrets(self, environ: Mapping[str, str] = os.environ) -> None:
-        """What a client needs from outside the config (files, a variable) is there; raises ConfigError. Checked
-        when the daemon starts and before the CLI connects, not at load: other commands need no cluster."""
-        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(self, key)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"kafka.{key}: no file {path}")
-        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-            if not self.sasl_plain_username:
-                raise ConfigError(f"kafka.sasl_plain_username: sasl_mechanism {self.sasl_mechanism} needs one")
-            if not environ.get(self.sasl_password_env):
-                raise ConfigError(f"kafka.sasl_mechanism {self.sasl_mechanism}: the password is read from "
-                                  f"${self.sasl_password_env} (kafka.sasl_password_env), which is not set")
 
 
 class Requests(_Section):
@@ -356,9 +342,20 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
                 raise ConfigError(f"{path}: {exc}") from None
     elif path.name != DEFAULT_CONFIG or "UNLEARND_CONFIG" in environ:
         raise ConfigError(f"config file {path} not found")
-    overrides = {_set_path(data, key[len(ENV_PREFIX):].lower().split("__"), _parse_scalar(raw)): (key, raw)
-                 for key, raw in environ.items() if key.startswith(ENV_PREFIX)}
-    config = _validated(data, overrides, path)
+    try:
+        overrides = config_env.apply(data, environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    while True:
+        try:
+            config = Config.model_validate(data)
+            break
+        except ValidationError as exc:
+            errors = exc.errors()
+        if not config_env.retype_as_text(data, overrides, errors):
+            problems = "; ".join(f"{'.'.join(loc)}: {e['msg']}{config_env.source_of(loc, overrides)}"
+                                 for e in errors for loc in [tuple(map(str, e["loc"]))])
+            raise ConfigError(f"invalid configuration ({path}): {problems}")
     for name, model in config.models.items():
         model.method = model.method or DEFAULT_METHOD[model.kind]
         model.method_by_forget = {**DEFAULT_METHOD_BY_FORGET[model.kind], **model.method_by_forget}
@@ -388,60 +385,6 @@ def _check_methods(name: str, model: Model) -> None:
                         *((f"allowed_methods.{k}", m) for k, ms in model.allowed_methods.items() for m in ms)]:
         if method not in engine_names():
             raise ConfigError(f"models.{name}.{key}: unknown method {method!r} (known: {engine_names()})")
-
-
-def _validated(data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, str]], path: Path) -> Config:
-    """The Config of `data`. An environment override is parsed as a TOML value (a number, a list...); where
-    the key wants text (a group id "2024", a topic "123"), its raw text is taken instead. Errors name the
-    variable an overridden key came from."""
-    while True:
-        try:
-            return Config.model_validate(data)
-        except ValidationError as exc:
-            errors = exc.errors()
-        as_text = [loc for e in errors if e["type"] in ("string_type", "path_type")
-                   and (loc := tuple(map(str, e["loc"]))) in overrides and not isinstance(_get_path(data, loc), str)]
-        if not as_text:
-            break
-        for loc in as_text:
-            _set_path(data, list(loc), overrides[loc][1])
-
-    def where(loc: tuple[str, ...]) -> str:
-        names = [name for keys, (name, _) in overrides.items() if loc[:len(keys)] == keys]
-        return f" (from {names[0]})" if names else ""
-
-    problems = "; ".join(f"{'.'.join(loc)}: {e['msg']}{where(loc)}" for e in errors
-                         for loc in [tuple(map(str, e["loc"]))])
-    raise ConfigError(f"invalid configuration ({path}): {problems}")
-
-
-def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> tuple[str, ...]:
-    """Set a nested key, matching each level to an existing key in any case (an environment variable's name
-    is upper case; a model's name may be in either). Returns the keys as set."""
-    path = []
-    for i, k in enumerate(keys):
-        k = next((have for have in data if have.lower() == k.lower()), k)
-        path.append(k)
-        if i == len(keys) - 1:
-            data[k] = value
-            break
-        data = data.setdefault(k, {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"environment override {'.'.join(keys)} crosses a non-table value")
-    return tuple(path)
-
-
-def _get_path(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    for k in keys:
-        data = data[k]
-    return data
-
-
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def bootstrap_servers(cfg: Config) -> str:

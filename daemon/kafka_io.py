@@ -14,7 +14,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -22,7 +23,7 @@ from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import IncompatibleBrokerVersion, TopicAlreadyExistsError, UnsupportedVersionError
 
 from daemon import dead_letter
-from daemon.config import Kafka
+from daemon.config import ConfigError, Kafka
 from daemon.dead_letter import HEADER_ERROR, HEADER_FAILED_AT, HEADER_REASON, HEADER_SOURCE  # noqa: F401 (re-export)
 from daemon.schema import DeadLetterReason, Result
 
@@ -49,6 +50,22 @@ def connection_settings(cfg: Kafka, bootstrap: str) -> dict[str, Any]:
         if getattr(cfg, key):
             settings[key] = getattr(cfg, key)
     return settings
+
+
+def check_secrets(cfg: Kafka, environ: Mapping[str, str] = os.environ) -> None:
+    """What a client needs from outside the config (files, a variable) is there; raises ConfigError. Checked when
+    the daemon starts and before the CLI connects, not when the config loads: other commands need no cluster. A
+    client would otherwise only fail to connect, which reads as an outage retried forever."""
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"kafka.{key}: no file {path}")
+    if cfg.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        if not cfg.sasl_plain_username:
+            raise ConfigError(f"kafka.sasl_plain_username: sasl_mechanism {cfg.sasl_mechanism} needs one")
+        if not environ.get(cfg.sasl_password_env):
+            raise ConfigError(f"kafka.sasl_mechanism {cfg.sasl_mechanism}: the password is read from "
+                              f"${cfg.sasl_password_env} (kafka.sasl_password_env), which is not set")
 
 
 def make_producer(cfg: Kafka, bootstrap: str, max_record_bytes: int) -> KafkaProducer:

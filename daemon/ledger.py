@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from daemon import ledger_backends
+from daemon.ledger_answered import AnsweredMarks
 from daemon.ledger_backends import Args, Connection, Location, SQLiteBackend, open_backend
 from daemon.ledger_schema import ArtifactRow, RequestRow, artifact_row, request_row
 
@@ -61,7 +62,7 @@ class AppliedElsewhere(LedgerConflict):
     """The request was applied (or failed) by another writer meanwhile."""
 
 
-class Ledger:
+class Ledger(AnsweredMarks):
     def __init__(self, location: Location, synchronous: str = "FULL"):
         """`location`: the SQLite file, or a PostgresTarget (see `open_ledger`)."""
         self._b = open_backend(location, synchronous)
@@ -191,29 +192,6 @@ class Ledger:
                        (request_id,))
             self._event(db, "readmitted", row.model, None, request_id, {"reason": reason})
         return self._written_request(request_id)
-
-    # --- answered records (redelivery after a crash) ---------------------------------------------------------
-
-    def mark_answered(self, records: list[tuple[str, int, int, str]]) -> None:
-        """(topic, partition, offset, fingerprint) of records whose answers were just flushed. Only has to survive
-        a process crash (losing it costs one repeated answer), so its commit skips the fsync."""
-        now = time.time()
-        with self.transaction(relaxed=True) as db:
-            db.executemany("INSERT INTO answered (topic, partition_, offset_, fingerprint, at) VALUES (?, ?, ?, ?, ?) "
-                           "ON CONFLICT (topic, partition_, offset_) DO UPDATE SET fingerprint = excluded.fingerprint, "
-                           "at = excluded.at", [(*r, now) for r in records])
-
-    def answered_between(self, topic: str, partition: int, first: int, last: int) -> dict[int, str]:
-        """offset -> fingerprint of the records of one partition, in [first, last], marked answered."""
-        rows = self.read_rows("SELECT offset_, fingerprint FROM answered WHERE topic = ? AND partition_ = ? "
-                          "AND offset_ BETWEEN ? AND ?", (topic, partition, first, last))
-        return {r["offset_"]: r["fingerprint"] for r in rows}
-
-    def forget_answered(self, committed: dict[tuple[str, int], int]) -> None:
-        """Offsets below a committed offset are never redelivered: their marks are no longer needed."""
-        with self.transaction(relaxed=True) as db:
-            db.executemany("DELETE FROM answered WHERE topic = ? AND partition_ = ? AND offset_ < ?",
-                           [(topic, partition, offset) for (topic, partition), offset in committed.items()])
 
     def record_rejection(self, reason: str, source: str, *, request_id: str | None = None,
                          model: str | None = None) -> None:

@@ -9,6 +9,7 @@ engine or change it holds.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from daemon.ledger import ArtifactRow, Ledger, LedgerConflict
 from daemon.lm_models import LMModels
 from daemon.lm_models import new_router as new_router  # serve builds its router here
 from daemon.model_kind import ARTIFACT_FOLDERS, ModelKind
+
+log = logging.getLogger("daemon.models")
 
 #: The strategy of each model kind (config `models.<name>.kind`).
 KINDS: dict[str, type[ModelKind]] = {"classifier": ClassifierModels, "causal_lm": LMModels,
@@ -142,14 +145,17 @@ class ModelRegistry:
     def prepare(self, name: str) -> None:
         """Let the engines of the model's default methods start computing, in the background, what they keep
         between requests for its head (IAU: the remaining-set gradient), so the first request after a start does
-        not pay for it. Loads the target only for such engines."""
-        spec = self.spec(name)
-        methods = sorted({spec.default_method(forget_kind) for forget_kind in FORGET_KINDS[spec.kind]})
-        engines = [engine for engine in (self.engine(method, name) for method in methods) if engine.prepares]
-        if engines:
-            target = self.target(name)
+        not pay for it. Loads the target only for such engines. Never raises: a failure here only costs the first
+        request the time it would save, and that request meets the cause itself."""
+        try:
+            spec = self.spec(name)
+            methods = sorted({spec.default_method(forget_kind) for forget_kind in FORGET_KINDS[spec.kind]})
+            engines = [engine for engine in (self.engine(method, name) for method in methods) if engine.prepares]
+            target = self.target(name) if engines else None
             for engine in engines:
                 engine.prepare(target)
+        except Exception:
+            log.warning("could not prepare the engines of %s ahead of its first request", name, exc_info=True)
 
     def target(self, name: str) -> Any:
         """What an engine needs to apply a request to this model as it is now."""

@@ -92,9 +92,9 @@ def test_a_killed_embedded_broker_is_started_again(tmp_path, bootstrapped_state)
         [broker_pid] = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent_of(int(pid)) == proc.pid]
         os.kill(broker_pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while "starting it again" not in stack.log() and time.monotonic() < deadline:
+        while "started it again" not in stack.log() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "the embedded broker exited (code -9); starting it again" in stack.log()
+        assert "the embedded broker exited (code -9); started it again" in stack.log()
         stack.wait_metric("unlearnd_broker_connected", 1.0, timeout=60, proc=proc)
         stack._producer.close()
         stack._producer = KafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")

@@ -8,6 +8,7 @@ import pytest
 
 from daemon import config as config_mod
 from daemon.config import ConfigError
+from daemon.kafka_io import check_secrets
 
 TOML = """
 [kafka]
@@ -97,11 +98,11 @@ def test_what_a_kafka_client_needs_from_outside_the_config_is_checked(cfg_file, 
            "UNLEARND__KAFKA__SSL_CAFILE": str(tmp_path / "ca.crt")}
     kafka = config_mod.load(cfg_file, env=env).kafka  # loads: commands that need no cluster still work
     with pytest.raises(ConfigError, match="kafka.ssl_cafile: no file .*ca.crt"):
-        kafka.check_secrets({})
+        check_secrets(kafka, {})
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ConfigError, match=r"the password is read from \$UNLEARND_KAFKA_PASSWORD"):
-        kafka.check_secrets({})
-    kafka.check_secrets({"UNLEARND_KAFKA_PASSWORD": "secret"})
+        check_secrets(kafka, {})
+    check_secrets(kafka, {"UNLEARND_KAFKA_PASSWORD": "secret"})
 
 
 def test_an_override_cannot_cross_a_value_that_is_not_a_table(cfg_file):
