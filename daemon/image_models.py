@@ -86,6 +86,8 @@ class ImagesModels(ModelKind):
         # model -> (erasure rows, collection stamp) at its last full sweep (see `sync_collection`)
         self._swept: dict[str, tuple[int, tuple[int, int, int] | None]] = {}
         self._collections: dict[str, ImageCollection] = {}  # model -> its collection (one writer: this process)
+        # model -> (erasure rows, their (image, mask SHA-256) pairs): re-read only when the row count moves
+        self._erased: dict[str, tuple[int, frozenset[tuple[str, str]]]] = {}
 
     def check(self, name: str, spec: Model) -> None:
         """Start-up check of the model's bootstrap settings (raises ValueError)."""
@@ -229,11 +231,20 @@ class ImagesModels(ModelKind):
             target = ImagesTarget(name=name, version=head.id, collection=collection, model=model, spec=spec)
             self._cache[name] = (head.id, target)
         target.others = self._others(name)
-        target.erased = frozenset((receipt["image"], receipt["mask_sha256"])
-                                  for row in self.ledger.list_artifacts(name, "erasure")
-                                  if (receipt := row.info.get("receipt")) and "mask_sha256" in receipt)
+        target.erased = self._erasures(name)
         self.sync_collection(name, collection)
         return target
+
+    def _erasures(self, name: str) -> frozenset[tuple[str, str]]:
+        """(image id, mask SHA-256) of every erasure the ledger records for the model (the same erasure asked again
+        is answered unchanged)."""
+        recorded = self.ledger.count_artifacts(name, "erasure")
+        if self._erased.get(name, (-1,))[0] != recorded:
+            pairs = frozenset((receipt["image"], receipt["mask_sha256"])
+                              for row in self.ledger.list_artifacts(name, "erasure")
+                              if (receipt := row.info.get("receipt")) and "mask_sha256" in receipt)
+            self._erased[name] = (recorded, pairs)
+        return self._erased[name][1]
 
     def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """The erasure is durable and recorded: now the collection's original goes (or is set aside)."""
