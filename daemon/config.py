@@ -68,7 +68,7 @@ class Kafka(_Section):
     # The longest a fetch waits at the broker for records. A broker answers as soon as records arrive, but not
     # every one does (the embedded Tansu broker sometimes holds a fetch to its end): the daemon's consumer and
     # the CLI's readers ask for 100 ms rather than kafka-python's 500, which cut a request's publish-to-result time
-    # on the embedded broker from 0.25 s to 0.1 s (bench/daemon.py); an idle consumer then asks ten times a second.
+    # there (README, Configuration); an idle consumer then asks ten times a second.
     fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
     # Sent to the group coordinator as the rebalance timeout too: how long a rebalance waits for a member that
     # does not rejoin (a daemon that died mid-join). Long engine work never hits it: the daemon keeps polling
