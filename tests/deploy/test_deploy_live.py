@@ -37,6 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import TEST_MODEL as MODEL
 from tests.harness import Stack, request
 
+ROUTED_MODEL = "router-lm"  # the language model the route-only router serves (no weights: it routes only)
+
 REQUEST_ID = "deploy-live-1"
 
 
@@ -251,14 +253,17 @@ def listening(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def router(daemon, tmp_path_factory):
-    """A real `unlearnd serve --route-only` on the live daemon's config, with serve.port and metrics.port set to
-    two free ports, so the test sees which of them the process opens."""
+    """A real `unlearnd serve --route-only` on the live daemon's state, with serve.port and metrics.port set to
+    two free ports, so the test sees which of them the process opens. Its config adds a language model (serve takes
+    only those; a route-only router loads no weights) to the daemon's."""
     stack = daemon["stack"]
     ports = {"serve.port": free_port(), "metrics.port": free_port()}
-    log = tmp_path_factory.mktemp("router") / "router.log"
+    folder = tmp_path_factory.mktemp("router")
+    log, config = folder / "router.log", folder / "config.toml"
+    config.write_text(stack.config_path.read_text() + f'\n[models.{ROUTED_MODEL}]\nkind = "causal_lm"\n')
     env = stack.env(UNLEARND__SERVE__PORT=str(ports["serve.port"]), UNLEARND__METRICS__PORT=str(ports["metrics.port"]))
     with open(log, "wb") as out:
-        proc = subprocess.Popen([unlearnd_cli(), "serve", MODEL, "--route-only", "--config", str(stack.config_path)],
+        proc = subprocess.Popen([unlearnd_cli(), "serve", ROUTED_MODEL, "--route-only", "--config", str(config)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for("unlearnd serve to answer", lambda: http_get(f"http://127.0.0.1:{ports['serve.port']}/metrics"),
