@@ -28,7 +28,9 @@ that arrives before it is done waits for it. The cache is only used when it desc
 weights (the same module object) and its forgotten set, so it is never stale: a version the daemon did not make
 or load itself (a rollback by the CLI, one built by another replica) is simply a miss, and that request computes
 the gradient itself. (An earlier cache that was reused across versions, stale, collapsed the model to chance
-within a few sequential requests.)
+within a few sequential requests.) The same refresh keeps every remaining row's own gradient and logits
+(row_gradients.py, within `row_gradients_max_mb`), so the forget rows' gradient is a sum too, not a forward and
+backward pass on the request path.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 
 from adapters.base import CRITERION_MET, Forget, check_fields, register
-from adapters.classifier import measures, step_search
+from adapters.classifier import measures, row_gradients, step_search
 from adapters.classifier.criteria import Criterion, Margin, Scores, unseen_margin
 from adapters.classifier.model import (
     ClassifierEngine,
@@ -52,9 +54,9 @@ from adapters.classifier.model import (
     WeightChange,
     copy_of,
     mean_loss_grad,
-    mean_loss_grad_and_logits,
     state_of,
 )
+from adapters.classifier.trial_step import TrialStep
 from adapters.datasets import LabeledSet, RowSelection
 
 GUARD_EDGE_STEPS = 3  # bisection steps toward the guard's edge when the criterion costs more than it allows
@@ -69,6 +71,7 @@ class IAUConfig:
     calibration_steps: int = 7  # bisection steps: the step is found within a factor (lr_max / lr_min) ** 2**-steps
     max_retain_drop: float = 0.02  # never take a step that costs more retain accuracy than this (on a probe)
     cached_gradient: bool = True  # keep the remaining-set gradient of the current version (module docstring)
+    row_gradients_max_mb: float = 256.0  # with it, each remaining row's gradient if it fits in this (0: never)
     measure_cap: int = 256  # rows of retain/test for the calibration guard and the result measures
     forget_probe_cap: int = 512  # forget rows the calibration judges the criterion on (all, up to this many)
     criterion: Criterion = "confidence"  # when the step has forgotten enough (criteria.py)
@@ -77,6 +80,8 @@ class IAUConfig:
     def __post_init__(self):
         check_fields(self, positive=("lr", "lr_min", "lr_max", "calibration_steps", "measure_cap", "forget_probe_cap",
                                      "adam_eps"), fractions=("max_retain_drop",))
+        if not self.row_gradients_max_mb >= 0:
+            raise ValueError(f"row_gradients_max_mb: must be >= 0, not {self.row_gradients_max_mb!r}")
         if self.lr_min >= self.lr_max:
             raise ValueError(f"lr_min: must be below lr_max ({self.lr_max}), not {self.lr_min}")
 
@@ -91,6 +96,7 @@ class _GradCache:
     n: int  # remaining rows
     held_out: Scores  # this version on the test probe (the criterion's reference)
     cpu_seconds: float  # CPU time the refresh thread spent computing it
+    rows: row_gradients.RowGradients | None  # each remaining row's gradient and logits, where kept
     spare: nn.Module | None  # a copy of the version no one else holds: the next request's working copy
 
     def take_spare(self) -> nn.Module | None:
@@ -126,7 +132,11 @@ class IAUEngine(ClassifierEngine):
         with self._lock:
             spare = cache.take_spare() if cache is not None else None
         model = spare if spare is not None else target.copy_model()
-        g_forget, forget_logits, forget_entry = _Step.forget_gradient(model, forget_rows)
+        if cache is not None and cache.rows is not None:  # a sum of the rows' own gradients: no pass over them
+            g_forget, forget_logits = cache.rows.mean_grad(forget_rows.ids), cache.rows.logits_of(forget_rows.ids)
+            forget_entry = None
+        else:
+            g_forget, forget_logits, forget_entry = TrialStep.forget_gradient(model, forget_rows)
         if cache is not None:
             k = len(forget_rows)
             g_remain = list(torch._foreach_add(cache.grad_sum, g_forget, alpha=-k))  # (S - k g_f) / (n - k)
@@ -138,10 +148,12 @@ class IAUEngine(ClassifierEngine):
         direction = _adam_first_step(list(torch._foreach_sub(g_remain, g_forget)), cfg.adam_eps)
         forget_probe = forget_rows.sample(cfg.forget_probe_cap)
         probe_is_all = len(forget_probe) == len(forget_rows)
-        step = _Step(model, direction, forget_probe, retain_probe, forget_entry if probe_is_all else None)
+        step = TrialStep(model, direction, forget_probe, retain_probe, forget_entry if probe_is_all else None)
         forget_before = Scores.of(forget_logits, forget_rows.y)
+        if cache is not None and cache.rows is not None:
+            step.measured_at_theta0("retain", Scores.of(cache.rows.logits_of(retain_probe.ids), retain_probe.y))
         if probe_is_all:
-            step.measured_at_theta0(forget_before)  # the gradient's forward pass scored them already
+            step.measured_at_theta0("forget", forget_before)  # the gradient's pass or the cached logits scored them
         before = {"forget_acc": forget_before.accuracy,
                   "retain_acc": step.retain_acc(0.0), "test_acc": held_out.accuracy}
         # a class: no trial may leave a single probed row predicted as it
@@ -149,7 +161,8 @@ class IAUEngine(ClassifierEngine):
         chosen = self._calibrate(step, margin, before["retain_acc"]) if cfg.calibrate else cfg.lr
         probe_forget_acc, retain_acc = step.take(chosen)  # the weights of the chosen step (measured already)
         forget_acc = probe_forget_acc if probe_is_all else measures.accuracy(model, forget_rows)
-        after = {"forget_acc": forget_acc, "retain_acc": retain_acc, "test_acc": measures.accuracy(model, test_probe)}
+        after = {"forget_acc": forget_acc, "retain_acc": retain_acc,  # no step: the test probe as scored before
+                 "test_acc": measures.accuracy(model, test_probe) if chosen else held_out.accuracy}
         metrics = {
             **measures.before_after(before, after),
             "forgotten": float(len(forget_rows)),
@@ -165,7 +178,7 @@ class IAUEngine(ClassifierEngine):
                           remaining, target.data.test.sample(cfg.measure_cap))
         return change
 
-    def _calibrate(self, step: _Step, margin: Margin, retain_before: float) -> float:
+    def _calibrate(self, step: TrialStep, margin: Margin, retain_before: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it costs at most max_retain_drop
         retain accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no
         step) if the rows meet the criterion already.
@@ -232,12 +245,16 @@ class IAUEngine(ClassifierEngine):
             # The refresh never touches the module the daemon serves and copies: it takes the gradient on a copy,
             # made here rather than on the request path (nothing writes a version's weights once it is returned).
             snapshot = copy_of(spec, model)
-            grads = mean_loss_grad(snapshot, remaining.rows())  # copied out here, off the request path
+            rows = remaining.rows()  # copied out here, off the request path
+            per_row = row_gradients.compute(snapshot, rows) \
+                if row_gradients.size_mb(snapshot, len(rows)) <= self.config.row_gradients_max_mb else None
+            grad_sum = per_row.total() if per_row is not None else \
+                [g * len(rows) for g in mean_loss_grad(snapshot, rows)]
             held_out = Scores.on(snapshot, test_probe)
             # The snapshot's weights are the version's, untouched (gradients were taken, not applied): it becomes
             # the next request's working copy, which then need not be built on the request path.
-            return _GradCache(model, forgotten, [g * len(remaining) for g in grads], len(remaining), held_out,
-                              time.thread_time() - started, snapshot)
+            return _GradCache(model, forgotten, grad_sum, len(rows), held_out, time.thread_time() - started,
+                              rows=per_row, spare=snapshot)
 
         with self._lock:
             futures = self._cache.setdefault(name, [])
@@ -275,95 +292,6 @@ class IAUEngine(ClassifierEngine):
         with self._lock:
             for future in self._cache.pop(model_name, []):
                 future.cancel()
-
-
-class _Step:
-    """theta0 + lr * direction, evaluated on the forget rows and on a retain probe, each at most once per lr (the
-    step finally taken is one the calibration measured).
-
-    A model's first layer (a linear or convolution) is linear in its own weights: at theta0 + lr * d it gives
-    entry(x; theta0) + lr * entry(x; d). Both terms are computed once per row set, so a trial pays for the rest
-    of the network only; on an MLP the first layer is most of a forward pass. Models that do not say where
-    their linear entry ends (`linear_entry()`) are evaluated whole."""
-
-    def __init__(self, model: nn.Module, direction: list[torch.Tensor], forget_rows: LabeledSet,
-                 retain_probe: LabeledSet, forget_entry: torch.Tensor | None = None):
-        """`forget_entry`: the linear entry's output for `forget_rows` at theta0, where the caller has it
-        (forget_gradient)."""
-        self.model = model.eval()  # once: eval() walks every submodule, a real share of a small model's trial
-        self.params = list(model.parameters())
-        self.theta0 = [p.detach().clone() for p in self.params]
-        self.direction = direction
-        self.forget_rows, self.retain_probe = forget_rows, retain_probe
-        self._at: float | None = None  # the lr whose weights the model holds
-        self._measured: dict[tuple[str, float], Scores] = {}
-        split = getattr(model, "linear_entry", None)
-        self._rest = model
-        self._entry_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if callable(split):
-            entry, self._rest = split()
-            along = {id(p): d for p, d in zip(self.params, direction, strict=True)}
-            entry_direction = {name: along[id(p)] for name, p in entry.named_parameters()}
-            with torch.no_grad():
-                for which, rows, at_theta0 in (("forget", forget_rows, forget_entry), ("retain", retain_probe, None)):
-                    self._entry_terms[which] = (entry(rows.x) if at_theta0 is None else at_theta0,
-                                                torch.func.functional_call(entry, entry_direction, (rows.x,)))
-
-    @staticmethod
-    def forget_gradient(model: nn.Module, forget_rows: LabeledSet
-                        ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
-        """The forget rows' mean-loss gradient and logits (mean_loss_grad_and_logits), and, for a model with a
-        linear entry, that entry's output for them: the first trial term, which this pass computes anyway."""
-        split = getattr(model, "linear_entry", None)
-        if not callable(split):
-            return (*mean_loss_grad_and_logits(model, forget_rows), None)
-        entry, rest = split()
-        outputs: list[torch.Tensor] = []
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            h = entry(x)
-            outputs.append(h.detach())
-            return rest(h)
-
-        grads, logits = mean_loss_grad_and_logits(model, forget_rows, forward=forward)
-        return grads, logits, torch.cat(outputs)
-
-    def _logits(self, which: str, rows: LabeledSet) -> torch.Tensor:
-        """The model's logits for `rows` at the weights set last (by _set)."""
-        if which not in self._entry_terms:
-            return self.model(rows.x)
-        at_theta0, along_direction = self._entry_terms[which]
-        return self._rest(torch.add(at_theta0, along_direction, alpha=self._at or 0.0))
-
-    def forget_scores(self, lr: float) -> Scores:
-        return self._scores("forget", self.forget_rows, lr)
-
-    def retain_acc(self, lr: float) -> float:
-        return self._scores("retain", self.retain_probe, lr).accuracy if len(self.retain_probe) else 1.0
-
-    @torch.no_grad()
-    def _scores(self, which: str, rows: LabeledSet, lr: float) -> Scores:
-        if (which, lr) not in self._measured:
-            self._set(lr)
-            self._measured[which, lr] = Scores.of(self._logits(which, rows), rows.y)
-        return self._measured[which, lr]
-
-    def measured_at_theta0(self, forget_scores: Scores) -> None:
-        """The forget rows' scores at the unchanged weights, when the caller has them from a pass of its own."""
-        self._measured["forget", 0.0] = forget_scores
-
-    def take(self, lr: float) -> tuple[float, float]:
-        """Set the weights to the step of size lr; (forget accuracy, retain-probe accuracy) there."""
-        out = self.forget_scores(lr).accuracy, self.retain_acc(lr)
-        self._set(lr)
-        return out
-
-    @torch.no_grad()
-    def _set(self, lr: float) -> None:
-        if self._at != lr:
-            for p, p0, d in zip(self.params, self.theta0, self.direction, strict=True):
-                torch.add(p0, d, alpha=lr, out=p)
-            self._at = lr
 
 
 def _adam_first_step(grads: list[torch.Tensor], eps: float) -> list[torch.Tensor]:

@@ -39,33 +39,39 @@ class MLP(nn.Module):
         return self.net(x)
 
     def linear_entry(self) -> tuple[nn.Module, nn.Module]:
-        """(entry, rest): self(x) == rest(entry(x)), entry's output linear in entry's own parameters."""
+        """(entry, rest): self(x) == rest(entry(x)), entry's output linear in entry's own parameters, each of whose
+        first dimension is the output's dimension 1 (so a layer of the parameters stacked gives both outputs)."""
         return self.net[:2], self.net[2:]
 
 
 class MaxPool2x2(nn.Module):
     """nn.MaxPool2d(2) with the same results. Without autograd (inference, IAU's trial steps) it takes the
-    maximum of the four strided 2x2 views, which on CPU is several times faster than torch's max_pool2d kernel
-    at the batch sizes a request evaluates (that kernel was the largest cost of an IAU request on the CNN); while
-    training, torch's kernel, whose backward is the faster one and sends a tie's gradient to one input."""
+    maximum of each pair of rows, then of each pair of columns, which on CPU is several times faster than torch's
+    max_pool2d kernel at the batch sizes a request evaluates (that kernel was the largest cost of an IAU request
+    on the CNN); while training, torch's kernel, whose backward is the faster one and sends a tie's gradient to
+    one input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return F.max_pool2d(x, 2)
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # floor mode: an odd last row/column is dropped
-        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 1::2, 0::2]),
-                             torch.maximum(x[..., 0::2, 1::2], x[..., 1::2, 1::2]))
+        rows = x.unflatten(-2, (-1, 2))  # (..., H/2, 2, W): each pair of rows side by side
+        pairs = torch.maximum(rows[..., 0, :], rows[..., 1, :])
+        return torch.maximum(pairs[..., 0::2], pairs[..., 1::2])
 
 
 class SmallCNN(nn.Module):
-    """LeNet-style, as in IAU's released code (conv 6-16, fc 120-84), sized for 28x28 or 8x8 inputs."""
+    """LeNet-style, as in IAU's released code (conv 6-16, fc 120-84), sized for 28x28 or 8x8 inputs. Each
+    convolution is followed by its max-pooling, then the ReLU: the same function as ReLU then pooling (a maximum
+    of ReLUs is the ReLU of the maximum), with the ReLU on a quarter of the values. (Versions saved with the
+    other order load unchanged: the layers with weights keep their places.)"""
 
     def __init__(self, input_shape: Iterable[int], num_classes: int, channels=(6, 16), fc=(120, 84)):
         super().__init__()
         c, h, w = input_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, channels[0], 3, padding=1), nn.ReLU(), MaxPool2x2(),
-            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), MaxPool2x2(),
+            nn.Conv2d(c, channels[0], 3, padding=1), MaxPool2x2(), nn.ReLU(),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1), MaxPool2x2(), nn.ReLU(),
         )
         flat = channels[1] * (h // 4) * (w // 4)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, fc[0]), nn.ReLU(), nn.Linear(fc[0], fc[1]), nn.ReLU(),
@@ -75,8 +81,8 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
     def linear_entry(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-        """(entry, rest): self(x) == rest(entry(x)), entry's output linear in entry's own parameters. Rest is a
-        function, not a module: building nn.Sequential views cost a request more than running them."""
+        """(entry, rest) as MLP.linear_entry's. Rest is a function, not a module: building nn.Sequential views cost
+        a request more than running them."""
         return self.features[0], self._after_entry
 
     def _after_entry(self, h: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 from adapters.base import Forget, InvalidForget, engine_class
 from adapters.classifier import measures, step_search
 from adapters.classifier.criteria import Scores
-from adapters.classifier.iau import GUARD_EDGE_STEPS, IAUConfig, IAUEngine, _Step
+from adapters.classifier.iau import GUARD_EDGE_STEPS, IAUConfig, IAUEngine
+from adapters.classifier.trial_step import TrialStep
 
 
 def test_registered_under_its_method_name():
@@ -116,7 +117,7 @@ def test_each_trial_step_is_measured_once_and_the_result_reuses_it(digits_target
 
     def counted_copy():
         model = original_copy()
-        last = list(model.modules())[-1]  # the output layer: trials may skip the first (see _Step)
+        last = list(model.modules())[-1]  # the output layer: trials may skip the first (see TrialStep)
         last.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
         return model
 
@@ -163,18 +164,18 @@ def test_copy_model_is_an_independent_module_with_the_same_weights(digits_target
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_trial_logits_through_the_linear_entry_match_a_whole_forward_pass(digits_split, arch):
     from adapters.classifier import model as classifier
-    from adapters.classifier.iau import _Step
 
     spec = {"arch": arch, "input_shape": list(digits_split.input_shape), "num_classes": 10, "init_seed": 0}
     model = classifier.build(spec)
     direction = [torch.randn_like(p) for p in model.parameters()]
     rows, probe = digits_split.train.sample(40, seed=1), digits_split.test.sample(30, seed=2)
-    step = _Step(model, direction, rows, probe)
-    assert set(step._entry_terms) == {"forget", "retain"}
-    for lr in (0.0, 3e-3, 0.1):
+    step = TrialStep(model, direction, rows, probe)
+    assert not step._entry_terms  # computed when a trial first needs them (none, when no step is taken)
+    for lr in (0.1, 0.0, 3e-3):  # the first trial away from theta0: the terms are of theta0's weights all the same
         step._set(lr)
         for which, part in (("forget", rows), ("retain", probe)):
             torch.testing.assert_close(step._logits(which, part), model(part.x), rtol=1e-4, atol=1e-5)
+    assert set(step._entry_terms) == {"forget", "retain"}
 
 
 def test_rows_that_already_look_unseen_get_no_step(digits_target, random_ids):
@@ -227,22 +228,21 @@ def test_the_forget_gradient_pass_hands_its_linear_entry_output_to_the_trials(di
     # the gradient's forward pass computes the first trial term already: the trials reuse it, and the gradient,
     # the logits and every trial's logits are those of a model evaluated whole
     from adapters.classifier import model as classifier
-    from adapters.classifier.iau import _Step
 
     spec = {"arch": arch, "input_shape": list(digits_split.input_shape), "num_classes": 10, "init_seed": 0}
     model = classifier.build(spec).eval()
     rows, probe = digits_split.train.sample(40, seed=1), digits_split.test.sample(30, seed=2)
-    grads, logits, entry_out = _Step.forget_gradient(model, rows)
+    grads, logits, entry_out = TrialStep.forget_gradient(model, rows)
     whole_grads, whole_logits = classifier.mean_loss_grad_and_logits(model, rows)
     torch.testing.assert_close(logits, whole_logits)
     for g, whole in zip(grads, whole_grads, strict=True):
         torch.testing.assert_close(g, whole)
     entry, _ = model.linear_entry()
     torch.testing.assert_close(entry_out, entry(rows.x))
-    step = _Step(model, [torch.randn_like(p) for p in model.parameters()], rows, probe, forget_entry=entry_out)
-    assert step._entry_terms["forget"][0] is entry_out
+    step = TrialStep(model, [torch.randn_like(p) for p in model.parameters()], rows, probe, forget_entry=entry_out)
     step._set(3e-3)
     torch.testing.assert_close(step._logits("forget", rows), model(rows.x), rtol=1e-4, atol=1e-5)
+    assert step._entry_terms["forget"][0] is entry_out
 
 
 def test_the_engine_steps_where_a_bisection_would_with_fewer_forward_passes(digits_target, random_ids, monkeypatch):
@@ -251,13 +251,13 @@ def test_the_engine_steps_where_a_bisection_would_with_fewer_forward_passes(digi
 
     forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 90, seed=3))
     calls = {"n": 0}
-    original = _Step.forget_scores
+    original = TrialStep.forget_scores
 
     def counted(self, lr):
         calls["n"] += (("forget", lr) not in self._measured)
         return original(self, lr)
 
-    monkeypatch.setattr(_Step, "forget_scores", counted)
+    monkeypatch.setattr(TrialStep, "forget_scores", counted)
     interpolated = IAUEngine(cached_gradient=False).apply(digits_target, forget).metrics
     interpolated_trials, calls["n"] = calls["n"], 0
     monkeypatch.setattr(step_search, "interpolated", step_search.bisection)
