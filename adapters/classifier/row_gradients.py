@@ -72,7 +72,8 @@ class RowGradients:
     logits: torch.Tensor  # (rows, classes): the version's logits for each row
     parts: list[tuple[str, list[torch.Tensor]]]  # per parameter, in model.parameters() order: (kind, tensors)
     shapes: list[torch.Size]  # each parameter's shape
-    _order: torch.Tensor = dataclasses.field(init=False, repr=False)  # ids sorted, to look positions up
+    _sorted_ids: torch.Tensor = dataclasses.field(init=False, repr=False)  # ids sorted, to look positions up
+    _order: torch.Tensor = dataclasses.field(init=False, repr=False)  # where each sorted id sits in `ids`
 
     def __post_init__(self):
         self._sorted_ids, self._order = torch.sort(self.ids)
