@@ -16,9 +16,10 @@ class TrialStep:
     step finally taken is one the calibration measured).
 
     A model's first layer (a linear or convolution) is linear in its own weights: at theta0 + lr * d it gives
-    entry(x; theta0) + lr * entry(x; d). Both terms are computed once per row set, so a trial pays for the rest
-    of the network only; on an MLP the first layer is most of a forward pass. Models that do not say where
-    their linear entry ends (`linear_entry()`) are evaluated whole."""
+    entry(x; theta0) + lr * entry(x; d). Both terms are computed once per row set, in one pass, when a trial
+    first needs them (a request that takes no step needs none), so a trial pays for the rest of the network only;
+    on an MLP the first layer is most of a forward pass. Models that do not say where their linear entry ends
+    (`linear_entry()`) are evaluated whole."""
 
     def __init__(self, model: nn.Module, direction: list[torch.Tensor], forget_rows: LabeledSet,
                  retain_probe: LabeledSet, forget_entry: torch.Tensor | None = None):
