@@ -24,6 +24,7 @@ from daemon.cli_common import (
     CLIError,
     ConfigOpt,
     JsonOpt,
+    check_kafka_secrets,
     console,
     dumps,
     emit,
@@ -303,13 +304,10 @@ def requests_retry(request_id: str,
                    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "operator retry",
                    as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Re-admit a failed request after fixing its cause: re-published from its dead-letter copy, applied once."""
-    from daemon import kafka_io, retry
+    from daemon import retry
 
     cfg = load_config(config)
-    try:
-        kafka_io.check_secrets(cfg.kafka)
-    except config_mod.ConfigError as exc:
-        fail(str(exc), 2)
+    check_kafka_secrets(cfg)
     try:
         out = retry.readmit(cfg, open_ledger(cfg), bootstrap_servers(cfg), request_id, reason)
     except ValueError as exc:

@@ -55,6 +55,17 @@ def load_config(path: Path | None) -> config_mod.Config:
         fail(str(exc), 2)
 
 
+def check_kafka_secrets(cfg: config_mod.Config) -> None:
+    """Exit 2 with the problem when the configured Kafka secrets (CA and client certificate files, the password's
+    environment variable) are not there, before a command talks to the broker."""
+    from daemon import kafka_io  # kafka-python on import: only the commands that reach the broker pay for it
+
+    try:
+        kafka_io.check_secrets(cfg.kafka)
+    except config_mod.ConfigError as exc:
+        fail(str(exc), 2)
+
+
 def registered_model(cfg: config_mod.Config, model: str, kind: str | None = None, *, takes: str = "") -> str:
     """`model` if the config registers it (and, with `kind`, it is of that kind); otherwise the one-line refusal,
     exit 2, before anything is read, loaded or written: an unknown name lists the registered ones, a model of

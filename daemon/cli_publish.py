@@ -20,6 +20,7 @@ from daemon import config as config_mod
 from daemon.cli_common import (
     ConfigOpt,
     JsonOpt,
+    check_kafka_secrets,
     dumps,
     err_console,
     fail,
@@ -83,10 +84,7 @@ def publish(
         body["signature"] = schema.sign(body, key.encode())
     deadline = time.monotonic() + timeout  # one budget for everything below
     bootstrap = bootstrap_servers(cfg)
-    try:
-        kafka_io.check_secrets(cfg.kafka)
-    except config_mod.ConfigError as exc:
-        fail(str(exc), 2)
+    check_kafka_secrets(cfg)
     try:
         if cfg.kafka.create_topics:  # with the configured partition counts, before anything could auto-create them
             kafka_io.ensure_topics(cfg.kafka, bootstrap)
