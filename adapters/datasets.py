@@ -15,6 +15,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+class IdIndex:
+    """Where each of a fixed list of row ids sits in it: what per-row tensors kept in that order are read by."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids.to("cpu", torch.int64)
+        self._sorted, self._order = torch.sort(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """The positions of `ids` in the list; KeyError if any is not in it."""
+        ids = ids.to("cpu", torch.int64)
+        at = torch.searchsorted(self._sorted, ids).clamp_(max=max(len(self._sorted) - 1, 0))
+        if len(ids) and (not len(self._sorted) or not bool(torch.equal(self._sorted[at], ids))):
+            raise KeyError("rows outside the ones this index was made for")
+        return self._order[at] if len(ids) else ids
+
+    def covers(self, ids: torch.Tensor) -> bool:
+        """Whether every one of `ids` is in the list."""
+        return bool(torch.isin(ids.to("cpu", torch.int64), self.ids).all())
+
+
 @dataclass
 class LabeledSet:
     x: torch.Tensor  # float32, model input layout

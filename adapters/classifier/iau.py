@@ -10,7 +10,8 @@ Step size: the code's fixed lr = 1e-3 forgets nothing on an MNIST MLP and oversh
 that matches retraining there is several times smaller; README, classifier benchmark), so the step is calibrated
 per request instead: a search of [`lr_min`, `lr_max`] for the smallest lr at which the forget rows look like rows
 the model never saw, to the precision of `calibration_steps` bisection steps on log(lr), never taking a step
-that costs more than `max_retain_drop` accuracy on a probe of remaining rows. Each trial is one forward pass over
+that costs more than `max_retain_drop` accuracy on a probe of remaining rows, nor one that leaves the model more
+than that below the version its lineage started from (retain_budget.py). Each trial is one forward pass over
 the forget rows; the probe is read at the step the search settles on (and, only where that step costs too much,
 at a few smaller ones). A criterion whose margin moves smoothly with lr (a mean confidence or loss) is searched by
 interpolating that margin, one that moves in steps (an accuracy) by bisection (step_search.py).
@@ -35,12 +36,13 @@ backward pass on the request path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -56,6 +58,7 @@ from adapters.classifier.model import (
     mean_loss_grad,
     state_of,
 )
+from adapters.classifier.retain_budget import RetainBaseline, retain_floor
 from adapters.classifier.trial_step import TrialStep
 from adapters.datasets import LabeledSet, RowSelection
 
@@ -69,7 +72,7 @@ class IAUConfig:
     lr_min: float = 1e-5  # calibration searches the step in [lr_min, lr_max] (bisection on log lr)
     lr_max: float = 1e-2
     calibration_steps: int = 7  # bisection steps: the step is found within a factor (lr_max / lr_min) ** 2**-steps
-    max_retain_drop: float = 0.02  # never take a step that costs more retain accuracy than this (on a probe)
+    max_retain_drop: float = 0.02  # retain accuracy (on a probe) a step may cost, and a lineage (retain_budget.py)
     cached_gradient: bool = True  # keep the remaining-set gradient of the current version (module docstring)
     row_gradients_max_mb: float = 256.0  # with it, each remaining row's gradient if it fits in this (0: never)
     measure_cap: int = 256  # rows of retain/test for the calibration guard and the result measures
@@ -115,6 +118,7 @@ class IAUEngine(ClassifierEngine):
     def __init__(self, config: IAUConfig | None = None, **overrides):
         super().__init__(config, **overrides)
         self._cache: dict[str, list[Future]] = {}  # model name -> futures of _GradCache, newest last
+        self._baselines: dict[str, Future] = {}  # model name -> RetainBaseline of its lineage (set by prepare)
         self._lock = threading.Lock()
         self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iau-refresh")
 
@@ -158,7 +162,8 @@ class IAUEngine(ClassifierEngine):
                   "retain_acc": step.retain_acc(0.0), "test_acc": held_out.accuracy}
         # a class: no trial may leave a single probed row predicted as it
         margin = unseen_margin(cfg.criterion, forget, held_out, class_forget_max=0.0)
-        chosen = self._calibrate(step, margin, before["retain_acc"]) if cfg.calibrate else cfg.lr
+        floor = retain_floor(before["retain_acc"], self._baseline_accuracy(target, retain_probe), cfg.max_retain_drop)
+        chosen = self._calibrate(step, margin, floor) if cfg.calibrate else cfg.lr
         probe_forget_acc, retain_acc = step.take(chosen)  # the weights of the chosen step (measured already)
         forget_acc = probe_forget_acc if probe_is_all else measures.accuracy(model, forget_rows)
         after = {"forget_acc": forget_acc, "retain_acc": retain_acc,  # no step: the test probe as scored before
@@ -168,6 +173,7 @@ class IAUEngine(ClassifierEngine):
             "forgotten": float(len(forget_rows)),
             "already_forgotten": float(len(skipped)),
             "step_lr": chosen,
+            "retain_acc_floor": floor,  # the guard: no step leaves less on the retain probe
             CRITERION_MET: float(margin.reached(step.forget_scores(chosen))),  # on the forget probe, as the trials
             "gradient_cached": float(cache is not None),
             "engine_seconds": time.perf_counter() - t0,
@@ -178,10 +184,10 @@ class IAUEngine(ClassifierEngine):
                           remaining, target.data.test.sample(cfg.measure_cap))
         return change
 
-    def _calibrate(self, step: TrialStep, margin: Margin, retain_before: float) -> float:
-        """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it costs at most max_retain_drop
-        retain accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no
-        step) if the rows meet the criterion already.
+    def _calibrate(self, step: TrialStep, margin: Margin, floor: float) -> float:
+        """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it leaves at least `floor` retain
+        accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no step)
+        if the rows meet the criterion already.
 
         The search reads the forget rows only: whether a step forgot enough does not depend on what it cost,
         so the search takes the same path whatever the guard says, and the retain probe is read once, at the
@@ -191,7 +197,7 @@ class IAUEngine(ClassifierEngine):
         at_zero = margin.of(step.forget_scores(0.0))
         if at_zero <= 0:
             return 0.0  # the rows already look unseen (e.g. ones the model is unsure of): a retrain would not move
-        within_guard = lambda lr: step.retain_acc(lr) >= retain_before - cfg.max_retain_drop  # noqa: E731
+        within_guard = lambda lr: step.retain_acc(lr) >= floor  # noqa: E731
         search = step_search.interpolated if margin.smooth else step_search.bisection
         reached_at, short = search(lambda lr: margin.of(step.forget_scores(lr)), at_zero, cfg.lr_min, cfg.lr_max,
                                    cfg.calibration_steps)
@@ -237,8 +243,9 @@ class IAUEngine(ClassifierEngine):
         return None
 
     def _refresh(self, name: str, spec: dict, model: nn.Module, forgotten: frozenset[int], remaining: RowSelection,
-                 test_probe: LabeledSet) -> None:
-        """Compute the cache for `model` (the version this request produced) in the background."""
+                 test_probe: LabeledSet, baseline: Future | None = None) -> None:
+        """Compute the cache for `model` (the version this request produced) in the background; and, given a
+        `baseline` to fill, which of its remaining rows it predicts right (it starts a lineage: prepare)."""
 
         def compute() -> _GradCache:
             started = time.thread_time()
@@ -250,6 +257,8 @@ class IAUEngine(ClassifierEngine):
                 if row_gradients.size_mb(snapshot, len(rows)) <= self.config.row_gradients_max_mb else None
             grad_sum = per_row.total() if per_row is not None else \
                 [g * len(rows) for g in mean_loss_grad(snapshot, rows)]
+            if baseline is not None:  # before the cache is done: a request that waits for the cache finds it set
+                _fill(baseline, forgotten, rows, per_row.logits if per_row is not None else None, snapshot)
             held_out = Scores.on(snapshot, test_probe)
             # The snapshot's weights are the version's, untouched (gradients were taken, not applied): it becomes
             # the next request's working copy, which then need not be built on the request path.
@@ -265,10 +274,28 @@ class IAUEngine(ClassifierEngine):
 
     def prepare(self, target: ClassifierTarget) -> None:
         """Compute the cache for the target's version in the background (the daemon calls this when it loads a
-        model at start): a request that arrives meanwhile waits for it rather than computing it again."""
+        model at start): a request that arrives meanwhile waits for it rather than computing it again. The
+        version starts the model's lineage: the retain budget counts from it (retain_budget.py)."""
+        baseline: Future = Future()
+        with self._lock:
+            if (older := self._baselines.pop(target.name, None)) is not None:
+                older.cancel()
+            self._baselines[target.name] = baseline
         if self.config.cached_gradient:
             self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
-                          target.data.test.sample(self.config.measure_cap))
+                          target.data.test.sample(self.config.measure_cap), baseline)
+        else:  # the baseline alone: one pass over the remaining rows, on a copy (the module served is not touched)
+            spec, model, remaining = target.spec, target.model, target.select_remaining()
+            self._refresher.submit(lambda: _fill(baseline, target.forgotten, remaining.rows(), None,
+                                                 copy_of(spec, model)))
+
+    def _baseline_accuracy(self, target: ClassifierTarget, retain_probe: LabeledSet) -> float | None:
+        """The accuracy on `retain_probe` of the version the target's lineage started from, where known."""
+        with self._lock:
+            baseline = self._baselines.get(target.name)
+        if baseline is None or not baseline.done() or baseline.cancelled():
+            return None
+        return baseline.result().accuracy(target.forgotten, retain_probe)
 
     def warm_cache(self, target: ClassifierTarget) -> None:
         """prepare(), and wait for it (e.g. in a benchmark before timing a request)."""
@@ -281,6 +308,10 @@ class IAUEngine(ClassifierEngine):
         whatever of it ran meanwhile)."""
         with self._lock:
             per_model = [list(fs) for fs in self._cache.values()]
+            baselines = list(self._baselines.values())
+        for baseline in baselines:
+            with contextlib.suppress(CancelledError):
+                baseline.exception()
         seconds = 0.0
         for futures in per_model:
             done = [f.result() for f in futures if not f.cancelled()]
@@ -288,10 +319,22 @@ class IAUEngine(ClassifierEngine):
         return seconds
 
     def forget_cache(self, model_name: str) -> None:
-        """Drop a model's cached gradients (after a rollback they describe another lineage)."""
+        """Drop a model's cached gradients and its lineage's baseline (after a rollback they describe another
+        lineage)."""
         with self._lock:
-            for future in self._cache.pop(model_name, []):
+            for future in [*self._cache.pop(model_name, []), *filter(None, [self._baselines.pop(model_name, None)])]:
                 future.cancel()
+
+
+def _fill(baseline: Future, forgotten: frozenset[int], rows: LabeledSet, logits: torch.Tensor | None,
+          model: nn.Module) -> None:
+    """Set `baseline` to the RetainBaseline of a version (`model`) from its logits for its remaining `rows` (one
+    pass over them where not given), unless forget_cache cancelled it meanwhile."""
+    if baseline.cancelled():
+        return
+    result = RetainBaseline.of(forgotten, rows, logits if logits is not None else measures.predict(model, rows))
+    with contextlib.suppress(InvalidStateError):  # cancelled since
+        baseline.set_result(result)
 
 
 def _adam_first_step(grads: list[torch.Tensor], eps: float) -> list[torch.Tensor]:

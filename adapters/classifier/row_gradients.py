@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.datasets import LabeledSet
+from adapters.datasets import IdIndex, LabeledSet
 from adapters.devices import device_of
 
 BATCH = 1024  # rows per forward/backward pass while the gradients are computed
@@ -68,23 +68,14 @@ def covers(model: nn.Module) -> bool:
 class RowGradients:
     """The per-row gradients of one version over a fixed list of rows (`ids`), with their logits."""
 
-    ids: torch.Tensor  # the rows' ids (CPU, int64), in the order of every tensor below
+    index: IdIndex  # the rows' ids, in the order of every tensor below
     logits: torch.Tensor  # (rows, classes): the version's logits for each row
     parts: list[tuple[str, list[torch.Tensor]]]  # per parameter, in model.parameters() order: (kind, tensors)
     shapes: list[torch.Size]  # each parameter's shape
-    _sorted_ids: torch.Tensor = dataclasses.field(init=False, repr=False)  # ids sorted, to look positions up
-    _order: torch.Tensor = dataclasses.field(init=False, repr=False)  # where each sorted id sits in `ids`
-
-    def __post_init__(self):
-        self._sorted_ids, self._order = torch.sort(self.ids)
 
     def positions(self, ids: torch.Tensor) -> torch.Tensor:
         """The positions of `ids` (each one of this object's rows) in its tensors."""
-        ids = ids.to("cpu", torch.int64)
-        at = torch.searchsorted(self._sorted_ids, ids).clamp_(max=len(self._sorted_ids) - 1)
-        if not bool(torch.equal(self._sorted_ids[at], ids)):
-            raise KeyError("rows outside the ones these gradients were computed for")
-        return self._order[at]
+        return self.index.positions(ids)
 
     def logits_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The version's logits for the rows `ids` (each one of this object's rows)."""
@@ -107,7 +98,8 @@ class RowGradients:
 
     def total(self) -> list[torch.Tensor]:
         """The sum of every row's gradient (the gradient of the summed loss over all of them)."""
-        return [t * len(self.ids) for t in self._mean_grad_at(torch.arange(len(self.ids), device=self.logits.device))]
+        every_row = torch.arange(len(self.index), device=self.logits.device)
+        return [t * len(self.index) for t in self._mean_grad_at(every_row)]
 
     @property
     def nbytes(self) -> int:
@@ -177,7 +169,7 @@ def compute(model: nn.Module, rows: LabeledSet, batch_size: int = BATCH) -> RowG
                 parts.append(("outer", joined) if name == "weight" else ("rows", joined[:1]))
             else:
                 parts.append(("rows", joined[:1]) if name == "weight" else ("rows", joined[1:]))
-    return RowGradients(rows.ids.to("cpu", torch.int64), torch.cat(logits), parts, shapes)
+    return RowGradients(IdIndex(rows.ids), torch.cat(logits), parts, shapes)
 
 
 def size_mb(model: nn.Module, rows: int) -> float:

@@ -87,6 +87,7 @@ def test_iau_from_kept_row_gradients_takes_the_step_it_takes_without_any_cache(t
     cold = IAUEngine(cached_gradient=False, criterion="accuracy")
     steps = []
     cached.warm_cache(target)
+    cold.warm_cache(target)  # the lineage's retain baseline (retain_budget.py), which the cached engine keeps too
     for step, chunk in enumerate((ids[:30], ids[30:60], ids[60:]), start=1):
         cache = cached._cached(target)
         assert cache is not None and (cache.rows is not None) == (max_mb > 0)
