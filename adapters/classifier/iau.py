@@ -243,7 +243,7 @@ class IAUEngine(ClassifierEngine):
         return None
 
     def _refresh(self, name: str, spec: dict, model: nn.Module, forgotten: frozenset[int], remaining: RowSelection,
-                 test_probe: LabeledSet, baseline: Future | None = None) -> None:
+                 test_probe: LabeledSet, baseline: Future | None = None) -> Future:
         """Compute the cache for `model` (the version this request produced) in the background; and, given a
         `baseline` to fill, which of its remaining rows it predicts right (it starts a lineage: prepare)."""
 
@@ -269,8 +269,9 @@ class IAUEngine(ClassifierEngine):
             futures = self._cache.setdefault(name, [])
             for older in futures:
                 older.cancel()  # not started yet: its version is already superseded
-            futures.append(self._refresher.submit(compute))
+            futures.append(future := self._refresher.submit(compute))
             del futures[:-2]  # the newest, and the one before (a change that fails to commit must not evict it)
+        return future
 
     def prepare(self, target: ClassifierTarget) -> None:
         """Compute the cache for the target's version in the background (the daemon calls this when it loads a
@@ -282,20 +283,27 @@ class IAUEngine(ClassifierEngine):
                 older.cancel()
             self._baselines[target.name] = baseline
         if self.config.cached_gradient:
-            self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
-                          target.data.test.sample(self.config.measure_cap), baseline)
+            job = self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
+                                target.data.test.sample(self.config.measure_cap), baseline)
         else:  # the baseline alone: one pass over the remaining rows, on a copy (the module served is not touched)
             spec, model, remaining = target.spec, target.model, target.select_remaining()
-            self._refresher.submit(lambda: _fill(baseline, target.forgotten, remaining.rows(), None,
-                                                 copy_of(spec, model)))
+            job = self._refresher.submit(lambda: _fill(baseline, target.forgotten, remaining.rows(), None,
+                                                       copy_of(spec, model)))
+        # a job cancelled before it ran, or one that failed before it got there, leaves no baseline (no budget)
+        # rather than one that requests would wait for forever
+        job.add_done_callback(lambda _: baseline.cancel())
 
     def _baseline_accuracy(self, target: ClassifierTarget, retain_probe: LabeledSet) -> float | None:
         """The accuracy on `retain_probe` of the version the target's lineage started from, where known."""
         with self._lock:
             baseline = self._baselines.get(target.name)
-        if baseline is None or not baseline.done() or baseline.cancelled():
+        if baseline is None:
             return None
-        return baseline.result().accuracy(target.forgotten, retain_probe)
+        try:  # waits for it, as a request waits for the cache: prepare computes it before any request's refresh
+            start = baseline.result()
+        except CancelledError:
+            return None
+        return start.accuracy(target.forgotten, retain_probe)
 
     def warm_cache(self, target: ClassifierTarget) -> None:
         """prepare(), and wait for it (e.g. in a benchmark before timing a request)."""

@@ -3,6 +3,7 @@ requests that each stop at the per-request cap cannot add up to more."""
 
 import copy
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -80,3 +81,17 @@ def test_a_rollback_ends_the_lineage_and_its_budget(digits_target, random_ids):
     metrics = engine.apply(later, Forget(sample_ids=random_ids(len(digits_target.data.train), 40, seed=5))).metrics
     assert metrics["retain_acc_floor"] == pytest.approx(metrics["retain_acc_before"] - 0.02)
     engine.wait_for_refresh()
+
+
+@pytest.mark.parametrize("cached_gradient", [True, False])
+def test_a_baseline_that_could_not_be_computed_leaves_no_budget_and_no_request_waiting(digits_target,
+                                                                                        cached_gradient):
+    broken = dataclasses.replace(digits_target, spec={**digits_target.spec, "arch": "no-such-arch"})
+    engine = IAUEngine(cached_gradient=cached_gradient)
+    engine.prepare(broken)  # the background job fails building its copy of the model
+    read: list[float | None] = []
+    reader = threading.Thread(target=lambda: read.append(
+        engine._baseline_accuracy(digits_target, digits_target.data.train.subset(torch.arange(50)))))
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and read == [None]

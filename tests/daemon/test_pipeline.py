@@ -36,6 +36,8 @@ def test_request_becomes_a_new_version_that_forgets(stack):
     assert result["metrics"]["criterion_met"] == 1.0
     # the daemon computed the version's remaining-set gradient when it loaded the model, not on this request
     assert result["metrics"]["gradient_cached"] == 1.0
+    # the retain guard's floor, counted from that loaded version (retain_budget.py): on it, the per-request cap
+    assert abs(result["metrics"]["retain_acc_floor"] - (result["metrics"]["retain_acc_before"] - 0.02)) < 1e-9
     assert result["duration_s"] > 0
 
     # The served weights really changed where it matters, measured independently from the stored files: the
