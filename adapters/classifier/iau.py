@@ -330,7 +330,10 @@ class IAUEngine(ClassifierEngine):
         """Drop a model's cached gradients and its lineage's baseline (after a rollback they describe another
         lineage)."""
         with self._lock:
-            for future in [*self._cache.pop(model_name, []), *filter(None, [self._baselines.pop(model_name, None)])]:
+            futures = self._cache.pop(model_name, [])
+            if (baseline := self._baselines.pop(model_name, None)) is not None:
+                futures.append(baseline)
+            for future in futures:
                 future.cancel()
 
 

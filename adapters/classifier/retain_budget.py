@@ -2,7 +2,7 @@
 
 IAU's guard (`max_retain_drop`) caps what one request may cost on a probe of remaining rows. Requests that each
 stop at that cap compound: small requests in a row, each costing up to the cap, took one model's accuracy on its
-remaining rows from 0.98 to 0.85 within eight requests, and its test accuracy from 0.93 to 0.78, where a retrain
+remaining rows from 0.99 to 0.85 within eight requests, and its test accuracy from 0.93 to 0.78, where a retrain
 loses nothing. So the guard is measured against the lineage's first version as well: the version the engine
 prepared, i.e. the one the daemon loaded at start (a restart starts a new budget). Which of its remaining rows
 it predicted right is kept; a later request reads that version's accuracy on its own probe (the probe's rows are
