@@ -13,8 +13,9 @@ the model never saw, to the precision of `calibration_steps` bisection steps on 
 that costs more than `max_retain_drop` accuracy on a probe of remaining rows, nor one that leaves the model more
 than that below the version its lineage started from (retain_budget.py). Each trial is one forward pass over
 the forget rows; the probe is read at the step the search settles on (and, only where that step costs too much,
-at a few smaller ones). A criterion whose margin moves smoothly with lr (a mean confidence or loss) is searched by
-interpolating that margin, one that moves in steps (an accuracy) by bisection (step_search.py).
+at the few smaller ones that find the largest within the guard). A criterion whose margin moves smoothly with lr
+(a mean confidence or loss) is searched by interpolating that margin, one that moves in steps (an accuracy) by
+bisection (step_search.py).
 `calibrate = false` gives the code's behaviour (one step of `lr`).
 
 Criterion (`criterion`): when the forget rows look like rows the model never saw (criteria.py; "confidence" by
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -62,7 +62,7 @@ from adapters.classifier.retain_budget import RetainBaseline, retain_floor
 from adapters.classifier.trial_step import TrialStep
 from adapters.datasets import LabeledSet, RowSelection
 
-GUARD_EDGE_STEPS = 3  # bisection steps toward the guard's edge when the criterion costs more than it allows
+GUARD_PRECISION = 1.15  # when the criterion costs more than the guard allows: the largest step within it, to 15 %
 
 
 @dataclasses.dataclass
@@ -186,7 +186,7 @@ class IAUEngine(ClassifierEngine):
 
     def _calibrate(self, step: TrialStep, margin: Margin, floor: float) -> float:
         """Smallest lr in [lr_min, lr_max] whose step reaches the criterion, if it leaves at least `floor` retain
-        accuracy; otherwise the largest step that does (the trials bracket it, a few more close in); 0 (no step)
+        accuracy; otherwise the largest step that does (to within GUARD_PRECISION); 0 (no step)
         if the rows meet the criterion already.
 
         The search reads the forget rows only: whether a step forgot enough does not depend on what it cost,
@@ -203,28 +203,13 @@ class IAUEngine(ClassifierEngine):
                                    cfg.calibration_steps)
         if reached_at is not None and within_guard(reached_at):
             return reached_at
-        # The largest step within the guard instead. Among the trials (smallest first; the one that reached the
-        # criterion, if any, is known to be outside the guard) a bisection finds the last within it; then a few
-        # bisection steps between it and the next trial, which is outside, close in on the guard's edge: the
-        # trials alone can leave a step several times smaller than the guard allows.
-        ladder = sorted(short) + ([reached_at] if reached_at is not None else [])
-        lo_i, hi_i, last_in = 0, len(short) - 1, -1
-        while lo_i <= hi_i:
-            mid = (lo_i + hi_i) // 2
-            if within_guard(ladder[mid]):
-                last_in, lo_i = mid, mid + 1
-            else:
-                hi_i = mid - 1
-        chosen = ladder[last_in] if last_in >= 0 else cfg.lr_min
-        if last_in + 1 < len(ladder):
-            lo, hi = math.log(chosen), math.log(ladder[last_in + 1])
-            for _ in range(GUARD_EDGE_STEPS):
-                lr = math.exp((lo + hi) / 2)
-                if within_guard(lr):
-                    lo, chosen = math.log(lr), lr
-                else:
-                    hi = math.log(lr)
-        return chosen
+        # The largest step within the guard instead: below the trial that reached the criterion, which costs too
+        # much, or, where none did, below the largest trial if that one costs too much as well.
+        outside = reached_at if reached_at is not None else max(short)
+        if reached_at is None and within_guard(outside):
+            return outside
+        return step_search.largest_within(step.retain_acc, step.retain_acc(0.0), floor, cfg.lr_min, outside,
+                                          step.retain_acc(outside), GUARD_PRECISION)
 
     # --- the cached remaining-set gradient -----------------------------------------------------------------
 

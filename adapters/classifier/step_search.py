@@ -90,3 +90,45 @@ def crossing(points: list[tuple[float, float]], short_at: tuple[float, float],
     root = math.sqrt(b * b - 4 * a * c)
     inside = [x for x in ((-b - root) / (2 * a), (-b + root) / (2 * a)) if short_at[0] < x < upper]
     return min(inside, key=lambda x: abs(x - estimate)) if inside else estimate
+
+
+def largest_within(acc_at: Callable[[float], float], at_zero: float, floor: float, lo: float, outside: float,
+                   at_outside: float, ratio: float) -> float:
+    """The largest lr in [lo, outside) whose accuracy `acc_at(lr)` is at least `floor`, to within a factor
+    `ratio`: the unchanged weights score `at_zero` (at least `floor`), a step of `outside` scores `at_outside`
+    (below it), and a step of `lo`, the smallest searched, is taken as within (it is returned if no trial is).
+
+    The accuracy a step costs grows about as a power of its size (a trained model sits at a minimum of its loss,
+    which rises about quadratically), so each trial goes where the power law through the two trials that cost
+    something nearest the floor reaches it (through one, with exponent 2, until there are two). An estimate
+    within `ratio` of an end of the bracket puts the trial that far from it, so that it closes the bracket either
+    way; after two trials on the same side the next goes a little past the estimate, so as not to creep up on the
+    edge from one side; where three trials did not halve the bracket (on log lr), the next is a bisection step."""
+    costs = [(outside, at_zero - at_outside)]  # (lr, accuracy lost) of every trial that lost some
+    hi, allowed = outside, at_zero - floor
+    within: list[bool] = []  # each trial's side of the edge
+    widths = [math.log(hi / lo)]
+    while hi / lo > ratio:
+        (x0, c0), (x1, c1) = sorted(costs, key=lambda point: abs(point[1] - allowed))[:2] if len(costs) > 1 \
+            else ((0.0, 0.0), costs[0])
+        power = min(max(math.log(c1 / c0) / math.log(x1 / x0), 0.5), 4.0) if x0 > 0 and x0 != x1 and c0 != c1 \
+            else 2.0
+        at = math.log(x1) + math.log(allowed / c1) / power if allowed > 0 else -math.inf
+        low, high, close = math.log(lo), math.log(hi), 0.999 * math.log(ratio)
+        if within[-2:] in ([True, True], [False, False]):  # creeping: aim past the estimate, to the other side
+            at += close / 2 if within[-1] else -close / 2
+        if len(widths) >= 4 and widths[-1] > widths[-4] / 2:
+            at = (low + high) / 2
+        else:
+            at = min(max(at, low + close), high - close)  # near an end: the trial that closes the bracket
+        lr = math.exp(at)
+        accuracy = acc_at(lr)
+        if at_zero - accuracy > 0:
+            costs.append((lr, at_zero - accuracy))
+        within.append(accuracy >= floor)
+        if within[-1]:
+            lo = lr
+        else:
+            hi = lr
+        widths.append(math.log(hi / lo))
+    return lo

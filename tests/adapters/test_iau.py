@@ -8,7 +8,7 @@ import torch
 from adapters.base import Forget, InvalidForget, engine_class
 from adapters.classifier import measures, step_search
 from adapters.classifier.criteria import Scores
-from adapters.classifier.iau import GUARD_EDGE_STEPS, IAUConfig, IAUEngine
+from adapters.classifier.iau import GUARD_PRECISION, IAUConfig, IAUEngine
 from adapters.classifier.trial_step import TrialStep
 
 
@@ -126,13 +126,14 @@ def test_each_trial_step_is_measured_once_and_the_result_reuses_it(digits_target
     change = engine.apply(target, Forget(sample_ids=ids))
     steps, probe = engine.config.calibration_steps, engine.config.measure_cap
     assert passes.count(60) == steps + 1  # the gradient's forward, then one per trial: none repeated for the result
-    # probe-sized passes: retain before, test after, the guard at the step the bisection found, and only where
-    # that step costs too much, a bisection over the smaller trials for the last within the guard and a few
-    # steps toward the guard's edge
+    # probe-sized passes: retain before, test after, the guard at the step the search found, and only where that
+    # step costs too much, a search below it for the guard's edge (at most twice a bisection's trials)
     guard_passes = passes.count(probe) - 2
     drop = change.metrics["retain_acc_before"] - change.metrics["retain_acc_after"]
+    edge_bisection = math.ceil(math.log2(math.log(engine.config.lr_max / engine.config.lr_min)
+                                         / math.log(GUARD_PRECISION)))
     assert guard_passes == 1 or (drop <= engine.config.max_retain_drop
-                                 and 1 < guard_passes <= 1 + math.ceil(math.log2(steps)) + GUARD_EDGE_STEPS)
+                                 and 1 < guard_passes <= 1 + 2 * edge_bisection)
     model = change.module(digits_target.spec)
     forget_rows, _ = digits_target.resolve(Forget(sample_ids=ids))
     assert change.metrics["forget_acc_after"] == pytest.approx(measures.accuracy(model, forget_rows))
@@ -206,21 +207,17 @@ def test_the_refresh_copy_serves_one_request_and_a_second_on_the_version_copies_
     assert first.metrics["step_lr"] > 0
 
 
-def test_when_the_criterion_costs_too_much_the_step_closes_in_on_the_guards_edge(digits_target, random_ids,
-                                                                                   monkeypatch):
+def test_when_the_criterion_costs_too_much_the_step_is_the_largest_within_the_guard(digits_target, random_ids):
     # by accuracy these rows need a step that costs more retain accuracy than a guard this tight allows: the step
-    # taken is the largest within the guard, found between the trials, not only among them
-    from adapters.classifier import iau
-
+    # taken is within the guard, and one GUARD_PRECISION times larger (the same direction, uncalibrated) is not
     forget = Forget(sample_ids=random_ids(len(digits_target.data.train), 200, seed=2))
     settings = {"cached_gradient": False, "criterion": "accuracy", "max_retain_drop": 0.0}
-    refined = IAUEngine(**settings).apply(digits_target, forget).metrics
-    monkeypatch.setattr(iau, "GUARD_EDGE_STEPS", 0)
-    among_trials = IAUEngine(**settings).apply(digits_target, forget).metrics
-    assert refined["forget_acc_after"] > refined["test_acc_before"]  # the criterion was out of reach
-    assert refined["step_lr"] > among_trials["step_lr"] > 0
-    for metrics in (refined, among_trials):
-        assert metrics["retain_acc_after"] >= metrics["retain_acc_before"]
+    taken = IAUEngine(**settings).apply(digits_target, forget).metrics
+    assert taken["forget_acc_after"] > taken["test_acc_before"]  # the criterion was out of reach
+    assert taken["step_lr"] > 0 and taken["retain_acc_after"] >= taken["retain_acc_floor"]
+    larger = IAUEngine(**settings, calibrate=False, lr=taken["step_lr"] * GUARD_PRECISION).apply(digits_target, forget)
+    assert larger.metrics["retain_acc_before"] == taken["retain_acc_before"]  # the same probe
+    assert larger.metrics["retain_acc_after"] < taken["retain_acc_floor"]
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])

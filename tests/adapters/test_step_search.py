@@ -72,3 +72,48 @@ def test_the_interpolated_search_out_of_range():
     assert never is None and short == sorted(short) and short[-1] >= 1e-2 / math.exp(math.log(1e3) / 2**7)
     always, short = step_search.interpolated(lambda lr: -1.0, 1.0, 1e-5, 1e-2, 7)  # the smallest step is enough
     assert always is not None and always <= 1e-5 * math.exp(math.log(1e3) / 2**7) and short == []
+
+
+def _guard_curves():
+    """Retain accuracies falling with lr as a step's cost does, read on a probe of 256 rows (so in steps of
+    1/256) and no lower than chance: (name, accuracy, edge, outside), the floor 2 points below the unchanged
+    weights' accuracy, `edge` where the accuracy reaches it and `outside` the step the search starts from."""
+    for edge in (3e-5, 4e-4, 2.5e-3):
+        for power in (1.0, 1.5, 2.0, 3.0):
+            for beyond in (1.3, 3.0, 30.0):
+                yield (f"power{power:g}@{edge:g}x{beyond:g}",
+                       lambda lr, e=edge, p=power: max(math.floor((0.97 - 0.02 * (lr / e) ** p) * 256) / 256, 0.1),
+                       edge, edge * beyond)
+        # a cliff: nothing lost, then 30 points at once (a power law says nothing useful here)
+        yield f"cliff@{edge:g}", lambda lr, e=edge: 0.97 if lr < e else 0.67, edge, edge * 3
+
+
+@pytest.mark.parametrize("name, accuracy, edge, outside", list(_guard_curves()), ids=[c[0] for c in _guard_curves()])
+def test_the_guard_search_finds_the_largest_step_within_the_guard_to_its_precision(name, accuracy, edge, outside):
+    ratio, lr_min, floor = 1.15, IAUConfig.lr_min, 0.95
+    trials: list[float] = []
+
+    def counted(lr: float) -> float:
+        trials.append(lr)
+        return accuracy(lr)
+
+    found = step_search.largest_within(counted, accuracy(0.0), floor, lr_min, outside, accuracy(outside), ratio)
+    assert accuracy(found) >= floor and accuracy(found * ratio) < floor  # within it, and within 15 % of its edge
+    assert all(lr_min < lr < outside for lr in trials)
+    bisection = math.ceil(math.log2(math.log(outside / lr_min) / math.log(ratio)))
+    if name.startswith("power") and outside <= 3 * edge:  # as measured: the criterion is reached a little beyond
+        assert len(trials) <= 3 < bisection, trials  # where a power law holds, a few trials
+    else:
+        assert len(trials) <= 2 * bisection, trials
+
+
+def test_the_guard_search_when_no_step_is_within_the_guard_takes_the_smallest():
+    trials: list[float] = []
+    found = step_search.largest_within(lambda lr: trials.append(lr) or 0.5, 0.97, 0.95, 1e-5, 1e-2, 0.5, 1.15)
+    assert found == 1e-5 and len(trials) <= 2 * 6 and all(1e-5 < lr < 1e-2 for lr in trials)
+
+
+def test_the_guard_search_with_no_accuracy_to_spare():
+    # a floor at the unchanged weights' accuracy (a lineage that has spent its budget): any cost is too much
+    found = step_search.largest_within(lambda lr: 0.97 if lr <= 2e-4 else 0.96, 0.97, 0.97, 1e-5, 1e-2, 0.9, 1.15)
+    assert 2e-4 / 1.15 <= found <= 2e-4
