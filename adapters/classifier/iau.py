@@ -62,7 +62,7 @@ from adapters.classifier.retain_budget import RetainBaseline, retain_floor
 from adapters.classifier.trial_step import TrialStep
 from adapters.datasets import LabeledSet, RowSelection
 
-GUARD_PRECISION = 1.15  # when the criterion costs more than the guard allows: the largest step within it, to 15 %
+GUARD_PRECISION = 1.08  # when the criterion costs more than the guard allows: the largest step within it, to 8 %
 
 
 @dataclasses.dataclass

@@ -102,8 +102,9 @@ def largest_within(acc_at: Callable[[float], float], at_zero: float, floor: floa
     which rises about quadratically), so each trial goes where the power law through the two trials that cost
     something nearest the floor reaches it (through one, with exponent 2, until there are two). An estimate
     within `ratio` of an end of the bracket puts the trial that far from it, so that it closes the bracket either
-    way; after two trials on the same side the next goes a little past the estimate, so as not to creep up on the
-    edge from one side; where three trials did not halve the bracket (on log lr), the next is a bisection step."""
+    way; after two trials on the same side the next goes past the estimate, twice as far after each more, so as
+    not to creep up on the edge from one side; once a trial has been within, where three trials did not halve the
+    bracket (on log lr), the next is a bisection step."""
     costs = [(outside, at_zero - at_outside)]  # (lr, accuracy lost) of every trial that lost some
     hi, allowed = outside, at_zero - floor
     within: list[bool] = []  # each trial's side of the edge
@@ -115,9 +116,10 @@ def largest_within(acc_at: Callable[[float], float], at_zero: float, floor: floa
             else 2.0
         at = math.log(x1) + math.log(allowed / c1) / power if allowed > 0 else -math.inf
         low, high, close = math.log(lo), math.log(hi), 0.999 * math.log(ratio)
-        if within[-2:] in ([True, True], [False, False]):  # creeping: aim past the estimate, to the other side
-            at += close / 2 if within[-1] else -close / 2
-        if len(widths) >= 4 and widths[-1] > widths[-4] / 2:
+        run = next((i for i, side in enumerate(reversed(within)) if side != within[-1]), len(within))
+        if run >= 2:  # creeping up on the edge from one side: aim past the estimate, twice as far each time
+            at += (close if within[-1] else -close) * 2.0 ** (run - 3)
+        if True in within and len(widths) >= 4 and widths[-1] > widths[-4] / 2:
             at = (low + high) / 2
         else:
             at = min(max(at, low + close), high - close)  # near an end: the trial that closes the bracket
