@@ -139,10 +139,11 @@ class Engine(ABC):
         """Compute the change that makes `target` forget `forget`. Must not mutate `target`'s weights. Engines
         whose `reports_progress` is set call `progress` with stage events; the others never call it."""
 
-    def prepare(self, target: Any) -> None:
+    def prepare(self, target: Any, start: Any | None = None) -> None:
         """Start computing what the engine keeps between requests for `target` (the model as it is now), off the
-        request path, and return at once: the first request after a start then does not pay for it. Only called
-        on engines whose `prepares` is set."""
+        request path, and return at once: the first request after a start then does not pay for it. `start`: the
+        first version of the target's lineage, where that is another version (IAU's retain budget counts from
+        it, across restarts). Only called on engines whose `prepares` is set."""
 
     def forget_cache(self, model_name: str) -> None:
         """Drop what the engine keeps about `model_name` between requests (its versions were rolled back).

@@ -99,13 +99,22 @@ class ClassifierModels(ModelKind):
         meta = self.store.meta(name, "dataset", DATASET_ID)
         data = cached[1].data if cached else datasets.Split.load(
             self.store.path(name, "dataset", DATASET_ID), meta["num_classes"], tuple(meta["input_shape"]))
-        arch = head.info["spec"]
-        device = resolve_device(self.registry.spec(name).device)
-        target = classifier.ClassifierTarget(name=name, version=head.id, spec=arch,
-                                             model=classifier.load_weights(arch, Path(head.path), device), data=data,
-                                             forgotten=self.ledger.forgotten_ids(name, head.id))
+        target = self._target_of(name, head, data)
         self._cache[name] = (head.id, target)
         return target
+
+    def lineage_start(self, name: str) -> classifier.ClassifierTarget | None:
+        """The head's lineage's first version (its parent-less ancestor), loaded as a target of its own."""
+        head = self.target(name)
+        first = self.ledger.lineage(name, head.version)[-1]
+        return None if first.id == head.version else self._target_of(name, first, head.data)
+
+    def _target_of(self, name: str, version: ArtifactRow, data: datasets.Split) -> classifier.ClassifierTarget:
+        arch = version.info["spec"]
+        device = resolve_device(self.registry.spec(name).device)
+        return classifier.ClassifierTarget(name=name, version=version.id, spec=arch,
+                                           model=classifier.load_weights(arch, Path(version.path), device), data=data,
+                                           forgotten=self.ledger.forgotten_ids(name, version.id))
 
     def after_commit(self, name: str, change: Change, target: Any, artifact_id: str) -> None:
         """Keep the in-memory target in step with a version made here; a staged one is loaded by the next request."""

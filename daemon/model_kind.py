@@ -83,6 +83,12 @@ class ModelKind(ABC):
     def target(self, name: str) -> Any:
         """What an engine needs to apply a request to the model as it is now."""
 
+    def lineage_start(self, name: str) -> Any | None:
+        """The target of the first version of the head's lineage (what the model was registered or bootstrapped
+        as), for engines that measure a lineage from its start (IAU's retain budget); None where the head is that
+        version, or for kinds without versions."""
+        return None
+
     def parent(self, target: Any) -> str | None:
         """The artifact a change of `target` derives from, recorded as the new artifact's parent: by default the
         target's version."""

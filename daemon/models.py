@@ -145,15 +145,17 @@ class ModelRegistry:
     def prepare(self, name: str) -> None:
         """Let the engines of the model's default methods start computing, in the background, what they keep
         between requests for its head (IAU: the remaining-set gradient), so the first request after a start does
-        not pay for it. Loads the target only for such engines. Never raises: a failure here only costs the first
+        not pay for it, and what they measure from its lineage's first version (IAU: the retain budget, which so
+        spans restarts). Loads the targets only for such engines. Never raises: a failure here only costs the first
         request the time it would save, and that request meets the cause itself."""
         try:
             spec = self.spec(name)
             methods = sorted({spec.default_method(forget_kind) for forget_kind in FORGET_KINDS[spec.kind]})
             engines = [engine for engine in (self.engine(method, name) for method in methods) if engine.prepares]
             target = self.target(name) if engines else None
+            start = self.kind_strategy(name).lineage_start(name) if engines else None
             for engine in engines:
-                engine.prepare(target)
+                engine.prepare(target, start)
         except Exception:
             log.warning("could not prepare the engines of %s ahead of its first request", name, exc_info=True)
 

@@ -258,25 +258,31 @@ class IAUEngine(ClassifierEngine):
             del futures[:-2]  # the newest, and the one before (a change that fails to commit must not evict it)
         return future
 
-    def prepare(self, target: ClassifierTarget) -> None:
+    def prepare(self, target: ClassifierTarget, start: ClassifierTarget | None = None) -> None:
         """Compute the cache for the target's version in the background (the daemon calls this when it loads a
-        model at start): a request that arrives meanwhile waits for it rather than computing it again. The
-        version starts the model's lineage: the retain budget counts from it (retain_budget.py)."""
+        model at start): a request that arrives meanwhile waits for it rather than computing it again. The retain
+        budget counts from `start`, the first version of the target's lineage, or from the target itself where
+        none is given (retain_budget.py)."""
         baseline: Future = Future()
         with self._lock:
             if (older := self._baselines.pop(target.name, None)) is not None:
                 older.cancel()
             self._baselines[target.name] = baseline
+        first = start if start is not None else target
+        jobs = []
+        if start is not None or not self.config.cached_gradient:
+            # the baseline from a pass of its own over the first version's remaining rows, on a copy (a module the
+            # daemon serves is not touched); the target's refresh fills it otherwise, from the pass it makes anyway
+            spec, model, remaining = first.spec, first.model, first.select_remaining()
+            jobs.append(self._refresher.submit(lambda: _fill(baseline, first.forgotten, remaining.rows(), None,
+                                                             copy_of(spec, model))))
         if self.config.cached_gradient:
-            job = self._refresh(target.name, target.spec, target.model, target.forgotten, target.select_remaining(),
-                                target.data.test.sample(self.config.measure_cap), baseline)
-        else:  # the baseline alone: one pass over the remaining rows, on a copy (the module served is not touched)
-            spec, model, remaining = target.spec, target.model, target.select_remaining()
-            job = self._refresher.submit(lambda: _fill(baseline, target.forgotten, remaining.rows(), None,
-                                                       copy_of(spec, model)))
+            jobs.append(self._refresh(target.name, target.spec, target.model, target.forgotten,
+                                      target.select_remaining(), target.data.test.sample(self.config.measure_cap),
+                                      baseline if start is None else None))
         # a job cancelled before it ran, or one that failed before it got there, leaves no baseline (no budget)
         # rather than one that requests would wait for forever
-        job.add_done_callback(lambda _: baseline.cancel())
+        jobs[0].add_done_callback(lambda _: baseline.cancel())
 
     def _baseline_accuracy(self, target: ClassifierTarget, retain_probe: LabeledSet) -> float | None:
         """The accuracy on `retain_probe` of the version the target's lineage started from, where known."""

@@ -3,9 +3,10 @@
 IAU's guard (`max_retain_drop`) caps what one request may cost on a probe of remaining rows. Requests that each
 stop at that cap compound: small requests in a row, each costing up to the cap, took one model's accuracy on its
 remaining rows from 0.99 to 0.85 within eight requests, and its test accuracy from 0.93 to 0.78, where a retrain
-loses nothing. So the guard is measured against the lineage's first version as well: the version the engine
-prepared, i.e. the one the daemon loaded at start (a restart starts a new budget). Which of its remaining rows
-it predicted right is kept; a later request reads that version's accuracy on its own probe (the probe's rows are
+loses nothing. So the guard is measured against the lineage's first version as well: the one the model was registered or
+bootstrapped as, which the daemon hands the engine when it prepares a model at start (so a restart keeps the
+budget; an engine prepared without it counts from the version it prepared). Which of its remaining rows it
+predicted right is kept; a later request reads that version's accuracy on its own probe (the probe's rows are
 remaining rows of both: a request only ever removes rows) and may take retain accuracy no lower than that minus
 the cap. A version already past the budget may still take steps that cost nothing more. Without a baseline the
 guard is per request alone: on an engine that prepared nothing, or on a version that kept rows the baseline's
