@@ -1,6 +1,5 @@
 """The router: candidates from one shared FAISS search, rollback removes vectors, cost sub-linear in requests."""
 
-import time
 
 import numpy as np
 import pytest
@@ -81,11 +80,12 @@ def test_rollback_removes_vectors_and_state(encoder, fact_set, tmp_path):
 
 
 def test_search_cost_sublinear_in_requests(encoder, fact_set):
-    """400 synthetic requests cost far less than 40x of 10 (the bench measures 1,000).
+    """The work per input stays flat while the requests grow 40x: the shared search narrows 400 requests to the
+    same handful of candidate gates as 10 (bench/router.py times 1,000 against 10; a test does not time).
 
     A synthetic request = 8 real question embeddings shifted by a per-request offset (a distinct cluster,
     like a distinct person) plus jitter; the probes are the real held-out questions of a real request and
-    general questions, so the candidates per input stay few while the number of requests grows 100x.
+    general questions, so the candidates per input stay few while the number of requests grows 40x.
     """
     fs, split = fact_set
     base = encoder.encode(asked(fs.qa_of(fs.people)))  # 12 people x 21 questions
@@ -104,27 +104,14 @@ def test_search_cost_sublinear_in_requests(encoder, fact_set):
             router.add_gate(f"s{i}", fit_gate_from_features(feats.astype(np.float32), f"s{i}"))
         return router
 
-    texts = asked(fs.qa(split.forget[0], held_out=True)) + asked(facts.GENERAL[:9])
-
-    def costs(routers):
-        """Median time to route one input (encoder pass included: what serving pays), sizes interleaved."""
-        times = [[] for _ in routers]
-        for _ in range(2):
-            for text in texts:
-                for i, router in enumerate(routers):
-                    t0 = time.perf_counter()
-                    router.route([text])
-                    times[i].append(time.perf_counter() - t0)
-        return [float(np.median(t)) for t in times]
-
     small, large = build(10), build(400)
     assert large.n_vectors == real.banks[0].ntotal + 399 * 8  # every sample of a synthetic request
     n_cand = np.mean([len(c) for c in large.candidates(probe)])
     assert n_cand < 5, n_cand  # the shared search narrows 400 requests to a handful
     routes = large.route_features(probe)
     assert sum("real" in r for r in routes[:7]) >= 5 and routes[7:] == [{}] * 9  # held-out hit rate ~86%
-    small_s, large_s = costs([small, large])
-    assert large_s / small_s < 2, (small_s, large_s, n_cand)  # the target: 1,000 requests <= 2x of 10
+    n_cand_small = np.mean([len(c) for c in small.candidates(probe)])
+    assert n_cand <= n_cand_small + 2, (n_cand_small, n_cand)  # 40x the requests, about the same gates scored
 
 
 def test_look_alike_questions_about_other_people_stay_on_the_base_model(encoder, tmp_path):
