@@ -1,6 +1,5 @@
 """The router: candidates from one shared FAISS search, rollback removes vectors, cost sub-linear in requests."""
 
-
 import numpy as np
 import pytest
 
